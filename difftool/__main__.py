@@ -1,0 +1,3 @@
+from difftool.cli.app import main
+
+main()

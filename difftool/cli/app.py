@@ -1,0 +1,56 @@
+"""The `difftool` command: one Typer app, one thin module per command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from difftool import __version__
+from difftool.cli import recipes, train
+from difftool.cli.errors import debug_enabled, report, set_debug
+
+app = typer.Typer(
+    help="Train, sample, inpaint, convert and evaluate pixel-space diffusion models (diffusers).",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+app.command("train")(train.train)
+app.add_typer(recipes.app, name="recipes")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"difftool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks (also DIFFTOOL_DEBUG=1).")] = False,
+) -> None:
+    set_debug(debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _run(app)
+
+
+def run_single_command(name: str) -> None:
+    """Entry for `python -m difftool.<name>` (what `accelerate launch -m` runs): that command alone."""
+    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    single.command(name)({"train": train.train}[name])
+    _run(single)
+
+
+def _run(typer_app: typer.Typer) -> None:
+    """Unexpected errors get one line and exit 1 unless debugging (user errors exit 2 earlier)."""
+    try:
+        typer_app()
+    except Exception as err:  # noqa: BLE001 - the last line of defence for users
+        if debug_enabled():
+            raise
+        report(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")
+        sys.exit(1)

@@ -1,0 +1,81 @@
+"""`difftool train`: flags -> TrainPlan -> difftool.train.train (or accelerate launch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from difftool import config as config_mod
+from difftool.cli import options
+from difftool.cli.errors import user_errors
+from difftool.launch import launch
+from difftool.progress import console
+
+EXAMPLES = """
+Examples:
+
+  difftool train                                   # quickstart recipe on built-in shapes, offline
+
+  difftool train --dataset ./my_photos --resolution 64 --output runs/photos
+
+  difftool train --recipe cifar10 --set train.batch_size=64 --num-processes 8
+"""
+
+
+@user_errors
+def train(
+    recipe: options.Recipe = None,
+    dataset: options.Dataset = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (data.resolution).")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="Image column of a hub data set (default: detected).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column of a hub data set; 'none' ignores labels.")] = None,
+    channels: Annotated[Optional[int], typer.Option(help="1 (grayscale) or 3 (RGB); default from the data.")] = None,
+    output: options.Output = None,
+    overrides: options.Overrides = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a run exactly: RUN folder, one of its checkpoints, or 'latest'.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to train for (train.max_steps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
+    seed: options.Seed = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 (GPU) or bf16.")] = None,
+    num_processes: Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")] = 1,
+    main_process_port: Annotated[Optional[int], typer.Option(help="Port for the process group (with --num-processes).")] = None,
+    dry_run: options.DryRun = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a UNet2DModel with a DDPM noise schedule; writes a run folder (see README)."""
+    from difftool.train import plan_training
+
+    values = {
+        "data.resolution": resolution, "data.image_column": image_column, "data.label_column": label_column,
+        "data.channels": channels, "train.max_steps": max_steps, "train.batch_size": batch_size,
+        "train.seed": seed, "train.mixed_precision": mixed_precision,
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+    plan = plan_training(recipe=recipe, dataset=dataset, overrides=overrides, values=values, output=output, resume=resume)
+    if dry_run:
+        typer.echo(f"# run folder: {plan.output}" + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
+        typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
+        return
+    if num_processes > 1:
+        args = ["--output", str(plan.output)] + (["--resume", str(plan.resume)] if plan.resume else ["--recipe", recipe or plan.cfg.recipe])
+        for flag, value in [("--dataset", dataset), ("--resolution", resolution), ("--image-column", image_column),
+                            ("--label-column", label_column), ("--channels", channels), ("--max-steps", max_steps),
+                            ("--batch-size", batch_size), ("--seed", seed), ("--mixed-precision", mixed_precision)]:
+            if value is not None and not (plan.resume and flag == "--dataset"):
+                args += [flag, str(value)]
+        for item in overrides or []:
+            args += ["--set", item]
+        args += ["--overwrite"] * overwrite + ["--quiet"] * quiet
+        raise typer.Exit(launch("difftool.train", args, num_processes=num_processes, main_process_port=main_process_port))
+
+    from difftool.train import train as run_training
+
+    result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet)
+    if result.last_loss is not None:
+        console.print(f"final loss {result.last_loss:.4f} at step {result.step}")
+
+
+train.__doc__ = (train.__doc__ or "") + EXAMPLES

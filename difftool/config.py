@@ -1,0 +1,479 @@
+"""Recipe YAML -> dataclasses -> dotted overrides -> validation.
+
+There is one path from a recipe to a training run: `load_config` reads a recipe, applies
+`--set key=value` overrides with type checking, and `validate` reports every problem at once.
+The resolved config is what gets written into the run folder and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difftool import __version__
+from difftool.errors import UserError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+CROPS = ("center", "random")
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class ModelConfig:
+    """UNet2DModel architecture. Attention goes on the levels whose feature map size is listed."""
+
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    attention_head_dim: int | None = None
+    mid_block_attention: bool = True
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    resnet_time_scale_shift: str = "default"
+    class_conditional: bool = False
+    class_dropout: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    """The training noise schedule (a DDPMScheduler); samplers later inherit it from the checkpoint."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented (see difftool.data)."""
+
+    dataset: str = "shapes"
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    resolution: int = 32
+    channels: int | None = None
+    random_flip: bool = True
+    crop: str = "center"
+    num_images: int = 10000
+    max_images: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. `batch_size` is global: split over processes and accumulation steps."""
+
+    batch_size: int = 64
+    max_steps: int = 10000
+    epochs: int | None = None
+    lr: float = 2e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    allow_tf32: bool = True
+    min_snr_gamma: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class EMAConfig:
+    """EMA with warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped at max_decay.
+
+    With power 2/3 the decay is 0.99 after 1k steps (usable samples on short runs) and
+    reaches 0.9999 after 1M steps, the value long runs want.
+    """
+
+    enabled: bool = True
+    max_decay: float = 0.9999
+    power: float = 2 / 3
+    inv_gamma: float = 1.0
+    update_after_step: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    total_limit: int | None = 3
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids written during training (EMA weights, fixed seeds)."""
+
+    every: int = 1000
+    num_images: int = 16
+    scheduler: str = "ddim"
+    steps: int = 50
+    seed: int = 0
+
+
+@dataclass
+class LogConfig:
+    every: int = 50
+    trackers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    recipe: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+
+def recipe_dir():
+    return resources.files("difftool.recipes")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str) -> str:
+    """The YAML text of a built-in recipe name or a path to a recipe file."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {name_or_path}")
+        return path.read_text()
+    names = recipe_names()
+    if name_or_path not in names:
+        raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} (difftool recipes list shows them)")
+    return (recipe_dir() / f"{name_or_path}.yaml").read_text()
+
+
+def recipe_summary(name: str) -> str:
+    """First comment line of a recipe after its launch command: what the recipe is for."""
+    lines = [ln[1:].strip() for ln in recipe_text(name).splitlines() if ln.startswith("#")]
+    return next((ln for ln in lines if ln and not ln.startswith(("difftool ", "accelerate "))), "")
+
+
+def recipe_for_dataset(dataset: str | None) -> str:
+    """The recipe `difftool train --dataset X` uses when no --recipe is given.
+
+    A data set that has a recipe of its own (cifar10, mnist) gets it; other hub data sets and
+    local folders get the general 64-px recipe; no data set at all means the quickstart.
+    """
+    if dataset is None:
+        return "quickstart"
+    for name in recipe_names():
+        raw = parse_yaml(recipe_text(name)) or {}
+        if (raw.get("data") or {}).get("dataset") == dataset:
+            return name
+    return "folder64"
+
+
+def default_output(cfg: Config) -> Path:
+    dataset = Path(cfg.data.dataset.rstrip("/\\")).name.replace("/", "-") or "data"
+    return Path("runs") / f"{cfg.recipe}-{dataset}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(recipe: str = "quickstart", overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Config:
+    """Resolve a recipe, typed `values` (from CLI flags) and `key=value` overrides into a valid Config."""
+    try:
+        raw = parse_yaml(recipe_text(recipe)) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {recipe} is not a YAML mapping of sections")
+    name = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+    raw.setdefault("recipe", name)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    return apply_changes(cfg, overrides, values, errors)
+
+
+def apply_changes(cfg: Config, overrides: list[str] | None = None, values: dict[str, Any] | None = None,
+                  errors: list[str] | None = None) -> Config:
+    """Apply typed values, then `key=value` overrides, then validate; report all errors at once."""
+    errors = [] if errors is None else errors
+    for path, value in (values or {}).items():
+        _assign(cfg, path, value, errors)
+    for item in overrides or []:
+        _apply_override(cfg, item, errors)
+    errors += validate(cfg)
+    if errors:
+        raise UserError("; ".join(errors))
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config saved in a run folder; every problem is reported at once."""
+    errors: list[str] = []
+    raw = {k: v for k, v in raw.items() if k != "difftool_version"}
+    cfg = _build(Config, raw, "", errors)
+    errors += validate(cfg)
+    if errors:
+        raise UserError("; ".join(errors))
+    return cfg
+
+
+def read_config(path: Path) -> Config:
+    """The config a run folder was trained with."""
+    try:
+        raw = parse_yaml(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read run config {path}: {err}") from err
+    return config_from_dict(raw)
+
+
+def to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    for section in out.values():
+        if isinstance(section, dict):
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+    out["difftool_version"] = __version__
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_paths(cls=Config, prefix: str = "") -> list[str]:
+    paths = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            paths += field_paths(hint, f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def _apply_override(cfg: Config, item: str, errors: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    if not sep:
+        errors.append(f"override '{item}' is not key=value (e.g. --set train.batch_size=64)")
+        return
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    _assign(cfg, key.strip(), value, errors)
+
+
+def _assign(cfg: Config, path: str, value: Any, errors: list[str]) -> None:
+    valid = field_paths()
+    if path not in valid:
+        errors.append(f"unknown config key '{path}'{did_you_mean(path, valid)}")
+        return
+    section_name, _, name = path.rpartition(".")
+    owner = getattr(cfg, section_name) if section_name else cfg
+    hint = typing.get_type_hints(type(owner))[name]
+    ok, coerced = _coerce(value, hint)
+    if not ok:
+        errors.append(f"{path} must be {_type_name(hint)}, got {value!r}")
+        return
+    setattr(owner, name, coerced)
+
+
+def _build(cls, raw: Any, prefix: str, errors: list[str]):
+    obj = cls()
+    if raw is None:
+        return obj
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
+        return obj
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            errors.append(f"unknown config key '{path}'{did_you_mean(path, [prefix + n for n in names])}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            setattr(obj, key, _build(hint, value, f"{path}.", errors))
+            continue
+        ok, coerced = _coerce(value, hint)
+        if ok:
+            setattr(obj, key, coerced)
+        else:
+            errors.append(f"{path} must be {_type_name(hint)}, got {value!r}")
+    return obj
+
+
+def _coerce(value: Any, hint) -> tuple[bool, Any]:
+    """Check `value` against a type hint; ints pass as floats and lists as tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, coerced = _coerce(value, arg)
+            if ok:
+                return True, coerced
+        return False, None
+    if origin in (tuple, list):
+        if value is None:
+            return False, None
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # `--set model.attention_resolutions=16` means (16,)
+        (item_type, *_) = typing.get_args(hint)
+        items = []
+        for item in value:
+            ok, coerced = _coerce(item, item_type)
+            if not ok:
+                return False, None
+            items.append(coerced)
+        return True, origin(items)
+    if hint is bool:
+        return (True, value) if isinstance(value, bool) else (False, None)
+    if hint is int:
+        return (True, value) if isinstance(value, int) and not isinstance(value, bool) else (False, None)
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    return False, None
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """'; did you mean X?' for an error message, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if not match and "." in word:
+        leaf = word.rpartition(".")[2]
+        match = [c for c in choices if c.rpartition(".")[2] == leaf][:1]
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with a config, so users fix them in one go rather than one per run."""
+    e: list[str] = []
+    m, s, d, t = cfg.model, cfg.scheduler, cfg.data, cfg.train
+
+    def choice(path: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            e.append(f"{path} must be one of {', '.join(options)}, got '{value}'{did_you_mean(value, list(options))}")
+
+    def positive(path: str, value: float | None, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            e.append(f"{path} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    choice("scheduler.beta_schedule", s.beta_schedule, BETA_SCHEDULES)
+    choice("scheduler.prediction_type", s.prediction_type, PREDICTION_TYPES)
+    choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    choice("data.crop", d.crop, CROPS)
+    choice("model.resnet_time_scale_shift", m.resnet_time_scale_shift, ("default", "scale_shift"))
+    for tracker in cfg.log.trackers:
+        choice("log.trackers", tracker, TRACKERS)
+    for path, value in [
+        ("scheduler.num_train_timesteps", s.num_train_timesteps), ("data.resolution", d.resolution),
+        ("data.num_images", d.num_images), ("data.max_images", d.max_images), ("train.batch_size", t.batch_size),
+        ("train.max_steps", t.max_steps), ("train.epochs", t.epochs), ("train.lr", t.lr),
+        ("train.grad_accum", t.grad_accum), ("model.layers_per_block", m.layers_per_block),
+        ("model.norm_num_groups", m.norm_num_groups), ("checkpoint.every", cfg.checkpoint.every),
+        ("checkpoint.total_limit", cfg.checkpoint.total_limit), ("sample.every", cfg.sample.every),
+        ("sample.num_images", cfg.sample.num_images), ("sample.steps", cfg.sample.steps),
+        ("log.every", cfg.log.every), ("train.min_snr_gamma", t.min_snr_gamma),
+    ]:
+        positive(path, value)
+    for path, value in [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
+                        ("train.grad_clip", t.grad_clip), ("ema.update_after_step", cfg.ema.update_after_step)]:
+        positive(path, value, allow_zero=True)
+    if not 0 <= m.dropout < 1:
+        e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0 <= m.class_dropout < 1:
+        e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
+    if not 0 < cfg.ema.max_decay < 1:
+        e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
+    if not 0 < s.beta_start < s.beta_end < 1:
+        e.append(f"scheduler.beta_start < scheduler.beta_end must both lie in (0, 1), got {s.beta_start}, {s.beta_end}")
+    if d.channels not in (None, 1, 3):
+        e.append(f"data.channels must be 1, 3 or null (from the data), got {d.channels}")
+    if not m.block_out_channels:
+        e.append("model.block_out_channels must list at least one width")
+    for width in m.block_out_channels:
+        if width % m.norm_num_groups:
+            e.append(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups={m.norm_num_groups}")
+            break
+    factor = 2 ** (len(m.block_out_channels) - 1)
+    if d.resolution % factor:
+        e.append(
+            f"data.resolution {d.resolution} must be divisible by {factor} for a UNet with "
+            f"{len(m.block_out_channels)} levels; use e.g. {max(factor, round(d.resolution / factor) * factor)}"
+        )
+    sizes = [d.resolution // 2**i for i in range(len(m.block_out_channels))]
+    unused = [r for r in m.attention_resolutions if r not in sizes]
+    if unused and not d.resolution % factor:
+        e.append(f"model.attention_resolutions {unused} match no level of this UNet (its feature sizes are {sizes})")
+    return e

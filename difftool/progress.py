@@ -1,0 +1,44 @@
+"""Progress bars and status lines (rich, on stderr so stdout stays clean for results)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class TrainingProgress:
+    """Steps done / total with loss, lr, img/s and ETA; a no-op on non-main processes."""
+
+    def __init__(self, total: int, done: int, enabled: bool = True):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, disable=not enabled,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=done, loss="-", lr="-", ips="-")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+    def show_metrics(self, record: dict) -> None:
+        self.progress.update(self.task, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{record['img_per_s']:.0f}")
+
+    def finish(self, step: int, total: int, run: Path, finished: bool) -> None:
+        if finished:
+            console.print(f"[green]done[/]: {total} steps; model in {run / 'model'}, sample grids in {run / 'samples'}")
+        else:
+            console.print(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
+                          f"difftool train --resume {run}")

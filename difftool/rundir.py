@@ -1,0 +1,153 @@
+"""The run folder: one layout that training writes and every other command reads.
+
+    RUN/
+      config.yaml                 resolved config (recipe + overrides + difftool version)
+      checkpoints/step-NNNNNN/    accelerate state (model, optimizer, LR scheduler, EMA, RNG)
+                                  + unet_ema/ (diffusers folder) + progress.json
+      model/                      diffusers pipeline: model_index.json, unet/ (EMA weights),
+                                  unet_raw/ (raw weights), scheduler/, difftool.json
+      samples/step-NNNNNN.png     sample grids (EMA weights, fixed seeds)
+      metrics.jsonl               one JSON record per logged step
+      logs/                       tracker output (tensorboard, ...)
+
+Everything is written through a temporary name and renamed into place, so a folder or file
+that exists under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+PROGRESS_FILE = "progress.json"
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it takes the place of `path`.
+
+    An existing `path` is moved aside first and deleted only after the new one is in place,
+    so there is always one complete copy on disk.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class RunDir:
+    """Paths of one run folder, and the few operations on it that need care."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / CONFIG_FILE)
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+    model_dir = property(lambda self: self.root / "model")
+    samples_dir = property(lambda self: self.root / "samples")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    logs_dir = property(lambda self: self.root / "logs")
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step:06d}"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples_dir / f"step-{step:06d}.png"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary folders are never listed)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.glob("step-*") if p.is_dir() and (p / PROGRESS_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def rotate(self, keep: int | None) -> list[Path]:
+        """Delete the oldest checkpoints beyond `keep`; returns what was deleted."""
+        found = self.checkpoints()
+        doomed = found[: max(0, len(found) - keep)] if keep else []
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        return doomed
+
+    def clean_temporaries(self) -> None:
+        """Remove what an interrupted write left behind (never a complete file or folder)."""
+        for folder in (self.root, self.checkpoints_dir, self.samples_dir):
+            if folder.is_dir():
+                for p in folder.glob(f"{TMP_PREFIX}*"):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_progress(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+
+def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, Path]:
+    """`--resume RUN|CHECKPOINT|latest` -> (run folder, checkpoint folder).
+
+    `latest` is the run under `runs_root` whose newest checkpoint was written last.
+    """
+    from difftool.errors import UserError
+
+    if target == "latest":
+        candidates = [RunDir(p) for p in runs_root.glob("*") if RunDir(p).latest_checkpoint()] if runs_root.is_dir() else []
+        if not candidates:
+            raise UserError(f"--resume latest found no run with a checkpoint under {runs_root}/; name the run folder instead")
+        newest = max(candidates, key=lambda r: (r.latest_checkpoint() / PROGRESS_FILE).stat().st_mtime)
+        return newest.root, newest.latest_checkpoint()
+    path = Path(target).expanduser()
+    if (path / PROGRESS_FILE).is_file() and RunDir(path.parent.parent).is_run():
+        return path.parent.parent, path
+    run = RunDir(path)
+    if not path.exists():
+        raise UserError(f"cannot resume: {path} does not exist; give a run folder, one of its checkpoints, or 'latest'")
+    if not run.is_run():
+        raise UserError(f"cannot resume: {path} is not a difftool run folder (no {CONFIG_FILE})")
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"cannot resume: {path} has no complete checkpoint yet; start it again with --overwrite")
+    return run.root, checkpoint

@@ -1,0 +1,469 @@
+"""The training loop: accelerate handles devices and processes, the run folder holds the rest.
+
+`train()` builds its own `Accelerator`, so the same function runs in a plain Python process
+and under `accelerate launch -m difftool.train` (one process per GPU). Randomness is derived
+from (seed, step, rank) at every step rather than carried along, which makes resuming exact:
+a resumed run draws the same data order, augmentations, timesteps and noise as an
+uninterrupted one, and no batch has to be re-read to get there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+
+from difftool import __version__, config as config_mod
+from difftool.checkpoints import export_pipeline, model_info
+from difftool.config import Config
+from difftool.data import load_dataset, make_batch
+from difftool.errors import UserError
+from difftool.images import make_grid, save_png
+from difftool.models import build_noise_scheduler, build_unet, count_parameters
+from difftool.progress import TrainingProgress, console
+from difftool.rundir import PROGRESS_FILE, RunDir, append_jsonl, read_progress, resolve_resume, write_text
+from difftool.sample import denoise, image_generators, initial_noise, to_uint8
+from difftool.schedulers import make_scheduler
+
+LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+# Config fields a resumed run may change: how long to train and what to write along the way.
+RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "checkpoint.", "sample.", "log.")
+
+
+@dataclass
+class TrainPlan:
+    """What `difftool train` resolved its flags into: the config, the run folder, the checkpoint to resume."""
+
+    cfg: Config
+    output: Path
+    resume: Path | None
+
+
+def plan_training(*, recipe: str | None = None, dataset: str | None = None, overrides: list[str] | None = None,
+                  values: dict | None = None, output: Path | None = None, resume: str | None = None) -> TrainPlan:
+    """Resolve the command-line choices; a resumed run starts from the config saved in its folder."""
+    values = dict(values or {})
+    if dataset is not None:
+        values["data.dataset"] = dataset
+    if resume is not None:
+        run_root, checkpoint = resolve_resume(resume)
+        if output is not None and Path(output).resolve() != run_root.resolve():
+            raise UserError(f"--output {output} and --resume {resume} name different runs; drop --output")
+        if recipe is not None:
+            raise UserError("--recipe cannot change a resumed run; drop it (the run keeps its saved config)")
+        cfg = config_mod.apply_changes(config_mod.read_config(RunDir(run_root).config), overrides, values)
+        return TrainPlan(cfg, run_root, checkpoint)
+    cfg = config_mod.load_config(recipe or config_mod.recipe_for_dataset(dataset), overrides, values)
+    return TrainPlan(cfg, Path(output) if output else config_mod.default_output(cfg), None)
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int
+    finished: bool
+    model_dir: Path | None
+    last_loss: float | None
+
+
+def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
+          show_progress: bool = True) -> TrainResult:
+    """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run."""
+    run = RunDir(output)
+    accelerator = _make_accelerator(cfg, run)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_batch = _micro_batch_size(cfg, world)
+    _check_output(run, cfg, resume, overwrite)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite and run.is_run() and resume is None:
+            shutil.rmtree(run.root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.clean_temporaries()
+        if resume is None:
+            write_text(run.config, config_mod.dump_yaml(cfg))
+    accelerator.wait_for_everyone()
+
+    with accelerator.main_process_first():
+        data = load_dataset(cfg.data)
+    labels_used = cfg.model.class_conditional
+    if labels_used and data.labels is None:
+        raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
+    num_classes = len(data.label_names) if labels_used else None
+
+    if cfg.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.train.seed)
+    unet = build_unet(cfg.model, resolution=cfg.data.resolution, channels=data.channels, num_classes=num_classes)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
+    steps_per_epoch = max(1, len(data) // cfg.train.batch_size)
+    max_steps = cfg.train.epochs * steps_per_epoch if cfg.train.epochs else cfg.train.max_steps
+
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=cfg.train.adam_epsilon, weight_decay=cfg.train.weight_decay,
+        **({"fused": True} if accelerator.device.type == "cuda" else {"foreach": True}),
+    )
+    lr_scheduler = get_scheduler(LR_SCHEDULE_NAMES[cfg.train.lr_schedule], optimizer,
+                                 num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max_steps)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema.max_decay, use_ema_warmup=True, inv_gamma=cfg.ema.inv_gamma,
+                   power=cfg.ema.power, update_after_step=cfg.ema.update_after_step, foreach=True,
+                   model_cls=UNet2DModel, model_config=unet.config) if cfg.ema.enabled else None
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    # The LR scheduler is stepped by hand once per optimizer step, so it is not `prepare`d
+    # (accelerate would step it once per process); it is saved with the state all the same.
+    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
+
+    start_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        start_step = read_progress(resume)["step"]
+    info = model_info(cfg, data, num_classes)
+    trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
+                       micro_batch, steps_per_epoch, info)
+    if accelerator.is_main_process:
+        trainer.log_start(start_step, max_steps, count_parameters(accelerator.unwrap_model(unet)))
+    return trainer.run_loop(start_step, max_steps, show_progress)
+
+
+class _Trainer:
+    """State shared by the steps of one training run (kept out of `train` to keep it readable)."""
+
+    def __init__(self, cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
+                 micro_batch, steps_per_epoch, info):
+        self.cfg, self.run, self.accelerator = cfg, run, accelerator
+        self.unet, self.optimizer, self.lr_scheduler, self.ema = unet, optimizer, lr_scheduler, ema
+        self.noise_scheduler, self.data, self.info = noise_scheduler, data, info
+        self.micro_batch, self.steps_per_epoch = micro_batch, steps_per_epoch
+        self.device = accelerator.device
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
+        self._perm_epoch, self._perm = -1, None
+        self.stop_requested = False
+
+    # ------------------------------------------------------------ data order
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """This rank's indices for `step`: a seeded permutation per epoch, sliced per rank."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), epoch
+        size = self.cfg.train.batch_size
+        chunk = self._perm[position * size : (position + 1) * size]
+        per_rank = size // self.accelerator.num_processes
+        return chunk[self.accelerator.process_index * per_rank : (self.accelerator.process_index + 1) * per_rank]
+
+    # ------------------------------------------------------------ one step
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, cfg.scheduler.num_train_timesteps, (x0.shape[0],), device=self.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        if labels is not None and cfg.model.class_dropout > 0:
+            drop = torch.rand(labels.shape, device=self.device) < cfg.model.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, len(self.data.label_names)), labels)
+        pred = self.unet(noisy, t, class_labels=labels).sample
+        kind = cfg.scheduler.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else self.noise_scheduler.get_velocity(x0, noise, t)
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.train.min_snr_gamma:
+            snr = compute_snr(self.noise_scheduler, t)
+            clipped = snr.clamp(max=cfg.train.min_snr_gamma)
+            weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
+            per_image = per_image * weight
+        return per_image.mean()
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss (on device)."""
+        cfg, acc = self.cfg, self.accelerator
+        seed = (cfg.train.seed * 1_000_003 + step) * 4099 + acc.process_index
+        torch.manual_seed(seed)  # noise, timesteps, label and weight dropout: all from (seed, step, rank)
+        augment = torch.Generator().manual_seed(seed)
+        indices = self.batch_indices(step)
+        accum = cfg.train.grad_accum
+        total = torch.zeros((), device=self.device)
+        self.unet.train()
+        for micro in range(accum):
+            idx = indices[micro * self.micro_batch : (micro + 1) * self.micro_batch]
+            x0, labels = make_batch(self.data, idx, resolution=cfg.data.resolution, random_flip=cfg.data.random_flip,
+                                    crop=cfg.data.crop, generator=augment)
+            x0 = x0.to(self.device, non_blocking=True)
+            labels = labels.to(self.device) if labels is not None and cfg.model.class_conditional else None
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.unet)
+            with sync:
+                loss = self.loss(x0, labels)
+                acc.backward(loss / accum)
+            total += loss.detach() / accum
+        if cfg.train.grad_clip:
+            acc.clip_grad_norm_(self.unet.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        return total
+
+    # ------------------------------------------------------------ loop
+
+    def run_loop(self, start_step: int, max_steps: int, show_progress: bool) -> TrainResult:
+        cfg, acc, run = self.cfg, self.accelerator, self.run
+        main = acc.is_main_process
+        progress = TrainingProgress(max_steps, start_step, enabled=main and show_progress)
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_start, last_loss = 0, time.perf_counter(), None
+        step = start_step
+        with _StopOnSignal(self), progress:
+            while step < max_steps:
+                window_loss += self.step(step)
+                window_steps += 1
+                step += 1
+                progress.advance()
+                boundary = step % cfg.log.every == 0 or step == max_steps
+                saving = step % cfg.checkpoint.every == 0 or step == max_steps
+                previewing = step % cfg.sample.every == 0 or step == max_steps
+                stop = self._agree_to_stop(step)
+                if boundary or saving or previewing or stop:
+                    last_loss = acc.reduce(window_loss, "mean").item() / window_steps
+                    if not math.isfinite(last_loss):
+                        raise UserError(
+                            f"loss became {last_loss} by step {step}; nothing was saved from this point. Lower "
+                            f"train.lr, use train.mixed_precision=no, or set train.grad_clip (last good checkpoint: "
+                            f"{run.latest_checkpoint() or 'none'})")
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "loss": last_loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                              "img_per_s": window_steps * cfg.train.batch_size / max(elapsed, 1e-9),
+                              "epoch": step / self.steps_per_epoch}
+                    if main:
+                        append_jsonl(run.metrics, record)
+                        progress.show_metrics(record)
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if previewing and not stop:
+                    self.save_preview(step)
+                if saving or stop:
+                    self.save_checkpoint(step)
+                if stop:
+                    break
+        finished = step >= max_steps
+        model_dir = None
+        if finished:
+            model_dir = self.export()
+        acc.end_training()
+        if main:
+            progress.finish(step, max_steps, run.root, finished)
+        return TrainResult(run.root, step, finished, model_dir, last_loss)
+
+    def _agree_to_stop(self, step: int) -> bool:
+        """Whether every process has seen Ctrl-C/SIGTERM (one collective every few steps in DDP)."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested
+        if step % 10:
+            return False
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+    # ------------------------------------------------------------ outputs
+
+    def save_checkpoint(self, step: int) -> Path:
+        """accelerate state in a temporary folder, renamed to step-NNNNNN when complete."""
+        acc, run = self.accelerator, self.run
+        final = run.checkpoint(step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.ema is not None:
+                self.ema.save_pretrained(str(tmp / "unet_ema"))
+            progress = {"step": step, "epoch": step / self.steps_per_epoch, "difftool_version": __version__, **self.info}
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            run.rotate(self.cfg.checkpoint.total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def eval_unet(self):
+        """The bare model with EMA weights swapped in; call `restore_weights` afterwards."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:
+            self.ema.store(unet.parameters())
+            self.ema.copy_to(unet.parameters())
+        return unet.eval()
+
+    def restore_weights(self, unet) -> None:
+        if self.ema is not None:
+            self.ema.restore(unet.parameters())
+
+    def save_preview(self, step: int) -> None:
+        """A grid of samples from fixed seeds; class-conditional models get one column per class."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            cfg = self.cfg.sample
+            unet = self.eval_unet()
+            try:
+                n = cfg.num_images
+                num_classes = self.info["num_classes"]
+                labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
+                generators = image_generators(cfg.seed, range(n))
+                noise = initial_noise(generators, (self.data.channels, self.cfg.data.resolution, self.cfg.data.resolution), self.device)
+                scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
+                with acc.autocast():
+                    x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels)
+                grid = make_grid(to_uint8(x), ncol=num_classes or None)
+                save_png(grid, self.run.sample_grid(step), {"step": str(step), "scheduler": cfg.scheduler,
+                                                            "steps": str(cfg.steps), "seed": str(cfg.seed), "weights": "ema"})
+            finally:
+                self.restore_weights(unet)
+        acc.wait_for_everyone()
+
+    def export(self) -> Path:
+        """The final diffusers pipeline folder: EMA weights in unet/, raw weights in unet_raw/."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            ema_unet = self.eval_unet()
+            try:
+                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw if self.ema else None,
+                                scheduler=self.noise_scheduler, info=self.info)
+            finally:
+                self.restore_weights(unet)
+        acc.wait_for_everyone()
+        return self.run.model_dir
+
+    def log_start(self, start_step: int, max_steps: int, params: int) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        what = "resuming" if start_step else "training"
+        console.print(
+            f"[bold]{what}[/] {cfg.recipe} on {self.data.source}: {params / 1e6:.2f}M-parameter UNet at "
+            f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
+            f"{acc.device.type}, steps {start_step}->{max_steps} -> {self.run.root}")
+
+
+def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and cfg.train.mixed_precision == "fp16":
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=list(cfg.log.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs_dir)),
+        dynamo_backend="inductor" if cfg.train.compile else None,
+    )
+    if cfg.log.trackers:
+        accelerator.init_trackers("difftool", config=_flat_config(cfg))
+    return accelerator
+
+
+def _flat_config(cfg: Config) -> dict:
+    """Trackers want scalar hyper-parameters: `section.key` -> number/string/bool."""
+    flat = {}
+    for section, values in config_mod.to_dict(cfg).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _micro_batch_size(cfg: Config, world: int) -> int:
+    per_step = world * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} does not split over {world} process(es) x "
+            f"{cfg.train.grad_accum} accumulation step(s); use a multiple of {per_step}")
+    return cfg.train.batch_size // per_step
+
+
+def _check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds something else; same checks on every rank."""
+    if resume is not None:
+        if not run.is_run():
+            raise UserError(f"cannot resume: {run.root} is not a difftool run folder (no {run.config.name})")
+        saved = config_mod.read_config(run.config)
+        changed = config_diff(saved, cfg)
+        if changed:
+            raise UserError(f"cannot resume {run.root} with a different config ({', '.join(changed)}); "
+                            f"start a new run with --output, or keep those settings")
+        if not (resume / PROGRESS_FILE).is_file():
+            raise UserError(f"{resume} is not a complete checkpoint (no {PROGRESS_FILE})")
+        return
+    if not run.root.exists() or not any(run.root.iterdir()):
+        return
+    if not run.is_run():
+        raise UserError(f"output folder {run.root} is not empty and is not a difftool run; choose another --output")
+    if not overwrite:
+        raise UserError(f"output folder {run.root} already holds a run; continue it with --resume {run.root}, "
+                        f"or replace it with --overwrite")
+
+
+def config_diff(saved: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ, ignoring the ones a resumed run may change."""
+    a, b = _flatten(config_mod.to_dict(saved)), _flatten(config_mod.to_dict(new))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and k != "difftool_version" and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+class _StopOnSignal:
+    """Ctrl-C and SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self, trainer: _Trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.trainer.stop_requested:  # a second Ctrl-C means now
+                raise KeyboardInterrupt
+            self.trainer.stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self.previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+
+if __name__ == "__main__":
+    from difftool.cli.app import run_single_command
+
+    run_single_command("train")
