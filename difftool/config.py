@@ -227,7 +227,8 @@ def load_config(recipe: str = "quickstart", overrides: list[str] | None = None, 
         raise UserError(f"recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(raw, dict):
         raise UserError(f"recipe {recipe} is not a YAML mapping of sections")
-    name = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+    raw.pop("difftool_version", None)  # a run's config.yaml is a recipe too
+    name = Path(recipe).stem  # a built-in name, or a file (with or without .yaml) named after its stem
     raw.setdefault("recipe", name)
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)

@@ -100,8 +100,8 @@ def load_dataset(cfg: Any, cache_dir: Path | None = None) -> ImageData:
     cache = _default_cache_dir() if cache_dir is None else Path(cache_dir)
     name = cfg.dataset
     if name == "shapes":
-        # Not cached: rendering is faster than reading the tensors back (10k images at 32 px in
-        # well under a second) and it would leave a cache file per resolution for nothing.
+        # Not cached: rendering 10k images at 32 px takes ~0.2 s, too little to be worth a cache
+        # file per resolution and size.
         count = cfg.num_images if cfg.max_images is None else min(cfg.num_images, cfg.max_images)
         return make_shapes(count, cfg.resolution, channels=cfg.channels or 3)
     if name in DATASET_ALIASES:
@@ -112,7 +112,8 @@ def load_dataset(cfg: Any, cache_dir: Path | None = None) -> ImageData:
     if path.exists():
         raise UserError(f"dataset {name} is a file, not a folder; point --dataset at a folder of images")
     if name.startswith(("./", "../", "/", "~")) or (os.sep in name and not _HUB_ID.match(name)):
-        raise UserError(f"dataset folder not found: {name}; check the path, or use --dataset shapes for the built-in data")
+        raise UserError(f"dataset folder not found: {name}; check the path, "
+                        "or use --dataset shapes for the built-in data")
     return _load_hub(cfg, cache)
 
 
@@ -128,8 +129,8 @@ def make_batch(
     """Crop, flip and scale the images at `indices` into a float32 batch in [-1, 1].
 
     Returns (B x C x resolution x resolution, labels[indices] or None), on the CPU. Random crop
-    offsets are drawn before the flips, both from `generator`; images stored at exactly
-    resolution x resolution skip cropping and take a vectorised path.
+    offsets are drawn before the flips, both from `generator`; a stacked data set stored at
+    exactly resolution x resolution needs no crop (and draws none) and takes a vectorised path.
     """
     if crop not in CROPS:
         raise UserError(f"unknown crop '{crop}'; use one of {', '.join(CROPS)}")
@@ -168,7 +169,10 @@ def _crop(image: torch.Tensor, resolution: int, offset: torch.Tensor | None, ind
 
 _SHAPES_SEED = 1234  # changing it changes the built-in data set
 _PARAM_CHUNK = 1024  # images whose parameters come from one seeded generator
-_RENDER_ELEMENTS = 1 << 18  # pixels rendered at once: bounds memory and stays in the CPU cache
+# Render in pieces this small (ATen's grain size): torch then runs each op on the calling thread,
+# which bounds memory and avoids thread hand-offs that cost far more than the work when the
+# cores are shared with other processes (measured: 0.2 s serial vs 2-18 s contended for 10k).
+_SERIAL_ELEMENTS = 1 << 15
 _FG_CANDIDATES = 8
 _MIN_CONTRAST = 0.4  # luma difference between shape and background, in [0, 1]
 
@@ -182,10 +186,17 @@ def make_shapes(num_images: int, resolution: int, channels: int = 3) -> ImageDat
     """
     params = _shape_params(num_images)
     images = torch.empty(num_images, 3, resolution, resolution, dtype=torch.uint8)
-    step = len(SHAPE_NAMES) * max(1, _RENDER_ELEMENTS // (len(SHAPE_NAMES) * resolution * resolution))
-    for start in range(0, num_images, step):
-        part = slice(start, start + step)
-        images[part] = _render_shapes({k: v[part] for k, v in params.items()}, resolution)
+    per_piece = max(1, _SERIAL_ELEMENTS // (3 * resolution * resolution))  # whole images, or
+    band = max(1, min(resolution, _SERIAL_ELEMENTS // (3 * resolution)))  # bands of rows of one
+    for label, name in enumerate(SHAPE_NAMES):
+        members = slice(label, None, len(SHAPE_NAMES))
+        of_class, class_params = images[members], {k: v[members] for k, v in params.items()}
+        for start in range(0, len(of_class), per_piece):
+            part = slice(start, start + per_piece)
+            piece_params = {k: v[part] for k, v in class_params.items()}
+            for top in range(0, resolution, band):
+                rows = slice(top, top + band)
+                of_class[part, :, rows] = _render_shapes(name, piece_params, resolution, rows)
     return ImageData(
         images=_to_channels(images, channels),
         labels=torch.arange(num_images) % len(SHAPE_NAMES),
@@ -223,34 +234,30 @@ def _shape_params(num_images: int) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32) for k, v in params.items()}
 
 
-def _render_shapes(params: dict[str, torch.Tensor], resolution: int) -> torch.Tensor:
-    """Render images whose first one has class 0, with analytic anti-aliasing.
+def _render_shapes(name: str, params: dict[str, torch.Tensor], resolution: int, rows: slice) -> torch.Tensor:
+    """Render `rows` of images of one kind with analytic anti-aliasing, as uint8 N x 3 x rows x W.
 
     Coverage is a one-pixel ramp of the signed distance to the outline: as smooth as heavy
-    supersampling at a fraction of its cost, which keeps 10k images well under a second.
+    supersampling at a fraction of its cost.
     """
-    count = len(params["radius"])
     centres = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
-    coverage = torch.empty(count, 1, resolution, resolution)
-    for label, name in enumerate(SHAPE_NAMES):
-        rows = slice(label, None, len(SHAPE_NAMES))  # class i % 5: strided views, no gathers
-        dx = centres[None, None, :] - params["cx"][rows, None, None]
-        dy = centres[None, :, None] - params["cy"][rows, None, None]
-        theta = params["theta"][rows, None, None]
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        x, y = cos * dx + sin * dy, cos * dy - sin * dx  # rotated coordinates
-        dist = _signed_distance(name, x, y, params["radius"][rows, None, None])
-        coverage[rows, 0] = dist.mul_(-resolution).add_(0.5).clamp_(0, 1)
+    dx = centres[None, None, :] - params["cx"][:, None, None]
+    dy = centres[None, rows, None] - params["cy"][:, None, None]
+    cos, sin = torch.cos(params["theta"])[:, None, None], torch.sin(params["theta"])[:, None, None]
+    x, y = cos * dx + sin * dy, cos * dy - sin * dx  # rotated coordinates
+    dist = _signed_distance(name, x, y, params["radius"][:, None, None])
+    coverage = dist.mul_(-resolution).add_(0.5).clamp_(0, 1)[:, None]
     background, foreground = params["background"][:, :, None, None], params["foreground"][:, :, None, None]
-    return torch.addcmul(background, foreground - background, coverage).round_().to(torch.uint8)
+    pixels = torch.addcmul(background, foreground - background, coverage)
+    return pixels.add_(0.5).to(torch.uint8)  # rounds: values are >= 0
 
 
 def _signed_distance(name: str, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Distance to the outline of a shape of circumradius r (negative inside), in image-side units."""
     if name == "circle":
-        return torch.sqrt(x * x + y * y) - r
+        return torch.hypot(x, y) - r
     if name == "ring":
-        return (torch.sqrt(x * x + y * y) - 0.75 * r).abs() - 0.25 * r  # hole radius r / 2
+        return (torch.hypot(x, y) - 0.75 * r).abs() - 0.25 * r  # hole radius r / 2
     if name == "square":
         return torch.maximum(x.abs(), y.abs()) - r / math.sqrt(2)
     if name == "triangle":  # equilateral: the three edges lie r / 2 from the centre
@@ -308,9 +315,9 @@ def _scan_folder(root: Path, use_labels: bool) -> tuple[list[Path], list[int] | 
         return files, None, None
     loose = [r.as_posix() for r in rel if len(r.parts) == 1]
     if loose:
-        raise UserError(f"{root} has class subfolders ({', '.join(classes[:5])}...) but also {len(loose)} images "
+        raise UserError(f"{root} has class subfolders ({', '.join(classes)}) but also {len(loose)} images "
                         f"directly inside it (e.g. {loose[0]}); move them into a class folder, or "
-                        "--set data.label_column=none to train without labels")
+                        "pass --label-column none to train without labels")
     ids = {name: i for i, name in enumerate(classes)}
     return files, [ids[r.parts[0]] for r in rel], classes
 
@@ -363,6 +370,7 @@ def from_hf_dataset(ds: Any, cfg: Any) -> ImageData:
 
     Images are decoded from their stored bytes by the same code as folder images, so every
     source gets the same mode handling and resizing; undecodable rows are skipped and counted.
+    Nothing is cached here: `load_dataset` caches what this returns.
     """
     import datasets
 
@@ -390,21 +398,21 @@ def _hub_columns(ds: Any, cfg: Any) -> tuple[str, str | None]:
     if cfg.image_column is not None:
         if cfg.image_column not in features:
             raise UserError(f"image column '{cfg.image_column}' not found in {cfg.dataset} (columns: {columns}); "
-                            "set one of them with --set data.image_column=NAME")
+                            "pass one of them with --image-column NAME")
         image = cfg.image_column
     else:
         typed = [c for c, f in features.items() if isinstance(f, datasets.Image)]
         named = [c for c in ("image", "img", "pixel_values") if c in features]
         if not typed + named:
             raise UserError(f"no image column found in {cfg.dataset} (columns: {columns}); "
-                            "name it with --set data.image_column=NAME")
+                            "name it with --image-column NAME")
         image = (typed + named)[0]
     if cfg.label_column == "none":
         return image, None
     if cfg.label_column is not None:
         if cfg.label_column not in features:
             raise UserError(f"label column '{cfg.label_column}' not found in {cfg.dataset} (columns: {columns}); "
-                            "set one with --set data.label_column=NAME, or data.label_column=none for no labels")
+                            "pass one with --label-column NAME, or --label-column none for no labels")
         return image, cfg.label_column
     typed = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel) and c != image]
     named = [c for c in ("label", "labels", "class") if c in features and c != image]
@@ -420,11 +428,11 @@ def _hub_labels(ds: Any, column: str, name: str) -> tuple[list[int], list[str]]:
     if isinstance(feature, datasets.ClassLabel):
         if any(v < 0 for v in values):
             raise UserError(f"label column '{column}' of {name} has unlabelled rows (-1); "
-                            "pick another split, or --set data.label_column=none to train without labels")
+                            "pick another split, or pass --label-column none to train without labels")
         return values, list(feature.names)
     if any(v is None or isinstance(v, (float, list, dict)) for v in values):
         raise UserError(f"label column '{column}' of {name} does not hold one class per row; "
-                        "set another with --set data.label_column=NAME, or data.label_column=none")
+                        "pass another with --label-column NAME, or --label-column none")
     names = sorted(set(values))
     ids = {v: i for i, v in enumerate(names)}
     return [ids[v] for v in values], [str(v) for v in names]
@@ -459,6 +467,8 @@ def _decode_all(
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         while chunk := list(itertools.islice(items, 1024)):
             results += pool.map(attempt, chunk)
+    if not results:
+        raise UserError(f"{what} holds no images; check the split, or point --dataset at other data")
     failures = [r for r in results if isinstance(r, str)]
     if len(failures) == len(results):
         raise UserError(f"none of the {len(results)} images in {what} could be decoded (e.g. {failures[0]}); "
@@ -513,12 +523,12 @@ def _open(source: Any) -> Image.Image:
 
 def _rgb_or_gray(img: Image.Image) -> Image.Image:
     """Mode RGB or L: 16-bit scaled (not clipped, as PIL does), alpha composited onto white."""
-    gray = img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;16")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         array = np.asarray(img).astype(np.float64)
         if img.mode.startswith("I;16") or array.max() > 255:
             array = array / 257
         return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    gray = img.mode in ("1", "L", "LA", "La")
     if img.has_transparency_data:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
@@ -574,7 +584,7 @@ def _cached(cache: Path, key: dict, label: str, build: Callable[[], ImageData]) 
     if path.is_file():
         try:
             data = _read_cache(path)
-        except (SafetensorError, OSError, ValueError, KeyError) as err:
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("ignoring unreadable data cache %s (%s); rebuilding it", path, err)
         else:
             logger.info("loaded %s from cache %s", data.source, path)

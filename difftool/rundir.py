@@ -56,6 +56,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier replacement
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

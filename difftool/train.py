@@ -103,6 +103,9 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     if labels_used and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
     num_classes = len(data.label_names) if labels_used else None
+    if len(data) < cfg.train.batch_size:
+        raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
+                        f"lower --batch-size or add images")
 
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -136,6 +139,9 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     if resume is not None:
         accelerator.load_state(str(resume))
         start_step = read_progress(resume)["step"]
+        if start_step >= max_steps:
+            raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}); "
+                            f"raise --max-steps to train further")
     info = model_info(cfg, data, num_classes)
     trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
                        micro_batch, steps_per_epoch, info)
@@ -173,14 +179,9 @@ class _Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, cfg.scheduler.num_train_timesteps, (x0.shape[0],), device=self.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        if labels is not None and cfg.model.class_dropout > 0:
-            drop = torch.rand(labels.shape, device=self.device) < cfg.model.class_dropout
-            labels = torch.where(drop, torch.full_like(labels, len(self.data.label_names)), labels)
         pred = self.unet(noisy, t, class_labels=labels).sample
         kind = cfg.scheduler.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else self.noise_scheduler.get_velocity(x0, noise, t)
@@ -192,25 +193,50 @@ class _Trainer:
             per_image = per_image * weight
         return per_image.mean()
 
+    def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
+        """Noise, timesteps, flips and label dropout for the whole global batch of `step`.
+
+        Every process draws the same global values and takes its own slice, so a step gives
+        the same gradient whatever the number of processes or accumulation steps.
+        """
+        cfg = self.cfg
+        size, res = cfg.train.batch_size, cfg.data.resolution
+        g = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + step)
+        return {
+            "noise": torch.randn((size, self.data.channels, res, res), generator=g, device=self.device),
+            "t": torch.randint(0, cfg.scheduler.num_train_timesteps, (size,), generator=g, device=self.device),
+            "flip": torch.rand(size, generator=g, device=self.device) < (0.5 if cfg.data.random_flip else 0.0),
+            "drop": torch.rand(size, generator=g, device=self.device) < cfg.model.class_dropout,
+        }
+
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss (on device)."""
         cfg, acc = self.cfg, self.accelerator
+        # Model-internal randomness (dropout) and random crops come from (seed, step, rank).
         seed = (cfg.train.seed * 1_000_003 + step) * 4099 + acc.process_index
-        torch.manual_seed(seed)  # noise, timesteps, label and weight dropout: all from (seed, step, rank)
-        augment = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        crops = torch.Generator().manual_seed(seed)
+        shared = self.step_randomness(step)
         indices = self.batch_indices(step)
         accum = cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
         self.unet.train()
         for micro in range(accum):
-            idx = indices[micro * self.micro_batch : (micro + 1) * self.micro_batch]
-            x0, labels = make_batch(self.data, idx, resolution=cfg.data.resolution, random_flip=cfg.data.random_flip,
-                                    crop=cfg.data.crop, generator=augment)
+            part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+            start = acc.process_index * self.micro_batch * accum + part.start
+            mine = slice(start, start + self.micro_batch)  # this slice of the global batch
+            x0, labels = make_batch(self.data, indices[part], resolution=cfg.data.resolution, random_flip=False,
+                                    crop=cfg.data.crop, generator=crops)
             x0 = x0.to(self.device, non_blocking=True)
-            labels = labels.to(self.device) if labels is not None and cfg.model.class_conditional else None
+            x0 = torch.where(shared["flip"][mine, None, None, None], x0.flip(-1), x0)
+            if labels is not None and cfg.model.class_conditional:
+                labels = labels.to(self.device)
+                labels = torch.where(shared["drop"][mine], torch.full_like(labels, len(self.data.label_names)), labels)
+            else:
+                labels = None
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.unet)
             with sync:
-                loss = self.loss(x0, labels)
+                loss = self.loss(x0, labels, shared["noise"][mine], shared["t"][mine])
                 acc.backward(loss / accum)
             total += loss.detach() / accum
         if cfg.train.grad_clip:

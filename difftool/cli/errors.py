@@ -6,6 +6,7 @@ import functools
 import os
 
 import typer
+from rich.markup import escape
 
 from difftool.errors import UserError
 from difftool.progress import console
@@ -24,7 +25,8 @@ def debug_enabled() -> bool:
 
 
 def report(message: str) -> None:
-    console.print(f"[red]difftool: error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # escape: a message quoting a path or key with [brackets] must print as written, not as markup
+    console.print(f"[red]difftool: error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def user_errors(command):

@@ -14,6 +14,7 @@ from difftool.launch import launch
 from difftool.progress import console
 
 EXAMPLES = """
+
 Examples:
 
   difftool train                                   # quickstart recipe on built-in shapes, offline

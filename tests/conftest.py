@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny recipe (8-px shapes, a UNet of a few thousand parameters)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from difftool import config as config_mod
+
+# A few thousand parameters at 8 px: two levels of 8/16 channels, GroupNorm of 4.
+TINY_OVERRIDES = [
+    "model.block_out_channels=[8, 16]",
+    "model.layers_per_block=1",
+    "model.attention_resolutions=[]",
+    "model.mid_block_attention=false",
+    "model.norm_num_groups=4",
+    "model.class_conditional=true",
+    "data.dataset=shapes",
+    "data.resolution=8",
+    "data.num_images=64",
+    "train.batch_size=8",
+    "train.max_steps=6",
+    "train.lr=0.001",
+    "train.warmup_steps=2",
+    "scheduler.num_train_timesteps=50",
+    "checkpoint.every=3",
+    "checkpoint.total_limit=null",
+    "sample.every=3",
+    "sample.num_images=5",
+    "sample.steps=3",
+    "log.every=1",
+]
+
+
+def tiny_config(*extra: str) -> config_mod.Config:
+    return config_mod.load_config("quickstart", TINY_OVERRIDES + list(extra))
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    """The tiny config as a recipe file, for tests that drive the real CLI."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(config_mod.dump_yaml(tiny_config()))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,329 @@
+"""The `difftool` command: CliRunner for each path, the installed executable for the end-to-end ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from difftool import __version__, config as config_mod, launch as launch_mod
+from difftool.cli.app import app
+from difftool.errors import UserError
+from difftool.rundir import PROGRESS_FILE, RunDir
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(tmp_path, monkeypatch):
+    """No debug mode from the caller's shell, and a scratch working folder (runs/ lands there)."""
+    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit 2, exactly one `difftool: error:` line naming the problem, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("difftool: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def make_run(root: Path, *steps: int) -> RunDir:
+    """A run folder as training leaves it, without training: config.yaml and checkpoint markers."""
+    run = RunDir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(config_mod.dump_yaml(tiny_config()))
+    for step in steps:
+        run.checkpoint(step).mkdir(parents=True)
+        (run.checkpoint(step) / PROGRESS_FILE).write_text(json.dumps({"step": step}))
+    return run
+
+
+def dry_run_config(stdout: str) -> config_mod.Config:
+    return config_mod.config_from_dict(config_mod.parse_yaml(stdout))
+
+
+# ---------------------------------------------------------------- app
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"difftool {__version__}"
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "train" in result.stdout and "recipes" in result.stdout
+    # The one-line summary in the command list stops before the examples.
+    train_line = next(ln for ln in result.stdout.splitlines() if " train " in ln)
+    assert "Examples" not in train_line
+
+
+def test_train_help_ends_with_examples():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    assert any(ln.strip() == "Examples:" for ln in result.stdout.splitlines())
+    assert "difftool train --recipe cifar10" in result.stdout
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_recipes_list_shows_all_four():
+    result = invoke("recipes", "list")
+    assert result.exit_code == 0, result.output
+    for name in ("cifar10", "folder64", "mnist", "quickstart"):
+        assert name in result.stdout
+    assert "800000" in result.stdout  # the cifar10 row's steps
+
+
+def test_recipes_show():
+    result = invoke("recipes", "show", "cifar10")
+    assert result.exit_code == 0, result.output
+    assert "block_out_channels: [128, 256, 256, 256]" in result.stdout
+    assert "dataset: cifar10" in result.stdout
+
+
+def test_recipes_show_unknown_suggests():
+    assert_user_error(invoke("recipes", "show", "cifr10"), "unknown recipe 'cifr10'; did you mean 'cifar10'?")
+
+
+def test_recipes_cp_writes_an_editable_copy_and_never_overwrites(tmp_path):
+    dest = tmp_path / "edit" / "my.yaml"
+    result = invoke("recipes", "cp", "cifar10", dest)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {dest}" in result.stdout
+    assert dest.read_text() == config_mod.recipe_text("cifar10")
+    assert config_mod.load_config(str(dest)) == config_mod.load_config("cifar10", ["recipe=my"])
+
+    dest.write_text("# my edits\n")
+    assert_user_error(invoke("recipes", "cp", "mnist", dest), f"{dest} already exists")
+    assert dest.read_text() == "# my edits\n"
+
+
+def test_recipes_cp_unknown_recipe_writes_nothing(tmp_path):
+    assert_user_error(invoke("recipes", "cp", "nope", tmp_path / "x.yaml"), "unknown recipe 'nope'")
+    assert not (tmp_path / "x.yaml").exists()
+
+
+# ---------------------------------------------------------------- train --dry-run
+
+
+def test_train_dry_run_prints_resolved_config_and_run_folder(tmp_path):
+    out = tmp_path / "my-run"
+    result = invoke("train", "--recipe", "cifar10", "--set", "train.batch_size=64", "--set", "train.lr=1e-4",
+                    "--max-steps", "10", "--output", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"# run folder: {out}"
+    cfg = dry_run_config(result.stdout)
+    assert cfg == config_mod.load_config("cifar10", ["train.batch_size=64", "train.lr=1e-4", "train.max_steps=10"])
+    assert "difftool_version: " + __version__ in result.stdout
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_train_dry_run_picks_recipe_and_folder_from_the_dataset(tmp_path):
+    result = invoke("train", "--dataset", "mnist", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"# run folder: {Path('runs/mnist-mnist')}"
+    assert dry_run_config(result.stdout).recipe == "mnist"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_dry_run_typed_flags(tmp_path):
+    result = invoke("train", "--resolution", 16, "--batch-size", 8, "--seed", 3, "--mixed-precision", "bf16",
+                    "--channels", 1, "--dry-run")
+    assert result.exit_code == 0, result.output
+    cfg = dry_run_config(result.stdout)
+    assert (cfg.data.resolution, cfg.train.batch_size, cfg.train.seed) == (16, 8, 3)
+    assert cfg.train.mixed_precision == "bf16" and cfg.data.channels == 1
+
+
+def test_train_dry_run_resume_uses_the_saved_config(tmp_path):
+    run = make_run(tmp_path / "run", 3, 6)
+    result = invoke("train", "--resume", run.root, "--set", "train.max_steps=20", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == [f"# run folder: {run.root}", f"# resuming from: {run.checkpoint(6)}"]
+    cfg = dry_run_config(result.stdout)
+    assert cfg.model.block_out_channels == (8, 16) and cfg.train.max_steps == 20
+
+
+# ---------------------------------------------------------------- train: bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--recipe", "cifar"], ["unknown recipe 'cifar'; did you mean 'cifar10'?", "difftool recipes list"]),
+        (["--set", "model.dropuot=0.1"], ["unknown config key 'model.dropuot'; did you mean 'model.dropout'?"]),
+        (["--set", "train.batch_size=big"], ["train.batch_size must be an integer, got 'big'"]),
+        (["--set", "train.batch_size"], ["is not key=value"]),
+        (["--recipe", "cifar10", "--resolution", "30"],
+         ["data.resolution 30 must be divisible by 8 for a UNet with 4 levels; use e.g. 32"]),
+        (["--mixed-precision", "fp61"], ["train.mixed_precision must be one of no, fp16, bf16, got 'fp61'"]),
+        (["--resume", "no-such-run"], ["cannot resume: no-such-run does not exist", "or 'latest'"]),
+        (["--resume", "latest"], ["--resume latest found no run with a checkpoint"]),
+    ],
+)
+def test_train_bad_input_is_one_line_exit_2(args, fragments):
+    assert_user_error(invoke("train", *args, "--dry-run"), *fragments)
+
+
+def test_train_reports_several_errors_in_one_line():
+    result = invoke("train", "--set", "model.dropuot=0.1", "--set", "train.lr=fast", "--dry-run")
+    assert_user_error(result, "model.dropuot", "train.lr must be a number")
+
+
+def test_train_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "photos").mkdir()
+    assert_user_error(invoke("train", "--resume", tmp_path / "photos", "--dry-run"),
+                      "is not a difftool run folder (no config.yaml)")
+
+
+def test_train_resume_cannot_change_the_recipe(tmp_path):
+    run = make_run(tmp_path / "run", 3)
+    assert_user_error(invoke("train", "--resume", run.root, "--recipe", "cifar10", "--dry-run"),
+                      "--recipe cannot change a resumed run")
+
+
+def test_error_message_with_brackets_is_printed_verbatim(tmp_path):
+    # Regression: messages went through rich markup, so "[x]" vanished and "[/x]" crashed.
+    for name in ("runs[x]", "runs[/x]"):
+        line = assert_user_error(invoke("train", "--resume", name, "--dry-run"))
+        assert f"cannot resume: {name} does not exist" in line
+
+
+def test_debug_shows_the_exception():
+    result = invoke("--debug", "train", "--recipe", "cifar", "--dry-run")
+    assert isinstance(result.exception, UserError)
+    assert "unknown recipe 'cifar'" in str(result.exception)
+
+
+def test_train_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path, tiny_recipe):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not yours to overwrite")
+    result = invoke("train", "--recipe", tiny_recipe, "--max-steps", 1, "--output", out, "--quiet")
+    assert_user_error(result, f"output folder {out} is not empty and is not a difftool run; choose another --output")
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+
+
+def test_train_refuses_an_existing_run_without_overwrite(tmp_path, tiny_recipe):
+    run = make_run(tmp_path / "run")
+    before = run.config.read_text()
+    result = invoke("train", "--recipe", tiny_recipe, "--max-steps", 1, "--output", run.root, "--quiet")
+    assert_user_error(result, f"output folder {run.root} already holds a run", f"--resume {run.root}", "--overwrite")
+    assert sorted(p.name for p in run.root.iterdir()) == ["config.yaml"]
+    assert run.config.read_text() == before
+
+
+# ---------------------------------------------------------------- multi-process hand-off
+
+
+def test_num_processes_hands_over_to_accelerate_launch(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_launch(module, args, *, num_processes, main_process_port=None):
+        calls.append((module, args, num_processes, main_process_port))
+        return 3
+
+    monkeypatch.setattr("difftool.cli.train.launch", fake_launch)
+    out = tmp_path / "run"
+    result = invoke("train", "--recipe", "cifar10", "--num-processes", 2, "--main-process-port", 29555,
+                    "--max-steps", 10, "--set", "train.batch_size=64", "--output", out, "--quiet")
+    assert result.exit_code == 3  # the launcher's exit code is ours
+    [(module, args, num_processes, port)] = calls
+    assert (module, num_processes, port) == ("difftool.train", 2, 29555)
+    assert args == ["--output", str(out), "--recipe", "cifar10", "--max-steps", "10",
+                    "--set", "train.batch_size=64", "--quiet"]
+    assert not out.exists()  # the launched processes write the run, not this one
+
+
+def test_accelerate_command(monkeypatch):
+    monkeypatch.setattr(launch_mod.shutil, "which", lambda name: f"/venv/bin/{name}")
+    cmd = launch_mod.accelerate_command("difftool.train", ["--output", "runs/x"], num_processes=2, main_process_port=29555)
+    assert cmd == ["/venv/bin/accelerate", "launch", "--num_processes", "2", "--multi_gpu",
+                   "--main_process_port", "29555", "-m", "difftool.train", "--output", "runs/x"]
+    one = launch_mod.accelerate_command("difftool.train", [], num_processes=1)
+    assert one == ["/venv/bin/accelerate", "launch", "--num_processes", "1", "-m", "difftool.train"]
+
+
+def test_accelerate_command_without_the_accelerate_script(monkeypatch):
+    monkeypatch.setattr(launch_mod.shutil, "which", lambda name: None)
+    cmd = launch_mod.accelerate_command("difftool.train", ["-q"], num_processes=2)
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                   "-m", "difftool.train", "-q"]
+
+
+def test_launch_runs_the_command_and_checks_the_count(monkeypatch):
+    ran = []
+    monkeypatch.setattr(launch_mod.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    assert launch_mod.launch("difftool.train", ["-q"], num_processes=2, main_process_port=1234) == 0
+    assert ran == [launch_mod.accelerate_command("difftool.train", ["-q"], num_processes=2, main_process_port=1234)]
+    with pytest.raises(UserError, match="--num-processes must be at least 1, got 0"):
+        launch_mod.launch("difftool.train", [], num_processes=0)
+    assert len(ran) == 1
+
+
+# ---------------------------------------------------------------- the installed executable
+
+
+def difftool_exe() -> list[str]:
+    exe = shutil.which("difftool")
+    return [exe] if exe else [sys.executable, "-m", "difftool"]
+
+
+def run_cli(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DIFFTOOL_DEBUG"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_installed_executable_version(tmp_path):
+    proc = run_cli(difftool_exe() + ["--version"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"difftool {__version__}"
+
+
+def test_installed_executable_bad_input(tmp_path):
+    proc = run_cli(difftool_exe() + ["train", "--set", "model.dropuot=0.1", "--dry-run"], tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["difftool: error: unknown config key 'model.dropuot'; did you mean 'model.dropout'?"]
+
+
+def test_python_m_difftool_help(tmp_path):
+    proc = run_cli([sys.executable, "-m", "difftool", "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train" in proc.stdout and "recipes" in proc.stdout
+
+
+def test_launched_module_accepts_the_handed_over_arguments(tmp_path, monkeypatch):
+    """What `accelerate launch -m difftool.train ARGS` runs in each process parses ARGS the same way."""
+    calls = []
+    monkeypatch.setattr("difftool.cli.train.launch", lambda module, args, **kw: calls.append((module, args)) or 0)
+    out = tmp_path / "run"
+    assert invoke("train", "--recipe", "cifar10", "--num-processes", 2, "--set", "train.batch_size=64",
+                  "--max-steps", 10, "--output", out).exit_code == 0
+    [(module, args)] = calls
+    proc = run_cli([sys.executable, "-m", module, *args, "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"# run folder: {out}"
+    assert dry_run_config(proc.stdout) == config_mod.load_config("cifar10", ["train.batch_size=64", "train.max_steps=10"])

@@ -1,0 +1,147 @@
+"""Training on a tiny model: run folder, diffusers loading, exact resume, EMA, conditioning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from safetensors.torch import load_file
+
+from difftool.errors import UserError
+from difftool.rundir import RunDir
+from difftool import train as train_mod
+from difftool.train import plan_training, train
+from tests.conftest import tiny_config
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in RunDir(run).metrics.read_text().splitlines()]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_run_folder_layout_and_plain_diffusers_loading(tmp_path):
+    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    run = RunDir(result.run)
+    assert result.finished and result.step == 6
+    assert run.config.is_file()
+    assert [p.name for p in run.checkpoints()] == ["step-000003", "step-000006"]
+    assert sorted(p.name for p in run.samples_dir.iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert len(losses(run.root)) == 6
+    info = json.loads((run.model_dir / "difftool.json").read_text())
+    assert info["label_names"] == ["circle", "square", "triangle", "ring", "cross"] and info["null_class"] == 5
+
+    pipe = DDPMPipeline.from_pretrained(run.model_dir)
+    assert isinstance(pipe.unet, UNet2DModel) and pipe.unet.config.num_class_embeds == 6
+    assert pipe.scheduler.config.num_train_timesteps == 50
+    raw = UNet2DModel.from_pretrained(run.model_dir / "unet_raw")
+    ema_w, raw_w = weights(run.model_dir / "unet"), weights(run.model_dir / "unet_raw")
+    assert ema_w.keys() == raw_w.keys()
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in ema_w), "EMA weights must differ from raw weights"
+    assert raw.dtype == torch.float32
+    # The EMA copy in the last checkpoint is the exported one.
+    assert all(torch.equal(ema_w[k], v) for k, v in weights(run.checkpoints()[-1] / "unet_ema").items())
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    a = train(tiny_config(), tmp_path / "a", show_progress=False)
+    b = train(tiny_config(), tmp_path / "b", show_progress=False)
+    c = train(tiny_config("train.seed=1"), tmp_path / "c", show_progress=False)
+    assert losses(a.run) == losses(b.run)
+    assert losses(a.run) != losses(c.run)
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Behave as if Ctrl-C arrived during `step` (the loop then checkpoints and stops)."""
+    monkeypatch.setattr(train_mod._Trainer, "_agree_to_stop", lambda self, s: s == step)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    cfg = ("train.max_steps=8", "checkpoint.every=5", "model.dropout=0.1")
+    full = train(tiny_config(*cfg), tmp_path / "full", show_progress=False)
+    interrupt_at(monkeypatch, 4)
+    stopped = train(tiny_config(*cfg), tmp_path / "part", show_progress=False)
+    assert (stopped.step, stopped.finished, stopped.model_dir) == (4, False, None)
+    assert [p.name for p in RunDir(stopped.run).checkpoints()] == ["step-000004"]
+    monkeypatch.undo()
+
+    plan = plan_training(resume=str(stopped.run))
+    assert plan.resume.name == "step-000004"
+    resumed = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    assert resumed.step == 8 and resumed.finished
+    torch.testing.assert_close(losses(resumed.run), losses(full.run), rtol=0, atol=0)
+    for sub in ("unet", "unet_raw"):
+        a, b = weights(full.run / "model" / sub), weights(resumed.run / "model" / sub)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    first = train(tiny_config("train.max_steps=3"), tmp_path / "r", show_progress=False)
+    plan = plan_training(resume=str(first.run), values={"train.max_steps": 5})
+    assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).step == 5
+    assert len(losses(first.run)) == 5
+    with pytest.raises(UserError, match="already trained to step 5"):
+        plan = plan_training(resume=str(first.run))
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    one = train(tiny_config(), tmp_path / "one", show_progress=False)
+    two = train(tiny_config("train.grad_accum=2"), tmp_path / "two", show_progress=False)
+    torch.testing.assert_close(losses(two.run), losses(one.run), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_changed_model(tmp_path):
+    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    with pytest.raises(UserError, match="different config.*model.block_out_channels"):
+        plan = plan_training(resume=str(run), overrides=["model.block_out_channels=[8, 8]"])
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+
+
+def test_existing_run_is_never_overwritten_silently(tmp_path):
+    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    before = weights(run / "model" / "unet")
+    with pytest.raises(UserError, match="already holds a run.*--resume.*--overwrite"):
+        train(tiny_config("train.seed=3"), run, show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in weights(run / "model" / "unet").items())
+    train(tiny_config("train.seed=3"), run, overwrite=True, show_progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in weights(run / "model" / "unet").items())
+
+
+def test_checkpoint_rotation(tmp_path):
+    result = train(tiny_config("train.max_steps=9", "checkpoint.every=2", "checkpoint.total_limit=2"), tmp_path / "r",
+                   show_progress=False)
+    assert [p.name for p in RunDir(result.run).checkpoints()] == ["step-000008", "step-000009"]
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_prediction_types_and_min_snr_train(tmp_path, prediction):
+    result = train(tiny_config(f"scheduler.prediction_type={prediction}", "train.min_snr_gamma=5", "train.max_steps=3"),
+                   tmp_path / prediction, show_progress=False)
+    assert all(torch.isfinite(torch.tensor(losses(result.run))))
+    assert DDPMPipeline.from_pretrained(result.run / "model").scheduler.config.prediction_type == prediction
+
+
+def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
+    result = train(tiny_config("model.class_conditional=false", "train.max_steps=2"), tmp_path / "u", show_progress=False)
+    assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds is None
+
+
+def test_nan_loss_stops_with_hint_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="loss became nan by step .*Lower train.lr"):
+        train(tiny_config("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0", "train.max_steps=6"),
+              tmp_path / "nan", show_progress=False)
+    run = RunDir(tmp_path / "nan")
+    for checkpoint in run.checkpoints():
+        assert all(torch.isfinite(w).all() for w in load_file(checkpoint / "model.safetensors").values())
+    assert not run.model_dir.exists()
+
+
+def test_batch_larger_than_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="fewer than train.batch_size"):
+        train(tiny_config("data.num_images=4"), tmp_path / "small", show_progress=False)
