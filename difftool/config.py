@@ -400,7 +400,7 @@ def _type_name(hint) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if origin in (tuple, list):
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+        return f"a list of ({_type_name(typing.get_args(hint)[0])})"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

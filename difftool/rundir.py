@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,7 +101,8 @@ class RunDir:
         """Complete checkpoints, oldest first (temporary folders are never listed)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        found = [p for p in self.checkpoints_dir.glob("step-*") if p.is_dir() and (p / PROGRESS_FILE).is_file()]
+        found = [p for p in self.checkpoints_dir.glob("step-*")
+                 if re.fullmatch(r"step-\d+", p.name) and (p / PROGRESS_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def latest_checkpoint(self) -> Path | None:
@@ -135,7 +137,7 @@ def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, P
     from difftool.errors import UserError
 
     if target == "latest":
-        candidates = [RunDir(p) for p in runs_root.glob("*") if RunDir(p).latest_checkpoint()] if runs_root.is_dir() else []
+        candidates = [RunDir(p) for p in runs_root.glob("*") if RunDir(p).is_run() and RunDir(p).latest_checkpoint()] if runs_root.is_dir() else []
         if not candidates:
             raise UserError(f"--resume latest found no run with a checkpoint under {runs_root}/; name the run folder instead")
         newest = max(candidates, key=lambda r: (r.latest_checkpoint() / PROGRESS_FILE).stat().st_mtime)

@@ -116,7 +116,7 @@ def test_typed_values_then_overrides_later_wins():
         ("train.max_steps=null", "train.max_steps must be an integer, got None"),
         ("train.lr=fast", "train.lr must be a number, got 'fast'"),
         ("ema.enabled=yes", "ema.enabled must be true/false, got 'yes'"),  # YAML 1.2: yes is a string
-        ("model.block_out_channels=[16, x]", "model.block_out_channels must be a list of an integer"),
+        ("model.block_out_channels=[16, x]", "model.block_out_channels must be a list of (an integer)"),
         ("checkpoint.total_limit=many", "checkpoint.total_limit must be an integer or null, got 'many'"),
         ("train.batch_size", "override 'train.batch_size' is not key=value"),
     ],
