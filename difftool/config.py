@@ -24,7 +24,7 @@ from difftool.errors import UserError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CROPS = ("center", "random")
 TRACKERS = ("tensorboard", "wandb")
@@ -127,6 +127,7 @@ class SampleConfig:
     num_images: int = 16
     scheduler: str = "ddim"
     steps: int = 50
+    guidance_scale: float = 1.0
     seed: int = 0
 
 
@@ -455,6 +456,8 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0 <= m.class_dropout < 1:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
+    if cfg.sample.guidance_scale < 1:
+        e.append(f"sample.guidance_scale must be >= 1 (1 = no guidance), got {cfg.sample.guidance_scale}")
     if not 0 < cfg.ema.max_decay < 1:
         e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
     if not 0 < s.beta_start < s.beta_end < 1:

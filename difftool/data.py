@@ -182,7 +182,8 @@ def make_shapes(num_images: int, resolution: int, channels: int = 3) -> ImageDat
 
     Image i has class i % 5 and its geometry and colours come from a generator seeded by i's
     chunk alone, so image i is the same shape at every resolution and the first N images do
-    not depend on `num_images`. Shapes span 35-75 % of the image and lie fully inside it.
+    not depend on `num_images`. Shapes span 50-85 % of the image and lie fully inside it,
+    large enough to tell apart at 16 px.
     """
     params = _shape_params(num_images)
     images = torch.empty(num_images, 3, resolution, resolution, dtype=torch.uint8)
@@ -213,7 +214,7 @@ def _shape_params(num_images: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(_SHAPES_SEED + k)
         chunks.append(torch.rand(_PARAM_CHUNK, 7 + 3 * _FG_CANDIDATES, generator=g, dtype=torch.float64))
     u = torch.cat(chunks)[:num_images]
-    radius = (0.35 + 0.40 * u[:, 0]) / 2  # circumradius, as a fraction of the image side
+    radius = (0.50 + 0.35 * u[:, 0]) / 2  # circumradius, as a fraction of the image side
     luma = torch.tensor(_LUMA, dtype=torch.float64) / 1000
     background = u[:, 4:7]
     candidates = u[:, 7:].reshape(-1, _FG_CANDIDATES, 3)
@@ -227,7 +228,9 @@ def _shape_params(num_images: int) -> dict[str, torch.Tensor]:
         "radius": radius,
         "cx": radius + (1 - 2 * radius) * u[:, 1],
         "cy": radius + (1 - 2 * radius) * u[:, 2],
-        "theta": 2 * math.pi * u[:, 3],
+        # Tilted by at most 20 degrees: squares stay squares (not diamonds), crosses stay "+"
+        # and triangles point up, so each class has one recognisable outline.
+        "theta": math.radians(40) * (u[:, 3] - 0.5),
         "background": 255 * background,
         "foreground": 255 * foreground,
     }

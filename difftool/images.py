@@ -24,6 +24,11 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> to
     return grid
 
 
+def enlarge(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour upscaling by an integer factor, so small samples can be looked at."""
+    return image.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2) if factor > 1 else image
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """uint8 C×H×W (C = 1 or 3) -> PIL image."""
     array = image.permute(1, 2, 0).numpy()

@@ -31,7 +31,7 @@ from difftool.checkpoints import export_pipeline, model_info
 from difftool.config import Config
 from difftool.data import load_dataset, make_batch
 from difftool.errors import UserError
-from difftool.images import make_grid, save_png
+from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
 from difftool.progress import TrainingProgress, console
 from difftool.rundir import PROGRESS_FILE, RunDir, append_jsonl, read_progress, resolve_resume, write_text
@@ -84,9 +84,18 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run."""
     run = RunDir(output)
     accelerator = _make_accelerator(cfg, run)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_batch = _micro_batch_size(cfg, world)
+    micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
     _check_output(run, cfg, resume, overwrite)
+    with accelerator.main_process_first():  # the main process fills the data cache first
+        data = load_dataset(cfg.data)
+    labels_used = cfg.model.class_conditional
+    if labels_used and data.labels is None:
+        raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
+    num_classes = len(data.label_names) if labels_used else None
+    if len(data) < cfg.train.batch_size:
+        raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
+                        f"lower --batch-size or add images")
+
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and run.is_run() and resume is None:
@@ -96,16 +105,8 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
         if resume is None:
             write_text(run.config, config_mod.dump_yaml(cfg))
     accelerator.wait_for_everyone()
-
-    with accelerator.main_process_first():
-        data = load_dataset(cfg.data)
-    labels_used = cfg.model.class_conditional
-    if labels_used and data.labels is None:
-        raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
-    num_classes = len(data.label_names) if labels_used else None
-    if len(data) < cfg.train.batch_size:
-        raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
-                        f"lower --batch-size or add images")
+    if cfg.log.trackers:
+        accelerator.init_trackers("difftool", config=_flat_config(cfg))
 
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -359,10 +360,13 @@ class _Trainer:
                 noise = initial_noise(generators, (self.data.channels, self.cfg.data.resolution, self.cfg.data.resolution), self.device)
                 scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
                 with acc.autocast():
-                    x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels)
-                grid = make_grid(to_uint8(x), ncol=num_classes or None)
+                    x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels,
+                                null_class=self.info["null_class"], guidance_scale=cfg.guidance_scale if labels is not None else 1.0)
+                # Tiles of at least 64 px (nearest-neighbour): 32-px samples are too small to judge.
+                grid = make_grid(enlarge(to_uint8(x), max(1, 64 // self.cfg.data.resolution)), ncol=num_classes or None)
                 save_png(grid, self.run.sample_grid(step), {"step": str(step), "scheduler": cfg.scheduler,
-                                                            "steps": str(cfg.steps), "seed": str(cfg.seed), "weights": "ema"})
+                                                            "steps": str(cfg.steps), "seed": str(cfg.seed), "weights": "ema",
+                                                            "guidance_scale": str(cfg.guidance_scale)})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()
@@ -389,22 +393,36 @@ class _Trainer:
         console.print(
             f"[bold]{what}[/] {cfg.recipe} on {self.data.source}: {params / 1e6:.2f}M-parameter UNet at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
-            f"{acc.device.type}, steps {start_step}->{max_steps} -> {self.run.root}")
+            f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
+            f"steps {start_step}->{max_steps} -> {self.run.root}")
+
+
+def resolve_precision(requested: str, on_cpu: bool) -> str:
+    """`auto` means bf16 where the hardware computes it natively, else fp32 ("no").
+
+    On CPUs, bf16 autocast pays off only with AVX512-BF16 or AMX (about 2x on the quickstart
+    model); elsewhere it is emulated and slower than fp32.
+    """
+    if requested != "auto":
+        return requested
+    if not on_cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bf16" if any(native) else "no"
 
 
 def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
-    if on_cpu and cfg.train.mixed_precision == "fp16":
-        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    precision = resolve_precision(cfg.train.mixed_precision, on_cpu)
+    if on_cpu and precision == "fp16":
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16, auto or no")
     accelerator = Accelerator(
         cpu=on_cpu,
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=precision,
         log_with=list(cfg.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs_dir)),
         dynamo_backend="inductor" if cfg.train.compile else None,
     )
-    if cfg.log.trackers:
-        accelerator.init_trackers("difftool", config=_flat_config(cfg))
     return accelerator
 
 

@@ -38,6 +38,12 @@ def tiny_config(*extra: str) -> config_mod.Config:
     return config_mod.load_config("quickstart", TINY_OVERRIDES + list(extra))
 
 
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path_factory, monkeypatch):
+    """Keep the decoded-image cache of every test out of the user's ~/.cache."""
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     """The tiny config as a recipe file, for tests that drive the real CLI."""

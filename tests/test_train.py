@@ -145,3 +145,57 @@ def test_nan_loss_stops_with_hint_and_keeps_last_checkpoint(tmp_path):
 def test_batch_larger_than_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="fewer than train.batch_size"):
         train(tiny_config("data.num_images=4"), tmp_path / "small", show_progress=False)
+
+
+def test_tensorboard_tracker_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    result = train(tiny_config("log.trackers=[tensorboard]", "train.max_steps=2"), tmp_path / "tb", show_progress=False)
+    assert list((result.run / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert train_mod.resolve_precision("auto", on_cpu=True) == expected
+    assert train_mod.resolve_precision("no", on_cpu=True) == "no"
+
+
+def test_fp16_on_cpu_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train(tiny_config("train.mixed_precision=fp16"), tmp_path / "fp16", show_progress=False)
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    # 64 images at batch 8: 8 steps per epoch.
+    result = train(tiny_config("train.epochs=1", "checkpoint.every=100", "sample.every=100"), tmp_path / "e",
+                   show_progress=False)
+    assert result.step == 8
+
+
+def test_class_conditional_needs_labels(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(8):
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    with pytest.raises(UserError, match="has no labels"):
+        train(tiny_config(f"data.dataset={folder}"), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists(), "nothing is written before the inputs are known to be good"
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    plain = train(tiny_config("train.max_steps=3"), tmp_path / "plain", show_progress=False)
+    saved = train(tiny_config("train.max_steps=3", "train.gradient_checkpointing=true"), tmp_path / "ckpt",
+                  show_progress=False)
+    torch.testing.assert_close(losses(saved.run), losses(plain.run), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
+    compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    torch.testing.assert_close(losses(compiled.run), losses(eager.run), rtol=1e-3, atol=1e-4)
+    assert DDPMPipeline.from_pretrained(compiled.run / "model").unet.config.block_out_channels == [8, 16]

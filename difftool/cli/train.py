@@ -40,7 +40,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to train for (train.max_steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
     seed: options.Seed = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 (GPU) or bf16.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 (GPU), bf16, or auto (bf16 where the hardware has it).")] = None,
     num_processes: Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")] = 1,
     main_process_port: Annotated[Optional[int], typer.Option(help="Port for the process group (with --num-processes).")] = None,
     dry_run: options.DryRun = False,
