@@ -147,7 +147,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
                        micro_batch, steps_per_epoch, info)
     if accelerator.is_main_process:
-        trainer.log_start(start_step, max_steps, count_parameters(accelerator.unwrap_model(unet)))
+        trainer.log_start(start_step, max_steps, count_parameters(unet))
     return trainer.run_loop(start_step, max_steps, show_progress)
 
 
@@ -334,9 +334,13 @@ class _Trainer:
         acc.wait_for_everyone()
         return final
 
+    def bare_unet(self) -> UNet2DModel:
+        """The UNet without DDP or torch.compile wrappers: what gets sampled and saved."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+
     def eval_unet(self):
         """The bare model with EMA weights swapped in; call `restore_weights` afterwards."""
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.bare_unet()
         if self.ema is not None:
             self.ema.store(unet.parameters())
             self.ema.copy_to(unet.parameters())
@@ -376,7 +380,7 @@ class _Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
+            unet = self.bare_unet()
             raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
             ema_unet = self.eval_unet()
             try:

@@ -23,6 +23,7 @@ TINY_OVERRIDES = [
     "train.batch_size=8",
     "train.max_steps=6",
     "train.lr=0.001",
+    "train.mixed_precision=no",  # exact comparisons between runs need fp32
     "train.warmup_steps=2",
     "scheduler.num_train_timesteps=50",
     "checkpoint.every=3",

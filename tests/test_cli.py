@@ -177,7 +177,7 @@ def test_train_dry_run_resume_uses_the_saved_config(tmp_path):
         (["--set", "train.batch_size"], ["is not key=value"]),
         (["--recipe", "cifar10", "--resolution", "30"],
          ["data.resolution 30 must be divisible by 8 for a UNet with 4 levels; use e.g. 32"]),
-        (["--mixed-precision", "fp61"], ["train.mixed_precision must be one of no, fp16, bf16, got 'fp61'"]),
+        (["--mixed-precision", "fp61"], ["train.mixed_precision must be one of no, fp16, bf16, auto, got 'fp61'"]),
         (["--resume", "no-such-run"], ["cannot resume: no-such-run does not exist", "or 'latest'"]),
         (["--resume", "latest"], ["--resume latest found no run with a checkpoint"]),
     ],

@@ -146,7 +146,7 @@ def test_all_errors_are_reported_at_once_in_one_line():
     assert "unknown config key 'model.dropuot'" in message and "did you mean 'model.dropout'?" in message
     assert "train.lr must be a number, got 'fast'" in message
     assert "data.crop must be one of center, random, got 'centre'" in message
-    assert "data.resolution 30 must be divisible by 4" in message
+    assert "data.resolution 30 must be divisible by 8 for a UNet with 4 levels; use e.g. 32" in message
     assert len(parts) >= 5
 
 
@@ -301,7 +301,7 @@ def test_default_config_is_valid():
          "scheduler.beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid, got 'linaer'; "
          "did you mean 'linear'?"),
         (changed(scheduler={"prediction_type": "v-prediction"}), "did you mean 'v_prediction'?"),
-        (changed(train={"mixed_precision": "bf-16"}), "train.mixed_precision must be one of no, fp16, bf16, got 'bf-16'"),
+        (changed(train={"mixed_precision": "bf-16"}), "train.mixed_precision must be one of no, fp16, bf16, auto, got 'bf-16'"),
         (changed(train={"lr_schedule": "cosin"}), "did you mean 'cosine'?"),
         (changed(log={"trackers": ["tensorbord"]}), "log.trackers must be one of tensorboard, wandb, got 'tensorbord'; "
                                                      "did you mean 'tensorboard'?"),

@@ -61,7 +61,7 @@ def test_shapes_any_resolution(resolution):
     d = make_shapes(50, resolution)
     assert d.images.shape == (50, 3, resolution, resolution)
     fg = foreground(d.images).float().mean((1, 2))
-    assert (fg > 0.05).all() and (fg < 0.6).all()  # one shape, neither vanishing nor filling the image
+    assert (fg > 0.05).all() and (fg < 0.75).all()  # one shape (at most ~57 % + edge pixels), never the whole image
 
 
 def test_shapes_classes_differ_and_contrast():
