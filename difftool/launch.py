@@ -1,24 +1,27 @@
 """`difftool train --num-processes N` hands itself over to `accelerate launch`.
 
-The launcher reads the user's accelerate config (`accelerate config`), so multi-node and
-mixed-precision settings made there keep working; we only add the process count.
+The launcher runs in this process and reads the user's accelerate config (`accelerate
+config`), so multi-node and mixed-precision settings made there keep working; we only add the
+process count. Running it in-process lets us turn "a worker failed" into one line: the
+workers have already printed their own `difftool: error:` message, and the launcher's
+traceback on top of it would only bury that message.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
+from pathlib import Path
 
 from difftool.errors import UserError
 
 
-def accelerate_command(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None) -> list[str]:
-    launcher = shutil.which("accelerate")
-    cmd = [launcher] if launcher else [sys.executable, "-m", "accelerate.commands.launch"]
-    if launcher:
-        cmd.append("launch")
-    cmd += ["--num_processes", str(num_processes)]
+def launch_arguments(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None) -> list[str]:
+    """What follows `accelerate launch` on the command line."""
+    cmd = ["--num_processes", str(num_processes)]
+    if not _has_accelerate_config():
+        # What `accelerate launch` would assume anyway, said explicitly so it does not warn;
+        # mixed precision and compilation come from the recipe, not from the launcher.
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
         cmd.append("--multi_gpu")  # with Accelerator(cpu=True) on a CPU machine this means gloo ranks
     if main_process_port:
@@ -26,8 +29,26 @@ def accelerate_command(module: str, args: list[str], *, num_processes: int, main
     return cmd + ["-m", module, *args]
 
 
+def _has_accelerate_config() -> bool:
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file).is_file()
+
+
 def launch(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None) -> int:
+    """Run `accelerate launch ... -m module args`; returns the exit code (2 if a worker said 2)."""
     if num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {num_processes}")
-    cmd = accelerate_command(module, args, num_processes=num_processes, main_process_port=main_process_port)
-    return subprocess.call(cmd)
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parsed = launch_command_parser().parse_args(
+        launch_arguments(module, args, num_processes=num_processes, main_process_port=main_process_port))
+    try:
+        launch_command(parsed)
+    except ChildFailedError as err:
+        codes = sorted({failure.exitcode for failure in err.failures.values()})
+        return 2 if codes == [2] else 1
+    except subprocess.CalledProcessError as err:
+        return err.returncode
+    return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from difftool import __version__, config as config_mod
 from difftool.checkpoints import export_pipeline, model_info
 from difftool.config import Config
-from difftool.data import load_dataset, make_batch
+from difftool.data import ImageData, load_dataset, make_batch
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
@@ -86,8 +86,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     accelerator = _make_accelerator(cfg, run)
     micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
     _check_output(run, cfg, resume, overwrite)
-    with accelerator.main_process_first():  # the main process fills the data cache first
-        data = load_dataset(cfg.data)
+    data = _load_data(accelerator, cfg)
     labels_used = cfg.model.class_conditional
     if labels_used and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
@@ -253,52 +252,51 @@ class _Trainer:
 
     def run_loop(self, start_step: int, max_steps: int, show_progress: bool) -> TrainResult:
         cfg, acc, run = self.cfg, self.accelerator, self.run
-        main = acc.is_main_process
-        progress = TrainingProgress(max_steps, start_step, enabled=main and show_progress)
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_start, last_loss = 0, time.perf_counter(), None
-        step = start_step
+        progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
+        window = _Window(self.device)
+        step, last_loss = start_step, None
         with _StopOnSignal(self), progress:
             while step < max_steps:
-                window_loss += self.step(step)
-                window_steps += 1
+                window.add(self.step(step))
                 step += 1
                 progress.advance()
-                boundary = step % cfg.log.every == 0 or step == max_steps
+                logging = step % cfg.log.every == 0 or step == max_steps
                 saving = step % cfg.checkpoint.every == 0 or step == max_steps
                 previewing = step % cfg.sample.every == 0 or step == max_steps
                 stop = self._agree_to_stop(step)
-                if boundary or saving or previewing or stop:
-                    last_loss = acc.reduce(window_loss, "mean").item() / window_steps
-                    if not math.isfinite(last_loss):
-                        raise UserError(
-                            f"loss became {last_loss} by step {step}; nothing was saved from this point. Lower "
-                            f"train.lr, use train.mixed_precision=no, or set train.grad_clip (last good checkpoint: "
-                            f"{run.latest_checkpoint() or 'none'})")
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "loss": last_loss, "lr": self.lr_scheduler.get_last_lr()[0],
-                              "img_per_s": window_steps * cfg.train.batch_size / max(elapsed, 1e-9),
-                              "epoch": step / self.steps_per_epoch}
-                    if main:
-                        append_jsonl(run.metrics, record)
-                        progress.show_metrics(record)
-                    acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                    window_loss.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if previewing and not stop:
-                    self.save_preview(step)
-                if saving or stop:
-                    self.save_checkpoint(step)
+                if logging or saving or previewing or stop:
+                    last_loss = self.report(step, window, progress)
+                    if previewing and not stop:
+                        self.save_preview(step)
+                    if saving or stop:
+                        self.save_checkpoint(step)
+                    window.reset()  # img/s measures training steps, not previews and checkpoints
                 if stop:
                     break
         finished = step >= max_steps
-        model_dir = None
-        if finished:
-            model_dir = self.export()
+        model_dir = self.export() if finished else None
         acc.end_training()
-        if main:
+        if acc.is_main_process:
             progress.finish(step, max_steps, run.root, finished)
         return TrainResult(run.root, step, finished, model_dir, last_loss)
+
+    def report(self, step: int, window: _Window, progress: TrainingProgress) -> float:
+        """Mean loss of the window over all processes (the only host sync); stops on NaN/inf."""
+        cfg, acc = self.cfg, self.accelerator
+        loss = acc.reduce(window.loss, "mean").item() / window.steps
+        if not math.isfinite(loss):
+            raise UserError(
+                f"loss became {loss} by step {step}; nothing was saved from this point. Lower train.lr, use "
+                f"train.mixed_precision=no, or set train.grad_clip (last good checkpoint: "
+                f"{self.run.latest_checkpoint() or 'none'})")
+        record = {"step": step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                  "img_per_s": window.steps * cfg.train.batch_size / window.seconds(),
+                  "epoch": step / self.steps_per_epoch}
+        if acc.is_main_process:
+            append_jsonl(self.run.metrics, record)
+            progress.show_metrics(record)
+        acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        return loss
 
     def _agree_to_stop(self, step: int) -> bool:
         """Whether every process has seen Ctrl-C/SIGTERM (one collective every few steps in DDP)."""
@@ -440,6 +438,27 @@ def _flat_config(cfg: Config) -> dict:
     return flat
 
 
+def _load_data(accelerator: Accelerator, cfg: Config) -> ImageData:
+    """The main process loads first (filling the cache the others then read).
+
+    If it fails, every process raises the same error instead of the others waiting forever
+    at a barrier the main process never reaches.
+    """
+    error = None
+    if accelerator.is_main_process:
+        try:
+            data = load_dataset(cfg.data)
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        message = [error]
+        broadcast_object_list(message)
+        error = message[0]
+    if error is not None:
+        raise UserError(error)
+    return data if accelerator.is_main_process else load_dataset(cfg.data)
+
+
 def _micro_batch_size(cfg: Config, world: int) -> int:
     per_step = world * cfg.train.grad_accum
     if cfg.train.batch_size % per_step:
@@ -486,6 +505,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+class _Window:
+    """Loss summed on the device between two reports, so that steps need no host sync."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
 
 
 class _StopOnSignal:

@@ -256,30 +256,33 @@ def test_num_processes_hands_over_to_accelerate_launch(tmp_path, monkeypatch):
     assert not out.exists()  # the launched processes write the run, not this one
 
 
-def test_accelerate_command(monkeypatch):
-    monkeypatch.setattr(launch_mod.shutil, "which", lambda name: f"/venv/bin/{name}")
-    cmd = launch_mod.accelerate_command("difftool.train", ["--output", "runs/x"], num_processes=2, main_process_port=29555)
-    assert cmd == ["/venv/bin/accelerate", "launch", "--num_processes", "2", "--multi_gpu",
-                   "--main_process_port", "29555", "-m", "difftool.train", "--output", "runs/x"]
-    one = launch_mod.accelerate_command("difftool.train", [], num_processes=1)
-    assert one == ["/venv/bin/accelerate", "launch", "--num_processes", "1", "-m", "difftool.train"]
+def test_launch_arguments(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_has_accelerate_config", lambda: True)
+    cmd = launch_mod.launch_arguments("difftool.train", ["--output", "runs/x"], num_processes=2, main_process_port=29555)
+    assert cmd == ["--num_processes", "2", "--multi_gpu", "--main_process_port", "29555", "-m", "difftool.train",
+                   "--output", "runs/x"]
+    one = launch_mod.launch_arguments("difftool.train", [], num_processes=1)
+    assert one == ["--num_processes", "1", "-m", "difftool.train"]
 
 
-def test_accelerate_command_without_the_accelerate_script(monkeypatch):
-    monkeypatch.setattr(launch_mod.shutil, "which", lambda name: None)
-    cmd = launch_mod.accelerate_command("difftool.train", ["-q"], num_processes=2)
-    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                   "-m", "difftool.train", "-q"]
+def test_launch_parses_the_arguments_as_accelerate_launch_does(monkeypatch):
+    import accelerate.commands.launch as accelerate_launch
 
-
-def test_launch_runs_the_command_and_checks_the_count(monkeypatch):
-    ran = []
-    monkeypatch.setattr(launch_mod.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    seen = []
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda parsed: seen.append(parsed))
     assert launch_mod.launch("difftool.train", ["-q"], num_processes=2, main_process_port=1234) == 0
-    assert ran == [launch_mod.accelerate_command("difftool.train", ["-q"], num_processes=2, main_process_port=1234)]
+    (parsed,) = seen
+    assert (parsed.num_processes, parsed.multi_gpu, parsed.main_process_port) == (2, True, 1234)
+    assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "difftool.train", ["-q"])
     with pytest.raises(UserError, match="--num-processes must be at least 1, got 0"):
         launch_mod.launch("difftool.train", [], num_processes=0)
-    assert len(ran) == 1
+    assert len(seen) == 1
+
+
+def test_launch_without_an_accelerate_config_states_the_defaults(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_has_accelerate_config", lambda: False)
+    cmd = launch_mod.launch_arguments("difftool.train", [], num_processes=2)
+    assert cmd[:8] == ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 # ---------------------------------------------------------------- the installed executable

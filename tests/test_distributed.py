@@ -67,3 +67,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert RunDir(out).latest_checkpoint().name == f"step-{step + 2:06d}"
     assert (out / "model" / "model_index.json").is_file()
+
+
+def test_ddp_data_error_ends_every_process(tmp_path, tiny_recipe):
+    """A data error on the main process must not leave the other rank waiting at a barrier."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--dataset", str(empty), "--output",
+                            str(tmp_path / "run"), "--num-processes", "2", "--main-process-port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert proc.stderr.count("difftool: error: no images found") == 1, proc.stderr[-3000:]  # rank 0 speaks
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

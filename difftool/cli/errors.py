@@ -25,6 +25,9 @@ def debug_enabled() -> bool:
 
 
 def report(message: str) -> None:
+    """Print the error once: under `accelerate launch`, only rank 0 speaks for all processes."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     # escape: a message quoting a path or key with [brackets] must print as written, not as markup
     console.print(f"[red]difftool: error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
