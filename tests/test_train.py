@@ -199,3 +199,35 @@ def test_torch_compile_trains_like_eager(tmp_path):
     compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
     torch.testing.assert_close(losses(compiled.run), losses(eager.run), rtol=1e-3, atol=1e-4)
     assert DDPMPipeline.from_pretrained(compiled.run / "model").unet.config.block_out_channels == [8, 16]
+
+
+def test_trains_on_a_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    for name, colour in [("apples", (200, 20, 20)), ("leaves", (20, 160, 40))]:
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (12 + i, 10), colour).save(tmp_path / "photos" / name / f"{i}.jpg")
+    result = train(tiny_config(f"data.dataset={tmp_path / 'photos'}", "train.max_steps=2"), tmp_path / "run",
+                   show_progress=False)
+    info = json.loads((result.run / "model" / "difftool.json").read_text())
+    assert info["label_names"] == ["apples", "leaves"] and info["num_classes"] == 2
+    assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds == 3
+
+
+def test_trains_on_a_hub_dataset_through_datasets(tmp_path, monkeypatch):
+    """The hub path with a local `datasets.Dataset` standing in for the download."""
+    import datasets
+    from PIL import Image
+
+    local = datasets.Dataset.from_dict(
+        {"img": [Image.new("L", (8, 8), 16 * i) for i in range(16)], "label": [i % 2 for i in range(16)]},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["dark", "light"])}),
+    )
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: asked.append((name, split)) or local)
+    result = train(tiny_config("data.dataset=someone/grey-squares", "train.max_steps=2"), tmp_path / "run",
+                   show_progress=False)
+    assert asked == [("someone/grey-squares", "train")]
+    unet = UNet2DModel.from_pretrained(result.run / "model" / "unet")
+    assert (unet.config.in_channels, unet.config.num_class_embeds) == (1, 3)  # grayscale data, 2 classes + null
