@@ -40,6 +40,7 @@ def launch(module: str, args: list[str], *, num_processes: int, main_process_por
     if num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {num_processes}")
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     parsed = launch_command_parser().parse_args(
@@ -51,4 +52,8 @@ def launch(module: str, args: list[str], *, num_processes: int, main_process_por
         return 2 if codes == [2] else 1
     except subprocess.CalledProcessError as err:
         return err.returncode
+    except SignalException:
+        # Ctrl-C / SIGTERM reached the launcher, which passed it on: the workers have saved a
+        # checkpoint and stopped, as a single process would have.
+        return 0
     return 0

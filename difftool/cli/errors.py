@@ -24,9 +24,14 @@ def debug_enabled() -> bool:
     return _debug or os.environ.get("DIFFTOOL_DEBUG", "") not in ("", "0")
 
 
+def rank_zero() -> bool:
+    """False in the non-main processes of `accelerate launch`, which leave the talking to rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report(message: str) -> None:
     """Print the error once: under `accelerate launch`, only rank 0 speaks for all processes."""
-    if os.environ.get("RANK", "0") != "0":
+    if not rank_zero():
         return
     # escape: a message quoting a path or key with [brackets] must print as written, not as markup
     console.print(f"[red]difftool: error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)

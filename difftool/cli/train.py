@@ -9,7 +9,7 @@ import typer
 
 from difftool import config as config_mod
 from difftool.cli import options
-from difftool.cli.errors import user_errors
+from difftool.cli.errors import rank_zero, user_errors
 from difftool.launch import launch
 from difftool.progress import console
 
@@ -75,7 +75,7 @@ def train(
     from difftool.train import train as run_training
 
     result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet)
-    if result.last_loss is not None:
+    if result.last_loss is not None and rank_zero():
         console.print(f"final loss {result.last_loss:.4f} at step {result.step}")
 
 
