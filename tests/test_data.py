@@ -194,7 +194,7 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_decode_image", fail)
     again = load_dataset(c, cache_dir=tmp_path / "cache")
     assert again.source == first.source and again.channels == first.channels
-    assert all(torch.equal(a, b) for a, b in zip(first.images, again.images))
+    assert all(torch.equal(a, b) for a, b in zip(first.images, again.images, strict=True))
 
     monkeypatch.undo()
     save(root / "2.png", rgb(30, 10, 99))
