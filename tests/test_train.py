@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from difftool.errors import UserError
 from difftool.rundir import RunDir
 from difftool import train as train_mod
-from difftool.train import plan_training, train
+from difftool.plan import plan_training
+from difftool.train import train
 from tests.conftest import tiny_config
 
 

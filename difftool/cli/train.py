@@ -1,4 +1,4 @@
-"""`difftool train`: flags -> TrainPlan -> difftool.train.train (or accelerate launch)."""
+"""`difftool train`: flags -> difftool.plan -> difftool.train.train (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a UNet2DModel with a DDPM noise schedule; writes a run folder (see README)."""
-    from difftool.train import plan_training
+    from difftool.plan import plan_training
 
     values = {
         "data.resolution": resolution, "data.image_column": image_column, "data.label_column": label_column,

@@ -1,0 +1,84 @@
+"""Turning `difftool train` flags into a plan, and checking the run folder before writing to it.
+
+Everything here is decided identically on every process (the same flags, the same files), so
+a refusal ends all processes of a multi-process run alike, before any of them writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftool import config as config_mod
+from difftool.config import Config
+from difftool.errors import UserError
+from difftool.rundir import PROGRESS_FILE, RunDir, resolve_resume
+
+# Config fields a resumed run may change: how long to train and what to write along the way.
+RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "checkpoint.", "sample.", "log.")
+
+
+@dataclass
+class TrainPlan:
+    """What `difftool train` resolved its flags into: the config, the run folder, the checkpoint to resume."""
+
+    cfg: Config
+    output: Path
+    resume: Path | None
+
+
+def plan_training(*, recipe: str | None = None, dataset: str | None = None, overrides: list[str] | None = None,
+                  values: dict | None = None, output: Path | None = None, resume: str | None = None) -> TrainPlan:
+    """Resolve the command-line choices; a resumed run starts from the config saved in its folder."""
+    values = dict(values or {})
+    if dataset is not None:
+        values["data.dataset"] = dataset
+    if resume is not None:
+        run_root, checkpoint = resolve_resume(resume)
+        if output is not None and Path(output).resolve() != run_root.resolve():
+            raise UserError(f"--output {output} and --resume {resume} name different runs; drop --output")
+        if recipe is not None:
+            raise UserError("--recipe cannot change a resumed run; drop it (the run keeps its saved config)")
+        cfg = config_mod.apply_changes(config_mod.read_config(RunDir(run_root).config), overrides, values)
+        return TrainPlan(cfg, run_root, checkpoint)
+    cfg = config_mod.load_config(recipe or config_mod.recipe_for_dataset(dataset), overrides, values)
+    return TrainPlan(cfg, Path(output) if output else config_mod.default_output(cfg), None)
+
+
+def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds something else; same checks on every rank."""
+    if resume is not None:
+        if not run.is_run():
+            raise UserError(f"cannot resume: {run.root} is not a difftool run folder (no {run.config.name})")
+        saved = config_mod.read_config(run.config)
+        changed = config_diff(saved, cfg)
+        if changed:
+            raise UserError(f"cannot resume {run.root} with a different config ({', '.join(changed)}); "
+                            f"start a new run with --output, or keep those settings")
+        if not (resume / PROGRESS_FILE).is_file():
+            raise UserError(f"{resume} is not a complete checkpoint (no {PROGRESS_FILE})")
+        return
+    if not run.root.exists() or not any(run.root.iterdir()):
+        return
+    if not run.is_run():
+        raise UserError(f"output folder {run.root} is not empty and is not a difftool run; choose another --output")
+    if not overwrite:
+        raise UserError(f"output folder {run.root} already holds a run; continue it with --resume {run.root}, "
+                        f"or replace it with --overwrite")
+
+
+def config_diff(saved: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ, ignoring the ones a resumed run may change."""
+    a, b = _flatten(config_mod.to_dict(saved)), _flatten(config_mod.to_dict(new))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and k != "difftool_version" and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
