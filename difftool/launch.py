@@ -1,8 +1,8 @@
 """`difftool train --num-processes N` hands itself over to `accelerate launch`.
 
 The launcher runs in this process and reads the user's accelerate config (`accelerate
-config`), so multi-node and mixed-precision settings made there keep working; we only add the
-process count. Running it in-process lets us turn "a worker failed" into one line: the
+config`), so multi-node and mixed-precision settings made there keep working; we add the
+process count (and, without such a config, the defaults it would assume, to spare a warning). Running it in-process lets us turn "a worker failed" into one line: the
 workers have already printed their own `difftool: error:` message, and the launcher's
 traceback on top of it would only bury that message.
 """

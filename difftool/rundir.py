@@ -24,6 +24,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from difftool.errors import UserError
+
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
 TMP_PREFIX = ".tmp-"
@@ -134,8 +136,6 @@ def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, P
 
     `latest` is the run under `runs_root` whose newest checkpoint was written last.
     """
-    from difftool.errors import UserError
-
     if target == "latest":
         candidates = [RunDir(p) for p in runs_root.glob("*") if RunDir(p).is_run() and RunDir(p).latest_checkpoint()] if runs_root.is_dir() else []
         if not candidates:

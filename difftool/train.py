@@ -2,9 +2,9 @@
 
 `train()` builds its own `Accelerator`, so the same function runs in a plain Python process
 and under `accelerate launch -m difftool.train` (one process per GPU). Randomness is derived
-from (seed, step, rank) at every step rather than carried along, which makes resuming exact:
-a resumed run draws the same data order, augmentations, timesteps and noise as an
-uninterrupted one, and no batch has to be re-read to get there.
+from (seed, step) at every step rather than carried along, which makes resuming exact: a
+resumed run draws the same data order, flips, timesteps and noise as an uninterrupted one,
+and no batch has to be re-read to get there.
 """
 
 from __future__ import annotations
@@ -26,16 +26,23 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
-from difftool import __version__, config as config_mod
+from difftool import __version__
+from difftool import config as config_mod
 from difftool.checkpoints import export_pipeline, model_info
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
-from difftool.progress import TrainingProgress, console
 from difftool.plan import check_output
-from difftool.rundir import PROGRESS_FILE, RunDir, append_jsonl, read_progress, write_text
+from difftool.progress import TrainingProgress, console
+from difftool.rundir import (
+    PROGRESS_FILE,
+    RunDir,
+    append_jsonl,
+    read_progress,
+    write_text,
+)
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import make_scheduler
 
@@ -331,16 +338,18 @@ class _Trainer:
                 num_classes = self.info["num_classes"]
                 labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
                 generators = image_generators(cfg.seed, range(n))
-                noise = initial_noise(generators, (self.data.channels, self.cfg.data.resolution, self.cfg.data.resolution), self.device)
+                res = self.cfg.data.resolution
+                noise = initial_noise(generators, (self.data.channels, res, res), self.device)
                 scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
+                guidance = cfg.guidance_scale if labels is not None else 1.0
                 with acc.autocast():
                     x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels,
-                                null_class=self.info["null_class"], guidance_scale=cfg.guidance_scale if labels is not None else 1.0)
+                                null_class=self.info["null_class"], guidance_scale=guidance)
                 # Tiles of at least 64 px (nearest-neighbour): 32-px samples are too small to judge.
-                grid = make_grid(enlarge(to_uint8(x), max(1, 64 // self.cfg.data.resolution)), ncol=num_classes or None)
-                save_png(grid, self.run.sample_grid(step), {"step": str(step), "scheduler": cfg.scheduler,
-                                                            "steps": str(cfg.steps), "seed": str(cfg.seed), "weights": "ema",
-                                                            "guidance_scale": str(cfg.guidance_scale)})
+                grid = make_grid(enlarge(to_uint8(x), max(1, 64 // res)), ncol=num_classes or None)
+                settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
+                            "weights": "ema", "guidance_scale": guidance}
+                save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()
@@ -351,11 +360,11 @@ class _Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             unet = self.bare_unet()
-            raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if self.ema else None
             ema_unet = self.eval_unet()
             try:
-                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw if self.ema else None,
-                                scheduler=self.noise_scheduler, info=self.info)
+                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.noise_scheduler,
+                                info=self.info)
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()
@@ -390,14 +399,13 @@ def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
     precision = resolve_precision(cfg.train.mixed_precision, on_cpu)
     if on_cpu and precision == "fp16":
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16, auto or no")
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=on_cpu,
         mixed_precision=precision,
         log_with=list(cfg.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs_dir)),
         dynamo_backend="inductor" if cfg.train.compile else None,
     )
-    return accelerator
 
 
 def _flat_config(cfg: Config) -> dict:

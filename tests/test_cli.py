@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from difftool import __version__, config as config_mod, launch as launch_mod
+from difftool import __version__
+from difftool import config as config_mod
+from difftool import launch as launch_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir

@@ -15,7 +15,13 @@ from PIL import Image
 
 from difftool import data as data_mod
 from difftool.config import DataConfig
-from difftool.data import ImageData, from_hf_dataset, load_dataset, make_batch, make_shapes
+from difftool.data import (
+    ImageData,
+    from_hf_dataset,
+    load_dataset,
+    make_batch,
+    make_shapes,
+)
 from difftool.errors import UserError
 
 

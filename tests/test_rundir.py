@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 from difftool.errors import UserError
-from difftool.rundir import (PROGRESS_FILE, TMP_PREFIX, RunDir, atomic_dir, atomic_path, read_progress,
-                             resolve_resume, write_text)
+from difftool.rundir import (
+    PROGRESS_FILE,
+    TMP_PREFIX,
+    RunDir,
+    atomic_dir,
+    atomic_path,
+    read_progress,
+    resolve_resume,
+    write_text,
+)
 
 
 class Boom(Exception):

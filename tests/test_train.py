@@ -9,10 +9,10 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
-from difftool.errors import UserError
-from difftool.rundir import RunDir
 from difftool import train as train_mod
+from difftool.errors import UserError
 from difftool.plan import plan_training
+from difftool.rundir import RunDir
 from difftool.train import train
 from tests.conftest import tiny_config
 
