@@ -35,12 +35,15 @@ def denoise(
     class_labels: torch.Tensor | None = None,
     null_class: int | None = None,
     guidance_scale: float = 1.0,
+    eta: float | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise`; returns samples in model space (about [-1, 1]).
 
     Classifier-free guidance runs the conditional and the unconditional (null class) halves in
-    one batched call when `guidance_scale != 1`.
+    one batched call when `guidance_scale != 1`. The sample stays in the dtype of `noise`
+    (float32) whatever the model's dtype, so half-precision models lose no accuracy in the
+    scheduler's arithmetic. `eta` goes to schedulers that take it (DDIM).
     """
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
@@ -52,11 +55,14 @@ def denoise(
     else:
         labels = class_labels
     extra = {"generator": generators} if generators is not None and step_accepts_generator(scheduler) else {}
+    if eta is not None:
+        extra["eta"] = eta
+    model_dtype = unet.dtype
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
         if guided:
             model_in = torch.cat([model_in, model_in])
-        out = unet(model_in, t, class_labels=labels).sample
+        out = unet(model_in.to(model_dtype), t, class_labels=labels).sample.to(x.dtype)
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

@@ -364,7 +364,7 @@ class _Trainer:
             ema_unet = self.eval_unet()
             try:
                 export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.noise_scheduler,
-                                info=self.info)
+                                info={**self.info, "step": self.cfg.train.max_steps})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()

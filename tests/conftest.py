@@ -57,3 +57,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny training run (checkpoints at steps 3 and 6, model/ exported), shared read-only.
+
+    Tests that change it must copy it first (shutil.copytree).
+    """
+    from difftool.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFTOOL_CACHE", str(root / "cache"))
+        train(tiny_config(), root / "run", show_progress=False)
+    return root / "run"
