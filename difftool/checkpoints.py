@@ -1,16 +1,42 @@
-"""Writing (and, for later commands, reading) the model a run produces."""
+"""Writing the model a run produces, and loading a model from any source for the later commands.
+
+`load_model` accepts a run folder, one of its checkpoints, a diffusers pipeline folder, a
+unet/ folder, a single-file .safetensors (see `save_single_file`) or a Hub id, and always
+returns the same thing: a UNet, its training scheduler config and what difftool knows about it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
+import safetensors
+import safetensors.torch
+import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
 from difftool import __version__
-from difftool.rundir import atomic_dir
+from difftool.config import read_config
+from difftool.errors import UserError
+from difftool.models import build_noise_scheduler, build_unet
+from difftool.rundir import RunDir, atomic_dir, atomic_path, read_progress
 
 INFO_FILE = "difftool.json"
+SINGLE_FILE_FORMAT = "unet/1"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the raw (non-EMA) weights
+# accelerate saves the prepared model's keys: DDP adds `module.`, torch.compile `_orig_mod.`.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@\S+)?")
+HUB_CONFIGS = ["model_index.json", INFO_FILE, "config.json", "unet/config.json", "scheduler/scheduler_config.json"]
 
 
 def model_info(cfg, data, num_classes: int | None) -> dict:
@@ -40,3 +66,326 @@ def export_pipeline(dest: Path, *, unet: UNet2DModel, raw_state: dict | None, sc
             raw.load_state_dict(raw_state)
             raw.save_pretrained(tmp / "unet_raw", safe_serialization=True)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model from any source in one shape, so that no command needs to know where it came from."""
+
+    unet: UNet2DModel  # eval mode, on the CPU, in the dtype it was stored in
+    scheduler_config: dict  # the training DDPMScheduler config: betas, T, prediction type
+    info: dict  # resolution, channels, num_classes, label_names, null_class (+ step, recipe... when known)
+    source: str  # one line for people: where the weights came from and which ones
+    weights: str  # "ema" or "raw"; "ema" also for sources with a single set of weights
+    model_hash: str  # state_dict_hash of the weights, to tell models apart in outputs
+    notes: list[str]  # to print once: what was assumed or chosen on the user's behalf
+
+
+@dataclass
+class _Found:
+    """A source resolved to one set of weights, before any tensor is read."""
+
+    source: str
+    weights: str
+    unet_config: dict
+    weights_file: Path
+    scheduler_config: dict
+    info: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(source: str | Path, *, weights: str | None = None) -> LoadedModel:
+    """The model at `source`; `weights` None means EMA where there is a separate EMA copy."""
+    if weights not in (None, "ema", "raw"):
+        raise UserError(f"--weights must be 'ema' or 'raw', not '{weights}'")
+    found = _find(str(source), weights)
+    unet = _load_unet(found.unet_config, found.weights_file)
+    return LoadedModel(unet, found.scheduler_config, found.info, found.source, found.weights,
+                       state_dict_hash(unet.state_dict()), found.notes)
+
+
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the same weights give the same hash in any file."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _find(source: str, weights: str | None) -> _Found:
+    path = Path(source).expanduser()
+    if path.exists():
+        return _find_local(path, weights, source)
+    if not HUB_ID.fullmatch(source):
+        raise UserError(f"{source} does not exist")
+    owner = source.split("/")[0]
+    if Path(owner).is_dir():  # `runs/typo` is a mistyped path, not a repository of user "runs"
+        raise UserError(f"{source} does not exist (./{owner} is a local folder, so it is not taken for a Hub id)")
+    return _find_local(_download(source), weights, source)
+
+
+def _find_local(path: Path, weights: str | None, where: str) -> _Found:
+    if path.is_file() and path.suffix == ".safetensors":
+        return _from_single_file(path, weights)
+    if RunDir(path).is_run():
+        return _from_run(RunDir(path), weights)
+    if (path / "progress.json").is_file() and RunDir(path.parent.parent).is_run():
+        return _from_checkpoint(path, weights)
+    if (path / "model_index.json").is_file() and (path / "unet").is_dir():
+        return _from_pipeline(path, weights, where)
+    if (path / "config.json").is_file():
+        return _from_unet_folder(path, weights, where)
+    raise UserError(f"{where} is not a model: expected a run folder, a diffusers pipeline folder, a unet/ folder, "
+                    f"a single-file .safetensors, or a hub id")
+
+
+def _choose(where: str, held: tuple[str, ...], weights: str | None) -> str:
+    """Which of the weights a source holds to load; EMA by default where there is a choice."""
+    if weights is None:
+        return held[0]
+    if weights in held:
+        return weights
+    if weights == "ema":
+        raise UserError(f"{where} has no EMA weights (trained with ema.enabled=false); leave out --weights")
+    raise UserError(f"{where} holds one set of weights, not separate raw ones; raw weights come with "
+                    f"difftool run folders, their checkpoints and model/ folders of runs trained with EMA")
+
+
+def _from_run(run: RunDir, weights: str | None) -> _Found:
+    """model/ once training has finished, else the latest checkpoint (with a note saying so)."""
+    checkpoint = run.latest_checkpoint()
+    if (run.model_dir / "model_index.json").is_file():
+        model_step = _optional_json(run.model_dir / INFO_FILE).get("step")
+        if checkpoint is None or model_step is None or model_step >= read_progress(checkpoint)["step"]:
+            return _from_pipeline(run.model_dir, weights, str(run.model_dir))
+        found = _from_checkpoint(checkpoint, weights)
+        found.notes.append(f"{run.model_dir} is from step {model_step} but training went on: using {found.source}")
+        return found
+    if checkpoint is None:
+        raise UserError(f"{run.root} has no model yet: training has not saved a checkpoint (it saves one every "
+                        f"checkpoint.every steps and when stopped with Ctrl-C); wait for one, or give another run")
+    found = _from_checkpoint(checkpoint, weights)
+    found.notes.append(f"training has not finished: using {found.source}, the latest checkpoint")
+    return found
+
+
+def _from_checkpoint(checkpoint: Path, weights: str | None) -> _Found:
+    """EMA weights from unet_ema/, raw ones from accelerate's model.safetensors; configs from the run."""
+    cfg = read_config(RunDir(checkpoint.parent.parent).config)
+    info = read_progress(checkpoint)
+    ema_dir = checkpoint / "unet_ema"
+    has_ema = (ema_dir / "config.json").is_file()
+    kind = _choose(str(checkpoint), ("ema", "raw") if has_ema else ("raw",), weights)
+    if has_ema:
+        unet_config = _read_json(ema_dir / "config.json")
+    else:
+        with torch.device("meta"):  # only the config is wanted: allocate no weights
+            unet_config = dict(build_unet(cfg.model, resolution=info["resolution"], channels=info["channels"],
+                                          num_classes=info["num_classes"]).config)
+    weights_file = _weights_file(ema_dir) if kind == "ema" else checkpoint / CHECKPOINT_WEIGHTS
+    scheduler_config = _training_scheduler_config(build_noise_scheduler(cfg.scheduler).config)
+    return _Found(_describe(checkpoint, kind), kind, unet_config, weights_file, scheduler_config, _full_info(info, unet_config))
+
+
+def _from_pipeline(folder: Path, weights: str | None, where: str) -> _Found:
+    """A difftool model/ (EMA in unet/, raw in unet_raw/) or any diffusers pipeline with a UNet2DModel."""
+    if not (folder / INFO_FILE).is_file():
+        return _from_unet_folder(folder / "unet", weights, where)
+    has_raw = (folder / "unet_raw" / "config.json").is_file()
+    # Exported without EMA, unet/ holds the raw weights and there is no unet_raw/.
+    kind = _choose(where, ("ema", "raw") if has_raw else ("raw",), weights)
+    found = _from_unet_folder(folder / ("unet_raw" if kind == "raw" and has_raw else "unet"), None, where)
+    found.source, found.weights = _describe(where, kind), kind
+    return found
+
+
+def _from_unet_folder(folder: Path, weights: str | None, where: str) -> _Found:
+    """A UNet2DModel folder, read with the scheduler/ and difftool.json beside it where they exist."""
+    unet_config = _read_json(folder / "config.json")
+    if unet_config.get("_class_name") != "UNet2DModel":
+        raise UserError(f"{where} holds a {unet_config.get('_class_name', 'model of unknown class')}, not a UNet2DModel: "
+                        f"difftool loads pixel-space UNet2DModel models only")
+    kind = _choose(where, ("ema",), weights)
+    scheduler_file = folder.parent / "scheduler" / "scheduler_config.json"
+    notes = []
+    if scheduler_file.is_file():
+        scheduler_config = _training_scheduler_config(_read_json(scheduler_file))
+    else:
+        scheduler_config = _training_scheduler_config({})
+        notes.append(f"{where} comes without {scheduler_file}: assuming the DDPMScheduler defaults "
+                     f"(linear betas, 1000 steps, epsilon prediction)")
+    info = _full_info(_optional_json(folder.parent / INFO_FILE), unet_config)
+    return _Found(where, kind, unet_config, _weights_file(folder), scheduler_config, info, notes)
+
+
+def _from_single_file(path: Path, weights: str | None) -> _Found:
+    meta = read_single_file_metadata(path)
+    kind = _choose(str(path), ("ema",), weights)
+    return _Found(str(path), kind, meta["unet_config"], path, _training_scheduler_config(meta["scheduler_config"]),
+                  _full_info(meta["info"], meta["unet_config"]))
+
+
+def _describe(where: Path | str, kind: str) -> str:
+    return f"{where} ({'EMA' if kind == 'ema' else 'raw'} weights)"
+
+
+def _full_info(stored: dict, unet_config: dict) -> dict:
+    """difftool's own record where there is one; for foreign models, what the UNet config tells."""
+    derived = {"resolution": unet_config.get("sample_size"), "channels": unet_config.get("in_channels"),
+               "num_classes": unet_config.get("num_class_embeds"), "label_names": None, "null_class": None}
+    return {**derived, **stored}
+
+
+def _training_scheduler_config(config) -> dict:
+    """A complete DDPMScheduler config as a plain dict, whatever (if any) file it came from."""
+    accepted = inspect.signature(DDPMScheduler.__init__).parameters
+    try:
+        full = DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted}).config
+    except (ValueError, NotImplementedError) as err:
+        raise UserError(f"the model's scheduler config does not make a DDPMScheduler ({err})") from err
+    return {k: v for k, v in full.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _load_unet(unet_config: dict, weights_file: Path) -> UNet2DModel:
+    """The UNet of `unet_config` holding the tensors of `weights_file`, in their stored dtype.
+
+    Not `from_pretrained`: it warns about the EMA keys in unet_ema/config.json and explains
+    weights that do not fit their config poorly.
+    """
+    accepted = inspect.signature(UNet2DModel.__init__).parameters
+    try:
+        unet = UNet2DModel.from_config({k: v for k, v in unet_config.items() if k in accepted})
+    except (ValueError, TypeError) as err:
+        raise UserError(f"diffusers cannot build the UNet2DModel configured for {weights_file} ({err})") from err
+    state = _read_tensors(weights_file)
+    _check_match(unet.state_dict(), state, weights_file)
+    unet.load_state_dict(state, assign=True)  # assign: keep the stored dtype
+    return unet.eval()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".bin":
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = safetensors.torch.load_file(path)
+    except safetensors.SafetensorError as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from err
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"{path} is not a readable weights file ({err})") from err
+    return {_unwrapped(key): value for key, value in state.items()}
+
+
+def _unwrapped(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _check_match(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = [f"{len(found)} {what} (first: {found[0]})" for found, what in
+                ((missing, "missing keys"), (unexpected, "unexpected"), (shapes, "shape mismatches")) if found]
+    if problems:
+        raise UserError(f"weights in {path} do not match its config: {', '.join(problems)}")
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _optional_json(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err})") from err
+
+
+# ---------------------------------------------------------------- single file
+
+
+def save_single_file(path: Path, unet: UNet2DModel, scheduler_config: dict, info: dict) -> None:
+    """One .safetensors file that `load_model` reads on its own: the configs travel in its metadata."""
+    accepted = inspect.signature(UNet2DModel.__init__).parameters
+    metadata = {
+        "format": "pt",
+        "difftool_format": SINGLE_FILE_FORMAT,
+        "unet_config": json.dumps({k: v for k, v in unet.config.items() if k in accepted}),
+        "scheduler_config": json.dumps(scheduler_config),
+        "difftool": json.dumps(info),
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    with atomic_path(Path(path)) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata=metadata)
+
+
+def read_single_file_metadata(path: Path) -> dict:
+    """{"unet_config", "scheduler_config", "info"} from a file written by `save_single_file`."""
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from err
+    if "difftool_format" not in meta or "unet_config" not in meta:
+        raise UserError(f"{path} has no UNet config in its metadata; give the folder with config.json, "
+                        f"or make a single file with `difftool convert`")
+    if meta["difftool_format"] != SINGLE_FILE_FORMAT:
+        raise UserError(f"{path} is in single-file format {meta['difftool_format']}, which this difftool "
+                        f"({__version__}) does not read; upgrade difftool")
+    try:
+        return {"unet_config": json.loads(meta["unet_config"]), "scheduler_config": json.loads(meta["scheduler_config"]),
+                "info": json.loads(meta["difftool"])}
+    except (KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} has damaged difftool metadata ({err!r})") from err
+
+
+# ---------------------------------------------------------------- hub
+
+
+def _download(ref: str) -> Path:
+    """`owner/name[@revision]` -> a local snapshot holding only what a UNet needs.
+
+    A pipeline's other parts (VAE, text encoder) stay on the Hub, and so do .bin weights
+    where there are safetensors.
+    """
+    repo_id, _, revision = ref.partition("@")
+
+    def snapshot(weights_format: str) -> Path:
+        weights = [f"{sub}diffusion_pytorch_model.{weights_format}" for sub in ("", "unet/")]
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None,
+                                                      allow_patterns=HUB_CONFIGS + weights))
+
+    try:
+        folder = snapshot("safetensors")
+        if not any((folder / sub / WEIGHT_FILES[0]).is_file() for sub in ("", "unet")):
+            folder = snapshot("bin")
+    except (OSError, ValueError) as err:
+        if hub_constants.is_offline_mode():
+            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+        elif isinstance(err, RevisionNotFoundError):
+            reason = f"no revision '{revision}'"
+        elif isinstance(err, RepositoryNotFoundError):
+            reason = "no such repository, or it is private or gated: log in with `hf auth login`"
+        else:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot download '{ref}' from the Hugging Face Hub ({reason}); "
+                        f"check the id and your connection, or give a local path") from err
+    return folder

@@ -407,7 +407,9 @@ def _type_name(hint) -> str:
 
 def did_you_mean(word: str, choices: list[str]) -> str:
     """'; did you mean X?' for an error message, or '' when nothing is close."""
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    # Among near ties, a transposition ('ddmi' -> 'ddim') beats a substitution ('ddpm').
+    match = sorted(match, key=lambda c: sorted(c) != sorted(word))[:1]
     if not match and "." in word:
         leaf = word.rpartition(".")[2]
         match = [c for c in choices if c.rpartition(".")[2] == leaf][:1]

@@ -29,6 +29,20 @@ def launch_arguments(module: str, args: list[str], *, num_processes: int, main_p
     return cmd + ["-m", module, *args]
 
 
+def forward_options(pairs: list[tuple[str, object]]) -> list[str]:
+    """Options as the workers' command line: None dropped, True as a bare flag, lists repeated."""
+    args: list[str] = []
+    for flag, value in pairs:
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                args += [flag, str(item)]
+    return args
+
+
 def _has_accelerate_config() -> bool:
     from accelerate.commands.config import default_config_file
 

@@ -49,3 +49,28 @@ class TrainingProgress:
         else:
             console.print(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
                           f"difftool train --resume {run}")
+
+
+class SamplingProgress:
+    """Images done / total with img/s and ETA, advanced in fractions of a batch per model step."""
+
+    def __init__(self, total: int, enabled: bool = True, label: str = "sample"):
+        self.progress = Progress(
+            TextColumn(f"[bold blue]{label}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} images"),
+            TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, disable=not enabled,
+        )
+        self.task = self.progress.add_task(label, total=total, ips="-")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def advance(self, images: float) -> None:
+        self.progress.advance(self.task, images)
+        speed = self.progress.tasks[0].speed
+        if speed:
+            self.progress.update(self.task, ips=f"{speed:.1f}")

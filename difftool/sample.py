@@ -75,3 +75,9 @@ def denoise(
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Model-space samples in [-1, 1] -> uint8 NCHW on the CPU."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+if __name__ == "__main__":  # `accelerate launch -m difftool.sample MODEL ...`
+    from difftool.cli.app import run_single_command
+
+    run_single_command("sample")

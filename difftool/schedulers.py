@@ -1,8 +1,8 @@
 """The scheduler registry: short name -> diffusers class and the settings it needs.
 
-Every sampler is built with `from_config` of the checkpoint's training scheduler, so betas,
+Every sampler is built with `from_config` of the checkpoint's training DDPMScheduler, so betas,
 T and the prediction type always come from training. What differs per sampler is collected
-here, in one table, instead of in the sampling loop.
+here, in one table, and every option is checked before sampling starts, not mid-loop.
 """
 
 from __future__ import annotations
@@ -12,67 +12,156 @@ from dataclasses import dataclass, field
 
 import diffusers
 
-from difftool.config import did_you_mean
+from difftool.config import PREDICTION_TYPES, did_you_mean
 from difftool.errors import UserError
+
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
+    """One sampler: `settings` go to `from_config`; `prediction_types` are those diffusers implements for it."""
+
     name: str
     class_name: str
     summary: str
     recommended_steps: int
     aliases: tuple[str, ...] = ()
     settings: dict = field(default_factory=dict)
+    stochastic: bool = False
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
 
+    @property
+    def scheduler_class(self) -> type:
+        return getattr(diffusers, self.class_name)
+
+
+_NO_SAMPLE = ("epsilon", "v_prediction")
 
 SCHEDULERS = [
-    SchedulerSpec("ddpm", "DDPMScheduler", "ancestral DDPM (Ho et al. 2020)", 1000),
-    SchedulerSpec("ddim", "DDIMScheduler", "DDIM, deterministic at eta 0 (Song et al. 2021)", 50),
+    SchedulerSpec("ddpm", "DDPMScheduler", "ancestral DDPM (Ho et al. 2020)", 1000, stochastic=True),
+    SchedulerSpec("ddim", "DDIMScheduler", "DDIM (Song et al. 2021); deterministic unless --eta > 0", 50),
     SchedulerSpec("dpm-solver", "DPMSolverMultistepScheduler", "DPM-Solver++ 2M multistep", 20,
                   aliases=("dpmpp-2m", "dpm++"), settings={"algorithm_type": "dpmsolver++", "solver_order": 2}),
     SchedulerSpec("dpm-solver-sde", "DPMSolverMultistepScheduler", "SDE DPM-Solver++ 2M", 25,
-                  settings={"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    SchedulerSpec("dpm-solver-single", "DPMSolverSinglestepScheduler", "DPM-Solver++ singlestep", 20),
+                  aliases=("dpmpp-2m-sde",), settings={"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                  stochastic=True),
+    # lower_order_final: diffusers forces it on (with a warning at every set_timesteps) for a zero final sigma.
+    SchedulerSpec("dpm-solver-single", "DPMSolverSinglestepScheduler", "DPM-Solver++ 2S singlestep", 20,
+                  settings={"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC multistep predictor-corrector", 20),
     SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS multistep", 20),
     SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler (Karras et al. 2022)", 30),
-    SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler ancestral", 30, aliases=("euler_a",)),
+    SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler ancestral", 30, aliases=("euler_a",),
+                  stochastic=True, prediction_types=_NO_SAMPLE),
     SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun 2nd order (two model calls per step)", 25),
-    SchedulerSpec("pndm", "PNDMScheduler", "PNDM / PLMS", 50),
+    # PNDM's Runge-Kutta warm-up needs at least 4 steps (fewer crash in diffusers) and costs 9 extra
+    # model calls; its pseudo linear multistep part alone (PLMS) works at any step count.
+    SchedulerSpec("pndm", "PNDMScheduler", "PNDM, linear multistep part (PLMS)", 50, aliases=("plms",),
+                  settings={"skip_prk_steps": True}, prediction_types=_NO_SAMPLE),
+    SchedulerSpec("lms", "LMSDiscreteScheduler", "linear multistep, order 4 (k-diffusion LMS)", 50),
 ]
 _BY_NAME = {alias: spec for spec in SCHEDULERS for alias in (spec.name, *spec.aliases)}
 
+# EDM-style schedulers give the model c_in-scaled inputs and a function of sigma (log(sigma)/4, or
+# 2 atan(sigma)/pi) as its "timestep": a DDPM-trained UNet, conditioned on 0..T-1, has seen neither.
+_EDM_NAMES = ("edm", "edm-euler", "edm-dpm-solver", "edm-dpmsolver", "cosine-dpm-solver", "cosine-dpmsolver")
+
 
 def get_spec(name: str) -> SchedulerSpec:
-    spec = _BY_NAME.get(name.lower())
+    key = name.lower()
+    if key in _EDM_NAMES:
+        raise UserError(
+            f"'{name}' is an EDM-preconditioned scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler, "
+            "CosineDPMSolverMultistepScheduler): it feeds the model a function of sigma as timestep and EDM-scaled "
+            "inputs, which a DDPM-trained model never saw; for Karras-style steps use "
+            "`--scheduler euler --karras-sigmas` or `--scheduler dpm-solver --karras-sigmas`")
+    spec = _BY_NAME.get(key)
     if spec is None:
         raise UserError(f"unknown scheduler '{name}'{did_you_mean(name, list(_BY_NAME))} (difftool schedulers lists them)")
     return spec
 
 
-def make_scheduler(name: str, training_config: dict, *, steps: int):
+def _accepts(spec: SchedulerSpec, option: str) -> bool:
+    return option in inspect.signature(spec.scheduler_class.__init__).parameters
+
+
+def supports_karras(spec: SchedulerSpec) -> bool:
+    return _accepts(spec, "use_karras_sigmas")
+
+
+def _takes_eta(spec: SchedulerSpec) -> bool:
+    return "eta" in inspect.signature(spec.scheduler_class.step).parameters
+
+
+def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigmas: bool = False,
+                   eta: float | None = None, timestep_spacing: str | None = None):
     """A sampler for a model trained with `training_config` (a DDPMScheduler config dict).
 
-    The training betas are passed as `trained_betas`, which every multistep scheduler accepts
-    even where it would reject the named schedule (sigmoid), and short schedules use
-    "trailing" spacing so that the first step starts at t = T - 1, not below it.
+    `eta` is only validated here; callers pass it to `denoise`. Raises UserError for any option
+    the scheduler cannot honour.
     """
     spec = get_spec(name)
-    cls = getattr(diffusers, spec.class_name)
-    accepted = inspect.signature(cls.__init__).parameters
     base = diffusers.DDPMScheduler.from_config(training_config)
-    settings = dict(spec.settings)
-    if "trained_betas" in accepted:
-        settings["trained_betas"] = base.betas.tolist()
-    if "timestep_spacing" in accepted:
-        settings["timestep_spacing"] = "trailing" if steps < base.config.num_train_timesteps else "leading"
-    if training_config.get("clip_sample") and "clip_sample" not in accepted and "thresholding" in accepted:
-        # Solvers without clip_sample keep the DDPM model's [-1, 1] range through thresholding.
-        settings.update(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=1.0)
-    if spec.name == "ddpm" and steps > base.config.num_train_timesteps:
-        raise UserError(f"ddpm cannot take {steps} steps: the model was trained with {base.config.num_train_timesteps}")
-    return cls.from_config(base.config, **settings)
+    _check_options(spec, base.config, steps=steps, karras_sigmas=karras_sigmas, eta=eta,
+                   timestep_spacing=timestep_spacing)
+    # The training betas, not the schedule's name: most samplers refuse to build "sigmoid" or "laplace"
+    # schedules that DDPMScheduler trains with, and this way the betas match training exactly.
+    settings = dict(spec.settings, trained_betas=base.betas.tolist())
+    if _accepts(spec, "timestep_spacing"):
+        # "leading" never starts a short schedule at t = T-1, where training put pure noise. At steps == T
+        # every spacing means all timesteps, yet DPM-Solver, UniPC and DEIS crash on leading/linspace there.
+        full = steps == base.config.num_train_timesteps
+        settings["timestep_spacing"] = "trailing" if full or timestep_spacing is None else timestep_spacing
+    if karras_sigmas:
+        settings["use_karras_sigmas"] = True
+    if (base.config.clip_sample and base.config.clip_sample_range == 1.0
+            and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample")):
+        # With sample_max_value 1, thresholding clamps the predicted x0 to [-1, 1]: DDPM's clip_sample.
+        settings.update(thresholding=True, sample_max_value=1.0)
+    return spec.scheduler_class.from_config(base.config, **settings)
+
+
+def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bool, eta: float | None,
+                   timestep_spacing: str | None) -> None:
+    total = config.num_train_timesteps
+    if not 1 <= steps <= total:
+        raise UserError(f"--steps must be between 1 and {total} (the model was trained with {total} timesteps), got {steps}")
+    kind = config.prediction_type
+    if kind not in spec.prediction_types:
+        able = ", ".join(s.name for s in SCHEDULERS if kind in s.prediction_types)
+        raise UserError(f"{spec.name} cannot sample a model trained with prediction_type '{kind}' "
+                        f"({spec.class_name} does not implement it); use one of: {able}")
+    if karras_sigmas and not supports_karras(spec):
+        able = ", ".join(s.name for s in SCHEDULERS if supports_karras(s))
+        raise UserError(f"--karras-sigmas does not apply to {spec.name}; schedulers that support it: {able}")
+    if eta is not None:
+        if not _takes_eta(spec):
+            raise UserError(f"--eta applies to {', '.join(s.name for s in SCHEDULERS if _takes_eta(s))} only")
+        if eta < 0:
+            raise UserError(f"--eta must be >= 0, got {eta}")
+    if timestep_spacing is not None:
+        if timestep_spacing not in SPACINGS:
+            raise UserError(f"unknown --timestep-spacing '{timestep_spacing}'; choose one of: {', '.join(SPACINGS)}")
+        if not _accepts(spec, "timestep_spacing"):
+            raise UserError(f"{spec.name} takes no --timestep-spacing (its schedule always starts at t = T-1)")
+
+
+def model_calls(spec: SchedulerSpec, steps: int, training_config: dict | None = None) -> int:
+    """Model evaluations (NFE) for `steps` steps: second-order and warm-up steps call the model twice."""
+    scheduler = make_scheduler(spec.name, training_config or diffusers.DDPMScheduler().config, steps=steps)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def describe(spec: SchedulerSpec) -> dict:
+    """What `difftool schedulers` shows; model calls assume a 1000-step training schedule."""
+    return {
+        "name": spec.name, "aliases": list(spec.aliases), "class": spec.class_name,
+        "recommended_steps": spec.recommended_steps, "model_calls": model_calls(spec, spec.recommended_steps),
+        "stochastic": spec.stochastic, "karras_sigmas": supports_karras(spec),
+        "prediction_types": list(spec.prediction_types), "summary": spec.summary,
+    }
 
 
 def step_accepts_generator(scheduler) -> bool:

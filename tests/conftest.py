@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,24 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(config_mod.dump_yaml(tiny_config()))
     return path
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit 2, exactly one `difftool: error:` line naming the problem, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("difftool: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def difftool_cmd() -> list[str]:
+    """The installed `difftool` executable (or the module, when run from a source tree)."""
+    exe = shutil.which("difftool")
+    return [exe] if exe else [sys.executable, "-m", "difftool"]
 
 
 def free_port() -> int:

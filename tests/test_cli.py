@@ -18,7 +18,7 @@ from difftool import launch as launch_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir
-from tests.conftest import tiny_config
+from tests.conftest import assert_user_error, tiny_config
 
 runner = CliRunner()
 
@@ -32,18 +32,6 @@ def _clean_env(tmp_path, monkeypatch):
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    """Exit 2, exactly one `difftool: error:` line naming the problem, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("difftool: error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def make_run(root: Path, *steps: int) -> RunDir:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,14 +13,9 @@ import torch
 
 from difftool.rundir import RunDir
 from difftool.train import train
-from tests.conftest import free_port, tiny_config
+from tests.conftest import difftool_cmd, free_port, tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-def difftool_cmd() -> list[str]:
-    exe = shutil.which("difftool")
-    return [exe] if exe else [sys.executable, "-m", "difftool"]
 
 
 def losses(run) -> list[float]:

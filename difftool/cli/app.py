@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import recipes, train
+from difftool.cli import recipes, sample, schedulers, train
 from difftool.cli.errors import debug_enabled, report, set_debug
 
 app = typer.Typer(
@@ -16,6 +16,8 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 app.command("train")(train.train)
+app.command("sample")(sample.sample)
+app.command("schedulers")(schedulers.schedulers)
 app.add_typer(recipes.app, name="recipes")
 
 
@@ -41,7 +43,7 @@ def main() -> None:
 def run_single_command(name: str) -> None:
     """Entry for `python -m difftool.<name>` (what `accelerate launch -m` runs): that command alone."""
     single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    single.command(name)({"train": train.train}[name])
+    single.command(name)({"train": train.train, "sample": sample.sample}[name])
     _run(single)
 
 
@@ -49,7 +51,7 @@ def _run(typer_app: typer.Typer) -> None:
     """Unexpected errors get one line and exit 1 unless debugging (user errors exit 2 earlier)."""
     try:
         typer_app()
-    except Exception as err:  # noqa: BLE001 - the last line of defence for users
+    except Exception as err:
         if debug_enabled():
             raise
         report(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-Recipe = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Built-in recipe name or a recipe YAML file (difftool recipes list). Default: chosen from --dataset, else quickstart.")]
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any config field: --set train.batch_size=64 (repeatable).")]
-Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="shapes (built-in, offline), a hub data set (cifar10, mnist, ..., or any name), or a local image folder.")]
-Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder. Default: runs/RECIPE-DATASET.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default from the recipe).")]
+Recipe = Annotated[str | None, typer.Option("--recipe", "-r", help="Built-in recipe name or a recipe YAML file (difftool recipes list). Default: chosen from --dataset, else quickstart.")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override any config field: --set train.batch_size=64 (repeatable).")]
+Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="shapes (built-in, offline), a hub data set (cifar10, mnist, ..., or any name), or a local image folder.")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="Run folder. Default: runs/RECIPE-DATASET.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default from the recipe).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
+NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
+MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from difftool import config as config_mod
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
-from difftool.launch import launch
+from difftool.launch import forward_options, launch
 from difftool.progress import console
 
 EXAMPLES = """
@@ -28,22 +28,22 @@ Examples:
 def train(
     recipe: options.Recipe = None,
     dataset: options.Dataset = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (data.resolution).")] = None,
-    image_column: Annotated[Optional[str], typer.Option(help="Image column of a hub data set (default: detected).")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Label column of a hub data set; 'none' ignores labels.")] = None,
-    channels: Annotated[Optional[int], typer.Option(help="1 (grayscale) or 3 (RGB); default from the data.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size in pixels (data.resolution).")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Image column of a hub data set (default: detected).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column of a hub data set; 'none' ignores labels.")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 (grayscale) or 3 (RGB); default from the data.")] = None,
     output: options.Output = None,
     overrides: options.Overrides = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue a run exactly: RUN folder, one of its checkpoints, or 'latest'.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a run exactly: RUN folder, one of its checkpoints, or 'latest'.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output.")] = False,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to train for (train.max_steps).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train for (train.max_steps).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (train.batch_size).")] = None,
     seed: options.Seed = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 (GPU), bf16, or auto (bf16 where the hardware has it).")] = None,
-    num_processes: Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")] = 1,
-    main_process_port: Annotated[Optional[int], typer.Option(help="Port for the process group (with --num-processes).")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 (GPU), bf16, or auto (bf16 where the hardware has it).")] = None,
+    num_processes: options.NumProcesses = 1,
+    main_process_port: options.MainProcessPort = None,
     dry_run: options.DryRun = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: options.Quiet = False,
 ) -> None:
     """Train a UNet2DModel with a DDPM noise schedule; writes a run folder (see README)."""
     from difftool.plan import plan_training
@@ -61,14 +61,12 @@ def train(
         return
     if num_processes > 1:
         args = ["--output", str(plan.output)] + (["--resume", str(plan.resume)] if plan.resume else ["--recipe", recipe or plan.cfg.recipe])
-        for flag, value in [("--dataset", dataset), ("--resolution", resolution), ("--image-column", image_column),
-                            ("--label-column", label_column), ("--channels", channels), ("--max-steps", max_steps),
-                            ("--batch-size", batch_size), ("--seed", seed), ("--mixed-precision", mixed_precision)]:
-            if value is not None and not (plan.resume and flag == "--dataset"):
-                args += [flag, str(value)]
-        for item in overrides or []:
-            args += ["--set", item]
-        args += ["--overwrite"] * overwrite + ["--quiet"] * quiet
+        args += forward_options([
+            ("--dataset", None if plan.resume else dataset), ("--resolution", resolution), ("--image-column", image_column),
+            ("--label-column", label_column), ("--channels", channels), ("--max-steps", max_steps),
+            ("--batch-size", batch_size), ("--seed", seed), ("--mixed-precision", mixed_precision),
+            ("--set", overrides), ("--overwrite", overwrite), ("--quiet", quiet),
+        ])
         raise typer.Exit(launch("difftool.train", args, num_processes=num_processes, main_process_port=main_process_port))
 
     from difftool.train import train as run_training

@@ -1,0 +1,380 @@
+"""`difftool sample` as a library call: which images to make, who makes them, where they go.
+
+Image i of a request comes from the generator seeded by (seed, i) and is written as
+NNNNNN.png (or into samples.npz), so a request can be split over processes, interrupted and
+resumed, and still yields the files one uninterrupted process would write. Work is dealt
+out in whole batches, so every image is computed in the same batch whatever the number of
+processes: multi-process output is bitwise that of a single process on the same hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftool import __version__
+from difftool.checkpoints import LoadedModel, load_model
+from difftool.config import did_you_mean, read_config
+from difftool.errors import UserError
+from difftool.images import enlarge, make_grid, save_png
+from difftool.progress import SamplingProgress, console
+from difftool.rundir import CONFIG_FILE, TMP_PREFIX, atomic_path, write_text
+from difftool.sample import denoise, image_generators, initial_noise, to_uint8
+from difftool.schedulers import get_spec, make_scheduler
+
+SETTINGS_FILE = "sample.json"
+NPZ_FILE = "samples.npz"
+PARTS_DIR = ".parts"
+GRID_FILE = "grid.png"
+GRID_MAX = 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("png", "npz")
+# Settings that may differ between a run and its --resume: they do not change any image.
+RESUMABLE = {"model", "num_images", "difftool_version"}
+
+
+@dataclass
+class SampleRequest:
+    """What to sample; None means "from the model's training recipe, else the scheduler's default"."""
+
+    num_images: int = 16
+    scheduler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    eta: float | None = None
+    karras_sigmas: bool = False
+    timestep_spacing: str | None = None
+    classes: list[str] | None = None
+    guidance_scale: float | None = None
+    weights: str | None = None
+    dtype: str = "fp32"
+    compile: bool = False
+    format: str = "png"
+
+
+@dataclass
+class SampleResult:
+    output: Path
+    made: int  # images made by this call, all processes together
+    total: int
+    seconds: float
+    grid: Path | None
+
+
+@dataclass
+class _Plan:
+    """A request resolved against one model: everything needed to make image i."""
+
+    settings: dict
+    class_ids: list[int] | None
+    label_names: list[str] | None
+    null_class: int | None
+    guidance_scale: float
+    shape: tuple[int, int, int]
+    model_calls: int
+
+    def label(self, index: int) -> int | None:
+        return self.class_ids[index % len(self.class_ids)] if self.class_ids else None
+
+    def image_metadata(self, index: int) -> dict[str, str]:
+        meta = {**self.settings, "index": index}
+        label = self.label(index)
+        if label is not None:
+            meta.update(class_id=label, **({"class": self.label_names[label]} if self.label_names else {}))
+        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in meta.items()}
+
+
+def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *, overwrite: bool = False,
+             resume: bool = False, show_progress: bool = True) -> SampleResult:
+    """Make `request.num_images` images from the model at `source` into the folder `output`."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    _check_request(request, state.device)
+    with state.main_process_first():  # a hub download happens once
+        model = load_model(source, weights=request.weights)
+    if state.is_main_process:
+        for note in model.notes:
+            console.print(f"[yellow]note:[/] {note}")
+    plan = _plan(model, request, _recipe_defaults(source))
+    output = Path(output) if output else default_output(source, plan.settings)
+    todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _prepare_output(output, request.format, overwrite=overwrite)
+    state.wait_for_everyone()
+
+    batches = [todo[i : i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
+    mine = batches[state.process_index :: state.num_processes]
+    unet = model.unet.to(state.device, DTYPES[request.dtype]).eval()
+    if request.compile:
+        unet = torch.compile(unet)
+    start = time.perf_counter()
+    with SamplingProgress(len(todo), enabled=show_progress and state.is_main_process) as progress:
+        for batch in mine:
+            # All processes advance alike; rank 0's bar counts for them all.
+            per_step = len(batch) * state.num_processes / plan.model_calls
+            images = _make_batch(unet, model, plan, request, batch, state.device,
+                                 on_step=functools.partial(progress.advance, per_step))
+            _write_batch(output, plan, request.format, batch, images)
+    state.wait_for_everyone()
+    seconds = time.perf_counter() - start
+    grid = None
+    if state.is_main_process:
+        if request.format == "npz":
+            _merge_parts(output, request.num_images, plan.class_ids is not None)
+        grid = _write_grid(output, request.format, plan, request.num_images)
+        write_text(output / SETTINGS_FILE, json.dumps({**plan.settings, "num_images": request.num_images,
+                                                       "format": request.format}, indent=2) + "\n")
+    state.wait_for_everyone()
+    return SampleResult(output, len(todo), request.num_images, seconds, grid)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _check_request(request: SampleRequest, device: torch.device) -> None:
+    if request.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {request.num_images}")
+    if request.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.format not in FORMATS:
+        raise UserError(f"unknown --format '{request.format}': use png or npz")
+    if request.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype '{request.dtype}': use fp32, bf16 or fp16")
+    if request.dtype == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 needs a GPU; on CPU use bf16 (or fp32)")
+
+
+def _recipe_defaults(source: str | Path):
+    """The `sample` section of the training recipe when `source` is (inside) a run folder."""
+    path = Path(source)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / CONFIG_FILE).is_file():
+            try:
+                return read_config(folder / CONFIG_FILE).sample
+            except UserError:
+                return None
+    return None
+
+
+def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
+    info = model.info
+    name = request.scheduler or (defaults.scheduler if defaults else "ddim")
+    spec = get_spec(name)
+    steps = request.steps
+    if steps is None:
+        steps = defaults.steps if defaults and request.scheduler is None else spec.recommended_steps
+        steps = min(steps, model.scheduler_config["num_train_timesteps"])
+    scheduler = make_scheduler(spec.name, model.scheduler_config, steps=steps, karras_sigmas=request.karras_sigmas,
+                               eta=request.eta, timestep_spacing=request.timestep_spacing)
+    scheduler.set_timesteps(steps)
+    class_ids = resolve_classes(request.classes, info)
+    guidance = _guidance(request.guidance_scale, defaults, info, class_ids)
+    settings = {
+        "difftool_version": __version__,
+        "model": model.source,
+        "model_hash": model.model_hash,
+        "weights": model.weights,
+        "scheduler": spec.name,
+        "steps": steps,
+        "eta": request.eta,
+        "karras_sigmas": request.karras_sigmas,
+        "timestep_spacing": scheduler.config.get("timestep_spacing"),
+        "seed": request.seed,
+        "classes": class_ids,
+        "guidance_scale": guidance,
+        "dtype": request.dtype,
+    }
+    return _Plan(settings, class_ids, info.get("label_names"), info.get("null_class"), guidance,
+                 (info["channels"], info["resolution"], info["resolution"]), len(scheduler.timesteps))
+
+
+def resolve_classes(tokens: list[str] | None, info: dict) -> list[int] | None:
+    """`--class` names or ids -> class ids; a class-conditional model cycles through all by default."""
+    num_classes, names = info.get("num_classes"), info.get("label_names") or []
+    if not num_classes:
+        if tokens:
+            raise UserError("--class needs a class-conditional model; this one is unconditional")
+        return None
+    if not tokens:
+        return list(range(num_classes))
+    ids = []
+    lowered = [n.lower() for n in names]
+    for token in tokens:
+        if token.isdigit():
+            if int(token) >= num_classes:
+                raise UserError(f"--class {token} is out of range: the model has classes 0..{num_classes - 1}")
+            ids.append(int(token))
+        elif token.lower() in lowered:
+            ids.append(lowered.index(token.lower()))
+        else:
+            known = f": {', '.join(names)}" if names else f" 0..{num_classes - 1} (it has no class names)"
+            raise UserError(f"unknown class '{token}'{did_you_mean(token, names)}; the model knows{known}")
+    return ids
+
+
+def _guidance(requested: float | None, defaults, info: dict, class_ids: list[int] | None) -> float:
+    if class_ids is None:
+        if requested not in (None, 1.0):
+            raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
+        return 1.0
+    scale = requested if requested is not None else (defaults.guidance_scale if defaults else 1.0)
+    if scale < 0:
+        raise UserError(f"--guidance-scale must be at least 0, got {scale}")
+    if scale != 1.0 and info.get("null_class") is None:
+        raise UserError("this model has no null class recorded, so classifier-free guidance is not possible; "
+                        "use --guidance-scale 1")
+    return scale
+
+
+def default_output(source: str | Path, settings: dict) -> Path:
+    """samples/RUN-SCHEDULER-STEPS in the working folder."""
+    path = Path(str(source).split("@")[0])
+    if path.name == "model" or (path / "progress.json").is_file():
+        name = path.parent.name if path.name == "model" else f"{path.parent.parent.name}-{path.name}"
+    else:
+        name = path.stem
+    return Path("samples") / f"{name}-{settings['scheduler']}-{settings['steps']}"
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def _image_files(output: Path) -> dict[int, Path]:
+    """NNNNNN.png files by index (complete files only: partial writes have temporary names)."""
+    return {int(p.stem): p for p in output.glob("*.png") if re.fullmatch(r"\d{6,}", p.stem)}
+
+
+def _existing(output: Path, fmt: str) -> set[int]:
+    """Indices already written."""
+    if fmt == "png":
+        return set(_image_files(output))
+    found: set[int] = set()
+    if (output / NPZ_FILE).is_file():
+        with np.load(output / NPZ_FILE) as npz:
+            found |= set(range(len(npz["arr_0"])))
+    for part in (output / PARTS_DIR).glob("part-*.npz"):
+        with np.load(part) as npz:
+            found |= {int(i) for i in npz["indices"]}
+    return found
+
+
+def _todo(output: Path, plan: _Plan, request: SampleRequest, *, overwrite: bool, resume: bool) -> list[int]:
+    """Indices still to make; refuses to touch images made before unless told how."""
+    wanted = range(request.num_images)
+    if overwrite or not output.exists():
+        return list(wanted)
+    previous_file = output / SETTINGS_FILE
+    done = _existing(output, request.format)
+    clash = previous_file.is_file() or bool(done & set(wanted))
+    if clash and not resume:
+        raise UserError(f"{output} already holds samples; add --resume to make only the missing images with the "
+                        f"same settings, --overwrite to replace them, or choose another --output")
+    if not clash:
+        return list(wanted)
+    if not previous_file.is_file():
+        raise UserError(f"cannot resume in {output}: it has images but no {SETTINGS_FILE} to check their settings; "
+                        f"use --overwrite or another --output")
+    previous = json.loads(previous_file.read_text())
+    current = {**plan.settings, "format": request.format}
+    differ = sorted(k for k in current.keys() - RESUMABLE if previous.get(k) != current[k])
+    if differ:
+        changes = ", ".join(f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in differ)
+        raise UserError(f"cannot resume in {output}: its images were made with other settings ({changes}); "
+                        f"use --overwrite or another --output")
+    return [i for i in wanted if i not in done]
+
+
+def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
+    """Create the folder; drop what an interrupted write left, and with --overwrite the old samples."""
+    output.mkdir(parents=True, exist_ok=True)
+    doomed = list(output.glob(f"{TMP_PREFIX}*"))
+    if overwrite:
+        doomed += list(_image_files(output).values())
+        doomed += [output / name for name in (NPZ_FILE, GRID_FILE, SETTINGS_FILE)]
+        shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    if fmt == "npz":
+        (output / PARTS_DIR).mkdir(exist_ok=True)
+
+
+# ---------------------------------------------------------------- making and writing images
+
+
+def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, batch: list[int], device,
+                on_step) -> torch.Tensor:
+    """uint8 N×C×H×W images for the given indices; a fresh scheduler, as multistep ones keep state."""
+    settings = plan.settings
+    scheduler = make_scheduler(settings["scheduler"], model.scheduler_config, steps=settings["steps"],
+                               karras_sigmas=request.karras_sigmas, eta=request.eta,
+                               timestep_spacing=request.timestep_spacing)
+    generators = image_generators(request.seed, batch)
+    noise = initial_noise(generators, plan.shape, device)
+    labels = torch.tensor([plan.label(i) for i in batch], device=device) if plan.class_ids else None
+    x = denoise(unet, scheduler, noise, steps=settings["steps"], generators=generators, class_labels=labels,
+                null_class=plan.null_class, guidance_scale=plan.guidance_scale, eta=request.eta, on_step=on_step)
+    return to_uint8(x)
+
+
+def _write_batch(output: Path, plan: _Plan, fmt: str, batch: list[int], images: torch.Tensor) -> None:
+    if fmt == "png":
+        for index, image in zip(batch, images, strict=True):
+            save_png(image, output / f"{index:06d}.png", plan.image_metadata(index))
+        return
+    labels = np.array([plan.label(i) for i in batch]) if plan.class_ids else np.zeros(0)
+    with atomic_path(output / PARTS_DIR / f"part-{batch[0]:06d}.npz") as tmp, tmp.open("wb") as f:
+        np.savez(f, indices=np.array(batch), images=images.permute(0, 2, 3, 1).numpy(), labels=labels)
+
+
+def _merge_parts(output: Path, num_images: int, labelled: bool) -> None:
+    """samples.npz: arr_0 = uint8 N×H×W×C in index order (what FID tools read), arr_1 = class ids."""
+    images: dict[int, np.ndarray] = {}
+    labels: dict[int, int] = {}
+    if (output / NPZ_FILE).is_file():
+        with np.load(output / NPZ_FILE) as npz:
+            images.update(enumerate(npz["arr_0"]))
+            if "arr_1" in npz:
+                labels.update(enumerate(npz["arr_1"].tolist()))
+    parts = sorted((output / PARTS_DIR).glob("part-*.npz"))
+    for part in parts:
+        with np.load(part) as npz:
+            images.update(zip(npz["indices"].tolist(), npz["images"], strict=True))
+            labels.update(zip(npz["indices"].tolist(), npz["labels"].tolist(), strict=False))
+    missing = [i for i in range(num_images) if i not in images]
+    if missing:
+        raise UserError(f"{len(missing)} images are missing from {output} (first: {missing[0]}); run again with --resume")
+    arrays = {"arr_0": np.stack([images[i] for i in range(num_images)])}
+    if labelled:
+        arrays["arr_1"] = np.array([labels[i] for i in range(num_images)])
+    with atomic_path(output / NPZ_FILE) as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
+
+
+def _write_grid(output: Path, fmt: str, plan: _Plan, num_images: int) -> Path:
+    """grid.png of the first images, tiles enlarged to 64 px; one column per class when cycling classes."""
+    n = min(num_images, GRID_MAX)
+    if fmt == "png":
+        tiles = torch.stack([torch.from_numpy(np.array(Image.open(output / f"{i:06d}.png"))) for i in range(n)])
+        tiles = tiles.unsqueeze(-1) if tiles.ndim == 3 else tiles
+    else:
+        with np.load(output / NPZ_FILE) as npz:
+            tiles = torch.from_numpy(npz["arr_0"][:n])
+    tiles = tiles.permute(0, 3, 1, 2)
+    ncol = len(plan.class_ids) if plan.class_ids and 1 < len(plan.class_ids) <= 16 else None
+    grid = make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
+    path = output / GRID_FILE
+    save_png(grid, path, {k: str(v) for k, v in plan.settings.items()})
+    return path

@@ -1,0 +1,207 @@
+"""`difftool sample` end to end on the tiny run: files, metadata, reproducibility, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+from typer.testing import CliRunner
+
+from difftool.checkpoints import load_model
+from difftool.cli.app import app
+from difftool.generate import SampleRequest, generate
+from tests.conftest import assert_user_error, difftool_cmd, free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _scratch(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def unconditional_model(tmp_path_factory) -> Path:
+    """A diffusers pipeline folder made without difftool: no class labels, no difftool.json."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, add_attention=False)
+    path = tmp_path_factory.mktemp("uncond") / "pipe"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=40)).save_pretrained(path)
+    return path
+
+
+def invoke(*args):
+    result = runner.invoke(app, ["sample", *[str(a) for a in args]])
+    return result
+
+
+def pixels(folder: Path, n: int) -> np.ndarray:
+    return np.stack([np.array(Image.open(folder / f"{i:06d}.png")) for i in range(n)])
+
+
+def test_writes_images_grid_and_settings(tiny_run):
+    result = invoke(tiny_run, "-n", "5", "--scheduler", "ddim", "--steps", "3", "-o", "out", "-q")
+    assert result.exit_code == 0, result.output
+    out = Path("out")
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(5)]
+    assert (out / "grid.png").is_file()
+    image = Image.open(out / "000003.png")
+    assert image.size == (8, 8) and image.mode == "RGB"
+    meta = image.text
+    assert meta["scheduler"] == "ddim" and meta["steps"] == "3" and meta["seed"] == "0" and meta["index"] == "3"
+    assert meta["model_hash"] == load_model(tiny_run).model_hash
+    assert meta["class"] == "ring" and meta["class_id"] == "3", "classes are cycled: image i gets class i % 5"
+    assert meta["timestep_spacing"] == "trailing"
+    settings = json.loads((out / "sample.json").read_text())
+    assert settings["num_images"] == 5 and settings["format"] == "png" and settings["weights"] == "ema"
+
+
+def test_defaults_come_from_the_training_recipe(tiny_run):
+    result = invoke(tiny_run, "-n", "2", "-q")
+    assert result.exit_code == 0, result.output
+    out = Path("samples") / f"{tiny_run.name}-ddim-3"
+    meta = Image.open(out / "000000.png").text
+    assert (meta["scheduler"], meta["steps"], meta["guidance_scale"]) == ("ddim", "3", "3.0")
+
+
+def test_image_depends_only_on_seed_and_index(tiny_run):
+    common = ["-n", "5", "--scheduler", "euler-a", "--steps", "4", "-q"]
+    assert invoke(tiny_run, *common, "--batch-size", "5", "-o", "a").exit_code == 0
+    assert invoke(tiny_run, *common, "--batch-size", "2", "-o", "b").exit_code == 0
+    assert invoke(tiny_run, *common, "--batch-size", "2", "--seed", "1", "-o", "c").exit_code == 0
+    a, b, c = pixels(Path("a"), 5), pixels(Path("b"), 5), pixels(Path("c"), 5)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, "batch size must not change an image"
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5, "another seed gives other images"
+
+
+def test_guidance_changes_images_and_class_selects_labels(tiny_run):
+    assert invoke(tiny_run, "-n", "2", "--steps", "3", "--class", "square", "-o", "g1", "-q").exit_code == 0
+    assert invoke(tiny_run, "-n", "2", "--steps", "3", "--class", "1", "--guidance-scale", "4", "-o", "g4", "-q").exit_code == 0
+    one, four = Path("g1"), Path("g4")
+    assert {Image.open(one / f"00000{i}.png").text["class"] for i in range(2)} == {"square"}
+    assert Image.open(four / "000000.png").text["guidance_scale"] == "4.0"
+    assert not np.array_equal(pixels(one, 2), pixels(four, 2))
+
+
+def test_npz_holds_the_same_images_in_index_order(tiny_run):
+    assert invoke(tiny_run, "-n", "5", "--steps", "3", "--batch-size", "2", "-o", "png", "-q").exit_code == 0
+    assert invoke(tiny_run, "-n", "5", "--steps", "3", "--batch-size", "2", "--format", "npz", "-o", "npz", "-q").exit_code == 0
+    with np.load("npz/samples.npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(images, pixels(Path("png"), 5))
+    np.testing.assert_array_equal(labels, np.arange(5) % 5)
+    assert not Path("npz/.parts").exists()
+    assert Path("npz/grid.png").is_file()
+
+
+def test_resume_makes_only_missing_images(tiny_run):
+    out = Path("out")
+    assert invoke(tiny_run, "-n", "4", "--steps", "3", "--batch-size", "1", "-o", out, "-q").exit_code == 0
+    before = pixels(out, 4)
+    (out / "000001.png").unlink()
+    stamp = (out / "000002.png").stat().st_mtime_ns
+    result = invoke(tiny_run, "-n", "6", "--steps", "3", "--batch-size", "1", "-o", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "3 new of 6 images" in result.stderr
+    assert (out / "000002.png").stat().st_mtime_ns == stamp, "existing images are not rewritten"
+    np.testing.assert_array_equal(pixels(out, 4), before)
+    assert (out / "000005.png").is_file()
+
+
+def test_npz_resume_extends_the_array(tiny_run):
+    assert invoke(tiny_run, "-n", "3", "--steps", "3", "--format", "npz", "-o", "out", "-q").exit_code == 0
+    first = np.load("out/samples.npz")["arr_0"]
+    result = invoke(tiny_run, "-n", "5", "--steps", "3", "--format", "npz", "-o", "out", "--resume", "-q")
+    assert result.exit_code == 0, result.output
+    both = np.load("out/samples.npz")["arr_0"]
+    assert both.shape[0] == 5
+    np.testing.assert_array_equal(both[:3], first)
+
+
+def test_existing_samples_are_never_overwritten_silently(tiny_run):
+    assert invoke(tiny_run, "-n", "2", "--steps", "3", "-o", "out", "-q").exit_code == 0
+    assert_user_error(invoke(tiny_run, "-n", "2", "--steps", "3", "-o", "out"), "already holds samples", "--resume", "--overwrite")
+    assert_user_error(invoke(tiny_run, "-n", "2", "--steps", "4", "-o", "out", "--resume"), "other settings", "steps 3 -> 4")
+    result = invoke(tiny_run, "-n", "1", "--steps", "4", "-o", "out", "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in Path("out").glob("0*.png")) == ["000000.png"], "--overwrite replaces the old set"
+
+
+def test_unconditional_foreign_pipeline(unconditional_model):
+    result = invoke(unconditional_model, "-n", "3", "--scheduler", "dpm-solver", "--steps", "5", "-o", "out", "-q")
+    assert result.exit_code == 0, result.output
+    image = Image.open("out/000000.png")
+    assert image.mode == "L" and "class" not in image.text
+    assert_user_error(invoke(unconditional_model, "--class", "1", "-o", "x"), "class-conditional")
+    assert_user_error(invoke(unconditional_model, "--guidance-scale", "3", "-o", "x"), "class-conditional")
+
+
+def test_bf16_model_gives_close_images(tiny_run):
+    assert invoke(tiny_run, "-n", "3", "--steps", "3", "-o", "fp32", "-q").exit_code == 0
+    assert invoke(tiny_run, "-n", "3", "--steps", "3", "--dtype", "bf16", "-o", "bf16", "-q").exit_code == 0
+    diff = np.abs(pixels(Path("fp32"), 3).astype(int) - pixels(Path("bf16"), 3).astype(int))
+    assert diff.mean() < 8, diff.mean()
+    assert Image.open("bf16/000000.png").text["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--scheduler", "dpm-slover"], ["unknown scheduler 'dpm-slover'", "did you mean 'dpm-solver'"]),
+    (["--steps", "0"], ["steps"]),
+    (["--steps", "51", "--scheduler", "ddpm"], ["50"]),
+    (["--class", "hexagon"], ["unknown class 'hexagon'", "circle"]),
+    (["--class", "9"], ["out of range", "0..4"]),
+    (["--guidance-scale", "-1"], ["at least 0"]),
+    (["--dtype", "fp16"], ["GPU"]),
+    (["--dtype", "fp64"], ["unknown --dtype"]),
+    (["--format", "gif"], ["unknown --format"]),
+    (["--num-images", "0"], ["at least 1"]),
+    (["--weights", "best"], ["ema"]),
+    (["--eta", "0.5", "--scheduler", "euler"], ["ddim"]),
+    (["--resume", "--overwrite"], ["exclude each other"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_run, args, fragments):
+    assert_user_error(invoke(tiny_run, *args, "-o", "out"), *fragments)
+    assert not list(Path(".").glob("out/0*.png")), "nothing is written"
+
+
+def test_not_a_model_says_what_was_expected(tmp_path):
+    (tmp_path / "folder").mkdir()
+    assert_user_error(invoke(tmp_path / "folder"), "not a model", "run folder")
+    assert_user_error(invoke(tmp_path / "missing"), "does not exist")
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_files_as_one(tiny_run, tmp_path):
+    common = ["sample", str(tiny_run), "-n", "5", "--steps", "3", "--batch-size", "2", "--scheduler", "ddpm", "-q"]
+    assert invoke(*common[1:], "-o", tmp_path / "one").exit_code == 0
+    cmd = difftool_cmd() + common + ["-o", str(tmp_path / "two"), "--num-processes", "2",
+                                     "--main-process-port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(pixels(tmp_path / "two", 5), pixels(tmp_path / "one", 5))
+    assert (tmp_path / "two" / "grid.png").is_file()
+
+
+def test_runs_as_a_module_for_accelerate_launch():
+    proc = subprocess.run([sys.executable, "-m", "difftool.sample", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--num-images" in proc.stdout
+
+
+def test_library_call_reports_what_it_made(tiny_run, tmp_path):
+    request = SampleRequest(num_images=3, scheduler="unipc", steps=4, batch_size=2)
+    result = generate(tiny_run, request, tmp_path / "lib", show_progress=False)
+    assert (result.made, result.total, result.output) == (3, 3, tmp_path / "lib")
+    again = generate(tiny_run, request, tmp_path / "lib", resume=True, show_progress=False)
+    assert again.made == 0
