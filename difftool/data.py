@@ -461,7 +461,7 @@ def _decode_all(
         i, source = item
         try:
             return _decode_image(source, resolution)
-        except Exception as err:  # a file that fails to decode for any reason is skipped, not fatal
+        except Exception as err:  # noqa: BLE001 - a file that fails to decode for any reason is skipped, not fatal
             name = str(source) if isinstance(source, Path) else f"row {i}"
             return f"{name}: {(str(err).splitlines() or [type(err).__name__])[0]}"
 

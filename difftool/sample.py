@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from difftool.schedulers import step_accepts_generator
+from difftool.schedulers import clip_denoised, step_options
 
 
 def image_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -54,19 +54,19 @@ def denoise(
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
     else:
         labels = class_labels
-    extra = {"generator": generators} if generators is not None and step_accepts_generator(scheduler) else {}
-    if eta is not None:
-        extra["eta"] = eta
+    options = step_options(scheduler, generators=generators, eta=eta)
+    clip = scheduler.config.get("clip_denoised", False)
     model_dtype = unet.dtype
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
-        if guided:
-            model_in = torch.cat([model_in, model_in])
-        out = unet(model_in.to(model_dtype), t, class_labels=labels).sample.to(x.dtype)
+        batch = torch.cat([model_in, model_in]) if guided else model_in
+        out = unet(batch.to(model_dtype), t, class_labels=labels).sample.to(x.dtype)
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
-        x = scheduler.step(out, t, x, **extra).prev_sample
+        if clip:
+            out = clip_denoised(scheduler, out, model_in, t)
+        x = scheduler.step(out, t, x, **options).prev_sample
         if on_step is not None:
             on_step()
     return x

@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import diffusers
+import torch
 
 from difftool.config import PREDICTION_TYPES, did_you_mean
 from difftool.errors import UserError
@@ -30,13 +31,12 @@ class SchedulerSpec:
     settings: dict = field(default_factory=dict)
     stochastic: bool = False
     prediction_types: tuple[str, ...] = PREDICTION_TYPES
+    spacing: str = "trailing"  # default timestep spacing below T steps: start at t = T-1
 
     @property
     def scheduler_class(self) -> type:
         return getattr(diffusers, self.class_name)
 
-
-_NO_SAMPLE = ("epsilon", "v_prediction")
 
 SCHEDULERS = [
     SchedulerSpec("ddpm", "DDPMScheduler", "ancestral DDPM (Ho et al. 2020)", 1000, stochastic=True),
@@ -50,15 +50,23 @@ SCHEDULERS = [
     SchedulerSpec("dpm-solver-single", "DPMSolverSinglestepScheduler", "DPM-Solver++ 2S singlestep", 20,
                   settings={"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC multistep predictor-corrector", 20),
-    SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS multistep", 20),
+    # DEIS stops at the last timestep's noise level (it has no final zero sigma): "linspace" makes that
+    # t = 0, where "trailing" would leave the noise of t = T/steps - 1 in the images.
+    SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS multistep", 20, spacing="linspace"),
     SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler (Karras et al. 2022)", 30),
     SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler ancestral", 30, aliases=("euler_a",),
-                  stochastic=True, prediction_types=_NO_SAMPLE),
-    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun 2nd order (two model calls per step)", 25),
+                  stochastic=True, prediction_types=("epsilon", "v_prediction")),
+    # Heun and PLMS average model outputs across a step; across the first step from t = T-1 (sigma in the
+    # hundreds for cosine schedules) that average is far off and the images come out as noise, so they
+    # start one step below T-1 ("leading").
+    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun 2nd order (two model calls per step)", 25, spacing="leading"),
+    # PNDM combines the raw outputs of past steps before converting v to epsilon, so v-prediction
+    # models come out wrong (0.02 off on a model that knows the answer): epsilon only.
     # PNDM's Runge-Kutta warm-up needs at least 4 steps (fewer crash in diffusers) and costs 9 extra
     # model calls; its pseudo linear multistep part alone (PLMS) works at any step count.
     SchedulerSpec("pndm", "PNDMScheduler", "PNDM, linear multistep part (PLMS)", 50, aliases=("plms",),
-                  settings={"skip_prk_steps": True}, prediction_types=_NO_SAMPLE),
+                  settings={"skip_prk_steps": True, "set_alpha_to_one": True}, prediction_types=("epsilon",),
+                  spacing="leading"),
     SchedulerSpec("lms", "LMSDiscreteScheduler", "linear multistep, order 4 (k-diffusion LMS)", 50),
 ]
 _BY_NAME = {alias: spec for spec in SCHEDULERS for alias in (spec.name, *spec.aliases)}
@@ -112,14 +120,18 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
         # "leading" never starts a short schedule at t = T-1, where training put pure noise. At steps == T
         # every spacing means all timesteps, yet DPM-Solver, UniPC and DEIS crash on leading/linspace there.
         full = steps == base.config.num_train_timesteps
-        settings["timestep_spacing"] = "trailing" if full or timestep_spacing is None else timestep_spacing
+        settings["timestep_spacing"] = "trailing" if full else timestep_spacing or spec.spacing
     if karras_sigmas:
         settings["use_karras_sigmas"] = True
-    if (base.config.clip_sample and base.config.clip_sample_range == 1.0
-            and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample")):
+    clip = base.config.clip_sample and base.config.clip_sample_range == 1.0
+    if clip and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample"):
         # With sample_max_value 1, thresholding clamps the predicted x0 to [-1, 1]: DDPM's clip_sample.
         settings.update(thresholding=True, sample_max_value=1.0)
-    return spec.scheduler_class.from_config(base.config, **settings)
+    scheduler = spec.scheduler_class.from_config(base.config, **settings)
+    if clip and not (_accepts(spec, "thresholding") or _accepts(spec, "clip_sample")):
+        # Euler, Euler-a, LMS and PNDM cannot clip: the loop clamps the model's x0 for them (clip_denoised).
+        scheduler.register_to_config(clip_denoised=True)
+    return scheduler
 
 
 def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bool, eta: float | None,
@@ -164,5 +176,44 @@ def describe(spec: SchedulerSpec) -> dict:
     }
 
 
-def step_accepts_generator(scheduler) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
+def step_options(scheduler, *, generators: list | None, eta: float | None) -> dict:
+    """Keyword arguments for `scheduler.step`: only those its signature takes.
+
+    DDIM with clipping must also recompute epsilon from the clipped x0, as the DDIM and guided-diffusion
+    samplers do; diffusers' default keeps the unclipped epsilon, which washes images out step by step.
+    """
+    accepted = inspect.signature(scheduler.step).parameters
+    options = {"generator": generators} if generators is not None and "generator" in accepted else {}
+    if eta is not None:
+        options["eta"] = eta
+    if "use_clipped_model_output" in accepted and scheduler.config.get("clip_sample"):
+        options["use_clipped_model_output"] = True
+    return options
+
+
+def clip_denoised(scheduler, output: torch.Tensor, model_input: torch.Tensor, t) -> torch.Tensor:
+    """`output` re-expressed so that the x0 it implies lies in [-1, 1] (DDPM's clip_sample).
+
+    For schedulers without any clipping of their own. `model_input` is the scaled input the model saw,
+    which is x_t of the variance-preserving process for every scheduler: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps.
+    Without this, a sigma-space sampler's first step from t = T-1 (sigma in the hundreds for cosine
+    schedules) multiplies the model's error by sigma and the images come out as noise.
+    """
+    alpha_bar = _alpha_bar(scheduler, t, output.device)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return output.clamp(-1, 1)
+    x0 = (model_input - s * output) / a if kind == "epsilon" else a * model_input - s * output
+    x0 = x0.clamp(-1, 1)
+    eps = (model_input - a * x0) / s
+    return eps if kind == "epsilon" else a * eps - s * x0
+
+
+def _alpha_bar(scheduler, t, device) -> torch.Tensor:
+    """Signal fraction ab of the current step, read where the scheduler keeps it (no host sync)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and getattr(scheduler, "step_index", None) is not None:
+        sigma = sigmas[scheduler.step_index].to(device)
+        return 1 / (1 + sigma**2)
+    return scheduler.alphas_cumprod.to(device)[t]

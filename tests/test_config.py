@@ -298,13 +298,13 @@ def test_default_config_is_valid():
         (changed(model={"block_out_channels": (48, 64)}),
          "model.block_out_channels entry 48 is not divisible by model.norm_num_groups=32"),
         (changed(scheduler={"beta_schedule": "linaer"}),
-         "scheduler.beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid, got 'linaer'; "
-         "did you mean 'linear'?"),
+         ("scheduler.beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid, got 'linaer'; "
+          "did you mean 'linear'?")),
         (changed(scheduler={"prediction_type": "v-prediction"}), "did you mean 'v_prediction'?"),
         (changed(train={"mixed_precision": "bf-16"}), "train.mixed_precision must be one of no, fp16, bf16, auto, got 'bf-16'"),
         (changed(train={"lr_schedule": "cosin"}), "did you mean 'cosine'?"),
-        (changed(log={"trackers": ["tensorbord"]}), "log.trackers must be one of tensorboard, wandb, got 'tensorbord'; "
-                                                     "did you mean 'tensorboard'?"),
+        (changed(log={"trackers": ["tensorbord"]}), ("log.trackers must be one of tensorboard, wandb, got 'tensorbord'; "
+                                                     "did you mean 'tensorboard'?")),
         (changed(scheduler={"beta_start": 0.03}),
          "scheduler.beta_start < scheduler.beta_end must both lie in (0, 1), got 0.03, 0.02"),
         (changed(scheduler={"beta_end": 1.5}), "must both lie in (0, 1), got 0.0001, 1.5"),

@@ -30,7 +30,7 @@ from difftool.schedulers import (
     get_spec,
     make_scheduler,
     model_calls,
-    step_accepts_generator,
+    step_options,
     supports_karras,
 )
 
@@ -124,7 +124,10 @@ def test_karras_sigmas_where_supported(unet, spec):
     plain = make_scheduler(spec.name, training_config(), steps=STEPS)
     karras.set_timesteps(STEPS)
     plain.set_timesteps(STEPS)
-    assert float(karras.sigmas[0]) == pytest.approx(sigma_max(training_config()), rel=1e-4)
+    # Karras sigmas span the same range as the plain schedule, only spaced differently.
+    assert float(karras.sigmas[0]) == pytest.approx(float(plain.sigmas[0]), rel=1e-4)
+    if spec.spacing == "trailing":
+        assert float(karras.sigmas[0]) == pytest.approx(sigma_max(training_config()), rel=1e-4)
     assert not torch.allclose(karras.sigmas, plain.sigmas)
     images = sample(unet, spec.name, [0], karras_sigmas=True)
     assert torch.isfinite(images).all()
@@ -140,7 +143,10 @@ def test_prediction_types_are_checked_up_front(unet, spec, kind):
         return
     with pytest.raises(UserError, match=f"{spec.name} cannot sample .* prediction_type '{kind}'.*ddim"):
         make_scheduler(spec.name, config, steps=STEPS)
-    # ...because diffusers itself would fail at the first step
+    # ...because diffusers itself would fail at the first step; PNDM with v-prediction does not fail but
+    # is inexact (it mixes v of different steps), which the answer test below would show.
+    if spec.name == "pndm" and kind == "v_prediction":
+        return
     raw = spec.scheduler_class.from_config(config, **spec.settings)
     raw.set_timesteps(STEPS)
     x = torch.zeros(1, *SHAPE)
@@ -175,7 +181,8 @@ def test_ddpm_pipeline_breaks_on_schedulers_without_generator(unet):
 
 @pytest.mark.parametrize("name", ["unipc", "heun", "pndm", "deis"])
 def test_our_loop_gives_generators_only_to_schedulers_that_take_them(unet, name):
-    assert not step_accepts_generator(make_scheduler(name, training_config(), steps=STEPS))
+    options = step_options(make_scheduler(name, training_config(), steps=STEPS), generators=image_generators(0, [0]), eta=None)
+    assert "generator" not in options
     assert torch.isfinite(sample(unet, name, [0, 1])).all()
 
 
@@ -185,7 +192,7 @@ def test_sigma_schedulers_see_unit_variance_inputs(unet, name):
     scheduler = make_scheduler(name, training_config(), steps=STEPS)
     noise = initial_noise(image_generators(0, range(4)), SHAPE, "cpu")
     denoise(recorder, scheduler, noise, steps=STEPS)
-    assert scheduler.init_noise_sigma > 10  # the unscaled first sample would have std ~ sigma_max
+    assert scheduler.init_noise_sigma > 5  # the unscaled first sample would have std ~ sigma
     assert float(recorder.inputs[0].std()) == pytest.approx(1.0, abs=0.15)
 
 
@@ -223,6 +230,9 @@ def test_short_schedules_start_at_pure_noise(spec):
     config = training_config()
     scheduler = make_scheduler(spec.name, config, steps=STEPS)
     scheduler.set_timesteps(STEPS)
+    if spec.spacing == "leading":  # heun and pndm: see the registry for why they start below T - 1
+        assert float(scheduler.timesteps[0]) < T - 1
+        return
     assert float(scheduler.timesteps[0]) == T - 1
     if hasattr(scheduler, "sigmas"):
         assert float(scheduler.sigmas[0]) == pytest.approx(sigma_max(config), rel=1e-4)
@@ -261,10 +271,57 @@ def test_matches_the_diffusers_pipeline(unet, name, pipeline_class):
     scheduler = make_scheduler(name, training_config(), steps=STEPS, eta=0.0 if name == "ddim" else None)
     pipe = pipeline_class(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    # DDIM with clipping recomputes epsilon from the clipped x0 (as guided-diffusion's DDIM does); the
+    # pipeline does so only when asked, its default washes images out.
+    clipped = {"use_clipped_model_output": True} if name == "ddim" else {}
     expected = pipe(batch_size=3, generator=image_generators(0, range(3)), num_inference_steps=STEPS,
-                    output_type="pt").images
+                    output_type="pt", **clipped).images
     ours = sample(unet, name, range(3), eta=0.0 if name == "ddim" else None)
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+class KnowsTheAnswer:
+    """An analytic model (diffusers' tests use one too): it predicts exactly the noise, v or x0 that
+    turns every x_t into the fixed image `answer`. Any correct sampler must end at `answer`."""
+
+    dtype = torch.float32
+
+    def __init__(self, config: dict, answer: torch.Tensor):
+        self.alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+        self.kind, self.answer = config["prediction_type"], answer
+
+    def __call__(self, x_t, t, **kwargs):
+        alpha_bar = self.alphas_cumprod[round(float(t))]
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        eps = (x_t - a * self.answer) / s
+        out = {"epsilon": eps, "v_prediction": a * eps - s * self.answer, "sample": self.answer.expand_as(x_t)}[self.kind]
+        return type("Output", (), {"sample": out})
+
+
+def answer(scale: float) -> torch.Tensor:
+    return scale * torch.linspace(-1, 1, 3 * 8 * 8).reshape(SHAPE)
+
+
+@pytest.mark.parametrize(("spec", "kind"), [(spec, kind) for spec in SCHEDULERS for kind in spec.prediction_types],
+                         ids=lambda v: v if isinstance(v, str) else v.name)
+def test_a_model_that_knows_the_answer_is_sampled_to_it(spec, kind):
+    # beta_start 1e-6: DEIS ends at t = 0 rather than at sigma 0, so t = 0 must be almost noise-free
+    config = training_config(prediction_type=kind, clip_sample=False, beta_start=1e-6)
+    noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
+    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler(spec.name, config, steps=STEPS), noise,
+                  steps=STEPS, generators=image_generators(0, [0, 1]))
+    torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
+
+
+@BY_NAME
+def test_every_scheduler_keeps_clip_sample(spec):
+    """x0 beyond [-1, 1] is clipped by every sampler of a clip_sample model: natively, by thresholding,
+    or (euler, euler-a, lms, pndm) by the loop. Unclipped, cosine-schedule models give noise with euler."""
+    config = training_config(clip_sample=True, beta_start=1e-6)
+    noise = initial_noise(image_generators(0, [0]), SHAPE, "cpu")
+    out = denoise(KnowsTheAnswer(config, answer(1.5)), make_scheduler(spec.name, config, steps=STEPS), noise,
+                  steps=STEPS, generators=image_generators(0, [0]))
+    torch.testing.assert_close(out, answer(1.5).clamp(-1, 1).expand_as(out), atol=5e-3, rtol=0)
 
 
 # ---------------------------------------------------------------- options
