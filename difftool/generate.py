@@ -110,13 +110,16 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     output = Path(output) if output else default_output(source, plan.settings)
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
+    settings_record = {**plan.settings, "num_images": request.num_images, "format": request.format}
     if state.is_main_process:
         _prepare_output(output, request.format, overwrite=overwrite)
+        # Written first, so that an interrupted request can be resumed and checked against it.
+        write_text(output / SETTINGS_FILE, json.dumps(settings_record, indent=2) + "\n")
     state.wait_for_everyone()
 
     batches = [todo[i : i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
     mine = batches[state.process_index :: state.num_processes]
-    unet = model.unet.to(state.device, DTYPES[request.dtype]).eval()
+    unet = _place(model.unet, state.device, DTYPES[request.dtype]).eval()
     if request.compile:
         unet = torch.compile(unet)
     start = time.perf_counter()
@@ -134,8 +137,6 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
         if request.format == "npz":
             _merge_parts(output, request.num_images, plan.class_ids is not None)
         grid = _write_grid(output, request.format, plan, request.num_images)
-        write_text(output / SETTINGS_FILE, json.dumps({**plan.settings, "num_images": request.num_images,
-                                                       "format": request.format}, indent=2) + "\n")
     state.wait_for_everyone()
     return SampleResult(output, len(todo), request.num_images, seconds, grid)
 
@@ -311,6 +312,13 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- making and writing images
+
+
+def _place(unet, device, dtype):
+    """Move and cast the UNet; diffusers' `.to` warns about keep-in-fp32 modules even when there are none."""
+    if getattr(unet, "_keep_in_fp32_modules", None):
+        return unet.to(device, dtype)
+    return torch.nn.Module.to(unet, device, dtype)
 
 
 def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, batch: list[int], device,

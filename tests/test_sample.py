@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +179,15 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, args, fragments):
     assert not list(Path(".").glob("out/0*.png")), "nothing is written"
 
 
-def test_not_a_model_says_what_was_expected(tmp_path):
+def test_not_a_model_says_what_was_expected(tmp_path, tiny_run):
     (tmp_path / "folder").mkdir()
     assert_user_error(invoke(tmp_path / "folder"), "not a model", "run folder")
     assert_user_error(invoke(tmp_path / "missing"), "does not exist")
+    unet = tmp_path / "unet"
+    shutil.copytree(tiny_run / "model" / "unet", unet)
+    config = json.loads((unet / "config.json").read_text())
+    (unet / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
+    assert_user_error(invoke(unet, "-o", "out"), "do not match its config")
 
 
 @pytest.mark.slow
@@ -192,6 +200,29 @@ def test_two_processes_write_the_same_files_as_one(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(pixels(tmp_path / "two", 5), pixels(tmp_path / "one", 5))
     assert (tmp_path / "two" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_images_and_resume_completes_them(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    cmd = difftool_cmd() + ["sample", str(tiny_run), "-n", "100", "--batch-size", "2", "--steps", "10",
+                            "--format", "npz", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list((out / ".parts").glob("part-*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    kept = len(list((out / ".parts").glob("part-*.npz")))
+    assert 2 <= kept < 50, "finished batches are kept, the request was not complete"
+    resumed = subprocess.run(cmd + ["--resume", "-q"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{100 - 2 * kept} new of 100" in resumed.stderr
+    reference = tmp_path / "ref"
+    assert invoke(tiny_run, "-n", "100", "--batch-size", "2", "--steps", "10", "--format", "npz", "-o", reference, "-q").exit_code == 0
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], np.load(reference / "samples.npz")["arr_0"])
 
 
 def test_runs_as_a_module_for_accelerate_launch():

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from difftool.cli import options
-from difftool.cli.errors import USER_ERROR_EXIT, rank_zero, report, user_errors
+from difftool.cli.errors import rank_zero, user_errors
+from difftool.errors import UserError
 from difftool.launch import forward_options, launch
 from difftool.progress import console
 
@@ -54,8 +55,7 @@ def sample(
     from difftool.generate import SampleRequest, generate
 
     if overwrite and resume:
-        report("--overwrite and --resume exclude each other: choose one")
-        raise typer.Exit(USER_ERROR_EXIT)
+        raise UserError("--overwrite and --resume exclude each other: choose one")
     if num_processes > 1:
         args = [model] + forward_options([
             ("--scheduler", scheduler), ("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size),
@@ -74,7 +74,9 @@ def sample(
     try:
         result = generate(model, request, output, overwrite=overwrite, resume=resume, show_progress=not quiet)
     except KeyboardInterrupt:
-        report("interrupted: the finished images are kept; run the same command with --resume to make the rest")
+        if rank_zero():
+            console.print("[yellow]stopped[/]: the finished images are kept; run the same command with --resume "
+                          "to make the rest")
         raise typer.Exit(130) from None
     if rank_zero():
         rate = f" in {result.seconds:.1f} s ({result.made / result.seconds:.2f} img/s)" if result.made else ""
