@@ -124,9 +124,10 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
         unet = torch.compile(unet)
     start = time.perf_counter()
     with SamplingProgress(len(todo), enabled=show_progress and state.is_main_process) as progress:
+        # Rank 0's bar stands for all processes: its share of the images, scaled up to the whole.
+        scale = len(todo) / max(1, sum(len(batch) for batch in mine))
         for batch in mine:
-            # All processes advance alike; rank 0's bar counts for them all.
-            per_step = len(batch) * state.num_processes / plan.model_calls
+            per_step = len(batch) * scale / plan.model_calls
             images = _make_batch(unet, model, plan, request, batch, state.device,
                                  on_step=functools.partial(progress.advance, per_step))
             _write_batch(output, plan, request.format, batch, images)
