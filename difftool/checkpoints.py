@@ -389,3 +389,15 @@ def _download(ref: str) -> Path:
         raise UserError(f"cannot download '{ref}' from the Hugging Face Hub ({reason}); "
                         f"check the id and your connection, or give a local path") from err
     return folder
+
+
+def sampling_defaults(source: str | Path):
+    """The recipe's `sample` settings (SampleConfig) when `source` is a run folder or inside one, else None."""
+    path = Path(source)
+    for folder in (path, path.parent, path.parent.parent):
+        if RunDir(folder).is_run():
+            try:
+                return read_config(RunDir(folder).config).sample
+            except UserError:
+                return None
+    return None

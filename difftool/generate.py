@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from difftool import __version__
-from difftool.checkpoints import LoadedModel, load_model
-from difftool.config import did_you_mean, read_config
+from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
+from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, console
-from difftool.rundir import CONFIG_FILE, TMP_PREFIX, atomic_path, write_text
+from difftool.rundir import TMP_PREFIX, atomic_path, write_text
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import get_spec, make_scheduler
 
@@ -106,7 +106,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     if state.is_main_process:
         for note in model.notes:
             console.print(f"[yellow]note:[/] {note}")
-    plan = _plan(model, request, _recipe_defaults(source))
+    plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
@@ -158,18 +158,6 @@ def _check_request(request: SampleRequest, device: torch.device) -> None:
         raise UserError("--dtype fp16 needs a GPU; on CPU use bf16 (or fp32)")
 
 
-def _recipe_defaults(source: str | Path):
-    """The `sample` section of the training recipe when `source` is (inside) a run folder."""
-    path = Path(source)
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / CONFIG_FILE).is_file():
-            try:
-                return read_config(folder / CONFIG_FILE).sample
-            except UserError:
-                return None
-    return None
-
-
 def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     info = model.info
     name = request.scheduler or (defaults.scheduler if defaults else "ddim")
@@ -182,7 +170,7 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
                                eta=request.eta, timestep_spacing=request.timestep_spacing)
     scheduler.set_timesteps(steps)
     class_ids = resolve_classes(request.classes, info)
-    guidance = _guidance(request.guidance_scale, defaults, info, class_ids)
+    guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, info, class_ids)
     settings = {
         "difftool_version": __version__,
         "model": model.source,
@@ -200,44 +188,6 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     }
     return _Plan(settings, class_ids, info.get("label_names"), info.get("null_class"), guidance,
                  (info["channels"], info["resolution"], info["resolution"]), len(scheduler.timesteps))
-
-
-def resolve_classes(tokens: list[str] | None, info: dict) -> list[int] | None:
-    """`--class` names or ids -> class ids; a class-conditional model cycles through all by default."""
-    num_classes, names = info.get("num_classes"), info.get("label_names") or []
-    if not num_classes:
-        if tokens:
-            raise UserError("--class needs a class-conditional model; this one is unconditional")
-        return None
-    if not tokens:
-        return list(range(num_classes))
-    ids = []
-    lowered = [n.lower() for n in names]
-    for token in tokens:
-        if token.isdigit():
-            if int(token) >= num_classes:
-                raise UserError(f"--class {token} is out of range: the model has classes 0..{num_classes - 1}")
-            ids.append(int(token))
-        elif token.lower() in lowered:
-            ids.append(lowered.index(token.lower()))
-        else:
-            known = f": {', '.join(names)}" if names else f" 0..{num_classes - 1} (it has no class names)"
-            raise UserError(f"unknown class '{token}'{did_you_mean(token, names)}; the model knows{known}")
-    return ids
-
-
-def _guidance(requested: float | None, defaults, info: dict, class_ids: list[int] | None) -> float:
-    if class_ids is None:
-        if requested not in (None, 1.0):
-            raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
-        return 1.0
-    scale = requested if requested is not None else (defaults.guidance_scale if defaults else 1.0)
-    if scale < 0:
-        raise UserError(f"--guidance-scale must be at least 0, got {scale}")
-    if scale != 1.0 and info.get("null_class") is None:
-        raise UserError("this model has no null class recorded, so classifier-free guidance is not possible; "
-                        "use --guidance-scale 1")
-    return scale
 
 
 def default_output(source: str | Path, settings: dict) -> Path:

@@ -24,6 +24,30 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], dev
     return torch.stack([torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]).to(device)
 
 
+class Predictor:
+    """One model evaluation per call, in float32, with classifier-free guidance batched.
+
+    With guidance, the conditional and the unconditional (null class) halves run as one batch.
+    """
+
+    def __init__(self, unet, *, class_labels: torch.Tensor | None = None, null_class: int | None = None,
+                 guidance_scale: float = 1.0):
+        self.unet, self.dtype = unet, unet.dtype
+        self.guided = class_labels is not None and guidance_scale != 1.0
+        if self.guided and null_class is None:
+            raise ValueError("classifier-free guidance needs the null class id")
+        self.labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)]) if self.guided else class_labels
+        self.guidance_scale = guidance_scale
+
+    def __call__(self, model_in: torch.Tensor, t) -> torch.Tensor:
+        batch = torch.cat([model_in, model_in]) if self.guided else model_in
+        out = self.unet(batch.to(self.dtype), t, class_labels=self.labels).sample.to(model_in.dtype)
+        if self.guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + self.guidance_scale * (cond - uncond)
+        return out
+
+
 @torch.inference_mode()
 def denoise(
     unet,
@@ -37,33 +61,25 @@ def denoise(
     guidance_scale: float = 1.0,
     eta: float | None = None,
     on_step: Callable[[], None] | None = None,
+    replace_known: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise`; returns samples in model space (about [-1, 1]).
 
-    Classifier-free guidance runs the conditional and the unconditional (null class) halves in
-    one batched call when `guidance_scale != 1`. The sample stays in the dtype of `noise`
-    (float32) whatever the model's dtype, so half-precision models lose no accuracy in the
-    scheduler's arithmetic. `eta` goes to schedulers that take it (DDIM).
+    The sample stays in the dtype of `noise` (float32) whatever the model's dtype, so
+    half-precision models lose no accuracy in the scheduler's arithmetic. `eta` goes to
+    schedulers that take it (DDIM). `replace_known(scheduler, x, t)`, called before each model
+    call, lets inpainting put back the known region noised to t.
     """
+    predict = Predictor(unet, class_labels=class_labels, null_class=null_class, guidance_scale=guidance_scale)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
-    guided = class_labels is not None and guidance_scale != 1.0
-    if guided:
-        if null_class is None:
-            raise ValueError("classifier-free guidance needs the null class id")
-        labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
-    else:
-        labels = class_labels
     options = step_options(scheduler, generators=generators, eta=eta)
     clip = scheduler.config.get("clip_denoised", False)
-    model_dtype = unet.dtype
     for t in scheduler.timesteps:
+        if replace_known is not None:
+            x = replace_known(scheduler, x, t)
         model_in = scheduler.scale_model_input(x, t)
-        batch = torch.cat([model_in, model_in]) if guided else model_in
-        out = unet(batch.to(model_dtype), t, class_labels=labels).sample.to(x.dtype)
-        if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+        out = predict(model_in, t)
         if clip:
             out = clip_denoised(scheduler, out, model_in, t)
         x = scheduler.step(out, t, x, **options).prev_sample

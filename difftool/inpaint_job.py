@@ -1,0 +1,229 @@
+"""`difftool inpaint` as a library call: image and mask files in, filled images out.
+
+One image with one mask, or two folders of them matched by name. Sample k of an image comes
+from the generator seeded by (seed, k), as in `sample`. Every output name is decided, and
+checked against files already there, before any work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difftool import __version__
+from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
+from difftool.conditions import resolve_classes, resolve_guidance
+from difftool.errors import UserError
+from difftool.images import save_png
+from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
+from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
+from difftool.progress import SamplingProgress, console
+from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
+from difftool.schedulers import get_spec, make_scheduler
+
+REPAINT_STEPS = 250  # the RePaint paper's setting
+
+
+@dataclass
+class InpaintRequest:
+    method: str = "repaint"
+    scheduler: str | None = None  # blend only; default: the recipe's sampler, else ddim
+    steps: int | None = None
+    jump_length: int = 10
+    jump_n_sample: int = 10
+    num_samples: int = 1
+    seed: int = 0
+    batch_size: int = 16
+    classes: list[str] | None = None
+    guidance_scale: float | None = None
+    weights: str | None = None
+    invert: bool = False
+    grow: int = 0
+    crop: bool = False
+    comparison: bool = False
+
+
+@dataclass
+class InpaintResult:
+    outputs: list[Path]
+    comparisons: list[Path]
+    seconds: float
+
+
+@dataclass
+class _Job:
+    """One image + mask and the files its samples go to."""
+
+    image: Path
+    mask: Path
+    outputs: list[Path]
+
+    def comparison_path(self, output: Path) -> Path:
+        return output.with_name(f"{output.stem}-comparison.png")
+
+
+def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: Path | None, request: InpaintRequest,
+                  *, overwrite: bool = False, show_progress: bool = True) -> InpaintResult:
+    """Fill the white region of each mask in its image; returns the files written."""
+    _check_request(request)
+    jobs = _plan_jobs(Path(images), Path(masks), output, request)
+    if not overwrite:
+        _refuse_existing(jobs, request.comparison)
+    model = load_model(model_source, weights=request.weights)
+    for note in model.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    defaults = sampling_defaults(model_source)
+    class_ids = resolve_classes(request.classes, model.info)
+    guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, model.info, class_ids)
+    method = _Method(model, request, defaults)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = model.unet.to(device).eval()
+    settings = {
+        "difftool_version": __version__, "model": model.source, "model_hash": model.model_hash, "method": request.method,
+        **method.settings, "seed": request.seed, "guidance_scale": guidance, "invert": request.invert,
+        "grow": request.grow, "crop": request.crop,
+    }
+    written, compared, shown = [], [], set()
+    start = time.perf_counter()
+    total = len(jobs) * request.num_samples
+    with SamplingProgress(total, enabled=show_progress, label="inpaint") as progress:
+        for job in jobs:
+            pair = load_pair(job.image, job.mask, resolution=model.info["resolution"], channels=model.info["channels"],
+                             crop=request.crop, invert=request.invert, grow=request.grow)
+            notes = list(pair.notes)
+            if pair.coverage == 0:
+                notes.append(f"the mask {job.mask} is all black: nothing to generate, the image is copied")
+            elif pair.coverage == 1:
+                notes.append(f"the mask {job.mask} covers the whole image: that is plain sampling (difftool sample)")
+            for note in notes:
+                if note not in shown:
+                    shown.add(note)
+                    console.print(f"[yellow]note:[/] {note}")
+            for first in range(0, request.num_samples, request.batch_size):
+                indices = list(range(first, min(first + request.batch_size, request.num_samples)))
+                on_step = functools.partial(progress.advance, len(indices) / method.model_calls)
+                results = _fill(pair, unet, method, indices, class_ids, model.info.get("null_class"), guidance, device,
+                                on_step)
+                for index, result in zip(indices, results, strict=True):
+                    filled = paste_back(pair, result) if pair.coverage > 0 else pair.original
+                    meta = {**settings, "index": index, "image": job.image.name, "mask": job.mask.name}
+                    if class_ids:
+                        meta.update(class_id=class_ids[index % len(class_ids)])
+                        if model.info.get("label_names"):
+                            meta["class"] = model.info["label_names"][meta["class_id"]]
+                    save_png(filled, job.outputs[index], {k: str(v) for k, v in meta.items()})
+                    written.append(job.outputs[index])
+                    if request.comparison:
+                        save_png(comparison(pair, filled), job.comparison_path(job.outputs[index]))
+                        compared.append(job.comparison_path(job.outputs[index]))
+    return InpaintResult(written, compared, time.perf_counter() - start)
+
+
+class _Method:
+    """The chosen method with its scheduler and step count, resolved against the model."""
+
+    def __init__(self, model: LoadedModel, request: InpaintRequest, defaults):
+        self.model, self.request = model, request
+        total = model.scheduler_config["num_train_timesteps"]
+        if request.method == "repaint":
+            if request.scheduler is not None:
+                raise UserError("--scheduler applies to --method blend; RePaint uses DDPM steps of its own")
+            self.steps = request.steps or min(REPAINT_STEPS, total)
+            if not 1 <= self.steps <= total:
+                raise UserError(f"--steps must be between 1 and {total} (the model was trained with {total} timesteps), "
+                                f"got {self.steps}")
+            self.schedule = RepaintSchedule(self.steps, request.jump_length, request.jump_n_sample)
+            self.model_calls = self.schedule.model_calls()
+            self.settings = {"steps": self.steps, "jump_length": request.jump_length,
+                             "jump_n_sample": request.jump_n_sample}
+        else:
+            name = request.scheduler or (defaults.scheduler if defaults else "ddim")
+            spec = get_spec(name)
+            steps = request.steps
+            if steps is None:
+                steps = defaults.steps if defaults and request.scheduler is None else min(spec.recommended_steps, total)
+            self.name, self.steps = spec.name, steps
+            scheduler = make_scheduler(spec.name, model.scheduler_config, steps=steps)
+            scheduler.set_timesteps(steps)
+            self.model_calls = len(scheduler.timesteps)
+            self.settings = {"scheduler": spec.name, "steps": steps}
+
+    def scheduler(self):
+        from diffusers import DDPMScheduler
+
+        if self.request.method == "repaint":
+            return DDPMScheduler.from_config(self.model.scheduler_config)
+        return make_scheduler(self.name, self.model.scheduler_config, steps=self.steps)
+
+
+def _fill(pair: Pair, unet, method: _Method, indices: list[int], class_ids, null_class, guidance, device,
+          on_step) -> torch.Tensor:
+    """uint8 results (model resolution) for the given sample indices of one image."""
+    n = len(indices)
+    generators = image_generators(method.request.seed, indices)
+    noise = initial_noise(generators, tuple(pair.image.shape), device)
+    known = pair.image.to(device).expand(n, -1, -1, -1)
+    mask = pair.mask.to(device).expand(n, -1, -1, -1)
+    if pair.coverage == 0:  # nothing to generate: the caller keeps the original
+        return to_uint8(known)
+    labels = torch.tensor([class_ids[i % len(class_ids)] for i in indices], device=device) if class_ids else None
+    conditioning = {"class_labels": labels, "null_class": null_class, "guidance_scale": guidance}
+    if method.request.method == "repaint":
+        x = repaint(Predictor(unet, **conditioning), method.scheduler(), known, mask, noise, schedule=method.schedule,
+                    generators=generators, on_step=on_step)
+    else:
+        x = blend(conditioning, unet, method.scheduler(), known, mask, noise, steps=method.steps,
+                  generators=generators, on_step=on_step)
+    return to_uint8(x)
+
+
+def _check_request(request: InpaintRequest) -> None:
+    if request.method not in METHODS:
+        raise UserError(f"unknown --method '{request.method}': use {' or '.join(METHODS)}")
+    for flag, value in (("--num-samples", request.num_samples), ("--batch-size", request.batch_size),
+                        ("--jump-length", request.jump_length), ("--jump-n-sample", request.jump_n_sample)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if request.grow < 0:
+        raise UserError(f"--grow must be 0 or more pixels, got {request.grow}")
+
+
+def _plan_jobs(images: Path, masks: Path, output: Path | None, request: InpaintRequest) -> list[_Job]:
+    """Which image goes with which mask, and the output file of each sample."""
+    for path in (images, masks):
+        if not path.exists():
+            raise UserError(f"{path} does not exist")
+    n = request.num_samples
+    if images.is_dir():
+        if not masks.is_dir():
+            raise UserError(f"{images} is a folder, so the masks must be a folder too (files matched by name), "
+                            f"not {masks}")
+        folder = output or Path("inpainted")
+        if folder.suffix.lower() == ".png":
+            raise UserError(f"with folders of images, --output is a folder, not {folder}")
+        return [_Job(image, mask, _numbered(folder / f"{image.stem}.png", n)) for image, mask in find_pairs(images, masks)]
+    if masks.is_dir():
+        raise UserError(f"{masks} is a folder but {images} is one image; give one mask file")
+    if output is None:
+        target = Path(f"{images.stem}-inpainted.png")
+    elif output.suffix.lower() == ".png":
+        target = output
+    else:
+        target = output / f"{images.stem}.png"
+    return [_Job(images, masks, _numbered(target, n))]
+
+
+def _numbered(path: Path, n: int) -> list[Path]:
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(n)]
+
+
+def _refuse_existing(jobs: list[_Job], comparisons: bool) -> None:
+    taken = [p for job in jobs for out in job.outputs
+             for p in ([out, job.comparison_path(out)] if comparisons else [out]) if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise UserError(f"{taken[0]}{more} already exist; pass --overwrite to replace them or choose another --output")
