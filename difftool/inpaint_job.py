@@ -87,13 +87,14 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
         **method.settings, "seed": request.seed, "guidance_scale": guidance, "invert": request.invert,
         "grow": request.grow, "crop": request.crop,
     }
+    for job in jobs:  # every file is checked before anything is written
+        _load(job, model, request)
     written, compared, shown = [], [], set()
     start = time.perf_counter()
     total = len(jobs) * request.num_samples
     with SamplingProgress(total, enabled=show_progress, label="inpaint") as progress:
         for job in jobs:
-            pair = load_pair(job.image, job.mask, resolution=model.info["resolution"], channels=model.info["channels"],
-                             crop=request.crop, invert=request.invert, grow=request.grow)
+            pair = _load(job, model, request)
             notes = list(pair.notes)
             if pair.coverage == 0:
                 notes.append(f"the mask {job.mask} is all black: nothing to generate, the image is copied")
@@ -132,7 +133,7 @@ class _Method:
         if request.method == "repaint":
             if request.scheduler is not None:
                 raise UserError("--scheduler applies to --method blend; RePaint uses DDPM steps of its own")
-            self.steps = request.steps or min(REPAINT_STEPS, total)
+            self.steps = request.steps if request.steps is not None else min(REPAINT_STEPS, total)
             if not 1 <= self.steps <= total:
                 raise UserError(f"--steps must be between 1 and {total} (the model was trained with {total} timesteps), "
                                 f"got {self.steps}")
@@ -158,6 +159,11 @@ class _Method:
         if self.request.method == "repaint":
             return DDPMScheduler.from_config(self.model.scheduler_config)
         return make_scheduler(self.name, self.model.scheduler_config, steps=self.steps)
+
+
+def _load(job: _Job, model: LoadedModel, request: InpaintRequest) -> Pair:
+    return load_pair(job.image, job.mask, resolution=model.info["resolution"], channels=model.info["channels"],
+                     crop=request.crop, invert=request.invert, grow=request.grow)
 
 
 def _fill(pair: Pair, unet, method: _Method, indices: list[int], class_ids, null_class, guidance, device,

@@ -147,3 +147,113 @@ def test_each_sample_depends_only_on_seed_and_index():
     batch = fill([0, 1, 2])
     torch.testing.assert_close(batch[2], fill([2])[0], atol=1e-5, rtol=0)
     assert not torch.allclose(batch[0], batch[1])
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def photo(tmp_path) -> tuple[Path, Path]:
+    """A 12x10 RGB image (another size than the 8-px model) and a mask with a white block."""
+    rng = np.random.default_rng(0)
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(image)
+    block = np.zeros((10, 12), dtype=np.uint8)
+    block[3:7, 4:9] = 255
+    Image.fromarray(block).save(mask)
+    return image, mask
+
+
+def invoke(*args):
+    return runner.invoke(app, ["inpaint", *[str(a) for a in args]])
+
+
+def far_from_mask(mask_path: Path, margin: int = 3) -> np.ndarray:
+    """Pixels at least `margin` away from the white region: the paste-back leaves them untouched."""
+    white = np.array(Image.open(mask_path)) > 127
+    near = np.zeros_like(white)
+    for y, x in zip(*np.nonzero(white), strict=True):
+        near[max(0, y - margin) : y + margin + 1, max(0, x - margin) : x + margin + 1] = True
+    return ~near
+
+
+@pytest.mark.parametrize("method_args", [["--method", "blend", "--scheduler", "dpm-solver", "--steps", "4"],
+                                         ["--steps", "4", "--jump-length", "2", "--jump-n-sample", "2"]])
+def test_fills_the_mask_and_keeps_the_rest(tiny_run, photo, tmp_path, method_args):
+    image, mask = photo
+    out = tmp_path / "filled.png"
+    result = invoke(image, mask, "--model", tiny_run, "-o", out, "--comparison", "-q", *method_args)
+    assert result.exit_code == 0, result.output
+    filled, original = np.array(Image.open(out)), np.array(Image.open(image))
+    assert filled.shape == original.shape
+    keep = far_from_mask(mask)
+    assert np.array_equal(filled[keep], original[keep]), "the known region is the input"
+    assert not np.array_equal(filled[~keep], original[~keep]), "the masked region was generated"
+    assert Image.open(out).text["method"] == ("blend" if "blend" in method_args else "repaint")
+    assert Image.open(tmp_path / "filled-comparison.png").size[0] > 3 * Image.open(tmp_path / "filled-comparison.png").size[1] - 10
+
+
+def test_several_samples_and_folders(tiny_run, photo, tmp_path):
+    image, mask = photo
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for name in ("a", "b"):
+        Image.open(image).save(images / f"{name}.png")
+        Image.open(mask).save(masks / f"{name}.png")
+    result = invoke(images, masks, "--model", tiny_run, "-o", tmp_path / "out", "-n", "2", "--method", "blend",
+                    "--steps", "3", "-q")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["a-0.png", "a-1.png", "b-0.png", "b-1.png"]
+    a0, a1, b0 = (np.array(Image.open(tmp_path / "out" / n)) for n in ("a-0.png", "a-1.png", "b-0.png"))
+    assert not np.array_equal(a0, a1), "samples 0 and 1 come from different seeds"
+    assert np.array_equal(a0, b0), "the same image, mask and (seed, index) give the same filling"
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tiny_run, photo, tmp_path):
+    image, mask = photo
+    out = tmp_path / "filled.png"
+    out.write_bytes(b"precious")
+    assert_user_error(invoke(image, mask, "--model", tiny_run, "-o", out, "--method", "blend", "--steps", "2"),
+                      "already exist", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    result = invoke(image, mask, "--model", tiny_run, "-o", out, "--method", "blend", "--steps", "2", "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (12, 10)
+
+
+def test_all_black_mask_copies_and_all_white_mask_samples(tiny_run, photo, tmp_path):
+    image, _ = photo
+    black, white = tmp_path / "black.png", tmp_path / "white.png"
+    Image.new("L", (12, 10), 0).save(black)
+    Image.new("L", (12, 10), 255).save(white)
+    result = invoke(image, black, "--model", tiny_run, "-o", tmp_path / "same.png", "--method", "blend", "--steps", "2", "-q")
+    assert result.exit_code == 0 and "nothing to generate" in result.stderr
+    assert np.array_equal(np.array(Image.open(tmp_path / "same.png")), np.array(Image.open(image)))
+    result = invoke(image, white, "--model", tiny_run, "-o", tmp_path / "new.png", "--method", "blend", "--steps", "2", "-q")
+    assert result.exit_code == 0 and "plain sampling" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--method", "paint"], ["unknown --method 'paint'", "repaint or blend"]),
+    (["--scheduler", "ddim"], ["--scheduler applies to --method blend"]),
+    (["--method", "blend", "--scheduler", "ddmi"], ["did you mean 'ddim'"]),
+    (["--steps", "0"], ["between 1 and 50"]),
+    (["--num-samples", "0"], ["--num-samples must be at least 1"]),
+    (["--grow", "-1"], ["--grow"]),
+    (["--class", "hexagon"], ["unknown class 'hexagon'"]),
+])
+def test_bad_options(tiny_run, photo, tmp_path, args, fragments):
+    image, mask = photo
+    assert_user_error(invoke(image, mask, "--model", tiny_run, "-o", tmp_path / "x.png", *args), *fragments)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_files(tiny_run, photo, tmp_path):
+    image, mask = photo
+    assert_user_error(invoke(tmp_path / "nope.png", mask, "--model", tiny_run), "nope.png does not exist")
+    assert_user_error(invoke(image, tmp_path, "--model", tiny_run), "give one mask file")
+    assert_user_error(invoke(tmp_path, mask, "--model", tiny_run), "masks must be a folder")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert_user_error(invoke(image, broken, "--model", tiny_run, "-o", tmp_path / "y.png"), "broken.png")
