@@ -119,8 +119,10 @@ def blend_known(known: torch.Tensor, mask: torch.Tensor, generators: list[torch.
 
 
 def blend(predict_args: dict, unet, scheduler, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, *,
-          steps: int, generators: list[torch.Generator], on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """Sample with any scheduler, putting the noised known region back before every model call."""
-    x = denoise(unet, scheduler, noise, steps=steps, generators=generators, on_step=on_step,
+          steps: int, generators: list[torch.Generator], resample: int = 0,
+          on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Sample with any scheduler, putting the noised known region back before every model call;
+    `resample` rounds redo each step from its result noised back up, as RePaint does with jumps of 1."""
+    x = denoise(unet, scheduler, noise, steps=steps, generators=generators, on_step=on_step, resample=resample,
                 replace_known=blend_known(known, mask, generators), **predict_args)
     return mask * x + (1 - mask) * known

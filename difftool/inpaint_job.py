@@ -23,7 +23,7 @@ from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, console
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
-from difftool.schedulers import get_spec, make_scheduler
+from difftool.schedulers import SCHEDULERS, get_spec, make_scheduler
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 
@@ -35,6 +35,7 @@ class InpaintRequest:
     steps: int | None = None
     jump_length: int = 10
     jump_n_sample: int = 10
+    resample: int = 0  # blend only
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 16
@@ -131,8 +132,9 @@ class _Method:
         self.model, self.request = model, request
         total = model.scheduler_config["num_train_timesteps"]
         if request.method == "repaint":
-            if request.scheduler is not None:
-                raise UserError("--scheduler applies to --method blend; RePaint uses DDPM steps of its own")
+            if request.scheduler is not None or request.resample:
+                raise UserError("--scheduler and --resample apply to --method blend; RePaint uses DDPM steps and "
+                                "--jump-length / --jump-n-sample of its own")
             self.steps = request.steps if request.steps is not None else min(REPAINT_STEPS, total)
             if not 1 <= self.steps <= total:
                 raise UserError(f"--steps must be between 1 and {total} (the model was trained with {total} timesteps), "
@@ -147,11 +149,15 @@ class _Method:
             steps = request.steps
             if steps is None:
                 steps = defaults.steps if defaults and request.scheduler is None else min(spec.recommended_steps, total)
+            if request.resample and not spec.resamples:
+                able = ", ".join(s.name for s in SCHEDULERS if s.resamples)
+                raise UserError(f"--resample does not work with {spec.name}, whose steps build on past noise "
+                                f"estimates; use one of: {able}")
             self.name, self.steps = spec.name, steps
             scheduler = make_scheduler(spec.name, model.scheduler_config, steps=steps)
             scheduler.set_timesteps(steps)
-            self.model_calls = len(scheduler.timesteps)
-            self.settings = {"scheduler": spec.name, "steps": steps}
+            self.model_calls = len(scheduler.timesteps) * (1 + request.resample) - request.resample
+            self.settings = {"scheduler": spec.name, "steps": steps, "resample": request.resample}
 
     def scheduler(self):
         from diffusers import DDPMScheduler
@@ -183,13 +189,15 @@ def _fill(pair: Pair, unet, method: _Method, indices: list[int], class_ids, null
                     generators=generators, on_step=on_step)
     else:
         x = blend(conditioning, unet, method.scheduler(), known, mask, noise, steps=method.steps,
-                  generators=generators, on_step=on_step)
+                  generators=generators, resample=method.request.resample, on_step=on_step)
     return to_uint8(x)
 
 
 def _check_request(request: InpaintRequest) -> None:
     if request.method not in METHODS:
         raise UserError(f"unknown --method '{request.method}': use {' or '.join(METHODS)}")
+    if request.resample < 0:
+        raise UserError(f"--resample must be 0 or more rounds, got {request.resample}")
     for flag, value in (("--num-samples", request.num_samples), ("--batch-size", request.batch_size),
                         ("--jump-length", request.jump_length), ("--jump-n-sample", request.jump_n_sample)):
         if value < 1:

@@ -73,4 +73,4 @@ class SamplingProgress:
         self.progress.advance(self.task, images)
         speed = self.progress.tasks[0].speed
         if speed:
-            self.progress.update(self.task, ips=f"{speed:.1f}")
+            self.progress.update(self.task, ips=f"{speed:.1f}" if speed >= 1 else f"{speed:.3f}")

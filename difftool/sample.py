@@ -8,11 +8,12 @@ schedulers whose `step` takes one. Image i of a request depends only on (seed, i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
 
-from difftool.schedulers import clip_denoised, step_options
+from difftool.schedulers import clip_denoised, renoise, step_options
 
 
 def image_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -62,29 +63,40 @@ def denoise(
     eta: float | None = None,
     on_step: Callable[[], None] | None = None,
     replace_known: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    resample: int = 0,
 ) -> torch.Tensor:
     """Run the reverse process from `noise`; returns samples in model space (about [-1, 1]).
 
     The sample stays in the dtype of `noise` (float32) whatever the model's dtype, so
     half-precision models lose no accuracy in the scheduler's arithmetic. `eta` goes to
     schedulers that take it (DDIM). `replace_known(scheduler, x, t)`, called before each model
-    call, lets inpainting put back the known region noised to t.
+    call, lets inpainting put back the known region noised to t; `resample` rounds then redo each
+    step (but the last) that many times from the result noised back to t, the scheduler's state
+    restored, so the known and generated regions can agree.
     """
     predict = Predictor(unet, class_labels=class_labels, null_class=null_class, guidance_scale=guidance_scale)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     options = step_options(scheduler, generators=generators, eta=eta)
     clip = scheduler.config.get("clip_denoised", False)
-    for t in scheduler.timesteps:
-        if replace_known is not None:
-            x = replace_known(scheduler, x, t)
-        model_in = scheduler.scale_model_input(x, t)
-        out = predict(model_in, t)
-        if clip:
-            out = clip_denoised(scheduler, out, model_in, t)
-        x = scheduler.step(out, t, x, **options).prev_sample
-        if on_step is not None:
-            on_step()
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        rounds = resample + 1 if i + 1 < len(timesteps) else 1
+        for round_ in range(rounds):
+            if replace_known is not None:
+                x = replace_known(scheduler, x, t)
+            before = copy.deepcopy(scheduler) if round_ + 1 < rounds else None
+            model_in = scheduler.scale_model_input(x, t)
+            out = predict(model_in, t)
+            if clip:
+                out = clip_denoised(scheduler, out, model_in, t)
+            x = scheduler.step(out, t, x, **options).prev_sample
+            if on_step is not None:
+                on_step()
+            if before is not None:
+                noise = initial_noise(generators, x.shape[1:], x.device) if generators else torch.randn_like(x)
+                x = renoise(before, scheduler, x, t, timesteps[i + 1], noise)
+                scheduler = before
     return x
 
 

@@ -32,6 +32,9 @@ class SchedulerSpec:
     stochastic: bool = False
     prediction_types: tuple[str, ...] = PREDICTION_TYPES
     spacing: str = "trailing"  # default timestep spacing below T steps: start at t = T-1
+    # Inpainting's resampling redoes a step from freshly noised input: fine for schedulers whose history
+    # is x0 predictions, wrong for those that extrapolate past epsilons (LMS, PLMS) or split a step (Heun).
+    resamples: bool = True
 
     @property
     def scheduler_class(self) -> type:
@@ -59,15 +62,16 @@ SCHEDULERS = [
     # Heun and PLMS average model outputs across a step; across the first step from t = T-1 (sigma in the
     # hundreds for cosine schedules) that average is far off and the images come out as noise, so they
     # start one step below T-1 ("leading").
-    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun 2nd order (two model calls per step)", 25, spacing="leading"),
+    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun 2nd order (two model calls per step)", 25, spacing="leading",
+                  resamples=False),
     # PNDM combines the raw outputs of past steps before converting v to epsilon, so v-prediction
     # models come out wrong (0.02 off on a model that knows the answer): epsilon only.
     # PNDM's Runge-Kutta warm-up needs at least 4 steps (fewer crash in diffusers) and costs 9 extra
     # model calls; its pseudo linear multistep part alone (PLMS) works at any step count.
     SchedulerSpec("pndm", "PNDMScheduler", "PNDM, linear multistep part (PLMS)", 50, aliases=("plms",),
                   settings={"skip_prk_steps": True, "set_alpha_to_one": True}, prediction_types=("epsilon",),
-                  spacing="leading"),
-    SchedulerSpec("lms", "LMSDiscreteScheduler", "linear multistep, order 4 (k-diffusion LMS)", 50),
+                  spacing="leading", resamples=False),
+    SchedulerSpec("lms", "LMSDiscreteScheduler", "linear multistep, order 4 (k-diffusion LMS)", 50, resamples=False),
 ]
 _BY_NAME = {alias: spec for spec in SCHEDULERS for alias in (spec.name, *spec.aliases)}
 
@@ -208,6 +212,27 @@ def clip_denoised(scheduler, output: torch.Tensor, model_input: torch.Tensor, t)
     x0 = x0.clamp(-1, 1)
     eps = (model_input - a * x0) / s
     return eps if kind == "epsilon" else a * eps - s * x0
+
+
+def renoise(before, after, x: torch.Tensor, t, t_next, noise: torch.Tensor) -> torch.Tensor:
+    """Take a sample at the level of `t_next` back up to the level of `t`, in the scheduler's own frame.
+
+    `before` and `after` are the scheduler just before and after the step from t to t_next. The
+    levels are read off `add_noise` (x = a * x0 + s * noise: variance-preserving, or a = 1 and
+    s = sigma for Euler-type schedulers), so this needs no per-scheduler formula.
+    """
+    a_t, s_t = _level(before, t, x)
+    a_n, s_n = _level(after, t_next, x)
+    ratio = a_t / a_n
+    return ratio * x + (s_t**2 - ratio**2 * s_n**2).clamp(min=0).sqrt() * noise
+
+
+def _level(scheduler, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if getattr(scheduler, "begin_index", 0) is None:
+        scheduler.set_begin_index(0)
+    unit, zero = torch.ones_like(like[:1]), torch.zeros_like(like[:1])
+    timesteps = t.reshape(1) if torch.is_tensor(t) else torch.tensor([t])
+    return scheduler.add_noise(unit, zero, timesteps), scheduler.add_noise(zero, unit, timesteps)
 
 
 def _alpha_bar(scheduler, t, device) -> torch.Tensor:

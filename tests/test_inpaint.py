@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from difftool.cli.app import app
 from difftool.inpaint import RepaintSchedule, blend, repaint
 from difftool.sample import Predictor, image_generators, initial_noise
-from difftool.schedulers import SCHEDULERS, make_scheduler
+from difftool.schedulers import SCHEDULERS, make_scheduler, model_calls
 from tests.conftest import assert_user_error
 
 T, SHAPE = 50, (3, 16, 16)
@@ -90,13 +90,15 @@ def test_repaint_fills_with_the_answer_and_keeps_the_known_region():
     assert torch.equal(out[~inside], known_image()[~inside])
 
 
-@pytest.mark.parametrize("spec", SCHEDULERS, ids=lambda spec: spec.name)
-def test_blend_fills_with_the_answer_with_every_scheduler(spec):
+@pytest.mark.parametrize(("spec", "resample"), [(spec, r) for spec in SCHEDULERS for r in ([0, 2] if spec.resamples else [0])],
+                         ids=lambda v: v.name if hasattr(v, "name") else str(v))
+def test_blend_fills_with_the_answer_with_every_scheduler(spec, resample):
     model = KnowsTheAnswer(answer())
     generators = image_generators(0, [0, 1])
     noise = initial_noise(generators, SHAPE, "cpu")
     out = blend({}, model, make_scheduler(spec.name, training_config(), steps=10), known_image(), centre_mask(), noise,
-                steps=10, generators=generators)
+                steps=10, generators=generators, resample=resample)
+    assert len(model.calls) == model_calls(spec, 10, training_config()) * (1 + resample) - resample
     inside = centre_mask().bool().expand_as(out)
     torch.testing.assert_close(out[inside], answer().expand_as(out)[inside], atol=5e-3, rtol=0)
     assert torch.equal(out[~inside], known_image()[~inside])
@@ -119,16 +121,31 @@ def test_repaint_noises_the_known_region_to_the_level_of_each_model_call():
     assert min(stds) > 0.9 and max(stds) < 1.1, stds
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpm-solver", "heun"])
-def test_blend_noises_the_known_region_to_the_level_of_each_model_call(name):
+@pytest.mark.parametrize("resample", [0, 2])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler-a", "dpm-solver", "unipc"])
+def test_blend_noises_the_known_region_to_the_level_of_each_model_call(name, resample):
     model = KnowsTheAnswer(answer())
     known = known_image().repeat(4, 1, 1, 1)
     generators = image_generators(0, range(8))
     scheduler = make_scheduler(name, training_config(), steps=10)
     blend({}, model, scheduler, known, centre_mask(), initial_noise(generators, SHAPE, "cpu"), steps=10,
-          generators=generators)
+          generators=generators, resample=resample)
     stds = implied_noise_std(model.calls, known, centre_mask())
     assert min(stds) > 0.9 and max(stds) < 1.1, stds
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm-solver", "deis"])
+def test_resampling_noises_the_whole_sample_back_to_its_level(name):
+    """After a resampling round the generated region too must sit at the level of t again."""
+    model = KnowsTheAnswer(answer())
+    known = known_image().repeat(4, 1, 1, 1)
+    generators = image_generators(0, range(8))
+    scheduler = make_scheduler(name, training_config(), steps=10)
+    blend({}, model, scheduler, known, torch.ones(1, 1, *SHAPE[1:]), initial_noise(generators, SHAPE, "cpu"),
+          steps=10, generators=generators, resample=1)
+    target = answer().expand_as(known)
+    stds = [float(((x - ab.sqrt() * target) / (1 - ab).sqrt()).std()) for x, ab in model.calls[1:]]
+    assert min(stds) > 0.85 and max(stds) < 1.15, stds
 
 
 def test_each_sample_depends_only_on_seed_and_index():
@@ -236,7 +253,8 @@ def test_all_black_mask_copies_and_all_white_mask_samples(tiny_run, photo, tmp_p
 
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--method", "paint"], ["unknown --method 'paint'", "repaint or blend"]),
-    (["--scheduler", "ddim"], ["--scheduler applies to --method blend"]),
+    (["--scheduler", "ddim"], ["--scheduler and --resample apply to --method blend"]),
+    (["--method", "blend", "--scheduler", "lms", "--resample", "2"], ["--resample does not work with lms", "ddim"]),
     (["--method", "blend", "--scheduler", "ddmi"], ["did you mean 'ddim'"]),
     (["--steps", "0"], ["between 1 and 50"]),
     (["--num-samples", "0"], ["--num-samples must be at least 1"]),

@@ -36,6 +36,7 @@ def inpaint(
     steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: 250 for repaint; the recipe's or the scheduler's for blend.")] = None,
     jump_length: Annotated[int, typer.Option(help="RePaint: levels to go back up at each resampling point.")] = 10,
     jump_n_sample: Annotated[int, typer.Option(help="RePaint: passes over each stretch (1 = no resampling).")] = 10,
+    resample: Annotated[int, typer.Option(help="Blend: redo each step N more times from its result noised back up (slower, better seams).")] = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Fillings per image, from seeds (seed, 0..N-1).")] = 1,
     seed: Annotated[int, typer.Option(help="Sample k comes from (seed, k).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples of one image per model call.")] = 16,
@@ -54,6 +55,7 @@ def inpaint(
 
     request = InpaintRequest(
         method=method, scheduler=scheduler, steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample,
+        resample=resample,
         num_samples=num_samples, seed=seed, batch_size=batch_size, classes=classes, guidance_scale=guidance_scale,
         weights=weights, invert=invert, grow=grow, crop=crop, comparison=with_comparison,
     )
