@@ -78,8 +78,7 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
     for note in model.notes:
         console.print(f"[yellow]note:[/] {note}")
     defaults = sampling_defaults(model_source)
-    class_ids = resolve_classes(request.classes, model.info)
-    guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, model.info, class_ids)
+    class_ids, guidance = _conditioning(request, model.info, defaults)
     method = _Method(model, request, defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = model.unet.to(device).eval()
@@ -115,8 +114,8 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
                     meta = {**settings, "index": index, "image": job.image.name, "mask": job.mask.name}
                     if class_ids:
                         meta.update(class_id=class_ids[index % len(class_ids)])
-                        if model.info.get("label_names"):
-                            meta["class"] = model.info["label_names"][meta["class_id"]]
+                        names = model.info.get("label_names") or []
+                        meta["class"] = names[meta["class_id"]] if meta["class_id"] < len(names) else "none"
                     save_png(filled, job.outputs[index], {k: str(v) for k, v in meta.items()})
                     written.append(job.outputs[index])
                     if request.comparison:
@@ -165,6 +164,23 @@ class _Method:
         if self.request.method == "repaint":
             return DDPMScheduler.from_config(self.model.scheduler_config)
         return make_scheduler(self.name, self.model.scheduler_config, steps=self.steps)
+
+
+def _conditioning(request: InpaintRequest, info: dict, defaults) -> tuple[list[int] | None, float]:
+    """Class ids to cycle through and the guidance scale.
+
+    Unlike `sample`, a class-conditional model fills in without a class unless `--class` is
+    given: its null class, which label dropout trained, lets the image itself decide.
+    """
+    null_class = info.get("null_class")
+    if not request.classes and info.get("num_classes") and null_class is not None:
+        if request.guidance_scale not in (None, 1.0):
+            raise UserError("--guidance-scale needs --class when inpainting (without a class the model fills in "
+                            "unconditionally)")
+        return [null_class], 1.0
+    class_ids = resolve_classes(request.classes, info)
+    default = defaults.guidance_scale if defaults else None
+    return class_ids, resolve_guidance(request.guidance_scale, default, info, class_ids)
 
 
 def _load(job: _Job, model: LoadedModel, request: InpaintRequest) -> Pair:

@@ -227,6 +227,17 @@ def test_several_samples_and_folders(tiny_run, photo, tmp_path):
     assert np.array_equal(a0, b0), "the same image, mask and (seed, index) give the same filling"
 
 
+def test_class_conditional_models_fill_in_without_a_class_unless_asked(tiny_run, photo, tmp_path):
+    image, mask = photo
+    common = ["--model", tiny_run, "--method", "blend", "--steps", "3", "-q"]
+    assert invoke(image, mask, *common, "-o", tmp_path / "free.png").exit_code == 0
+    assert invoke(image, mask, *common, "-o", tmp_path / "ring.png", "--class", "ring", "--guidance-scale", "2").exit_code == 0
+    free, ring = Image.open(tmp_path / "free.png"), Image.open(tmp_path / "ring.png")
+    assert (free.text["class"], free.text["class_id"], free.text["guidance_scale"]) == ("none", "5", "1.0")
+    assert (ring.text["class"], ring.text["guidance_scale"]) == ("ring", "2.0")
+    assert not np.array_equal(np.array(free), np.array(ring))
+
+
 def test_existing_outputs_are_kept_unless_overwrite(tiny_run, photo, tmp_path):
     image, mask = photo
     out = tmp_path / "filled.png"
@@ -260,6 +271,7 @@ def test_all_black_mask_copies_and_all_white_mask_samples(tiny_run, photo, tmp_p
     (["--num-samples", "0"], ["--num-samples must be at least 1"]),
     (["--grow", "-1"], ["--grow"]),
     (["--class", "hexagon"], ["unknown class 'hexagon'"]),
+    (["--guidance-scale", "3"], ["--guidance-scale needs --class"]),
 ])
 def test_bad_options(tiny_run, photo, tmp_path, args, fragments):
     image, mask = photo
