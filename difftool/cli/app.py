@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import inpaint, recipes, sample, schedulers, train
+from difftool.cli import convert, inpaint, recipes, sample, schedulers, train
 from difftool.cli.errors import debug_enabled, report, set_debug
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("schedulers")(schedulers.schedulers)
 app.command("inpaint")(inpaint.inpaint)
+app.command("convert")(convert.convert)
+app.command("inspect")(convert.inspect)
 app.add_typer(recipes.app, name="recipes")
 
 

@@ -1,0 +1,295 @@
+"""The ddpm-original importer against a re-implementation of pytorch_diffusion's `Model`.
+
+`ReferenceModel` follows pesser/pytorch_diffusion's model.py (itself checked against Ho et al.'s
+TensorFlow code) with the same parameter names, so its state dict has the release's keys; the
+converted UNet2DModel must give the same outputs for random weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+
+from difftool.errors import UserError
+from difftool.importers import ddpm_original
+
+SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,), "resolution": 16}
+# Three levels, two res blocks, attention on the first level: up.0 becomes up_blocks.2.
+DEEPER = {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 2, "attn_resolutions": (16,), "resolution": 16}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(0.1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, height, width = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).reshape(b, c, height * width) for conv in (self.q, self.k, self.v))
+        weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * c**-0.5, dim=2)  # query i attends to key j
+        out = torch.einsum("bij,bcj->bci", weights, v).reshape(b, c, height, width)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ReferenceModel(nn.Module):
+    """pytorch_diffusion's `Model` with resamp_with_conv=True, in_channels = out_ch = 3."""
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, resolution):
+        super().__init__()
+        self.ch, self.levels, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
+        temb_ch = 4 * ch
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        widths = [ch * m for m in ch_mult]
+        skips, res, block_in = [ch], resolution, ch  # skips: channels of each saved activation
+        self.down = nn.ModuleList()
+        for level, width in enumerate(widths):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, width, temb_ch))
+                block_in = width
+                if res in attn_resolutions:
+                    down.attn.append(AttnBlock(width))
+                skips.append(width)
+            if level != self.levels - 1:
+                down.downsample = Downsample(width)
+                skips.append(width)
+                res //= 2
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch)
+        ups = {}
+        for level in reversed(range(self.levels)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in + skips.pop(), widths[level], temb_ch))
+                block_in = widths[level]
+                if res in attn_resolutions:
+                    up.attn.append(AttnBlock(block_in))
+            if level != 0:
+                up.upsample = Upsample(block_in)
+                res *= 2
+            ups[level] = up
+        self.up = nn.ModuleList(ups[level] for level in range(self.levels))  # indexed by level, as in the release
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](timestep_embedding(t, self.ch))))
+        hs = [self.conv_in(x)]
+        for level, down in enumerate(self.down):
+            for i, block in enumerate(down.block):
+                h = block(hs[-1], temb)
+                hs.append(down.attn[i](h) if len(down.attn) else h)
+            if level != self.levels - 1:
+                hs.append(down.downsample(hs[-1]))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+        for level in reversed(range(self.levels)):
+            up = self.up[level]
+            for i, block in enumerate(up.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                h = up.attn[i](h) if len(up.attn) else h
+            if level != 0:
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def reference(arguments: dict, seed: int = 0) -> ReferenceModel:
+    """Every parameter random (N(0, 0.05^2), GroupNorm scales around 1), so no layer is silent or an identity.
+
+    Scales near 1 keep every residual branch loud: with scales near 0 a swapped q and k would
+    change the output by less than the tolerance.
+    """
+    model = ReferenceModel(**arguments).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            param.copy_(base + torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def load_unet(imported) -> UNet2DModel:
+    unet = UNet2DModel(**imported.unet_config).eval()
+    unet.load_state_dict(imported.state, strict=True)
+    return unet
+
+
+def inputs(resolution: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arguments", [SMALL, DEEPER], ids=["small", "deeper"])
+def test_converted_unet_matches_the_original_model(arguments):
+    original = reference(arguments)
+    unet = load_unet(ddpm_original.convert(original.state_dict()))
+    x = inputs(arguments["resolution"])
+    with torch.no_grad():
+        for t in ([0, 999], [17, 500]):
+            t = torch.tensor(t)
+            expected = original(x, t)
+            assert expected.abs().mean() > 0.1  # a signal far above the tolerance
+            torch.testing.assert_close(unet(x, t).sample, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inferred_config():
+    config = ddpm_original.convert(reference(DEEPER).state_dict()).unet_config
+    assert config["block_out_channels"] == [32, 64, 64]
+    assert config["layers_per_block"] == 2
+    assert config["down_block_types"] == ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
+    assert config["up_block_types"] == ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"]
+    assert (config["in_channels"], config["out_channels"]) == (3, 3)
+
+
+def test_saved_and_reloaded_unet_gives_the_same_output(tmp_path):
+    original = reference(SMALL)
+    unet = load_unet(ddpm_original.convert(original.state_dict(), resolution=16))
+    unet.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = UNet2DModel.from_pretrained(tmp_path).eval()
+    x, t = inputs(16), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t).sample, original(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_detect():
+    state = reference(SMALL).state_dict()
+    assert ddpm_original.detect(state)
+    assert ddpm_original.detect({"state_dict": state})
+    assert not ddpm_original.detect(load_unet(ddpm_original.convert(state)).state_dict())
+    assert not ddpm_original.detect({"model": {}})
+    assert not ddpm_original.detect([torch.zeros(1)])
+
+
+def test_wrapped_state_dict_converts_like_the_bare_one():
+    state = reference(SMALL).state_dict()
+    bare, wrapped = ddpm_original.convert(state), ddpm_original.convert({"state_dict": state})
+    assert wrapped.unet_config == bare.unet_config
+    assert wrapped.state.keys() == bare.state.keys()
+
+
+def test_extra_key_is_named():
+    state = reference(SMALL).state_dict()
+    state["ema.decay"] = torch.tensor(0.9999)
+    with pytest.raises(UserError, match=r"1 keys this importer does not know \(first: ema\.decay\)"):
+        ddpm_original.convert(state)
+
+
+def test_missing_key_is_named():
+    state = reference(SMALL).state_dict()
+    del state["up.1.attn.0.proj_out.bias"]
+    with pytest.raises(UserError, match=r"1 keys missing \(first: up\.1\.attn\.0\.proj_out\.bias\)"):
+        ddpm_original.convert(state)
+
+
+def test_first_level_wider_than_conv_in_is_refused():
+    state = reference({**SMALL, "ch_mult": (2, 2)}).state_dict()
+    with pytest.raises(UserError, match="ch_mult"):
+        ddpm_original.convert(state)
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_weights_choice_is_refused(weights):
+    with pytest.raises(UserError, match=r"separate file \(ema_diffusion_"):
+        ddpm_original.convert(reference(SMALL).state_dict(), weights=weights)
+
+
+def test_scheduler_is_the_papers_linear_schedule():
+    config = ddpm_original.convert(reference(SMALL).state_dict()).scheduler_config
+    assert not any(key.startswith("_") for key in config)
+    scheduler = DDPMScheduler.from_config(config)
+    torch.testing.assert_close(scheduler.betas, torch.linspace(1e-4, 0.02, 1000), rtol=0, atol=1e-8)
+    assert config["prediction_type"] == "epsilon"
+    assert config["clip_sample"] is True
+    assert config["variance_type"] == "fixed_small"
+
+
+def test_resolution_is_a_noted_guess_unless_given():
+    state = reference(SMALL).state_dict()  # attention on level 1: 16 px there means 32 px images
+    guessed = ddpm_original.convert(state)
+    assert guessed.unet_config["sample_size"] == 32
+    assert len(guessed.notes) == 1 and "resolution 32" in guessed.notes[0]
+    given = ddpm_original.convert(state, resolution=16)
+    assert given.unet_config["sample_size"] == 16
+    assert given.notes == []
+
+
+def test_the_command_detects_converts_and_samples(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from difftool.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    original = reference(SMALL)
+    torch.save(original.state_dict(), "model-790000.ckpt")
+    runner = CliRunner()
+    for args in (["model-790000.ckpt", "auto"], ["model-790000.ckpt", "forced", "--from", "ddpm-original"]):
+        result = runner.invoke(app, ["convert", *args])
+        assert result.exit_code == 0, result.output
+        assert "assumed" in result.stderr or "resolution" in result.stderr  # the resolution guess is said
+    unet = UNet2DModel.from_pretrained(tmp_path / "auto" / "unet").eval()
+    x, t = inputs(SMALL["resolution"]), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, original(x, t), rtol=1e-4, atol=1e-4)
+    result = runner.invoke(app, ["sample", "auto", "-n", "2", "--steps", "2", "-o", "samples", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "samples" / "000001.png").is_file()
