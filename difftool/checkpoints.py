@@ -401,3 +401,10 @@ def sampling_defaults(source: str | Path):
             except UserError:
                 return None
     return None
+
+
+def place(unet: UNet2DModel, device=None, dtype: torch.dtype | None = None) -> UNet2DModel:
+    """Move and cast a UNet; diffusers' `.to` warns about keep-in-fp32 modules even when there are none."""
+    if getattr(unet, "_keep_in_fp32_modules", None):
+        return unet.to(device=device, dtype=dtype)
+    return torch.nn.Module.to(unet, device=device, dtype=dtype)

@@ -19,6 +19,7 @@ from difftool.checkpoints import (
     LoadedModel,
     export_pipeline,
     load_model,
+    place,
     save_single_file,
     state_dict_hash,
 )
@@ -50,7 +51,7 @@ def convert(source: str | Path, target: Path, *, source_format: str = "auto", to
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another target")
     model = read_source(source, source_format=source_format, weights=weights)
     if dtype is not None:
-        model.unet = torch.nn.Module.to(model.unet, DTYPES[dtype])  # ModelMixin.to warns about fp32 modules it lacks
+        model.unet = place(model.unet, dtype=DTYPES[dtype])
     if Path(source).resolve() == target.resolve():
         raise UserError(f"{target} is the source itself; choose another target")
     _write(model, target, kind)

@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 
 from difftool import __version__
-from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
+from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, console
 from difftool.rundir import TMP_PREFIX, atomic_path, write_text
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
-from difftool.schedulers import get_spec, make_scheduler
+from difftool.schedulers import choose, make_scheduler
 
 SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"
@@ -119,7 +119,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
 
     batches = [todo[i : i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
     mine = batches[state.process_index :: state.num_processes]
-    unet = _place(model.unet, state.device, DTYPES[request.dtype]).eval()
+    unet = place(model.unet, state.device, DTYPES[request.dtype]).eval()
     if request.compile:
         unet = torch.compile(unet)
     start = time.perf_counter()
@@ -160,12 +160,7 @@ def _check_request(request: SampleRequest, device: torch.device) -> None:
 
 def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     info = model.info
-    name = request.scheduler or (defaults.scheduler if defaults else "ddim")
-    spec = get_spec(name)
-    steps = request.steps
-    if steps is None:
-        steps = defaults.steps if defaults and request.scheduler is None else spec.recommended_steps
-        steps = min(steps, model.scheduler_config["num_train_timesteps"])
+    spec, steps = choose(request.scheduler, request.steps, defaults, model.scheduler_config["num_train_timesteps"])
     scheduler = make_scheduler(spec.name, model.scheduler_config, steps=steps, karras_sigmas=request.karras_sigmas,
                                eta=request.eta, timestep_spacing=request.timestep_spacing)
     scheduler.set_timesteps(steps)
@@ -263,13 +258,6 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- making and writing images
-
-
-def _place(unet, device, dtype):
-    """Move and cast the UNet; diffusers' `.to` warns about keep-in-fp32 modules even when there are none."""
-    if getattr(unet, "_keep_in_fp32_modules", None):
-        return unet.to(device, dtype)
-    return torch.nn.Module.to(unet, device, dtype)
 
 
 def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, batch: list[int], device,

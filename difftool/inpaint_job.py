@@ -23,7 +23,7 @@ from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, console
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
-from difftool.schedulers import SCHEDULERS, get_spec, make_scheduler
+from difftool.schedulers import SCHEDULERS, choose, make_scheduler
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 
@@ -143,11 +143,7 @@ class _Method:
             self.settings = {"steps": self.steps, "jump_length": request.jump_length,
                              "jump_n_sample": request.jump_n_sample}
         else:
-            name = request.scheduler or (defaults.scheduler if defaults else "ddim")
-            spec = get_spec(name)
-            steps = request.steps
-            if steps is None:
-                steps = defaults.steps if defaults and request.scheduler is None else min(spec.recommended_steps, total)
+            spec, steps = choose(request.scheduler, request.steps, defaults, total)
             if request.resample and not spec.resamples:
                 able = ", ".join(s.name for s in SCHEDULERS if s.resamples)
                 raise UserError(f"--resample does not work with {spec.name}, whose steps build on past noise "

@@ -94,6 +94,15 @@ def get_spec(name: str) -> SchedulerSpec:
     return spec
 
 
+def choose(name: str | None, steps: int | None, defaults, total: int) -> tuple[SchedulerSpec, int]:
+    """The sampler and step count for a request: as asked, else the recipe's `sample` settings
+    (`defaults`, a SampleConfig or None), else ddim and the scheduler's recommended steps (at most T)."""
+    spec = get_spec(name or (defaults.scheduler if defaults else "ddim"))
+    if steps is None:
+        steps = defaults.steps if defaults and name is None else min(spec.recommended_steps, total)
+    return spec, steps
+
+
 def _accepts(spec: SchedulerSpec, option: str) -> bool:
     return option in inspect.signature(spec.scheduler_class.__init__).parameters
 
