@@ -38,10 +38,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         yield tmp
+        # Some writers (safetensors) create private 0600 files; the result gets the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

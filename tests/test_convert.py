@@ -94,6 +94,13 @@ def test_dtype_casting(tiny_run, dtype, torch_dtype):
         assert torch.equal(p, q.to(torch_dtype)), name
 
 
+def test_single_files_get_the_usual_permissions(tiny_run):
+    assert invoke("convert", tiny_run, "shared.safetensors").exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path("shared.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_weights_choice(tiny_run):
     assert invoke("convert", tiny_run, "raw.safetensors", "--weights", "raw").exit_code == 0
     assert invoke("convert", tiny_run, "ema.safetensors", "--weights", "ema").exit_code == 0
