@@ -38,7 +38,7 @@ def convert(
 
       difftool convert model.safetensors out/model                        # and back
 
-      difftool convert lucidrains-model-100.pt out/model --from lucidrains
+      difftool convert ddpm-cifar10.ckpt out/model --from ddpm-original
     """
     from difftool.convert import convert as run
 
