@@ -8,6 +8,7 @@ are read with `torch.load(weights_only=True)` only, so no file can run code here
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ class Converted:
 
 
 def convert(source: str | Path, target: Path, *, source_format: str = "auto", to: str | None = None,
-            weights: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Converted:
+            weights: str | None = None, dtype: str | None = None, resolution: int | None = None,
+            overwrite: bool = False) -> Converted:
     """Read `source`, cast to `dtype` if given, and write `target` (never over a file unless `overwrite`)."""
     kind = target_kind(Path(target), to)
     if dtype is not None and dtype not in DTYPES:
@@ -49,7 +51,7 @@ def convert(source: str | Path, target: Path, *, source_format: str = "auto", to
     target = Path(target)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another target")
-    model = read_source(source, source_format=source_format, weights=weights)
+    model = read_source(source, source_format=source_format, weights=weights, resolution=resolution)
     if dtype is not None:
         model.unet = place(model.unet, dtype=DTYPES[dtype])
     if Path(source).resolve() == target.resolve():
@@ -74,22 +76,29 @@ def target_kind(target: Path, to: str | None) -> str:
     return to or "pipeline"
 
 
-def read_source(source: str | Path, *, source_format: str = "auto", weights: str | None = None) -> LoadedModel:
-    """Any source as a LoadedModel; pickled files go through the importers."""
+def read_source(source: str | Path, *, source_format: str = "auto", weights: str | None = None,
+                resolution: int | None = None) -> LoadedModel:
+    """Any source as a LoadedModel; pickled files go through the importers.
+
+    `resolution` is for checkpoints that do not record it (ddpm-original); others refuse it.
+    """
     if source_format not in SOURCE_FORMATS:
         raise UserError(f"unknown --from '{source_format}': use one of {', '.join(SOURCE_FORMATS)}")
     path = Path(source)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         if source_format == "auto" and (path.parent / "config.json").is_file():
             return load_model(path.parent, weights=weights)  # a diffusers unet folder with .bin weights
-        return _import(path, source_format, weights)
+        return _import(path, source_format, weights, resolution)
+    if resolution is not None:
+        raise UserError(f"--resolution is for checkpoints that do not record it (--from ddpm-original); "
+                        f"{source} has its own")
     if source_format not in ("auto", "difftool"):
         raise UserError(f"--from {source_format} reads a pickled checkpoint file ({', '.join(PICKLE_SUFFIXES)}), "
                         f"not {source}")
     return load_model(source, weights=weights)
 
 
-def _import(path: Path, source_format: str, weights: str | None) -> LoadedModel:
+def _import(path: Path, source_format: str, weights: str | None, resolution: int | None) -> LoadedModel:
     checkpoint = load_pickle(path)
     if source_format in ("auto", "difftool"):
         found = [name for name, importer in IMPORTERS.items() if importer.detect(checkpoint)]
@@ -97,7 +106,10 @@ def _import(path: Path, source_format: str, weights: str | None) -> LoadedModel:
             raise UserError(f"{path} is not a checkpoint difftool knows: not a diffusers state dict with a config.json "
                             f"beside it, nor a checkpoint of {', '.join(IMPORTERS)} (force one with --from)")
         source_format = found[0]
-    imported = IMPORTERS[source_format].convert(checkpoint, weights=weights)
+    options = {"resolution": resolution} if resolution is not None else {}
+    if options and "resolution" not in inspect.signature(IMPORTERS[source_format].convert).parameters:
+        raise UserError(f"--resolution does not apply to {source_format} checkpoints")
+    imported = IMPORTERS[source_format].convert(checkpoint, weights=weights, **options)
     unet = UNet2DModel.from_config(imported.unet_config)
     try:
         unet.load_state_dict(imported.state, strict=True, assign=True)

@@ -290,6 +290,11 @@ def test_the_command_detects_converts_and_samples(tmp_path, monkeypatch):
     x, t = inputs(SMALL["resolution"]), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t).sample, original(x, t), rtol=1e-4, atol=1e-4)
+    result = runner.invoke(app, ["convert", "model-790000.ckpt", "big", "--resolution", "64"])
+    assert result.exit_code == 0, result.output
+    assert UNet2DModel.load_config(tmp_path / "big" / "unet")["sample_size"] == 64
+    result = runner.invoke(app, ["convert", "auto", "again", "--resolution", "64"])
+    assert result.exit_code == 2 and "has its own" in result.stderr
     result = runner.invoke(app, ["sample", "auto", "-n", "2", "--steps", "2", "-o", "samples", "-q"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "samples" / "000001.png").is_file()

@@ -26,6 +26,7 @@ def convert(
     to: Annotated[str | None, typer.Option(help="pipeline, unet or single. Default: single for *.safetensors, else pipeline.")] = None,
     weights: Weights = None,
     dtype: Annotated[str | None, typer.Option(help="Cast the weights: fp32, fp16 or bf16. Default: as stored.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size of a ddpm-original checkpoint (not stored in it; guessed otherwise).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a target that exists.")] = False,
 ) -> None:
     """Convert a checkpoint into a diffusers pipeline folder, a unet/ folder or one .safetensors file.
@@ -42,7 +43,8 @@ def convert(
     """
     from difftool.convert import convert as run
 
-    result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype, overwrite=overwrite)
+    result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype,
+                 resolution=resolution, overwrite=overwrite)
     for note in result.model.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]done[/]: {result.model.source} -> {result.target} ({result.kind})")
