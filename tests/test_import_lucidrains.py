@@ -42,22 +42,18 @@ class ResnetBlock(nn.Module):
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
 
-class LinearAttention(nn.Module):
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4):
-        super().__init__()
-        self.norm = RMSNorm(dim)
-        self.mem_kv = nn.Parameter(torch.zeros(2, heads, dim_head, num_mem_kv))
-        self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(heads * dim_head, dim, 1), RMSNorm(dim))
-
-
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4):
+    """Both of its attention layers: linear ones (keys on a memory of size num_mem_kv last, output
+    RMS-normed) and full ones differ only in those two parameter layouts."""
+
+    def __init__(self, dim: int, linear: bool = False, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4):
         super().__init__()
         self.norm = RMSNorm(dim)
-        self.mem_kv = nn.Parameter(torch.zeros(2, heads, num_mem_kv, dim_head))
+        memory = (2, heads, dim_head, num_mem_kv) if linear else (2, heads, num_mem_kv, dim_head)
+        self.mem_kv = nn.Parameter(torch.zeros(*memory))
         self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
+        out = nn.Conv2d(heads * dim_head, dim, 1)
+        self.to_out = nn.Sequential(out, RMSNorm(dim)) if linear else out
 
 
 class LucidrainsUnet(nn.Module):
@@ -77,7 +73,7 @@ class LucidrainsUnet(nn.Module):
             down = nn.Conv2d(dim_in, dim_out, 3, padding=1) if last else nn.Sequential(
                 nn.PixelUnshuffle(2), nn.Conv2d(dim_in * 4, dim_out, 1))
             self.downs.append(nn.ModuleList([ResnetBlock(dim_in, dim_in, time_dim), ResnetBlock(dim_in, dim_in, time_dim),
-                                             (Attention if full else LinearAttention)(dim_in), down]))
+                                             Attention(dim_in, linear=not full), down]))
         self.mid_block1 = ResnetBlock(dims[-1], dims[-1], time_dim)
         self.mid_attn = Attention(dims[-1])
         self.mid_block2 = ResnetBlock(dims[-1], dims[-1], time_dim)
@@ -87,7 +83,7 @@ class LucidrainsUnet(nn.Module):
                 nn.Upsample(scale_factor=2), nn.Conv2d(dim_out, dim_in, 3, padding=1))
             self.ups.append(nn.ModuleList([ResnetBlock(dim_out + dim_in, dim_out, time_dim),
                                            ResnetBlock(dim_out + dim_in, dim_out, time_dim),
-                                           (Attention if full else LinearAttention)(dim_out), up]))
+                                           Attention(dim_out, linear=not full), up]))
         self.final_res_block = ResnetBlock(dim * 2, dim, time_dim)
         self.final_conv = nn.Conv2d(dim, channels, 1)
 
