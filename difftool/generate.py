@@ -26,7 +26,7 @@ from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaul
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
-from difftool.progress import SamplingProgress, console
+from difftool.progress import SamplingProgress, show_notes
 from difftool.rundir import TMP_PREFIX, atomic_path, write_text
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import choose, make_scheduler
@@ -104,8 +104,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     with state.main_process_first():  # a hub download happens once
         model = load_model(source, weights=request.weights)
     if state.is_main_process:
-        for note in model.notes:
-            console.print(f"[yellow]note:[/] {note}")
+        show_notes(model.notes)
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)

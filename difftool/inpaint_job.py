@@ -21,7 +21,7 @@ from difftool.errors import UserError
 from difftool.images import save_png
 from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
-from difftool.progress import SamplingProgress, console
+from difftool.progress import SamplingProgress, show_notes
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
 from difftool.schedulers import SCHEDULERS, choose, make_scheduler
 
@@ -75,8 +75,7 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
     if not overwrite:
         _refuse_existing(jobs, request.comparison)
     model = load_model(model_source, weights=request.weights)
-    for note in model.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    show_notes(model.notes)
     defaults = sampling_defaults(model_source)
     class_ids, guidance = _conditioning(request, model.info, defaults)
     method = _Method(model, request, defaults)
@@ -100,10 +99,8 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
                 notes.append(f"the mask {job.mask} is all black: nothing to generate, the image is copied")
             elif pair.coverage == 1:
                 notes.append(f"the mask {job.mask} covers the whole image: that is plain sampling (difftool sample)")
-            for note in notes:
-                if note not in shown:
-                    shown.add(note)
-                    console.print(f"[yellow]note:[/] {note}")
+            show_notes(note for note in notes if note not in shown)
+            shown.update(notes)
             for first in range(0, request.num_samples, request.batch_size):
                 indices = list(range(first, min(first + request.batch_size, request.num_samples)))
                 on_step = functools.partial(progress.advance, len(indices) / method.model_calls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,12 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+
+
+def show_notes(notes) -> None:
+    """Things assumed or chosen for the user, one line each (escaped: paths may hold [brackets])."""
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 class TrainingProgress:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftool.cli.errors import user_errors
-from difftool.progress import console
+from difftool.progress import console, show_notes
 
 stdout = Console()
 From = Annotated[str, typer.Option("--from", help="Source format: auto (detect), difftool (run, checkpoint, diffusers folder, single file), ddpm-original, lucidrains.")]
@@ -45,8 +45,7 @@ def convert(
 
     result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype,
                  resolution=resolution, overwrite=overwrite)
-    for note in result.model.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    show_notes(result.model.notes)
     console.print(f"[green]done[/]: {result.model.source} -> {result.target} ({result.kind})")
 
 
@@ -73,8 +72,7 @@ def inspect(
             continue
         table.add_row(key.replace("_", " "), _shown(key, value))
     stdout.print(table)
-    for note in report["notes"]:
-        console.print(f"[yellow]note:[/] {note}")
+    show_notes(report["notes"])
 
 
 def _shown(key: str, value) -> str:
