@@ -97,7 +97,7 @@ def load_dataset(cfg: Any, cache_dir: Path | None = None) -> ImageData:
         raise UserError(f"data.channels must be 1, 3 or null (follow the data), got {cfg.channels!r}")
     if cfg.resolution < 1:
         raise UserError(f"data.resolution must be a positive number of pixels, got {cfg.resolution}")
-    cache = _default_cache_dir() if cache_dir is None else Path(cache_dir)
+    cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
     name = cfg.dataset
     if name == "shapes":
         # Not cached: rendering 10k images at 32 px takes ~0.2 s, too little to be worth a cache
@@ -149,6 +149,14 @@ def make_batch(
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     labels = None if data.labels is None else data.labels.index_select(0, indices)
     return batch.float().div_(127.5).sub_(1.0), labels
+
+
+def center_crops(data: ImageData, resolution: int) -> torch.Tensor:
+    """Every image centre-cropped to resolution x resolution, uint8 N x C x H x W (what evaluation compares)."""
+    images = data.images
+    if isinstance(images, torch.Tensor) and images.shape[-2:] == (resolution, resolution):
+        return images
+    return torch.stack([_crop(image, resolution, None, index=i) for i, image in enumerate(images)])
 
 
 def _crop(image: torch.Tensor, resolution: int, offset: torch.Tensor | None, index: int) -> torch.Tensor:
@@ -488,7 +496,7 @@ def _decode_image(source: Any, resolution: int) -> np.ndarray:
     with _open(source) as img:
         img.draft(None, (resolution, resolution))  # JPEG: decode at a reduced scale when that is enough
         ImageOps.exif_transpose(img, in_place=True)
-        img = _rgb_or_gray(img)
+        img = rgb_or_gray(img)
         width, height = img.size
         if not width or not height:
             raise ValueError("image has no pixels")
@@ -524,7 +532,7 @@ def _open(source: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _rgb_or_gray(img: Image.Image) -> Image.Image:
+def rgb_or_gray(img: Image.Image) -> Image.Image:
     """Mode RGB or L: 16-bit scaled (not clipped, as PIL does), alpha composited onto white."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         array = np.asarray(img).astype(np.float64)
@@ -574,7 +582,7 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 # ---------------------------------------------------------------- disk cache
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     env = os.environ.get("DIFFTOOL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "difftool" / "data"
 

@@ -69,6 +69,8 @@ class SampleResult:
     total: int
     seconds: float
     grid: Path | None
+    settings: dict  # the resolved scheduler, steps, guidance, ... (what sample.json holds)
+    model_calls: int  # per image (NFE)
 
 
 @dataclass
@@ -138,7 +140,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
             _merge_parts(output, request.num_images, plan.class_ids is not None)
         grid = _write_grid(output, request.format, plan, request.num_images)
     state.wait_for_everyone()
-    return SampleResult(output, len(todo), request.num_images, seconds, grid)
+    return SampleResult(output, len(todo), request.num_images, seconds, grid, settings_record, plan.model_calls)
 
 
 # ---------------------------------------------------------------- planning

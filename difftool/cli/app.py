@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, inpaint, recipes, sample, schedulers, train
+from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, train
 from difftool.cli.errors import debug_enabled, report, set_debug
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command("schedulers")(schedulers.schedulers)
 app.command("inpaint")(inpaint.inpaint)
 app.command("convert")(convert.convert)
 app.command("inspect")(convert.inspect)
+app.command("evaluate")(evaluate.evaluate)
 app.add_typer(recipes.app, name="recipes")
 
 
@@ -46,7 +47,7 @@ def main() -> None:
 def run_single_command(name: str) -> None:
     """Entry for `python -m difftool.<name>` (what `accelerate launch -m` runs): that command alone."""
     single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    single.command(name)({"train": train.train, "sample": sample.sample}[name])
+    single.command(name)({"train": train.train, "sample": sample.sample, "evaluate": evaluate.evaluate}[name])
     _run(single)
 
 

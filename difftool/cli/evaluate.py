@@ -1,0 +1,187 @@
+"""`difftool evaluate`: flags -> difftool.evaluate / difftool.sweep (or accelerate launch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from difftool.cli import options
+from difftool.cli.errors import rank_zero, user_errors
+from difftool.errors import UserError
+from difftool.launch import forward_options, launch
+from difftool.progress import console, show_notes
+
+stdout = Console()
+STATS = "stats"
+EXAMPLES = """
+
+Examples:
+
+  difftool evaluate out/samples --reference cifar10                       # FID/KID/IS/PR of a folder or .npz
+
+  difftool evaluate runs/cifar --reference cifar10 --num-samples 50000    # sample, then score
+
+  difftool evaluate runs/cifar --reference ./real --sweep "ddim:10,20,50;dpm-solver:10,20"
+
+  difftool evaluate stats ./real_images --output real.npz                 # reference statistics
+"""
+
+
+@user_errors
+def evaluate(
+    source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id), or 'stats'.")],
+    data: Annotated[str | None, typer.Argument(help="With 'stats': the data to summarise (any --dataset of train, or an .npz of images).")] = None,
+    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from 'evaluate stats'.")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples to make from a model (FID papers use 50,000).")] = 10_000,
+    sweep_spec: Annotated[str | None, typer.Option("--sweep", help='Scheduler x steps grid, e.g. "ddim:10,20,50;dpm-solver:10,20": table, CSV, JSON and FID-vs-NFE plot.')] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Sampler for a model (difftool schedulers). Default: the run's recipe, else ddim.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps. Default: the recipe's, else the scheduler's recommended count.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call when sampling (per process).")] = 64,
+    seed: Annotated[int, typer.Option(help="Sample i comes from (seed, i): every setting of a sweep sees the same noise.")] = 0,
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for class-conditional models.")] = None,
+    weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
+    dtype: Annotated[str, typer.Option(help="Model precision when sampling: fp32, bf16, or fp16 (GPU).")] = "fp32",
+    features: Annotated[str, typer.Option(help="inception (FID), dinov2 (FD_DINOv2), dinov2:MODEL, or a TorchScript file: uint8 N×3×H×W -> features [, probs].")] = "inception",
+    inception_weights: Annotated[Path | None, typer.Option(help="The Inception TorchScript file (inception-2015-12-05.pt). Default: torch's hub cache, downloaded once.")] = None,
+    feature_batch_size: Annotated[int, typer.Option(min=1, help="Images per feature-extractor call.")] = 100,
+    kid_subset_size: Annotated[int, typer.Option(min=2, help="KID subset size (100 subsets; mean ± std).")] = 1000,
+    pr_k: Annotated[int, typer.Option(min=1, help="Neighbours for precision/recall (Kynkäänniemi et al.).")] = 3,
+    split: Annotated[str, typer.Option(help="Split of a reference data set.")] = "train",
+    reference_images: Annotated[int | None, typer.Option(min=2, help="Use at most this many reference images (all by default).")] = None,
+    resolution: Annotated[int, typer.Option(min=1, help="With 'stats': image size the data is resized and centre-cropped to.")] = 32,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for metrics and samples (default evaluations/NAME); with 'stats' the .npz to write.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation (or statistics file).")] = False,
+    resume: Annotated[bool, typer.Option(help="Reuse the samples of an earlier evaluation in --output; make only the missing ones.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    num_processes: options.NumProcesses = 1,
+    main_process_port: options.MainProcessPort = None,
+    quiet: options.Quiet = False,
+) -> None:
+    """Score images or a model: FID, KID, Inception Score, precision/recall; sweeps over schedulers and steps.
+
+    `difftool evaluate stats DATA --output FILE.npz` makes reference statistics instead
+    (to evaluate a folder that is called stats, write ./stats).
+    """
+    from difftool.evaluate import MetricOptions
+
+    metric_options = MetricOptions(features=features, inception_weights=inception_weights,
+                                   batch_size=feature_batch_size, kid_subset_size=kid_subset_size, pr_k=pr_k,
+                                   split=split, reference_images=reference_images)
+    if source == STATS:
+        _stats(data, output, resolution, metric_options, overwrite, quiet)
+        return
+    if data is not None:
+        raise UserError(f"unexpected second argument '{data}': only 'difftool evaluate stats DATA' takes one "
+                        f"(the reference goes in --reference)")
+    if num_processes > 1:
+        args = [source] + forward_options([
+            ("--reference", reference), ("--num-samples", num_samples), ("--sweep", sweep_spec),
+            ("--scheduler", scheduler), ("--steps", steps), ("--batch-size", batch_size), ("--seed", seed),
+            ("--guidance-scale", guidance_scale), ("--weights", weights), ("--dtype", dtype), ("--features", features),
+            ("--inception-weights", inception_weights), ("--feature-batch-size", feature_batch_size),
+            ("--kid-subset-size", kid_subset_size), ("--pr-k", pr_k), ("--split", split),
+            ("--reference-images", reference_images), ("--output", output), ("--overwrite", overwrite),
+            ("--resume", resume), ("--json", json_output), ("--quiet", quiet),
+        ])
+        raise typer.Exit(launch("difftool.evaluate", args, num_processes=num_processes,
+                                main_process_port=main_process_port))
+
+    from difftool.evaluate import default_output
+    from difftool.generate import SampleRequest
+
+    request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
+                            guidance_scale=guidance_scale, weights=weights, dtype=dtype)
+    if sweep_spec is not None:
+        _sweep(source, sweep_spec, reference, metric_options, request, output or default_output(source).with_name(default_output(source).name + "-sweep"),
+               overwrite, resume, json_output, quiet)
+        return
+    _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
+              sampling_options=(scheduler, steps))
+
+
+def _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
+              sampling_options) -> None:
+    from difftool.evaluate import evaluate
+    from difftool.imagesets import is_image_source
+
+    if is_image_source(source) and any(value is not None for value in sampling_options):
+        raise UserError(f"{source} holds images, not a model: --scheduler and --steps do not apply")
+    result = evaluate(source, reference=reference, options=metric_options, request=request, output=output,
+                      overwrite=overwrite, resume=resume, show_progress=not quiet)
+    if result is None:  # a non-main process of a multi-process run: it only sampled
+        return
+    show_notes(result.notes)
+    if json_output:
+        typer.echo(json.dumps(result.record, indent=2))
+    else:
+        _show_record(result.record)
+    console.print(f"[green]done[/]: N = {result.record['num_images']} images; results in {result.output / 'metrics.json'}")
+
+
+def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
+    from difftool.sweep import PLOT_FILE, RESULTS_CSV, sweep
+
+    rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
+                 overwrite=overwrite, resume=resume, show_progress=not quiet)
+    if rows is None:
+        return
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        table = Table("scheduler", "steps", "NFE", rows[0]["distance"],
+                      "KID ×10³", "IS", "img/s", caption=f"N = {rows[0]['num_images']} samples per setting")
+        for row in rows:
+            table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), f"{row['fd']:.2f}",
+                          _pm(row["kid_mean"], row["kid_std"], 1e3), _pm(row["is_mean"], row["is_std"]),
+                          "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
+        stdout.print(table)
+    if rows[0]["num_images"] < 10_000:
+        show_notes([f"N = {rows[0]['num_images']} samples per setting: FID is biased upwards below 10,000 and only "
+                    f"comparable at equal N"])
+    console.print(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
+
+
+def _stats(data, output, resolution, metric_options, overwrite, quiet) -> None:
+    from difftool.evaluate import build_stats
+
+    if data is None:
+        raise UserError("difftool evaluate stats needs the data: difftool evaluate stats DATA --output FILE.npz")
+    if output is None:
+        raise UserError("difftool evaluate stats needs --output FILE.npz")
+    reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite,
+                            show_progress=not quiet)
+    if rank_zero():
+        console.print(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
+                      f"{reference.resolution} px, {reference.extractor}) in {output}")
+
+
+def _show_record(record: dict) -> None:
+    table = Table("metric", "value", show_header=False, box=None)
+    for key in ("fid", "fd_dinov2", "fd"):
+        if key in record:
+            table.add_row({"fid": "FID", "fd_dinov2": "FD_DINOv2", "fd": "FD"}[key], f"{record[key]:.3f}")
+    if "kid_mean" in record:
+        table.add_row("KID", _pm(record["kid_mean"], record["kid_std"]))
+    if "is_mean" in record:
+        table.add_row("Inception Score", _pm(record["is_mean"], record["is_std"]))
+    if "precision" in record:
+        table.add_row("precision / recall", f"{record['precision']:.3f} / {record['recall']:.3f}")
+    table.add_row("images (N)", f"{record['num_images']:,} at {record['resolution']} px")
+    if "reference" in record:
+        table.add_row("reference", record["reference"])
+    table.add_row("features", record["features"])
+    stdout.print(table)
+
+
+def _pm(mean: float | None, std: float | None, scale: float = 1.0) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean * scale:.4g} ± {std * scale:.2g}"
+
+
+evaluate.__doc__ = (evaluate.__doc__ or "") + EXAMPLES

@@ -1,0 +1,153 @@
+"""Sets of images to score: a folder of image files, a samples `.npz`, or any data source `train` reads.
+
+Each becomes a stream of uint8 N×C×H×W batches of one size. Folders are decoded batch by batch, so
+50k large images need not fit in memory. Feature extractors resize to their own input size, but a
+batch must share one size, so a folder's images of another size than most are resized to it
+(bicubic) with a note: FID is computed at the resolution the set mostly has.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
+from difftool.errors import UserError
+
+MIN_IMAGES = 2
+
+
+@dataclass
+class ImageSet:
+    """`count` images of `size` (H, W); `batches` yields them in order."""
+
+    description: str
+    count: int
+    size: tuple[int, int]
+    channels: int
+    _batches: object = field(repr=False)  # callable(batch_size) -> iterator of uint8 tensors
+    notes: list[str] = field(default_factory=list)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return self._batches(batch_size)
+
+    @property
+    def resolution(self) -> int:
+        return max(self.size)
+
+
+def from_tensor(images: torch.Tensor, description: str, notes: list[str] | None = None) -> ImageSet:
+    """Images already in memory (uint8 N×C×H×W)."""
+    _check_count(len(images), description)
+
+    def batches(batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size]
+
+    return ImageSet(description, len(images), tuple(images.shape[-2:]), images.shape[1], batches, notes or [])
+
+
+def open_images(path: str | Path) -> ImageSet:
+    """A folder of images (searched recursively) or an `.npz` whose `arr_0` is uint8 N×H×W×C."""
+    path = Path(path).expanduser()
+    if path.suffix == ".npz" and path.is_file():
+        return _from_npz(path)
+    if path.is_dir():
+        return _from_folder(path)
+    if path.exists():
+        raise UserError(f"{path} is neither a folder of images nor an .npz of samples (arr_0: uint8 N×H×W×C)")
+    raise UserError(f"{path} does not exist; give a folder of images, a samples .npz or a model")
+
+
+def is_image_source(path: str | Path) -> bool:
+    """True for an .npz of images or a folder holding image files but no model."""
+    path = Path(path).expanduser()
+    if path.suffix == ".npz":
+        return path.is_file()
+    if not path.is_dir() or any((path / name).exists() for name in ("config.yaml", "model_index.json", "config.json")):
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+
+
+def from_data_source(dataset: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
+    """A data set as training would see it: shorter side resized to `resolution`, centre-cropped, no flips."""
+    from difftool.config import DataConfig
+
+    cfg = dataclasses.replace(DataConfig(), dataset=dataset, resolution=resolution, split=split,
+                              max_images=max_images, label_column="none")
+    data = load_dataset(cfg)
+    return from_tensor(center_crops(data, resolution), data.source)
+
+
+def _from_npz(path: Path) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "mu" in npz:
+                raise UserError(f"{path} holds reference statistics, not images: pass it as --reference")
+            key = "arr_0" if "arr_0" in npz else (list(npz.keys()) or [None])[0]
+            if key is None:
+                raise UserError(f"{path} holds no arrays")
+            array = npz[key]
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: {key} must be uint8 N×H×W×C with C = 1 or 3 (the layout of difftool sample "
+                        f"--format npz); it is {array.dtype} {array.shape}")
+    return from_tensor(torch.from_numpy(array).permute(0, 3, 1, 2), f"{path} ({len(array)} images)")
+
+
+def _from_folder(root: Path) -> ImageSet:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    sizes, unreadable = {}, []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                sizes[file] = (img.height, img.width)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable.append(file)
+    notes = []
+    if unreadable:
+        notes.append(f"skipped {len(unreadable)} files in {root} that are not readable images (e.g. {unreadable[0].name})")
+    good = [f for f in files if f in sizes]
+    _check_count(len(good), f"{root}")
+    size, count = collections.Counter(sizes.values()).most_common(1)[0]
+    if count < len(good):
+        notes.append(f"{len(good) - count} of {len(good)} images in {root} are not {size[1]}×{size[0]} like the "
+                     f"rest; they are resized to it (bicubic) before the features are computed")
+    channels = 3
+
+    def batches(batch_size: int) -> Iterator[torch.Tensor]:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for start in range(0, len(good), batch_size):
+                arrays = list(pool.map(lambda f: _read_rgb(f, size), good[start : start + batch_size]))
+                yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    return ImageSet(f"{root} ({len(good)} images)", len(good), size, channels, batches, notes)
+
+
+def _read_rgb(file: Path, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 H×W×3 at `size`; 16-bit, palette, CMYK and alpha images handled like training data."""
+    try:
+        with Image.open(file) as img:
+            img = rgb_or_gray(img).convert("RGB")
+            if (img.height, img.width) != size:
+                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            return np.asarray(img)
+    except (OSError, ValueError) as err:  # a header that reads but pixels that do not (truncated files)
+        raise UserError(f"{file} could not be decoded ({(str(err).splitlines() or [''])[0][:100]}); "
+                        f"remove or replace it") from err
+
+
+def _check_count(count: int, description: str) -> None:
+    if count < MIN_IMAGES:
+        raise UserError(f"{description} holds {count} image{'s' if count != 1 else ''}; the metrics need at least "
+                        f"{MIN_IMAGES} (and FID about 10,000 to be comparable)")

@@ -1,0 +1,151 @@
+"""Reference statistics: what generated images are compared with, computed once and kept as `.npz`.
+
+A reference holds the Gaussian statistics of the real images' features (mu, sigma: FID) and the
+features themselves, up to MAX_STORED_FEATURES of them in float16 (KID and precision/recall need
+samples, not moments). It records the feature extractor and the resolution it was made with: scores
+against statistics of another network or image size mean nothing, so such a pairing is refused.
+
+References built from a data source are cached under the data cache (`$DIFFTOOL_CACHE/stats`),
+keyed by the extractor, the resolution and a hash of the decoded images, so a changed folder or
+another network never reuses old statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from difftool import __version__
+from difftool.data import default_cache_dir
+from difftool.errors import UserError
+from difftool.features import Extractor, extract
+from difftool.imagesets import ImageSet, from_data_source, open_images
+from difftool.metrics import GaussianStats, gaussian_stats
+from difftool.progress import SamplingProgress
+from difftool.rundir import atomic_path
+
+FORMAT = 1
+MAX_STORED_FEATURES = 50_000
+SEED = 0  # which features are kept when there are more than MAX_STORED_FEATURES
+
+
+@dataclass
+class Reference:
+    stats: GaussianStats
+    features: np.ndarray  # at most MAX_STORED_FEATURES rows, for KID and precision/recall
+    extractor: str
+    resolution: int
+    source: str
+
+    @property
+    def count(self) -> int:
+        return self.stats.count
+
+
+def from_images(images: ImageSet, extractor: Extractor, *, batch_size: int, show_progress: bool = True) -> Reference:
+    """Features of every image in `images`, summarised."""
+    with SamplingProgress(images.count, enabled=show_progress, label="reference features") as progress:
+        found = extract(extractor, images.batches(batch_size), on_batch=progress.advance)
+    kept = found.features
+    if len(kept) > MAX_STORED_FEATURES:
+        rows = np.sort(np.random.default_rng(SEED).choice(len(kept), MAX_STORED_FEATURES, replace=False))
+        kept = kept[rows]
+    return Reference(gaussian_stats(found.features), kept.astype(np.float32), extractor.name, images.resolution,
+                     images.description)
+
+
+def save(reference: Reference, path: Path) -> None:
+    """Atomically, as an .npz that numpy alone reads (no pickles)."""
+    with atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
+        np.savez(f, mu=reference.stats.mu, sigma=reference.stats.sigma, count=reference.count,
+                 features=reference.features.astype(np.float16), extractor=reference.extractor,
+                 resolution=reference.resolution, source=reference.source, format=FORMAT,
+                 difftool_version=__version__)
+
+
+def load(path: Path) -> Reference:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "mu" not in npz or "sigma" not in npz:
+                raise UserError(f"{path} holds no reference statistics (mu, sigma); make them with "
+                                f"difftool evaluate stats DATA --output {path.name}")
+            stats = GaussianStats(npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64),
+                                  int(npz["count"]) if "count" in npz else 0)
+            features = npz["features"].astype(np.float32) if "features" in npz else np.zeros((0, len(stats.mu)), np.float32)
+            extractor = str(npz["extractor"]) if "extractor" in npz else "unknown"
+            resolution = int(npz["resolution"]) if "resolution" in npz else 0
+            source = str(npz["source"]) if "source" in npz else str(path)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path} is not a readable statistics .npz ({(str(err).splitlines() or [''])[0][:120]}); "
+                        f"make it again with difftool evaluate stats") from err
+    return Reference(stats, features, extractor, resolution, source)
+
+
+def check_compatible(reference: Reference, extractor: Extractor, resolution: int, where: str) -> None:
+    """Refuse statistics that were made with another network or at another image size."""
+    if reference.extractor != extractor.name:
+        raise UserError(f"{where} was made with the feature extractor {reference.extractor}, these images use "
+                        f"{extractor.name}: distances between features of different networks mean nothing; make the "
+                        f"statistics again with the same --features (and --inception-weights)")
+    if reference.resolution and reference.resolution != resolution:
+        raise UserError(f"{where} was made from {reference.resolution}-px images, these are {resolution} px: FID "
+                        f"depends on the resolution; make the statistics at {resolution} px "
+                        f"(difftool evaluate stats DATA --resolution {resolution})")
+
+
+def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size: int, split: str = "train",
+            max_images: int | None = None, show_progress: bool = True) -> Reference:
+    """`--reference`: a statistics .npz, an .npz of images, or a data source (name, hub id, folder), cached."""
+    path = Path(reference).expanduser()
+    if path.suffix == ".npz" and path.is_file() and _holds_statistics(path):
+        loaded = load(path)
+        check_compatible(loaded, extractor, resolution, str(path))
+        return loaded
+    if path.suffix == ".npz":
+        images = open_images(path)
+    else:
+        images = _data_source(reference, resolution, split, max_images)
+    digest = _fingerprint(images, batch_size, extractor.name, split, max_images)
+    cache = default_cache_dir() / "stats" / f"{_slug(reference)}-{resolution}px-{_slug(extractor.name)}-{digest[:16]}.npz"
+    if cache.is_file():
+        try:
+            return load(cache)
+        except UserError:
+            pass  # an unreadable cache file is rebuilt
+    built = from_images(images, extractor, batch_size=batch_size, show_progress=show_progress)
+    save(built, cache)
+    return built
+
+
+def _data_source(name: str, resolution: int, split: str, max_images: int | None) -> ImageSet:
+    try:
+        return from_data_source(name, resolution=resolution, split=split, max_images=max_images)
+    except UserError as err:
+        raise UserError(f"--reference {name}: {err}; a reference is a data set name (cifar10, mnist, shapes, a hub "
+                        f"id), a folder of real images, or an .npz from difftool evaluate stats") from None
+
+
+def _holds_statistics(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "mu" in npz.files
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
+
+
+def _fingerprint(images: ImageSet, batch_size: int, *parts) -> str:
+    """sha256 over the decoded pixels and what else decides the statistics."""
+    digest = hashlib.sha256(repr((FORMAT, *parts)).encode())
+    for batch in images.batches(batch_size):
+        digest.update(batch.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", Path(text).name or text)[:40]

@@ -1,0 +1,128 @@
+"""Scheduler sweeps: for each scheduler × step count, sample (fixed seeds), score, time; one table, one plot.
+
+`--sweep "ddim:10,20,50;dpm-solver:10,20;ddpm:1000"` samples the same seeds with every setting into
+OUTPUT/samples/SCHEDULER-STEPS/ (so `--resume` reuses what is done), and writes results.csv,
+results.json and fid_vs_nfe.png (one line per scheduler; the question a sweep answers is "how few
+model calls for a given quality").
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+from difftool.errors import UserError
+from difftool.evaluate import MetricOptions, check_output, main_process, resolve_reference, distance_key, score
+from difftool.features import load_extractor
+from difftool.generate import SampleRequest, generate
+from difftool.imagesets import is_image_source, open_images
+from difftool.rundir import atomic_path, write_text
+from difftool.schedulers import get_spec
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+PLOT_FILE = "fid_vs_nfe.png"
+TIMING_FILE = "timing.json"
+COLUMNS = ("scheduler", "steps", "nfe", "fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
+           "num_images", "seconds", "img_per_s")
+
+
+def parse_sweep(spec: str) -> list[tuple[str, int]]:
+    """"ddim:10,20;dpm-solver:20" -> [("ddim", 10), ("ddim", 20), ("dpm-solver", 20)], names checked."""
+    settings: list[tuple[str, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, sep, steps = part.partition(":")
+        if not sep or not steps.strip():
+            raise UserError(f"--sweep part '{part}' needs the form SCHEDULER:STEPS[,STEPS...] (e.g. ddim:10,20,50)")
+        scheduler = get_spec(name.strip()).name
+        for token in steps.split(","):
+            token = token.strip()
+            if not token.isdigit() or int(token) < 1:
+                raise UserError(f"--sweep step count '{token}' for {scheduler} is not a positive whole number")
+            if (scheduler, int(token)) not in settings:
+                settings.append((scheduler, int(token)))
+    if not settings:
+        raise UserError("--sweep is empty; give e.g. \"ddim:10,20,50;dpm-solver:10,20\"")
+    return settings
+
+
+def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptions, request: SampleRequest,
+          output: Path, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> list[dict] | None:
+    """Sample and score every setting of `spec`; returns the rows (None in non-main processes)."""
+    settings = parse_sweep(spec)
+    if is_image_source(source):
+        raise UserError(f"--sweep samples a model; {source} holds images")
+    if reference is None:
+        raise UserError("--sweep compares settings by FID: give --reference (a data set, folder or statistics .npz)")
+    check_output(output, overwrite=overwrite, resume=resume)
+    main = main_process()
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
+    ref = None
+    rows = []
+    for scheduler, steps in settings:
+        folder = output / "samples" / f"{scheduler}-{steps}"
+        sampled = generate(source, dataclasses.replace(request, scheduler=scheduler, steps=steps, format="npz"),
+                           folder, overwrite=overwrite, resume=resume, show_progress=show_progress)
+        if not main:
+            continue
+        seconds, made = _timing(folder, sampled.seconds, sampled.made)
+        images = open_images(folder / "samples.npz")
+        if ref is None:
+            ref = resolve_reference(reference, extractor, images, options, show_progress)
+        record = score(images, ref, extractor, options, show_progress=show_progress)
+        rows.append({"scheduler": scheduler, "steps": steps, "nfe": sampled.model_calls,
+                     "fd": record[distance_key(extractor)], **{k: record.get(k) for k in COLUMNS[4:10]},
+                     "num_images": record["num_images"], "seconds": seconds,
+                     "img_per_s": made / seconds if seconds else None, "distance": extractor.distance_name})
+    if not main:
+        return None
+    _write_results(output, rows, extractor.distance_name, {"source": source, "reference": ref.source,
+                                                           "features": extractor.name})
+    return rows
+
+
+def _timing(folder: Path, seconds: float, made: int) -> tuple[float | None, int]:
+    """Sampling time of a setting; a resumed setting adds its new images to what the earlier run took."""
+    path = folder / TIMING_FILE
+    before = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "made": 0}
+    total = {"seconds": before["seconds"] + seconds, "made": before["made"] + made}
+    write_text(path, json.dumps(total) + "\n")
+    return (total["seconds"] or None), total["made"]
+
+
+def _write_results(output: Path, rows: list[dict], distance_name: str, about: dict) -> None:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    write_text(output / RESULTS_CSV, table.getvalue())
+    write_text(output / RESULTS_JSON, json.dumps({**about, "distance": distance_name, "rows": rows}, indent=2) + "\n")
+    plot_fd_vs_nfe(rows, output / PLOT_FILE, distance_name)
+
+
+def plot_fd_vs_nfe(rows: list[dict], path: Path, distance_name: str = "FID") -> None:
+    """One line per scheduler: distance against model calls, on a log axis ticked at the NFEs measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and none is there on a cluster node
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for scheduler in dict.fromkeys(row["scheduler"] for row in rows):
+        points = sorted((row["nfe"], row["fd"]) for row in rows if row["scheduler"] == scheduler)
+        axes.plot(*zip(*points, strict=True), marker="o", label=scheduler)
+    axes.set_xscale("log")
+    nfes = sorted({row["nfe"] for row in rows})
+    axes.set_xticks(nfes, [str(n) for n in nfes])
+    axes.minorticks_off()
+    axes.set_xlabel("model calls per image (NFE)")
+    axes.set_ylabel(f"{distance_name} (lower is better)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
