@@ -70,18 +70,22 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
     """
     output = Path(output) if output else default_output(source)
     check_output(output, overwrite=overwrite, resume=resume)
-    if is_image_source(source):
-        if request is not None and request.scheduler is not None:
-            raise UserError(f"{source} holds images, not a model: sampling options do not apply to it")
-        images, sampled = open_images(source), None
+    sampled, of_images = None, is_image_source(source)
+    if of_images:
+        images = open_images(source)
+        resolution, main = images.resolution, True
     else:
+        resolution, main = model_resolution(source, request), main_process()
+    # The extractor and the reference come before sampling: missing weights or statistics of another
+    # resolution should stop a run before an hour of sampling, not after it.
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
+    ref = resolve_reference(reference, extractor, resolution, options, show_progress) if main else None
+    if not of_images:
         sampled = generate(source, dataclasses.replace(request or SampleRequest(), format="npz"), output / "samples",
                            overwrite=overwrite, resume=resume, show_progress=show_progress)
-        if not main_process():
+        if not main:
             return None
         images = open_images(sampled.output / "samples.npz")
-    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
-    ref = resolve_reference(reference, extractor, images, options, show_progress)
     record = score(images, ref, extractor, options, show_progress=show_progress)
     if sampled is not None:
         record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
@@ -148,26 +152,37 @@ def default_output(source: str) -> Path:
     """evaluations/NAME, NAME from the run, folder or file evaluated."""
     path = Path(source.split("@")[0])
     parts = [p for p in path.parts if p not in (".", "..", "/")]
-    name = path.stem if path.suffix else "-".join(parts[-2:] if path.name in ("model", "samples") else parts[-1:])
+    if path.suffix:  # samples.npz says less than the folder it is in
+        name = path.parent.name if path.stem == "samples" and parts[:-1] else path.stem
+    else:
+        name = "-".join(parts[-2:] if path.name in ("model", "samples") else parts[-1:])
     return Path("evaluations") / (re.sub(r"[^\w.-]+", "_", name) or "evaluation")
 
 
-def resolve_reference(reference: str | None, extractor: Extractor, images: ImageSet, options: MetricOptions,
-               show_progress: bool) -> Reference | None:
+def resolve_reference(reference: str | None, extractor: Extractor, resolution: int, options: MetricOptions,
+                      show_progress: bool) -> Reference | None:
+    """The reference statistics for images of `resolution`, built (and cached) if they are not a file."""
     if reference is None:
         return None
-    ref = resolve(reference, extractor, resolution=images.resolution, batch_size=options.batch_size,
+    ref = resolve(reference, extractor, resolution=resolution, batch_size=options.batch_size,
                   split=options.split, max_images=options.reference_images, show_progress=show_progress)
-    check_compatible(ref, extractor, images.resolution, reference)
+    check_compatible(ref, extractor, resolution, reference)
     return ref
+
+
+def model_resolution(source: str, request: SampleRequest | None) -> int:
+    """The image size a model makes, read before sampling it."""
+    from difftool.checkpoints import load_model
+
+    return load_model(source, weights=(request or SampleRequest()).weights).info["resolution"]
 
 
 def check_output(output: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other: choose one")
     if output.exists() and not (overwrite or resume) and any(output.iterdir()):
-        raise UserError(f"{output} already holds an evaluation; add --resume to reuse its samples, --overwrite to "
-                        f"start again, or choose another --output")
+        raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse the "
+                        f"samples made there, or choose another --output")
 
 
 def _subset(features: np.ndarray, limit: int) -> np.ndarray:

@@ -14,6 +14,7 @@ does not install beside every torch build (and not beside the CPU build we test 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,9 @@ def _load_torchscript(path: Path, what: str) -> torch.nn.Module:
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the published networks are in it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # a state dict, a pickle, a truncated download: none is a TorchScript archive
         raise UserError(f"{path} is not a TorchScript file ({(str(err).splitlines() or ['unreadable'])[0][:120]}); "
                         f"{what} must be saved with torch.jit.save") from err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gra
 from difftool.errors import UserError
 
 MIN_IMAGES = 2
+# what np.load raises on a file that is not a complete .npz
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 @dataclass
@@ -96,7 +99,7 @@ def _from_npz(path: Path) -> ImageSet:
             if key is None:
                 raise UserError(f"{path} holds no arrays")
             array = npz[key]
-    except (OSError, ValueError) as err:
+    except NPZ_ERRORS as err:
         raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise UserError(f"{path}: {key} must be uint8 N×H×W×C with C = 1 or 3 (the layout of difftool sample "

@@ -23,7 +23,7 @@ from difftool import __version__
 from difftool.data import default_cache_dir
 from difftool.errors import UserError
 from difftool.features import Extractor, extract
-from difftool.imagesets import ImageSet, from_data_source, open_images
+from difftool.imagesets import NPZ_ERRORS, ImageSet, from_data_source, open_images
 from difftool.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
@@ -81,7 +81,7 @@ def load(path: Path) -> Reference:
             source = str(npz["source"]) if "source" in npz else str(path)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError) as err:
+    except (*NPZ_ERRORS, KeyError) as err:
         raise UserError(f"{path} is not a readable statistics .npz ({(str(err).splitlines() or [''])[0][:120]}); "
                         f"make it again with difftool evaluate stats") from err
     return Reference(stats, features, extractor, resolution, source)
@@ -135,7 +135,7 @@ def _holds_statistics(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return "mu" in npz.files
-    except (OSError, ValueError) as err:
+    except NPZ_ERRORS as err:
         raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
 
 

@@ -15,7 +15,15 @@ import json
 from pathlib import Path
 
 from difftool.errors import UserError
-from difftool.evaluate import MetricOptions, check_output, main_process, resolve_reference, distance_key, score
+from difftool.evaluate import (
+    MetricOptions,
+    check_output,
+    distance_key,
+    main_process,
+    model_resolution,
+    resolve_reference,
+    score,
+)
 from difftool.features import load_extractor
 from difftool.generate import SampleRequest, generate
 from difftool.imagesets import is_image_source, open_images
@@ -60,7 +68,8 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
     check_output(output, overwrite=overwrite, resume=resume)
     main = main_process()
     extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
-    ref = None
+    resolution = model_resolution(source, request)
+    ref = resolve_reference(reference, extractor, resolution, options, show_progress) if main else None
     rows = []
     for scheduler, steps in settings:
         folder = output / "samples" / f"{scheduler}-{steps}"
@@ -70,8 +79,6 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
             continue
         seconds, made = _timing(folder, sampled.seconds, sampled.made)
         images = open_images(folder / "samples.npz")
-        if ref is None:
-            ref = resolve_reference(reference, extractor, images, options, show_progress)
         record = score(images, ref, extractor, options, show_progress=show_progress)
         rows.append({"scheduler": scheduler, "steps": steps, "nfe": sampled.model_calls,
                      "fd": record[distance_key(extractor)], **{k: record.get(k) for k in COLUMNS[4:10]},

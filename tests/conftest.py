@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from difftool import config as config_mod
 
@@ -92,3 +93,61 @@ def tiny_run(tmp_path_factory) -> Path:
         mp.setenv("DIFFTOOL_CACHE", str(root / "cache"))
         train(tiny_config(), root / "run", show_progress=False)
     return root / "run"
+
+
+# ---------------------------------------------------------------- feature extractors for evaluation tests
+
+
+class _PooledFeatures(torch.nn.Module):
+    """A stand-in feature network: 4x4 average-pooled pixels through fixed random projections.
+
+    Its features move with the image content, so distances between image sets behave like the real
+    metrics' (identical sets score 0, other data sets do not), while it runs offline in microseconds.
+    """
+
+    def __init__(self, dims: int = 16, classes: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(48, dims, generator=g))
+        self.register_buffer("head", torch.randn(dims, classes, generator=g))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj
+
+
+class _TupleExtractor(_PooledFeatures):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return f, torch.softmax(f @ self.head, dim=1)
+
+
+class _FakeInception(_PooledFeatures):
+    """The calling convention of NVIDIA's inception-2015-12-05.pt TorchScript."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.linspace(-3.0, 3.0, 5))
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        f = self.features(img)
+        if return_features:
+            return f
+        logits = f @ self.head
+        return torch.softmax(logits if no_output_bias else logits + self.bias, dim=1)
+
+
+@pytest.fixture
+def extractor_file(tmp_path: Path) -> Path:
+    """A TorchScript feature extractor (features, probs), as `--features FILE` takes."""
+    path = tmp_path / "pooled.pt"
+    torch.jit.save(torch.jit.script(_TupleExtractor()), str(path))
+    return path
+
+
+@pytest.fixture
+def fake_inception(tmp_path: Path) -> Path:
+    """A TorchScript file with the Inception file's interface, as `--inception-weights FILE` takes."""
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(_FakeInception()), str(path))
+    return path
