@@ -253,6 +253,24 @@ def test_more_reference_features_than_stored_are_subsampled(monkeypatch, extract
     assert all(any(np.allclose(row, other) for other in all_features) for row in ref.features)
 
 
+def test_cifar10_reference_loads_the_hub_data_set_at_the_samples_resolution(monkeypatch, extractor_file):
+    """The real loading path of `--reference cifar10`, fed a local data set shaped like uoft-cs/cifar10."""
+    import datasets
+
+    pictures = shapes(6, resolution=32)
+    local = datasets.Dataset.from_dict(
+        {"img": [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pictures], "label": [0, 1, 2, 3, 4, 5]},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=6)}))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or local)
+    extractor = load_extractor(str(extractor_file), device="cpu")
+    ref = reference_mod.resolve("cifar10", extractor, resolution=8, batch_size=4, show_progress=False)
+    assert asked == [("uoft-cs/cifar10", "train")] and ref.count == 6 and ref.resolution == 8
+    expected = extractor(torch.nn.functional.interpolate(pictures.float(), size=8, mode="area").round().byte())[0]
+    # decoded with Lanczos, not area averaging: close, not equal
+    np.testing.assert_allclose(ref.stats.mu, expected.numpy().mean(0), rtol=0.05, atol=0.1)
+
+
 def test_unknown_reference_name_is_a_clear_error(monkeypatch, extractor_file):
     import datasets
 

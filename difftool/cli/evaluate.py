@@ -64,8 +64,7 @@ def evaluate(
 ) -> None:
     """Score images or a model: FID, KID, Inception Score, precision/recall; sweeps over schedulers and steps.
 
-    `difftool evaluate stats DATA --output FILE.npz` makes reference statistics instead
-    (to evaluate a folder that is called stats, write ./stats).
+    `difftool evaluate stats DATA --output FILE.npz` makes reference statistics instead (a folder called stats: ./stats).
     """
     from difftool.evaluate import MetricOptions
 
