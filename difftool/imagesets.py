@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,7 @@ class ImageSet:
     description: str
     count: int
     size: tuple[int, int]
-    channels: int
-    _batches: object = field(repr=False)  # callable(batch_size) -> iterator of uint8 tensors
+    _batches: Callable[[int], Iterator[torch.Tensor]] = field(repr=False)
     notes: list[str] = field(default_factory=list)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -55,7 +54,7 @@ def from_tensor(images: torch.Tensor, description: str, notes: list[str] | None 
         for start in range(0, len(images), batch_size):
             yield images[start : start + batch_size]
 
-    return ImageSet(description, len(images), tuple(images.shape[-2:]), images.shape[1], batches, notes or [])
+    return ImageSet(description, len(images), tuple(images.shape[-2:]), batches, notes or [])
 
 
 def open_images(path: str | Path) -> ImageSet:
@@ -126,15 +125,13 @@ def _from_folder(root: Path) -> ImageSet:
     if count < len(good):
         notes.append(f"{len(good) - count} of {len(good)} images in {root} are not {size[1]}×{size[0]} like the "
                      f"rest; they are resized to it (bicubic) before the features are computed")
-    channels = 3
-
     def batches(batch_size: int) -> Iterator[torch.Tensor]:
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(good), batch_size):
                 arrays = list(pool.map(lambda f: _read_rgb(f, size), good[start : start + batch_size]))
                 yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
-    return ImageSet(f"{root} ({len(good)} images)", len(good), size, channels, batches, notes)
+    return ImageSet(f"{root} ({len(good)} images)", len(good), size, batches, notes)
 
 
 def _read_rgb(file: Path, size: tuple[int, int]) -> np.ndarray:

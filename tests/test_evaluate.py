@@ -21,12 +21,30 @@ from difftool import features as features_mod
 from difftool import reference as reference_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
-from difftool.evaluate import MetricOptions, build_stats, default_output, evaluate, score
+from difftool.evaluate import (
+    MetricOptions,
+    build_stats,
+    default_output,
+    evaluate,
+    score,
+)
+from difftool.features import (
+    Dinov2Extractor,
+    InceptionExtractor,
+    TorchScriptExtractor,
+    load_extractor,
+)
 from difftool.generate import SampleRequest
-from difftool.features import Dinov2Extractor, InceptionExtractor, TorchScriptExtractor, load_extractor
 from difftool.imagesets import from_tensor, is_image_source, open_images
 from difftool.metrics import frechet_distance, gaussian_stats
-from difftool.sweep import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, parse_sweep, plot_fd_vs_nfe, sweep
+from difftool.sweep import (
+    PLOT_FILE,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    parse_sweep,
+    plot_fd_vs_nfe,
+    sweep,
+)
 from tests.conftest import assert_user_error
 
 runner = CliRunner()

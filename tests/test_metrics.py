@@ -9,8 +9,14 @@ import pytest
 from scipy import linalg
 
 from difftool import metrics
-from difftool.metrics import (GaussianStats, frechet_distance, gaussian_stats, inception_score,
-                              kernel_inception_distance, precision_recall)
+from difftool.metrics import (
+    GaussianStats,
+    frechet_distance,
+    gaussian_stats,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 def random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:

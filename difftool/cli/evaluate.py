@@ -123,6 +123,7 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
 
 
 def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
+    from difftool.evaluate import COMPARABLE_N
     from difftool.sweep import PLOT_FILE, RESULTS_CSV, sweep
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
@@ -139,9 +140,10 @@ def _sweep(source, spec, reference, metric_options, request, output, overwrite, 
                           _pm(row["kid_mean"], row["kid_std"], 1e3), _pm(row["is_mean"], row["is_std"]),
                           "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
         stdout.print(table)
-    if rows[0]["num_images"] < 10_000:
-        show_notes([f"N = {rows[0]['num_images']} samples per setting: FID is biased upwards below 10,000 and only "
-                    f"comparable at equal N"])
+    n = rows[0]["num_images"]
+    if n < COMPARABLE_N:
+        note = f"N = {n} samples per setting: FID is biased upwards below {COMPARABLE_N:,} and only comparable at equal N"
+        show_notes([note])
     console.print(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
 
 
