@@ -127,11 +127,15 @@ def load_pickle(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # torch's message is a paragraph; the line naming the refused global is the one that explains
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
         raise UserError(f"{path} needs code to load ({reason[:200]}); difftool never runs code from checkpoint "
                         f"files: re-save its state dict (torch.save(model.state_dict(), ...)) where it was made") from err
     except Exception as err:  # arbitrary bytes make torch.load fail in many ways
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0] if str(err) else err!r})") from err
+        detail = (str(err).splitlines() or [""])[0][:160]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail}); "
+                        f"give a state dict saved with torch.save, or a .safetensors file") from err
 
 
 def _write(model: LoadedModel, target: Path, kind: str) -> None:

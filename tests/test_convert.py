@@ -126,7 +126,7 @@ class RunsCode:
 
 def test_code_executing_pickles_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(2), "payload": RunsCode()}, "evil.pt")
-    assert_user_error(invoke("convert", "evil.pt", "out"), "evil.pt needs code to load", "never runs code")
+    assert_user_error(invoke("convert", "evil.pt", "out"), "evil.pt needs code to load", "GLOBAL", "never runs code")
     assert not Path("pwned").exists()
     assert not Path("out").exists()
 
