@@ -43,14 +43,14 @@ def main() -> None:
     speeds: dict[str, list[float]] = {"fp32": [], "bf16": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for dtype in speeds:
+            for dtype, runs in speeds.items():
                 result = run_worker(Path(__file__), [*common, "--worker", dtype, "--out", f"{tmp}/{dtype}.npz"])
-                speeds[dtype].append(result["img_per_s"])
+                runs.append(result["img_per_s"])
                 print(f"run {repeat + 1}/{args.repeats} {dtype}: {result['img_per_s']:.2f} img/s", flush=True)
         fp32 = np.load(f"{tmp}/fp32.npz")["images"].astype(np.int16)
         bf16 = np.load(f"{tmp}/bf16.npz")["images"].astype(np.int16)
     diff = np.abs(fp32 - bf16)
-    body = (f"| dtype | img/s (median) | runs |\n|---|---|---|\n"
+    body = ("| dtype | img/s (median) | runs |\n|---|---|---|\n"
             + "".join(f"| {d} | {median(v):.2f} | {', '.join(f'{s:.2f}' for s in v)} |\n" for d, v in speeds.items())
             + f"\nbf16 ÷ fp32: {median(speeds['bf16']) / median(speeds['fp32']):.2f}×. Pixel difference of the bf16 "
             f"images from the fp32 ones (0-255): mean {diff.mean():.2f}, largest {diff.max()}, "

@@ -70,12 +70,14 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
     """
     output = Path(output) if output else default_output(source)
     check_output(output, overwrite=overwrite, resume=resume)
-    sampled, of_images = None, is_image_source(source)
+    sampled, of_images, main = None, is_image_source(source), main_process()
     if of_images:
+        if not main:  # other processes have nothing to sample; one scores
+            return None
         images = open_images(source)
-        resolution, main = images.resolution, True
+        resolution = images.resolution
     else:
-        resolution, main = model_resolution(source, request), main_process()
+        resolution = model_resolution(source, request)
     # The extractor and the reference come before sampling: missing weights or statistics of another
     # resolution should stop a run before an hour of sampling, not after it.
     extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
