@@ -69,7 +69,8 @@ class Extractor:
 class InceptionExtractor(Extractor):
     """NVIDIA's TorchScript Inception: pool3 features (2048) and the 1008-way softmax without its bias.
 
-    `no_output_bias` is how the original Inception Score code computed probabilities.
+    `no_output_bias` is how the original Inception Score code computed probabilities. The file returns
+    features or probabilities per call, never both, hence two calls per batch.
     """
 
     distance_name = "FID"
