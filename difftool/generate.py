@@ -122,7 +122,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     mine = batches[state.process_index :: state.num_processes]
     unet = place(model.unet, state.device, DTYPES[request.dtype]).eval()
     if request.compile:
-        unet = compile_for_sampling(unet)
+        unet = torch.compile(unet)
     start = time.perf_counter()
     with SamplingProgress(len(todo), enabled=show_progress and state.is_main_process) as progress:
         # Rank 0's bar stands for all processes: its share of the images, scaled up to the whole.
@@ -141,16 +141,6 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
         grid = _write_grid(output, request.format, plan, request.num_images)
     state.wait_for_everyone()
     return SampleResult(output, len(todo), request.num_images, seconds, grid, settings_record, plan.model_calls)
-
-
-def compile_for_sampling(unet):
-    """torch.compile with inductor's freezing: weights become constants, so convolutions get pre-packed
-    kernels. Sampling never changes the weights, and freezing applies to no-grad graphs only, so a
-    later training compile in the same process is unaffected."""
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True
-    return torch.compile(unet)
 
 
 # ---------------------------------------------------------------- planning
