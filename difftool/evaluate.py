@@ -21,7 +21,7 @@ import numpy as np
 from difftool.errors import UserError
 from difftool.features import Extractor, extract, load_extractor
 from difftool.generate import SampleRequest, generate
-from difftool.imagesets import ImageSet, from_data_source, is_image_source, open_images
+from difftool.imagesets import ImageSet, is_image_source, open_images
 from difftool.metrics import (
     frechet_distance,
     gaussian_stats,
@@ -30,7 +30,14 @@ from difftool.metrics import (
     precision_recall,
 )
 from difftool.progress import SamplingProgress
-from difftool.reference import Reference, check_compatible, from_images, resolve, save
+from difftool.reference import (
+    Reference,
+    check_compatible,
+    from_images,
+    images_of,
+    resolve,
+    save,
+)
 from difftool.rundir import write_text
 
 METRICS_FILE = "metrics.json"
@@ -135,10 +142,7 @@ def build_stats(data: str, output: Path, *, resolution: int, options: MetricOpti
         raise UserError(f"--output {output} must end in .npz")
     if output.exists() and not overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if Path(data).suffix == ".npz":
-        images = open_images(data)
-    else:
-        images = from_data_source(data, resolution=resolution, split=options.split, max_images=options.reference_images)
+    images = images_of(data, resolution=resolution, split=options.split, max_images=options.reference_images)
     extractor = load_extractor(options.features, inception_weights=options.inception_weights)
     reference = from_images(images, extractor, batch_size=options.batch_size, show_progress=show_progress)
     save(reference, output)

@@ -12,6 +12,7 @@ another network never reuses old statistics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -107,28 +108,26 @@ def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size
         loaded = load(path)
         check_compatible(loaded, extractor, resolution, str(path))
         return loaded
-    if path.suffix == ".npz":
-        images = open_images(path)
-    else:
-        images = _data_source(reference, resolution, split, max_images)
+    try:
+        images = images_of(reference, resolution=resolution, split=split, max_images=max_images)
+    except UserError as err:
+        raise UserError(f"--reference {reference}: {err}; a reference is a data set name (cifar10, mnist, shapes, a "
+                        f"hub id), a folder of real images, or an .npz from difftool evaluate stats") from None
     digest = _fingerprint(images, batch_size, extractor.name, split, max_images)
     cache = default_cache_dir() / "stats" / f"{_slug(reference)}-{resolution}px-{_slug(extractor.name)}-{digest[:16]}.npz"
-    if cache.is_file():
-        try:
+    with contextlib.suppress(UserError):  # an unreadable cache file is rebuilt
+        if cache.is_file():
             return load(cache)
-        except UserError:
-            pass  # an unreadable cache file is rebuilt
     built = from_images(images, extractor, batch_size=batch_size, show_progress=show_progress)
     save(built, cache)
     return built
 
 
-def _data_source(name: str, resolution: int, split: str, max_images: int | None) -> ImageSet:
-    try:
-        return from_data_source(name, resolution=resolution, split=split, max_images=max_images)
-    except UserError as err:
-        raise UserError(f"--reference {name}: {err}; a reference is a data set name (cifar10, mnist, shapes, a hub "
-                        f"id), a folder of real images, or an .npz from difftool evaluate stats") from None
+def images_of(source: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
+    """An .npz of images as it is, or a data source as training would see it at `resolution`."""
+    if Path(source).suffix == ".npz":
+        return open_images(source)
+    return from_data_source(source, resolution=resolution, split=split, max_images=max_images)
 
 
 def _holds_statistics(path: Path) -> bool:
