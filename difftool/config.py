@@ -96,6 +96,7 @@ class TrainConfig:
     allow_tf32: bool = True
     min_snr_gamma: float | None = None
     seed: int = 0
+    skip_nonfinite: int = 0  # skip up to N steps in a row whose gradients are NaN/inf (0: stop at the first)
 
 
 @dataclass
@@ -253,7 +254,8 @@ def apply_changes(cfg: Config, overrides: list[str] | None = None, values: dict[
 def config_from_dict(raw: dict) -> Config:
     """Rebuild a Config saved in a run folder; every problem is reported at once."""
     errors: list[str] = []
-    raw = {k: v for k, v in raw.items() if k != "difftool_version"}
+    if isinstance(raw, dict):
+        raw = {k: v for k, v in raw.items() if k != "difftool_version"}
     cfg = _build(Config, raw, "", errors)
     errors += validate(cfg)
     if errors:
@@ -267,7 +269,14 @@ def read_config(path: Path) -> Config:
         raw = parse_yaml(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read run config {path}: {err}") from err
-    return config_from_dict(raw)
+    written_by = raw.get("difftool_version") if isinstance(raw, dict) else None
+    try:
+        return config_from_dict(raw)
+    except UserError as err:
+        if written_by is None or str(written_by) == __version__:
+            raise
+        raise UserError(f"{path} was written by difftool {written_by} and this is difftool {__version__}: {err}. "
+                        f"Use difftool {written_by} for this run") from err
 
 
 def to_dict(cfg: Config) -> dict:
@@ -452,7 +461,8 @@ def validate(cfg: Config) -> list[str]:
     ]:
         positive(path, value)
     for path, value in [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
-                        ("train.grad_clip", t.grad_clip), ("ema.update_after_step", cfg.ema.update_after_step)]:
+                        ("train.grad_clip", t.grad_clip), ("ema.update_after_step", cfg.ema.update_after_step),
+                        ("train.skip_nonfinite", t.skip_nonfinite)]:
         positive(path, value, allow_zero=True)
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")

@@ -14,8 +14,10 @@ from difftool.config import Config
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir, resolve_resume
 
-# Config fields a resumed run may change: how long to train and what to write along the way.
-RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "checkpoint.", "sample.", "log.")
+# Config fields a resumed run may change: how long to train, what to write along the way, and
+# whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
+RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "train.skip_nonfinite", "checkpoint.", "sample.",
+                     "log.")
 
 
 @dataclass
@@ -58,7 +60,7 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
         if not (resume / PROGRESS_FILE).is_file():
             raise UserError(f"{resume} is not a complete checkpoint (no {PROGRESS_FILE})")
         return
-    if not run.root.exists() or not any(run.root.iterdir()):
+    if not run.contents():
         return
     if not run.is_run():
         raise UserError(f"output folder {run.root} is not empty and is not a difftool run; choose another --output")

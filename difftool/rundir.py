@@ -9,6 +9,7 @@
       samples/step-NNNNNN.png     sample grids (EMA weights, fixed seeds)
       metrics.jsonl               one JSON record per logged step
       logs/                       tracker output (tensorboard, ...)
+      train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
 Everything is written through a temporary name and renamed into place, so a folder or file
 that exists under its final name is complete.
@@ -24,11 +25,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from difftool import __version__
 from difftool.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = "train.lock"
 
 
 @contextlib.contextmanager
@@ -75,6 +78,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a folder by first renaming it to a temporary name: a kill halfway through the deletion
+    leaves a leftover that `clean_temporaries` removes, never a half-deleted folder under its name."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    if path.exists():
+        os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -101,6 +114,15 @@ class RunDir:
     def is_run(self) -> bool:
         return self.config.is_file()
 
+    def contents(self) -> list[Path]:
+        """What the folder holds besides the lock of the process writing it."""
+        return [p for p in self.root.iterdir() if p.name != LOCK_FILE] if self.root.is_dir() else []
+
+    def clear(self) -> None:
+        """Delete the run (for --overwrite), keeping the lock that guards the folder."""
+        for p in self.contents():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{step:06d}"
 
@@ -124,8 +146,20 @@ class RunDir:
         found = self.checkpoints()
         doomed = found[: max(0, len(found) - keep)] if keep else []
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         return doomed
+
+    def trim_metrics(self, step: int) -> None:
+        """Keep the records up to `step`, where a resumed run continues: a killed run may have logged
+        steps past its last checkpoint, or died in the middle of a line."""
+        if not self.metrics.is_file():
+            return
+        kept = []
+        for line in self.metrics.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+        write_text(self.metrics, "".join(kept))
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted write left behind (never a complete file or folder)."""
@@ -137,6 +171,34 @@ class RunDir:
 
 def read_progress(checkpoint: Path) -> dict:
     return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+
+def made_by() -> dict[str, str]:
+    """The versions that write a run folder, recorded so that a later version can say what it is reading."""
+    import accelerate
+    import diffusers
+    import torch
+
+    return {"difftool_version": __version__, "diffusers_version": diffusers.__version__,
+            "accelerate_version": accelerate.__version__, "torch_version": torch.__version__}
+
+
+def describe_versions(recorded: dict) -> str:
+    """`difftool 0.1.0 (diffusers 0.42.1, accelerate 1.12.0, torch 2.13.0)`, from what a file recorded."""
+    names = [n for n in ("diffusers", "accelerate", "torch") if recorded.get(f"{n}_version")]
+    extra = ", ".join(f"{n} {recorded[f'{n}_version']}" for n in names)
+    return f"difftool {recorded.get('difftool_version', '(unrecorded)')}" + (f" ({extra})" if extra else "")
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush `folder` (and the files in it, recursively) to disk, so a rename after it is durable."""
+    paths = [p for p in folder.rglob("*") if p.is_file()] if files else []
+    for path in [*paths, *({p.parent for p in paths} | {folder})]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, Path]:

@@ -15,8 +15,10 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +28,11 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
-from difftool import __version__
 from difftool import config as config_mod
-from difftool.checkpoints import export_pipeline, model_info
+from difftool.checkpoints import INFO_FILE, export_pipeline, model_info
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line, is_storage_error, storage_problem
 from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
 from difftool.plan import check_output
@@ -40,11 +41,18 @@ from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
     append_jsonl,
+    describe_versions,
+    fsync_tree,
+    made_by,
     read_progress,
+    remove_tree,
     write_text,
 )
+from difftool.runlock import run_lock
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import make_scheduler
+
+T = TypeVar("T")
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -60,9 +68,27 @@ class TrainResult:
 
 def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
           show_progress: bool = True) -> TrainResult:
-    """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run."""
+    """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run.
+
+    The main process holds the run folder's lock throughout, so a second `train` into the same
+    folder is refused instead of interleaving checkpoints with this one.
+    """
     run = RunDir(output)
     accelerator = _make_accelerator(cfg, run)
+    try:
+        with contextlib.ExitStack() as stack:
+            _on_main_process(accelerator, lambda: stack.enter_context(run_lock(run.root)))
+            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress)
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        raise UserError(f"{storage_problem(err)}; the newest complete checkpoint is "
+                        f"{run.latest_checkpoint() or 'none yet'}. Free space or fix permissions, then continue "
+                        f"with: difftool train --resume {run.root}") from err
+
+
+def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
+                  show_progress: bool) -> TrainResult:
     micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
     data = _load_data(accelerator, cfg)
@@ -77,11 +103,12 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and run.is_run() and resume is None:
-            shutil.rmtree(run.root)
-        run.root.mkdir(parents=True, exist_ok=True)
+            run.clear()
         run.clean_temporaries()
         if resume is None:
             write_text(run.config, config_mod.dump_yaml(cfg))
+        else:
+            run.trim_metrics(read_progress(resume)["step"])
     accelerator.wait_for_everyone()
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=_flat_config(cfg))
@@ -116,14 +143,18 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
 
     start_step = 0
     if resume is not None:
-        accelerator.load_state(str(resume))
-        start_step = read_progress(resume)["step"]
-        if start_step >= max_steps:
+        _load_state(accelerator, resume)
+        progress = read_progress(resume)
+        start_step = progress["step"]
+        # At max_steps with no model/ of that step, the run was killed while exporting: finish that.
+        if start_step > max_steps or (start_step == max_steps and _exported_step(run) == start_step):
             raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}); "
                             f"raise --max-steps to train further")
     info = model_info(cfg, data, num_classes)
     trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
                        micro_batch, steps_per_epoch, info)
+    if resume is not None:
+        trainer.nonfinite.restore(progress)
     if accelerator.is_main_process:
         trainer.log_start(start_step, max_steps, count_parameters(unet))
     return trainer.run_loop(start_step, max_steps, show_progress)
@@ -142,6 +173,7 @@ class _Trainer:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
         self._perm_epoch, self._perm = -1, None
         self.stop_requested = False
+        self.nonfinite = _NonFiniteSteps(cfg.train.skip_nonfinite)
 
     # ------------------------------------------------------------ data order
 
@@ -188,8 +220,8 @@ class _Trainer:
             "drop": torch.rand(size, generator=g, device=self.device) < cfg.model.class_dropout,
         }
 
-    def step(self, step: int) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss (on device)."""
+    def step(self, step: int) -> torch.Tensor | None:
+        """One optimizer step over `grad_accum` micro-batches; the mean loss (on device), None if skipped."""
         cfg, acc = self.cfg, self.accelerator
         # Model-internal randomness (dropout) and random crops come from (seed, step, rank).
         seed = (cfg.train.seed * 1_000_003 + step) * 4099 + acc.process_index
@@ -218,8 +250,12 @@ class _Trainer:
                 loss = self.loss(x0, labels, shared["noise"][mine], shared["t"][mine])
                 acc.backward(loss / accum)
             total += loss.detach() / accum
-        if cfg.train.grad_clip:
-            acc.clip_grad_norm_(self.unet.parameters(), cfg.train.grad_clip)
+        # Without clipping, an infinite max norm measures the gradients and leaves them as they are.
+        clip = cfg.train.grad_clip or (math.inf if self.nonfinite.limit else 0)
+        norm = acc.clip_grad_norm_(self.unet.parameters(), clip) if clip else None
+        if self.nonfinite.limit and self.nonfinite.skip(step, norm, total, self.last_checkpoint()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,7 +272,7 @@ class _Trainer:
         step, last_loss = start_step, None
         with _StopOnSignal(self), progress:
             while step < max_steps:
-                window.add(self.step(step))
+                window.add(self.step(step), step)
                 step += 1
                 progress.advance()
                 logging = step % cfg.log.every == 0 or step == max_steps
@@ -262,20 +298,27 @@ class _Trainer:
     def report(self, step: int, window: _Window, progress: TrainingProgress) -> float:
         """Mean loss of the window over all processes (the only host sync); stops on NaN/inf."""
         cfg, acc = self.cfg, self.accelerator
-        loss = acc.reduce(window.loss, "mean").item() / window.steps
+        loss = acc.reduce(window.loss, "mean").item() / max(window.kept, 1)
         if not math.isfinite(loss):
+            firsts = acc.gather(window.first_nonfinite.reshape(1))
+            first = int(firsts[firsts >= 0].min())
             raise UserError(
-                f"loss became {loss} by step {step}; nothing was saved from this point. Lower train.lr, use "
-                f"train.mixed_precision=no, or set train.grad_clip (last good checkpoint: "
-                f"{self.run.latest_checkpoint() or 'none'})")
+                f"loss became {loss} at step {first + 1}; nothing from that step on was saved. Lower train.lr, use "
+                f"train.mixed_precision=no, set train.grad_clip, or skip such steps with --skip-nonfinite N "
+                f"(last good checkpoint: {self.last_checkpoint()})")
         record = {"step": step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
                   "img_per_s": window.steps * cfg.train.batch_size / window.seconds(),
                   "epoch": step / self.steps_per_epoch}
+        if self.nonfinite.limit:
+            record["skipped_steps"] = self.nonfinite.skipped
         if acc.is_main_process:
             append_jsonl(self.run.metrics, record)
             progress.show_metrics(record)
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return loss
+
+    def last_checkpoint(self) -> str:
+        return str(self.run.latest_checkpoint() or "none yet")
 
     def _agree_to_stop(self, step: int) -> bool:
         """Whether every process has seen Ctrl-C/SIGTERM (one collective every few steps in DDP)."""
@@ -298,16 +341,23 @@ class _Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if self.ema is not None:
-                self.ema.save_pretrained(str(tmp / "unet_ema"))
-            progress = {"step": step, "epoch": step / self.steps_per_epoch, "difftool_version": __version__, **self.info}
-            (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            run.rotate(self.cfg.checkpoint.total_limit)
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if self.ema is not None:
+                    self.ema.save_pretrained(str(tmp / "unet_ema"))
+                progress = {"step": step, "epoch": step / self.steps_per_epoch, **self.nonfinite.state(),
+                            **made_by(), **self.info}
+                (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+                fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
+                remove_tree(final)  # only there when a resumed run passes a step it had saved before
+                tmp.rename(final)
+                fsync_tree(final.parent, files=False)
+                run.rotate(self.cfg.checkpoint.total_limit)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial checkpoint behind
+            raise
         acc.wait_for_everyone()
         return final
 
@@ -364,7 +414,7 @@ class _Trainer:
             ema_unet = self.eval_unet()
             try:
                 export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.noise_scheduler,
-                                info={**self.info, "step": self.cfg.train.max_steps})
+                                info={**self.info, "step": self.cfg.train.max_steps, **made_by()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()
@@ -419,24 +469,50 @@ def _flat_config(cfg: Config) -> dict:
 
 
 def _load_data(accelerator: Accelerator, cfg: Config) -> ImageData:
-    """The main process loads first (filling the cache the others then read).
+    """The main process loads first (filling the cache the others then read)."""
+    data = _on_main_process(accelerator, lambda: load_dataset(cfg.data))
+    return data if accelerator.is_main_process else load_dataset(cfg.data)
 
-    If it fails, every process raises the same error instead of the others waiting forever
-    at a barrier the main process never reaches.
+
+def _on_main_process(accelerator: Accelerator, action: Callable[[], T]) -> T | None:
+    """`action()` on the main process (None elsewhere); a UserError there is raised on every process.
+
+    The other processes would otherwise wait forever at a barrier the main one never reaches.
     """
-    error = None
+    error, result = None, None
     if accelerator.is_main_process:
         try:
-            data = load_dataset(cfg.data)
+            result = action()
         except UserError as err:
             error = str(err)
+        except OSError as err:
+            if not is_storage_error(err):
+                raise
+            error = storage_problem(err)
     if accelerator.num_processes > 1:
         message = [error]
         broadcast_object_list(message)
         error = message[0]
     if error is not None:
         raise UserError(error)
-    return data if accelerator.is_main_process else load_dataset(cfg.data)
+    return result
+
+
+def _exported_step(run: RunDir) -> int | None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((run.model_dir / INFO_FILE).read_text()).get("step")
+    return None
+
+
+def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Restore model, optimizer, EMA, LR schedule and RNG; a failure names the versions that wrote it."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # whatever fails inside accelerate/torch, the remedy is the same
+        raise UserError(
+            f"cannot resume from {checkpoint} ({type(err).__name__}: {first_line(err)}); it was written by "
+            f"{describe_versions(read_progress(checkpoint))} and this is {describe_versions(made_by())}. "
+            f"Install those versions to resume it; its weights can still be sampled and converted") from err
 
 
 def _micro_batch_size(cfg: Config, world: int) -> int:
@@ -453,18 +529,58 @@ class _Window:
 
     def __init__(self, device):
         self.loss = torch.zeros((), device=device)
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # a step index, -1: none
         self.reset()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor | None, step: int) -> None:
+        """Count a step; `loss` None means it was skipped (and is not averaged in)."""
         self.steps += 1
+        if loss is None:
+            return
+        self.loss += loss
+        self.kept += 1
+        fresh = (self.first_nonfinite < 0) & ~torch.isfinite(loss)
+        self.first_nonfinite = torch.where(fresh, step, self.first_nonfinite)
 
     def reset(self) -> None:
         self.loss.zero_()
-        self.steps, self.start = 0, time.perf_counter()
+        self.steps, self.kept, self.start = 0, 0, time.perf_counter()
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
+
+
+class _NonFiniteSteps:
+    """`train.skip_nonfinite`: skip a step whose gradients are NaN/inf, but not more than `limit` in a row.
+
+    The gradient norm is taken after DDP's all-reduce, so every process makes the same decision.
+    Checking it needs one host sync per step, which is why this is opt-in.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.skipped = limit, 0, 0
+
+    def state(self) -> dict:
+        return {"skipped_steps": self.skipped, "nonfinite_streak": self.streak} if self.limit else {}
+
+    def restore(self, progress: dict) -> None:
+        self.skipped, self.streak = progress.get("skipped_steps", 0), progress.get("nonfinite_streak", 0)
+
+    def skip(self, step: int, grad_norm: torch.Tensor, loss: torch.Tensor, last_checkpoint: str) -> bool:
+        if torch.isfinite(grad_norm):
+            self.streak = 0
+            return False
+        self.streak += 1
+        self.skipped += 1
+        if self.streak > self.limit:
+            raise UserError(
+                f"steps {step + 2 - self.streak}-{step + 1} in a row had non-finite gradients (more than "
+                f"train.skip_nonfinite={self.limit}): the run has diverged. Lower train.lr, use "
+                f"train.mixed_precision=no or set train.grad_clip, and resume from the last good checkpoint: "
+                f"{last_checkpoint}")
+        console.print(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
+                      f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
+        return True
 
 
 class _StopOnSignal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -133,14 +134,72 @@ def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
     assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds is None
 
 
-def test_nan_loss_stops_with_hint_and_keeps_last_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="loss became nan by step .*Lower train.lr"):
-        train(tiny_config("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0", "train.max_steps=6"),
-              tmp_path / "nan", show_progress=False)
+def poison_steps(monkeypatch, *steps: int) -> None:
+    """Make the images of the given (0-based) steps NaN, so exactly those steps get a NaN loss."""
+    calls = iter(range(10**6))
+    real = train_mod.make_batch
+
+    def make_batch(*args, **kwargs):
+        x0, labels = real(*args, **kwargs)
+        return (torch.full_like(x0, float("nan")) if next(calls) in steps else x0), labels
+
+    monkeypatch.setattr(train_mod, "make_batch", make_batch)
+
+
+def all_finite(folder, name="model.safetensors") -> bool:
+    return all(torch.isfinite(w).all() for w in load_file(folder / name).values())
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    poison_steps(monkeypatch, 4)  # the 5th step; logged every 3 steps, so found at step 6
+    with pytest.raises(UserError, match=r"loss became nan at step 5; .*Lower train.lr.*--skip-nonfinite N "
+                                        r"\(last good checkpoint: .*step-000003\)"):
+        train(tiny_config("log.every=3"), tmp_path / "nan", show_progress=False)
     run = RunDir(tmp_path / "nan")
-    for checkpoint in run.checkpoints():
-        assert all(torch.isfinite(w).all() for w in load_file(checkpoint / "model.safetensors").values())
+    assert [c.name for c in run.checkpoints()] == ["step-000003"] and all_finite(run.checkpoints()[0])
     assert not run.model_dir.exists()
+
+
+def test_diverging_lr_is_caught_with_the_same_hint(tmp_path):
+    with pytest.raises(UserError, match="loss became (nan|inf) at step [0-9]+; .*Lower train.lr"):
+        train(tiny_config("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0"), tmp_path / "lr",
+              show_progress=False)
+
+
+def test_skip_nonfinite_skips_a_bad_step_and_finishes(tmp_path, monkeypatch, capsys):
+    poison_steps(monkeypatch, 4)
+    result = train(tiny_config("train.skip_nonfinite=2"), tmp_path / "skip", show_progress=False)
+    assert result.finished and all_finite(result.run / "model" / "unet", "diffusion_pytorch_model.safetensors")
+    records = [json.loads(line) for line in RunDir(result.run).metrics.read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert "step 5: non-finite gradients" in capsys.readouterr().err
+    assert json.loads((RunDir(result.run).checkpoints()[-1] / "progress.json").read_text())["skipped_steps"] == 1
+
+
+def test_skip_nonfinite_stops_when_too_many_in_a_row(tmp_path, monkeypatch):
+    poison_steps(monkeypatch, 3, 4, 5)
+    with pytest.raises(UserError, match=r"steps 4-6 in a row had non-finite gradients \(more than "
+                                        r"train.skip_nonfinite=2\).*step-000003"):
+        train(tiny_config("train.skip_nonfinite=2", "train.max_steps=8"), tmp_path / "stop", show_progress=False)
+
+
+def test_skipping_changes_nothing_while_gradients_are_finite(tmp_path):
+    plain = train(tiny_config("train.grad_clip=0"), tmp_path / "plain", show_progress=False)
+    guarded = train(tiny_config("train.grad_clip=0", "train.skip_nonfinite=1"), tmp_path / "guarded", show_progress=False)
+    assert losses(guarded.run) == losses(plain.run)
+
+
+def test_a_run_stopped_by_nan_resumes_with_skipping(tmp_path, monkeypatch):
+    poison_steps(monkeypatch, 4)
+    with pytest.raises(UserError, match="at step 5"):
+        train(tiny_config(), tmp_path / "r", show_progress=False)
+    poison_steps(monkeypatch, 1)  # counted from the resumed step 3: step 5 again
+    plan = plan_training(resume=str(tmp_path / "r"), overrides=["train.skip_nonfinite=1"])
+    assert plan.resume.name == "step-000003"
+    result = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    assert result.finished and [json.loads(x)["step"] for x in RunDir(result.run).metrics.read_text().splitlines()] \
+        == [1, 2, 3, 4, 5, 6]
 
 
 def test_batch_larger_than_data_is_a_user_error(tmp_path):

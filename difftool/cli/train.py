@@ -40,6 +40,8 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (train.batch_size).")] = None,
     seed: options.Seed = None,
     mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 (GPU), bf16, or auto (bf16 where the hardware has it).")] = None,
+    skip_nonfinite: Annotated[int | None, typer.Option(
+        help="Skip up to N steps in a row whose gradients are NaN/inf instead of stopping (train.skip_nonfinite).")] = None,
     num_processes: options.NumProcesses = 1,
     main_process_port: options.MainProcessPort = None,
     dry_run: options.DryRun = False,
@@ -51,7 +53,7 @@ def train(
     values = {
         "data.resolution": resolution, "data.image_column": image_column, "data.label_column": label_column,
         "data.channels": channels, "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.seed": seed, "train.mixed_precision": mixed_precision,
+        "train.seed": seed, "train.mixed_precision": mixed_precision, "train.skip_nonfinite": skip_nonfinite,
     }
     values = {k: v for k, v in values.items() if v is not None}
     plan = plan_training(recipe=recipe, dataset=dataset, overrides=overrides, values=values, output=output, resume=resume)
@@ -65,6 +67,7 @@ def train(
             ("--dataset", None if plan.resume else dataset), ("--resolution", resolution), ("--image-column", image_column),
             ("--label-column", label_column), ("--channels", channels), ("--max-steps", max_steps),
             ("--batch-size", batch_size), ("--seed", seed), ("--mixed-precision", mixed_precision),
+            ("--skip-nonfinite", skip_nonfinite),
             ("--set", overrides), ("--overwrite", overwrite), ("--quiet", quiet),
         ])
         raise typer.Exit(launch("difftool.train", args, num_processes=num_processes, main_process_port=main_process_port))

@@ -1,0 +1,84 @@
+"""One `difftool train` per run folder: `RUN/train.lock`, held with an OS file lock.
+
+The kernel releases an `flock` when its process dies, however it dies (kill -9, OOM killer,
+power-off of a container), so a lock can never be left held by nobody. The file itself names
+its owner (pid, host, start time) for the refusal message; one left behind by a dead process
+is simply taken over, with a notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from difftool.errors import UserError
+from difftool.progress import show_notes
+from difftool.rundir import LOCK_FILE
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[Path]:
+    """Hold `root/train.lock` for the block; refuse if another live process holds it.
+
+    A folder created here for the lock alone is removed again if the block leaves it empty
+    (a refused or failed start leaves nothing behind).
+    """
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    fd = _acquire(path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a waiter then finds the file gone and retries
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                root.rmdir()
+
+
+def _acquire(path: Path) -> int:
+    """An open descriptor holding the lock on `path` (the file as it is on disk now)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{path.parent} is in use by another difftool train ({_describe(path)}); wait for it to "
+                            f"finish or stop it, or train into another --output") from None
+        # The holder we waited on may have deleted the file just before unlocking: lock the new one.
+        if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
+            os.close(fd)
+            continue
+        previous = _owner(fd)
+        if previous.get("pid"):
+            host = previous.get("host", "?")
+            show_notes([f"taking over {path} from pid {previous['pid']} on {host}, which is no longer running"])
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
+
+
+def _owner(fd: int) -> dict:
+    """The owner recorded in the lock file ({} if none or unreadable: then nobody is named)."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _describe(path: Path) -> str:
+    try:
+        owner = json.loads(path.read_text())
+        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}, per {path.name}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"see {path}"

@@ -1,0 +1,233 @@
+"""Nothing lost: kill -9, SIGTERM, a second `train` on the same run, full and read-only disks, NaN.
+
+The README's "Guarantees" section states what these tests check; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from difftool import config as config_mod
+from difftool.checkpoints import load_model
+from difftool.cli.app import app
+from difftool.errors import UserError
+from difftool.plan import plan_training
+from difftool.rundir import LOCK_FILE, RunDir
+from difftool.runlock import run_lock
+from difftool.train import train
+from tests.conftest import assert_user_error, difftool_cmd, tiny_config
+
+
+def write_recipe(path: Path, *overrides: str) -> Path:
+    path.write_text(config_mod.dump_yaml(tiny_config(*overrides)))
+    return path
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files or folders anywhere in a run folder (a write that never completed)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob(".tmp-*"))
+
+
+def model_weights(run: Path) -> dict[str, torch.Tensor]:
+    return {f"{sub}/{k}": v for sub in ("unet", "unet_raw")
+            for k, v in load_file(run / "model" / sub / "diffusion_pytorch_model.safetensors").items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=0, atol=0, msg=key)
+
+
+def logged(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def check_loads(checkpoint: Path) -> None:
+    """What `--resume` and `difftool sample CHECKPOINT` read from a checkpoint, all of it."""
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == int(checkpoint.name.split("-")[1])
+    load_model(checkpoint)
+    load_file(checkpoint / "model.safetensors")
+    states = sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")])
+    assert [p.name for p in states] == ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin",
+                                        "random_states_0.pkl"]
+    for path in states:
+        torch.load(path, weights_only=False)  # written by this test's own run: trusted
+
+
+# ---------------------------------------------------------------- the run lock
+
+
+def test_a_held_lock_refuses_a_second_holder_and_names_the_owner(tmp_path):
+    with run_lock(tmp_path / "run") as lock:
+        owner = json.loads(lock.read_text())
+        assert owner["pid"] == os.getpid()
+        refused = rf"in use by another difftool train \(pid {os.getpid()} on .* per train.lock\); wait for it"
+        with pytest.raises(UserError, match=refused), run_lock(tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run").exists(), "a folder made only for the lock is removed with it"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "since": "yesterday"}))
+    result = train(tiny_config("train.max_steps=2"), run, show_progress=False)
+    assert result.finished
+    assert f"taking over {run / LOCK_FILE} from pid {dead.pid} on elsewhere, which is no longer running" \
+        in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_a_refused_start_leaves_no_folder_behind(tmp_path):
+    with pytest.raises(UserError, match="fewer than train.batch_size"):
+        train(tiny_config("data.num_images=4"), tmp_path / "new", show_progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_second_train_on_a_running_run_is_refused_and_sigterm_saves(tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", "train.max_steps=100000", "checkpoint.every=100000",
+                          "sample.every=100000", "log.every=2")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(difftool_cmd() + ["train", "--recipe", str(recipe), "--output", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    for extra in ([], ["--overwrite"]):
+        second = CliRunner().invoke(app, ["train", "--recipe", str(recipe), "--output", str(out), *extra])
+        assert_user_error(second, f"{out} is in use by another difftool train (pid {proc.pid} on")
+    assert proc.poll() is None, "the refused commands must not disturb the running one"
+
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped at step" in err and "Traceback" not in err
+    checkpoint = RunDir(out).latest_checkpoint()
+    check_loads(checkpoint)
+    assert not (out / LOCK_FILE).exists() and not leftovers(out)
+
+
+# ---------------------------------------------------------------- full or read-only disks
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, monkeypatch):
+    reference = train(tiny_config(), tmp_path / "reference", show_progress=False)
+    real_save = Accelerator.save_state
+
+    def save_then_run_out_of_space(self, output_dir=None, **kwargs):
+        real_save(self, output_dir, **kwargs)  # a partly written checkpoint folder, as a full disk leaves it
+        if output_dir.endswith("step-000006"):
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output_dir, "optimizer.bin"))
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_run_out_of_space)
+    run = RunDir(tmp_path / "full")
+    with pytest.raises(UserError, match=r"^No space left on device: .*step-000006/optimizer.bin; the newest "
+                                        r"complete checkpoint is .*step-000003\. Free space or fix permissions, "
+                                        r"then continue with: difftool train --resume"):
+        train(tiny_config(), run.root, show_progress=False)
+    assert [c.name for c in run.checkpoints()] == ["step-000003"]
+    check_loads(run.checkpoints()[0])
+    assert not leftovers(run.root) and not (run.root / LOCK_FILE).exists() and not run.model_dir.exists()
+
+    monkeypatch.undo()  # space freed
+    plan = plan_training(resume=str(run.root))
+    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    assert_same_weights(model_weights(run.root), model_weights(reference.run))
+    assert logged(run.root) == logged(reference.run)
+
+
+def test_a_kill_while_exporting_the_model_is_finished_by_resume(tmp_path):
+    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    exported = model_weights(result.run)
+    shutil.rmtree(result.run / "model")  # killed after the last checkpoint, before model/ was in place
+    plan = plan_training(resume=str(result.run))
+    again = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    assert again.finished and again.step == 6
+    assert_same_weights(model_weights(result.run), exported)
+    with pytest.raises(UserError, match="already trained to step 6"):
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def launch(recipe: Path, run: Path, log: Path) -> subprocess.Popen:
+    """`train` into `run`: a fresh start while it has no complete checkpoint, else `--resume`."""
+    if RunDir(run).latest_checkpoint():
+        args = ["--resume", str(run)]
+    else:
+        args = ["--recipe", str(recipe), "--output", str(run), "--overwrite"]
+    return subprocess.Popen(difftool_cmd() + ["train", *args, "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))
+
+
+def wait_for_checkpoint_writes(run: Path, proc: subprocess.Popen) -> None:
+    """Until the process starts its next checkpoint (or ends): start-up is not what this test is about."""
+    folder = RunDir(run).checkpoints_dir
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and (set(os.listdir(folder)) if folder.is_dir() else set()) == before:
+        assert time.monotonic() < deadline, "no checkpoint activity within 2 minutes"
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
+    """20 SIGKILLs at random moments of a run that checkpoints (and rotates) every step."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", "train.max_steps=30", "checkpoint.every=1",
+                          "checkpoint.total_limit=2", "sample.every=10", "log.every=1")
+    reference = tmp_path / "reference"
+    subprocess.run(difftool_cmd() + ["train", "--recipe", str(recipe), "--output", str(reference), "--quiet"],
+                   check=True, capture_output=True, timeout=300)
+    rng = random.Random(20261130)
+    chains, kills, mid_write = [tmp_path / "chain-0"], 0, 0
+    while kills < 20:
+        run = chains[-1]
+        if (run / "model" / "difftool.json").is_file():  # finished, though killed before the process ended
+            chains.append(tmp_path / f"chain-{len(chains)}")
+            continue
+        log = tmp_path / f"log-{kills}.txt"
+        had_checkpoint = RunDir(run).latest_checkpoint() is not None
+        proc = launch(recipe, run, log)
+        wait_for_checkpoint_writes(run, proc)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is not None:  # finished before the kill: check it, go on with a new run
+            assert proc.returncode == 0, log.read_text()[-2000:]
+            chains.append(tmp_path / f"chain-{len(chains)}")
+            continue
+        proc.kill()
+        proc.wait()
+        kills += 1
+        if had_checkpoint:
+            assert "taking over" in log.read_text(), "the resumed run takes over the killed run's lock"
+        mid_write += bool(leftovers(run))
+        for checkpoint in RunDir(run).checkpoints():
+            check_loads(checkpoint)
+    # The last run is completed without interruption.
+    proc = launch(recipe, chains[-1], tmp_path / "log-last.txt")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "log-last.txt").read_text()[-2000:]
+
+    assert mid_write >= 5, f"only {mid_write} of 20 kills landed while a checkpoint was being written"
+    for run in chains:
+        assert_same_weights(model_weights(run), model_weights(reference))
+        assert logged(run) == logged(reference)
+        assert not leftovers(run) and not (run / LOCK_FILE).exists()
