@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 # Full disk or quota, read-only file system, permissions: fixed outside difftool, not a bug in it.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -24,3 +29,39 @@ def storage_problem(err: OSError) -> str:
 def first_line(err: BaseException, limit: int = 160) -> str:
     """An exception's first line (or its type), for quoting it inside a one-line error."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
+@contextlib.contextmanager
+def os_errors_of_writers(path: Path) -> Iterator[None]:
+    """Re-raise a failed write of `path` as the OSError it was, naming `path`, whatever library wrote it.
+
+    safetensors reports a full disk as `SafetensorError(... (os error 28))`, and torch's zip writer
+    as `RuntimeError(... unexpected pos ...)` without saying why; for the latter the file system is
+    asked (full? read-only?) while the partial file still takes its space.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # a failed write() names no file
+    except Exception as err:
+        code = _os_error_code(err, Path(path))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def _os_error_code(err: Exception, path: Path) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found:
+        return int(found.group(1))
+    if isinstance(err, RuntimeError) and re.search(r"PytorchStreamWriter|inline_container", str(err)):
+        existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+        with contextlib.suppress(OSError):
+            fs = os.statvfs(existing)
+            if fs.f_flag & os.ST_RDONLY:
+                return errno.EROFS
+            if fs.f_bavail * fs.f_frsize < 16 * 2**20:
+                return errno.ENOSPC
+    return None

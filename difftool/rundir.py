@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from difftool import __version__
-from difftool.errors import UserError
+from difftool.errors import UserError, os_errors_of_writers
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
@@ -40,7 +40,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        yield tmp
+        with os_errors_of_writers(path):
+            yield tmp
         # Some writers (safetensors) create private 0600 files; the result gets the usual permissions.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -68,7 +69,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
+        with os_errors_of_writers(path):
+            yield tmp
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier replacement
             os.replace(path, old)

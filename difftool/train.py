@@ -32,7 +32,13 @@ from difftool import config as config_mod
 from difftool.checkpoints import INFO_FILE, export_pipeline, model_info
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
-from difftool.errors import UserError, first_line, is_storage_error, storage_problem
+from difftool.errors import (
+    UserError,
+    first_line,
+    is_storage_error,
+    os_errors_of_writers,
+    storage_problem,
+)
 from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
 from difftool.plan import check_output
@@ -342,15 +348,17 @@ class _Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(tmp))
-            acc.wait_for_everyone()
+            with os_errors_of_writers(final):
+                acc.save_state(str(tmp))
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    if self.ema is not None:
+                        self.ema.save_pretrained(str(tmp / "unet_ema"))
+                    progress = {"step": step, "epoch": step / self.steps_per_epoch, **self.nonfinite.state(),
+                                **made_by(), **self.info}
+                    (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+                    fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
             if acc.is_main_process:
-                if self.ema is not None:
-                    self.ema.save_pretrained(str(tmp / "unet_ema"))
-                progress = {"step": step, "epoch": step / self.steps_per_epoch, **self.nonfinite.state(),
-                            **made_by(), **self.info}
-                (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-                fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
                 remove_tree(final)  # only there when a resumed run passes a step it had saved before
                 tmp.rename(final)
                 fsync_tree(final.parent, files=False)
@@ -488,7 +496,7 @@ def _on_main_process(accelerator: Accelerator, action: Callable[[], T]) -> T | N
         except OSError as err:
             if not is_storage_error(err):
                 raise
-            error = storage_problem(err)
+            error = f"{storage_problem(err)}; free space or fix permissions, or choose another --output"
     if accelerator.num_processes > 1:
         message = [error]
         broadcast_object_list(message)

@@ -231,3 +231,122 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
         assert_same_weights(model_weights(run), model_weights(reference))
         assert logged(run) == logged(reference)
         assert not leftovers(run) and not (run / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------- a real full / read-only file system
+
+
+def run_in_private_mounts(script: str, tmp_path: Path) -> None:
+    """Run a shell script in its own mount namespace, where it may mount small tmpfs file systems.
+
+    `unshare -rm` needs no root where user namespaces are enabled; elsewhere the test is skipped
+    (the monkeypatched full-disk test above still runs).
+    """
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespaces here (unshare -rm)")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-euc", script], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def one_error_line(path: Path) -> str:
+    """The error a command ended with: one line, its last, and no traceback before it."""
+    text = path.read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("difftool: error: ")]
+    assert len(errors) == 1 and text.rstrip().endswith(errors[0]) and "Traceback" not in text, text[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_really_full_then_read_only_disk(tmp_path):
+    """Train onto a 1.6 MB tmpfs (room for one checkpoint, not two), then try to resume on it read-only."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", "checkpoint.total_limit=1", "sample.every=100000")
+    exe = " ".join(difftool_cmd())
+    run_in_private_mounts(f"""
+        mkdir disk
+        mount -t tmpfs -o size=1600k tmpfs disk
+        rc=0; {exe} train --recipe {recipe} --output disk/run --quiet 2> full.txt || rc=$?; echo $rc > full.rc
+        cp -a disk/run copy
+        mount -o remount,ro disk
+        rc=0; {exe} train --resume disk/run --quiet 2> ro.txt || rc=$?; echo $rc > ro.rc
+    """, tmp_path)
+    assert (tmp_path / "full.rc").read_text().strip() == "2"
+    line = one_error_line(tmp_path / "full.txt")
+    assert "No space left on device" in line and "newest complete checkpoint is disk/run/checkpoints/step-000003" in line
+    copy = RunDir(tmp_path / "copy")
+    assert [c.name for c in copy.checkpoints()] == ["step-000003"]
+    check_loads(copy.checkpoints()[0])
+    assert not leftovers(copy.root) and not (copy.root / LOCK_FILE).exists() and not copy.model_dir.exists()
+
+    assert (tmp_path / "ro.rc").read_text().strip() == "2"
+    assert "Read-only file system: disk/run/train.lock" in one_error_line(tmp_path / "ro.txt")
+
+
+@pytest.mark.slow
+def test_sampling_onto_a_full_disk_keeps_finished_images_and_resume_completes_them(tiny_run, tmp_path):
+    exe = " ".join(difftool_cmd())
+    sample = f"{exe} sample {tiny_run} -n 30 --batch-size 2 --steps 2 --scheduler ddim -o disk/out -q"
+    run_in_private_mounts(f"""
+        mkdir disk
+        mount -t tmpfs -o size=48k tmpfs disk
+        rc=0; {sample} 2> full.txt || rc=$?; echo $rc > full.rc
+        ls -a disk/out > kept.txt
+        mount -o remount,size=4m disk
+        {sample} --resume 2> resumed.txt
+        cp -a disk/out out
+    """, tmp_path)
+    assert (tmp_path / "full.rc").read_text().strip() == "2"
+    assert "No space left on device" in one_error_line(tmp_path / "full.txt")
+    kept = [n for n in (tmp_path / "kept.txt").read_text().split() if n.endswith(".png")]
+    assert 0 < len(kept) < 30 and not any(n.startswith(".tmp-") for n in kept)
+    assert f"{30 - len(kept)} new of 30" in (tmp_path / "resumed.txt").read_text()
+    reference = tmp_path / "reference"
+    subprocess.run(sample.replace("disk/out", str(reference)).split(), check=True, capture_output=True, timeout=300)
+    made = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert made == sorted(p.name for p in reference.glob("*.png"))
+    for name in made:
+        assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- version skew
+
+FIXTURE_RUN = Path(__file__).parent / "data" / "run-0.1.0"  # made by difftool 0.1.0; see tests/data/README.md
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURE_RUN, tmp_path / "old-run"))
+
+
+def test_a_run_made_by_difftool_0_1_0_samples_inspects_and_resumes(old_run, tmp_path):
+    assert json.loads((old_run / "model" / "difftool.json").read_text())["difftool_version"] == "0.1.0"
+    for source in (old_run, old_run / "model", old_run / "checkpoints" / "step-000002"):
+        assert list(load_model(source).unet.config.block_out_channels) == [4, 8]
+    runner = CliRunner()
+    sampled = runner.invoke(app, ["sample", str(old_run), "-n", "2", "--steps", "2", "-o", str(tmp_path / "s"), "-q"])
+    assert sampled.exit_code == 0, sampled.output
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 2
+    assert runner.invoke(app, ["inspect", str(old_run)]).exit_code == 0
+    plan = plan_training(resume=str(old_run), values={"train.max_steps": 4})
+    assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).finished
+    assert [step for step, _ in logged(old_run)] == [2, 4]  # logged at the last step of each session
+
+
+def test_a_config_written_by_a_newer_difftool_says_which_version(old_run):
+    text = (old_run / "config.yaml").read_text().replace("difftool_version: 0.1.0", "difftool_version: 9.0.0")
+    (old_run / "config.yaml").write_text(text.replace("train:\n", "train:\n  future_knob: 3\n"))
+    with pytest.raises(UserError, match=r"config.yaml was written by difftool 9.0.0 and this is difftool 0.1.0: "
+                                        r"unknown config key 'train.future_knob'.*Use difftool 9.0.0 for this run"):
+        plan_training(resume=str(old_run))
+
+
+def test_a_checkpoint_this_version_cannot_restore_names_the_versions_that_wrote_it(old_run):
+    checkpoint = old_run / "checkpoints" / "step-000002"
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    (checkpoint / "progress.json").write_text(json.dumps({**progress, "accelerate_version": "0.20.0"}))
+    torch.save({"state": {}, "param_groups": []}, checkpoint / "optimizer.bin")  # a layout this torch rejects
+    plan = plan_training(resume=str(old_run), values={"train.max_steps": 4})
+    with pytest.raises(UserError, match=r"cannot resume from .*step-000002 \(ValueError: .*\); it was written by "
+                                        r"difftool 0.1.0 \(diffusers .*, accelerate 0.20.0, torch .*\) and this is "
+                                        r"difftool 0.1.0 .*Install those versions to resume it"):
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
