@@ -27,7 +27,13 @@ from difftool import __version__
 from difftool.config import read_config
 from difftool.errors import UserError
 from difftool.models import build_noise_scheduler, build_unet
-from difftool.rundir import RunDir, atomic_dir, atomic_path, read_progress
+from difftool.rundir import (
+    PROGRESS_FILE,
+    RunDir,
+    atomic_dir,
+    atomic_path,
+    read_progress,
+)
 
 INFO_FILE = "difftool.json"
 SINGLE_FILE_FORMAT = "unet/1"
@@ -176,8 +182,9 @@ def _from_run(run: RunDir, weights: str | None) -> _Found:
 
 def _from_checkpoint(checkpoint: Path, weights: str | None) -> _Found:
     """EMA weights from unet_ema/, raw ones from accelerate's model.safetensors; configs from the run."""
-    cfg = read_config(RunDir(checkpoint.parent.parent).config)
-    info = read_progress(checkpoint)
+    config_file = RunDir(checkpoint.parent.parent).config
+    cfg = read_config(config_file)
+    info = _check_record(read_progress(checkpoint), checkpoint / PROGRESS_FILE)
     ema_dir = checkpoint / "unet_ema"
     has_ema = (ema_dir / "config.json").is_file()
     kind = _choose(str(checkpoint), ("ema", "raw") if has_ema else ("raw",), weights)
@@ -188,7 +195,7 @@ def _from_checkpoint(checkpoint: Path, weights: str | None) -> _Found:
             unet_config = dict(build_unet(cfg.model, resolution=info["resolution"], channels=info["channels"],
                                           num_classes=info["num_classes"]).config)
     weights_file = _weights_file(ema_dir) if kind == "ema" else checkpoint / CHECKPOINT_WEIGHTS
-    scheduler_config = _training_scheduler_config(build_noise_scheduler(cfg.scheduler).config)
+    scheduler_config = _training_scheduler_config(build_noise_scheduler(cfg.scheduler).config, config_file)
     return _Found(_describe(checkpoint, kind), kind, unet_config, weights_file, scheduler_config, _full_info(info, unet_config))
 
 
@@ -214,20 +221,20 @@ def _from_unet_folder(folder: Path, weights: str | None, where: str) -> _Found:
     scheduler_file = folder.parent / "scheduler" / "scheduler_config.json"
     notes = []
     if scheduler_file.is_file():
-        scheduler_config = _training_scheduler_config(_read_json(scheduler_file))
+        scheduler_config = _training_scheduler_config(_read_json(scheduler_file), scheduler_file)
     else:
-        scheduler_config = _training_scheduler_config({})
+        scheduler_config = _training_scheduler_config({}, scheduler_file)
         notes.append(f"{where} comes without {scheduler_file}: assuming the DDPMScheduler defaults "
                      f"(linear betas, 1000 steps, epsilon prediction)")
-    info = _full_info(_optional_json(folder.parent / INFO_FILE), unet_config)
+    info = _full_info(_check_record(_optional_json(folder.parent / INFO_FILE), folder.parent / INFO_FILE), unet_config)
     return _Found(where, kind, unet_config, _weights_file(folder), scheduler_config, info, notes)
 
 
 def _from_single_file(path: Path, weights: str | None) -> _Found:
     meta = read_single_file_metadata(path)
     kind = _choose(str(path), ("ema",), weights)
-    return _Found(str(path), kind, meta["unet_config"], path, _training_scheduler_config(meta["scheduler_config"]),
-                  _full_info(meta["info"], meta["unet_config"]))
+    return _Found(str(path), kind, meta["unet_config"], path, _training_scheduler_config(meta["scheduler_config"], path),
+                  _full_info(_check_record(meta["info"], path), meta["unet_config"]))
 
 
 def _describe(where: Path | str, kind: str) -> str:
@@ -241,13 +248,39 @@ def _full_info(stored: dict, unet_config: dict) -> dict:
     return {**derived, **stored}
 
 
-def _training_scheduler_config(config) -> dict:
-    """A complete DDPMScheduler config as a plain dict, whatever (if any) file it came from."""
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# The values of difftool's record of a model that building and sampling it rely on.
+_RECORD_CHECKS = {
+    "resolution": lambda v: _whole(v, 1),
+    "channels": lambda v: _whole(v, 1),
+    "num_classes": lambda v: v is None or _whole(v, 0),
+    "null_class": lambda v: v is None or _whole(v, 0),
+    "label_names": lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
+}
+
+
+def _check_record(record: dict, where: Path) -> dict:
+    """`record` as read from `where`, refused now if a value is unusable, rather than crashed on later."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is damaged: it holds a JSON {type(record).__name__}, not an object; "
+                        f"use an intact copy of the model")
+    damaged = [f"{key}={record[key]!r}" for key, usable in _RECORD_CHECKS.items() if key in record and not usable(record[key])]
+    if damaged:
+        raise UserError(f"{where} is damaged: it records {', '.join(damaged)}; use an intact copy of the model")
+    return record
+
+
+def _training_scheduler_config(config, where: Path) -> dict:
+    """A complete DDPMScheduler config as a plain dict, whatever (if any) file `where` it came from."""
     accepted = inspect.signature(DDPMScheduler.__init__).parameters
     try:
         full = DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted}).config
-    except (ValueError, NotImplementedError) as err:
-        raise UserError(f"the model's scheduler config does not make a DDPMScheduler ({err})") from err
+    except Exception as err:  # values read from a file can break the constructor in any way
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"the scheduler config in {where} does not make a DDPMScheduler ({reason})") from err
     return {k: v for k, v in full.items() if not k.startswith("_")}
 
 
@@ -258,13 +291,16 @@ def _load_unet(unet_config: dict, weights_file: Path) -> UNet2DModel:
     """The UNet of `unet_config` holding the tensors of `weights_file`, in their stored dtype.
 
     Not `from_pretrained`: it warns about the EMA keys in unet_ema/config.json and explains
-    weights that do not fit their config poorly.
+    weights that do not fit their config poorly. Built on the meta device: the file's tensors are
+    assigned in place of the parameters, so none are allocated, however large a config claims to be.
     """
     accepted = inspect.signature(UNet2DModel.__init__).parameters
     try:
-        unet = UNet2DModel.from_config({k: v for k, v in unet_config.items() if k in accepted})
-    except (ValueError, TypeError) as err:
-        raise UserError(f"diffusers cannot build the UNet2DModel configured for {weights_file} ({err})") from err
+        with torch.device("meta"):
+            unet = UNet2DModel.from_config({k: v for k, v in unet_config.items() if k in accepted})
+    except Exception as err:  # values read from a file can break the constructor in any way
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"diffusers cannot build the UNet2DModel configured for {weights_file} ({reason})") from err
     state = _read_tensors(weights_file)
     _check_match(unet.state_dict(), state, weights_file)
     unet.load_state_dict(state, assign=True)  # assign: keep the stored dtype
@@ -272,16 +308,34 @@ def _load_unet(unet_config: dict, weights_file: Path) -> UNet2DModel:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".bin":
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
+    if path.suffix == ".bin":
+        state = load_pickle(path)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{path} does not hold a state dict (names -> tensors); give the weights saved with "
+                            f"save_pretrained or torch.save(model.state_dict(), ...)")
+    else:
+        try:
             state = safetensors.torch.load_file(path)
-    except safetensors.SafetensorError as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err})") from err
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"{path} is not a readable weights file ({err})") from err
+        except (safetensors.SafetensorError, OSError) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({err})") from err
     return {_unwrapped(key): value for key, value in state.items()}
+
+
+def load_pickle(path: Path):
+    """`torch.load` that runs no code: pickles of anything but tensors and plain containers are refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # arbitrary bytes make torch.load fail in many ways
+        # The weights-only unpickler's message is a paragraph; one line of it says what it refused.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if isinstance(err, pickle.UnpicklingError) and (refused := next((ln for ln in lines if "GLOBAL" in ln), None)):
+            raise UserError(f"{path} needs code to load ({refused[:200]}); difftool never runs code from checkpoint "
+                            f"files: re-save its state dict (torch.save(model.state_dict(), ...)) where it was "
+                            f"made") from err
+        detail = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if "WeightsUnpickler error" in ln),
+                      lines[0] if lines else "")
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail[:160]}); "
+                        f"give a state dict saved with torch.save, or a .safetensors file") from err
 
 
 def _unwrapped(key: str) -> str:
@@ -314,9 +368,12 @@ def _optional_json(path: Path) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise UserError(f"cannot read {path} ({err})") from err
+    if not isinstance(value, dict):
+        raise UserError(f"cannot read {path}: it holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 # ---------------------------------------------------------------- single file
@@ -351,10 +408,14 @@ def read_single_file_metadata(path: Path) -> dict:
         raise UserError(f"{path} is in single-file format {meta['difftool_format']}, which this difftool "
                         f"({__version__}) does not read; upgrade difftool")
     try:
-        return {"unet_config": json.loads(meta["unet_config"]), "scheduler_config": json.loads(meta["scheduler_config"]),
-                "info": json.loads(meta["difftool"])}
+        found = {"unet_config": json.loads(meta["unet_config"]),
+                 "scheduler_config": json.loads(meta["scheduler_config"]), "info": json.loads(meta["difftool"])}
     except (KeyError, json.JSONDecodeError) as err:
         raise UserError(f"{path} has damaged difftool metadata ({err!r})") from err
+    not_objects = [key for key, value in found.items() if not isinstance(value, dict)]
+    if not_objects:
+        raise UserError(f"{path} has damaged difftool metadata ({', '.join(not_objects)}: not a JSON object)")
+    return found
 
 
 # ---------------------------------------------------------------- hub

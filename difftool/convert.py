@@ -9,7 +9,6 @@ are read with `torch.load(weights_only=True)` only, so no file can run code here
 from __future__ import annotations
 
 import inspect
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from difftool.checkpoints import (
     LoadedModel,
     export_pipeline,
     load_model,
+    load_pickle,
     place,
     save_single_file,
     state_dict_hash,
@@ -120,22 +120,6 @@ def _import(path: Path, source_format: str, weights: str | None, resolution: int
             "converted_from": f"{source_format}:{path.name}"}
     return LoadedModel(unet.eval(), imported.scheduler_config, info, f"{path} ({source_format})",
                        weights or "ema", state_dict_hash(unet.state_dict()), imported.notes)
-
-
-def load_pickle(path: Path):
-    """`torch.load` that runs no code: pickles of anything but tensors and plain containers are refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is a paragraph; the line naming the refused global is the one that explains
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
-        raise UserError(f"{path} needs code to load ({reason[:200]}); difftool never runs code from checkpoint "
-                        f"files: re-save its state dict (torch.save(model.state_dict(), ...)) where it was made") from err
-    except Exception as err:  # arbitrary bytes make torch.load fail in many ways
-        detail = (str(err).splitlines() or [""])[0][:160]
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail}); "
-                        f"give a state dict saved with torch.save, or a .safetensors file") from err
 
 
 def _write(model: LoadedModel, target: Path, kind: str) -> None:

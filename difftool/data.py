@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from difftool.errors import UserError
+from difftool.images import open_image, printable, why_unreadable
 
 logger = logging.getLogger("difftool")
 
@@ -299,7 +300,7 @@ def _load_folder(root: Path, cfg: Any, cache: Path) -> ImageData:
     }
 
     def build() -> ImageData:
-        what = f"folder {root}"
+        what = f"folder {printable(root)}"
         decoded, labels_kept = _decode_all(files, labels, cfg.resolution, what)
         return _assemble(decoded, labels_kept, label_names, cfg.channels, what)
 
@@ -470,8 +471,9 @@ def _decode_all(
         try:
             return _decode_image(source, resolution)
         except Exception as err:  # noqa: BLE001 - a file that fails to decode for any reason is skipped, not fatal
-            name = str(source) if isinstance(source, Path) else f"row {i}"
-            return f"{name}: {(str(err).splitlines() or [type(err).__name__])[0]}"
+            if isinstance(source, Path):
+                return f"{printable(source)}: {why_unreadable(err, source)}"
+            return f"row {i}: {why_unreadable(err)}"
 
     results: list[np.ndarray | str] = []
     items = enumerate(sources)
@@ -502,6 +504,9 @@ def _decode_image(source: Any, resolution: int) -> np.ndarray:
             raise ValueError("image has no pixels")
         scale = resolution / min(width, height)
         size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if size[0] * size[1] > (Image.MAX_IMAGE_PIXELS or math.inf):  # a strip 1 pixel high, say
+            raise ValueError(f"it is {width}x{height}, which scaled to a shorter side of {resolution} px would have "
+                             f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit); crop it")
         if size != img.size:
             img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         return np.array(img)
@@ -511,14 +516,14 @@ def _open(source: Any) -> Image.Image:
     """A PIL image from a path, bytes, an undecoded `datasets.Image` value, a PIL image or an array."""
     if isinstance(source, dict):
         if source.get("bytes") is not None:
-            return Image.open(io.BytesIO(source["bytes"]))
+            return open_image(io.BytesIO(source["bytes"]))
         import datasets  # a path or URL that only datasets knows how to open
 
         return datasets.Image().decode_example(source)
     if isinstance(source, (str, Path)):
-        return Image.open(source)
+        return open_image(source)
     if isinstance(source, bytes):
-        return Image.open(io.BytesIO(source))
+        return open_image(io.BytesIO(source))
     if isinstance(source, Image.Image):
         return source
     array = np.asarray(source)

@@ -1,14 +1,53 @@
-"""Image files: grids and PNGs with their settings in text metadata, written atomically."""
+"""Image files: opening untrusted ones safely; grids and PNGs with their settings in text metadata, written atomically."""
 
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from difftool.rundir import atomic_path
+
+_OPEN_LOCK = threading.Lock()
+
+
+def open_image(source) -> Image.Image:
+    """`Image.open` (lazy: reads the header only) that refuses any image over `Image.MAX_IMAGE_PIXELS`.
+
+    Pillow raises only beyond twice its limit and merely warns in between, after which the caller
+    would decode the image all the same. Here the warning is the error. Warning filters are global
+    to the process, so they are set under a lock: files are opened on several threads.
+    """
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(source)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise Image.DecompressionBombError(
+            f"it has more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS) and "
+            f"could be a decompression bomb, so it is not decoded") from err
+
+
+def why_unreadable(err: Exception, path: Path | None = None) -> str:
+    """One line on why an image did not decode, without the file name that Pillow's messages repeat."""
+    if path is not None and path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    return printable((str(err).splitlines() or [type(err).__name__])[0][:160])
+
+
+def printable(text) -> str:
+    """`str(text)` with the bytes of file names that are not UTF-8 written as escapes (\\udcff).
+
+    Python keeps such bytes as lone surrogates, which PNG text chunks, safetensors metadata and strict
+    streams refuse with UnicodeEncodeError.
+    """
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -40,6 +79,6 @@ def save_png(image: torch.Tensor | Image.Image, path: Path, metadata: dict[str, 
     pil = image if isinstance(image, Image.Image) else to_pil(image)
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
-        info.add_text(key, str(value))
+        info.add_text(key, printable(value))
     with atomic_path(Path(path)) as tmp:
         pil.save(tmp, format="PNG", pnginfo=info)

@@ -1,9 +1,10 @@
 """Sets of images to score: a folder of image files, a samples `.npz`, or any data source `train` reads.
 
 Each becomes a stream of uint8 N×C×H×W batches of one size. Folders are decoded batch by batch, so
-50k large images need not fit in memory. Feature extractors resize to their own input size, but a
-batch must share one size, so a folder's images of another size than most are resized to it
-(bicubic) with a note: FID is computed at the resolution the set mostly has.
+50k large images need not fit in memory; each file is also decoded once up front, so that a broken
+one is skipped with a note instead of stopping feature extraction halfway. Feature extractors resize
+to their own input size, but a batch must share one size, so a folder's images of another size than
+most are resized to it (bicubic) with a note: FID is computed at the resolution the set mostly has.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 
 from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError
+from difftool.images import open_image, printable, why_unreadable
 
 MIN_IMAGES = 2
 # what np.load raises on a file that is not a complete .npz
@@ -109,41 +111,50 @@ def _from_npz(path: Path) -> ImageSet:
 def _from_folder(root: Path) -> ImageSet:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    sizes, unreadable = {}, []
-    for file in files:
-        try:
-            with Image.open(file) as img:
-                sizes[file] = (img.height, img.width)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            unreadable.append(file)
-    notes = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        checked = dict(zip(files, pool.map(_decoded_size, files), strict=True))
+    sizes = {f: size for f, size in checked.items() if not isinstance(size, str)}
+    unreadable = [f"{printable(f.name)}: {why}" for f, why in checked.items() if isinstance(why, str)]
+    good, where, notes = list(sizes), printable(root), []
     if unreadable:
-        notes.append(f"skipped {len(unreadable)} files in {root} that are not readable images (e.g. {unreadable[0].name})")
-    good = [f for f in files if f in sizes]
-    _check_count(len(good), f"{root}")
+        _check_count(len(good), f"{where} (of its {len(files)} images, {len(unreadable)} could not be decoded, e.g. "
+                                f"{unreadable[0]})")
+        notes.append(f"skipped {len(unreadable)} of {len(files)} images in {where} that could not be decoded "
+                     f"(e.g. {unreadable[0]})")
+    _check_count(len(good), where)
     size, count = collections.Counter(sizes.values()).most_common(1)[0]
     if count < len(good):
-        notes.append(f"{len(good) - count} of {len(good)} images in {root} are not {size[1]}×{size[0]} like the "
-                     f"rest; they are resized to it (bicubic) before the features are computed")
+        notes.append(f"{len(good) - count} of {len(good)} images in {where} are not {size[1]}×{size[0]} "
+                     f"like the rest; they are resized to it (bicubic) before the features are computed")
     def batches(batch_size: int) -> Iterator[torch.Tensor]:
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(good), batch_size):
                 arrays = list(pool.map(lambda f: _read_rgb(f, size), good[start : start + batch_size]))
                 yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
-    return ImageSet(f"{root} ({len(good)} images)", len(good), size, batches, notes)
+    return ImageSet(f"{where} ({len(good)} images)", len(good), size, batches, notes)
+
+
+def _decoded_size(file: Path) -> tuple[int, int] | str:
+    """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, else why it does not."""
+    try:
+        with open_image(file) as img:
+            img = rgb_or_gray(img)
+            return img.height, img.width
+    except Exception as err:  # noqa: BLE001 - Pillow's decoders fail on hostile bytes in many ways; the file is skipped
+        return why_unreadable(err, file)
 
 
 def _read_rgb(file: Path, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 H×W×3 at `size`; 16-bit, palette, CMYK and alpha images handled like training data."""
     try:
-        with Image.open(file) as img:
+        with open_image(file) as img:
             img = rgb_or_gray(img).convert("RGB")
             if (img.height, img.width) != size:
                 img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             return np.asarray(img)
-    except (OSError, ValueError) as err:  # a header that reads but pixels that do not (truncated files)
-        raise UserError(f"{file} could not be decoded ({(str(err).splitlines() or [''])[0][:100]}); "
+    except Exception as err:  # decoded at the scan; it changed since (or fails in some other way)
+        raise UserError(f"{printable(file)} could not be decoded ({why_unreadable(err, file)}); "
                         f"remove or replace it") from err
 
 

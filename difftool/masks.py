@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from difftool.errors import UserError
-from difftool.images import make_grid, to_pil
+from difftool.images import make_grid, open_image, printable, to_pil, why_unreadable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _ASPECT_TOLERANCE = 0.01  # a mask this close to the image's aspect ratio is resized to fit it
@@ -167,21 +167,16 @@ def _some(stems: list[str], files: dict[str, Path]) -> str:
 def _open(path: Path, what: str) -> Image.Image:
     """Decode the whole file now, so that a bad file stops the run before any sampling, by name."""
     if not path.is_file():
-        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
-                        "give the path of an image file")
+        problem = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise UserError(f"{what} {printable(path)} {problem}; give the path of an image file")
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             # Upright, as viewers show it and as masks are drawn over it.
             return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if path.stat().st_size == 0:
-            reason = "the file is empty"
-        elif isinstance(err, UnidentifiedImageError):
-            reason = "not an image format Pillow can read"
-        else:
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read {what} {path}: {reason}; re-save it as PNG or JPEG") from err
+    except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
+        remedy = "downscale it" if isinstance(err, Image.DecompressionBombError) else "re-save it as PNG or JPEG"
+        raise UserError(f"cannot read {what} {printable(path)}: {why_unreadable(err, path)}; {remedy}") from err
 
 
 def _usable_mode(img: Image.Image) -> tuple[Image.Image, list[str]]:

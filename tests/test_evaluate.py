@@ -178,7 +178,7 @@ def test_folder_of_mixed_sizes_is_resized_to_the_common_size_with_a_note(tmp_pat
     batches = list(images.batches(4))
     assert [len(b) for b in batches] == [4, 2] and all(b.shape[1:] == (3, 8, 8) for b in batches)
     assert any("1 of 6 images" in note and "resized" in note for note in images.notes)
-    assert any("skipped 1 files" in note and "broken.png" in note for note in images.notes)
+    assert any("skipped 1 of 7 images" in note and "broken.png" in note for note in images.notes)
     # files in name order: 0000..0004 then odd.png, which became solid red
     assert torch.equal(batches[1][1], torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
     torch.testing.assert_close(torch.cat(batches)[:5], shapes(5, resolution=8))
