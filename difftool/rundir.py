@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from difftool import __version__
-from difftool.errors import UserError, os_errors_of_writers
+from difftool.errors import UserError, first_line, os_errors_of_writers
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
@@ -172,7 +172,15 @@ class RunDir:
 
 
 def read_progress(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / PROGRESS_FILE).read_text())
+    """A checkpoint's progress record: at least its step."""
+    path = checkpoint / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({first_line(err)}); resume from another checkpoint of the run") from err
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
+        raise UserError(f"{path} is damaged (no step number in it); resume from another checkpoint of the run")
+    return progress
 
 
 def made_by() -> dict[str, str]:

@@ -29,7 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from difftool import config as config_mod
-from difftool.checkpoints import INFO_FILE, export_pipeline, model_info
+from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_info
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
 from difftool.errors import (
@@ -513,14 +513,24 @@ def _exported_step(run: RunDir) -> int | None:
 
 
 def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Restore model, optimizer, EMA, LR schedule and RNG; a failure names the versions that wrote it."""
+    """Restore model, optimizer, EMA, LR schedule and RNG; a failure says whether versions or damage are why.
+
+    accelerate unpickles the registered objects' states (LR schedule, EMA) with weights_only=False,
+    which would run code planted in a checkpoint; each is first read with the loader that refuses code.
+    """
+    for state in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        load_pickle(state)
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as err:  # whatever fails inside accelerate/torch, the remedy is the same
-        raise UserError(
-            f"cannot resume from {checkpoint} ({type(err).__name__}: {first_line(err)}); it was written by "
-            f"{describe_versions(read_progress(checkpoint))} and this is {describe_versions(made_by())}. "
-            f"Install those versions to resume it; its weights can still be sampled and converted") from err
+        written_by, this = describe_versions(read_progress(checkpoint)), describe_versions(made_by())
+        problem = f"cannot resume from {checkpoint} ({type(err).__name__}: {first_line(err)})"
+        if written_by != this:
+            raise UserError(f"{problem}; it was written by {written_by} and this is {this}. Install those versions "
+                            f"to resume it; its weights can still be sampled and converted") from err
+        earlier = [c for c in RunDir(checkpoint.parent.parent).checkpoints() if c != checkpoint]
+        raise UserError(f"{problem}: the checkpoint is damaged; resume from an earlier one "
+                        f"({', '.join(str(c) for c in earlier) or 'there is none'})") from err
 
 
 def _micro_batch_size(cfg: Config, world: int) -> int:

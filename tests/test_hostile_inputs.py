@@ -537,11 +537,9 @@ def test_every_torch_load_in_the_library_runs_no_code():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py: accelerate's load_state unpickles custom_checkpoint_*.pkl (the LR "
-                                       "schedule and EMA states) with weights_only=False; see the report of the "
-                                       "hostile-inputs change")
 def test_resuming_never_runs_code_from_a_checkpoint(tiny_run, tmp_path):
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
-    torch.save({"payload": RunsCode()}, run / "checkpoints" / "step-000006" / "custom_checkpoint_0.pkl")
-    invoke("train", "--resume", run, "--max-steps", "8", "-q")
+    state = run / "checkpoints" / "step-000006" / "custom_checkpoint_0.pkl"
+    torch.save({"payload": RunsCode()}, state)
+    assert_user_error(invoke("train", "--resume", run, "--max-steps", "8", "-q"), f"{state} needs code to load")
     assert not Path("pwned").exists()

@@ -350,3 +350,16 @@ def test_a_checkpoint_this_version_cannot_restore_names_the_versions_that_wrote_
                                         r"difftool 0.1.0 \(diffusers .*, accelerate 0.20.0, torch .*\) and this is "
                                         r"difftool 0.1.0 .*Install those versions to resume it"):
         train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+
+
+def test_a_damaged_checkpoint_points_to_an_earlier_one(tmp_path):
+    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    newest = run / "checkpoints" / "step-000006"
+    torch.save({"state": {}, "param_groups": []}, newest / "optimizer.bin")
+    plan = plan_training(resume=str(run), values={"train.max_steps": 8})
+    with pytest.raises(UserError, match=r"cannot resume from .*step-000006 \(ValueError: .*\): the checkpoint is "
+                                        r"damaged; resume from an earlier one \(.*step-000003\)"):
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    (newest / "progress.json").write_text('{"step": ')
+    with pytest.raises(UserError, match=r"step-000006/progress.json is damaged \(.*\); resume from another"):
+        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
