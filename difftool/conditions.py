@@ -6,6 +6,8 @@ and its null class (the label dropout class that classifier-free guidance needs)
 
 from __future__ import annotations
 
+import math
+
 from difftool.config import did_you_mean
 from difftool.errors import UserError
 
@@ -22,8 +24,9 @@ def resolve_classes(tokens: list[str] | None, info: dict) -> list[int] | None:
     ids = []
     lowered = [n.lower() for n in names]
     for token in tokens:
-        if token.isdigit():
-            if int(token) >= num_classes:
+        if token.isascii() and token.isdigit():  # not str.isdigit alone: int() refuses '²', which is a digit
+            # compared as text first: int() refuses strings of over 4,300 digits
+            if len(token.lstrip("0")) > len(str(num_classes)) or int(token) >= num_classes:
                 raise UserError(f"--class {token} is out of range: the model has classes 0..{num_classes - 1}")
             ids.append(int(token))
         elif token.lower() in lowered:
@@ -41,6 +44,8 @@ def resolve_guidance(requested: float | None, default: float | None, info: dict,
             raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
         return 1.0
     scale = requested if requested is not None else (default if default is not None else 1.0)
+    if not math.isfinite(scale):
+        raise UserError(f"--guidance-scale must be a finite number, got {scale}")
     if scale < 0:
         raise UserError(f"--guidance-scale must be at least 0, got {scale}")
     if scale != 1.0 and info.get("null_class") is None:

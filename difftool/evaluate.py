@@ -20,7 +20,12 @@ import numpy as np
 
 from difftool.errors import UserError
 from difftool.features import Extractor, extract, load_extractor
-from difftool.generate import SampleRequest, generate
+from difftool.generate import (
+    SampleRequest,
+    check_output_folder,
+    check_request,
+    generate,
+)
 from difftool.imagesets import ImageSet, is_image_source, open_images
 from difftool.metrics import (
     frechet_distance,
@@ -84,7 +89,7 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
         images = open_images(source)
         resolution = images.resolution
     else:
-        resolution = model_resolution(source, request)
+        resolution = model_resolution(source, [request or SampleRequest()])
     # The extractor and the reference come before sampling: missing weights or statistics of another
     # resolution should stop a run before an hour of sampling, not after it.
     extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
@@ -140,10 +145,14 @@ def build_stats(data: str, output: Path, *, resolution: int, options: MetricOpti
     output = Path(output)
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the .npz file to write")
     if output.exists() and not overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    images = images_of(data, resolution=resolution, split=options.split, max_images=options.reference_images)
+    check_output_folder(output.parent)
+    # The extractor first: a wrong --features should not wait for a data set to be read.
     extractor = load_extractor(options.features, inception_weights=options.inception_weights)
+    images = images_of(data, resolution=resolution, split=options.split, max_images=options.reference_images)
     reference = from_images(images, extractor, batch_size=options.batch_size, show_progress=show_progress)
     save(reference, output)
     return reference
@@ -176,16 +185,21 @@ def resolve_reference(reference: str | None, extractor: Extractor, resolution: i
     return ref
 
 
-def model_resolution(source: str, request: SampleRequest | None) -> int:
-    """The image size a model makes, read before sampling it."""
+def model_resolution(source: str, requests: list[SampleRequest]) -> int:
+    """The image size a model makes, read before sampling it; the requests are checked against the model on
+    the way, so that a bad --steps stops a run before reference statistics are built, not after."""
     from difftool.checkpoints import load_model
 
-    return load_model(source, weights=(request or SampleRequest()).weights).info["resolution"]
+    model = load_model(source, weights=requests[0].weights)
+    for request in requests:
+        check_request(model, request, source)
+    return model.info["resolution"]
 
 
 def check_output(output: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other: choose one")
+    check_output_folder(output)
     if output.exists() and not (overwrite or resume) and any(output.iterdir()):
         raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse the "
                         f"samples made there, or choose another --output")

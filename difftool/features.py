@@ -135,7 +135,7 @@ def load_extractor(spec: str = "inception", *, inception_weights: Path | None = 
         model_id = spec.partition(":")[2] or DINOV2_DEFAULT
         return Dinov2Extractor(_load_dinov2(model_id).to(device), device, model_id)
     path = Path(spec).expanduser()
-    if path.suffix in (".pt", ".pth", ".ts", ".jit") or path.exists():
+    if spec and (path.suffix in (".pt", ".pth", ".ts", ".jit") or path.exists()):  # Path("") exists: it is "."
         module = _load_torchscript(path, "the feature extractor")
         return TorchScriptExtractor(module, device, path, _sha256(path))
     raise UserError(f"unknown --features '{spec}': use inception, dinov2, dinov2:MODEL or a TorchScript file (.pt)")

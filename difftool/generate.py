@@ -109,6 +109,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
         show_notes(model.notes)
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
+    check_output_folder(output)
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
     settings_record = {**plan.settings, "num_images": request.num_images, "format": request.format}
@@ -144,6 +145,12 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
 
 
 # ---------------------------------------------------------------- planning
+
+
+def check_request(model: LoadedModel, request: SampleRequest, source: str | Path) -> None:
+    """Refuse what `generate` would refuse, without sampling: for callers with slow work to do before it."""
+    _check_request(request, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    _plan(model, request, sampling_defaults(source))
 
 
 def _check_request(request: SampleRequest, device: torch.device) -> None:
@@ -197,6 +204,13 @@ def default_output(source: str | Path, settings: dict) -> Path:
 
 
 # ---------------------------------------------------------------- the output folder
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse a folder that cannot be made because a file is in its place, before any work (on every process)."""
+    nearest = next((p for p in (output, *output.parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise UserError(f"cannot write into {output}: {nearest} is a file, not a folder; choose another --output")
 
 
 def _image_files(output: Path) -> dict[int, Path]:

@@ -125,6 +125,8 @@ def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size
 
 def images_of(source: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
     """An .npz of images as it is, or a data source as training would see it at `resolution`."""
+    if not source.strip():  # Path("") is the working folder: never what an empty argument meant
+        raise UserError("the data is an empty string; give a data set name, a folder of images or an .npz of images")
     if Path(source).suffix == ".npz":
         return open_images(source)
     return from_data_source(source, resolution=resolution, split=split, max_images=max_images)

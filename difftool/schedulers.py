@@ -8,6 +8,7 @@ here, in one table, and every option is checked before sampling starts, not mid-
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import diffusers
@@ -97,7 +98,7 @@ def get_spec(name: str) -> SchedulerSpec:
 def choose(name: str | None, steps: int | None, defaults, total: int) -> tuple[SchedulerSpec, int]:
     """The sampler and step count for a request: as asked, else the recipe's `sample` settings
     (`defaults`, a SampleConfig or None), else ddim and the scheduler's recommended steps (at most T)."""
-    spec = get_spec(name or (defaults.scheduler if defaults else "ddim"))
+    spec = get_spec(name if name is not None else (defaults.scheduler if defaults else "ddim"))
     if steps is None:
         steps = defaults.steps if defaults and name is None else min(spec.recommended_steps, total)
     return spec, steps
@@ -163,6 +164,8 @@ def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bo
     if eta is not None:
         if not _takes_eta(spec):
             raise UserError(f"--eta applies to {', '.join(s.name for s in SCHEDULERS if _takes_eta(s))} only")
+        if not math.isfinite(eta):
+            raise UserError(f"--eta must be a finite number, got {eta}")
         if eta < 0:
             raise UserError(f"--eta must be >= 0, got {eta}")
     if timestep_spacing is not None:

@@ -48,7 +48,7 @@ def parse_sweep(spec: str) -> list[tuple[str, int]]:
         scheduler = get_spec(name.strip()).name
         for token in steps.split(","):
             token = token.strip()
-            if not token.isdigit() or int(token) < 1:
+            if not (token.isascii() and token.isdigit()) or int(token) < 1:  # int() refuses some digits: '²'
                 raise UserError(f"--sweep step count '{token}' for {scheduler} is not a positive whole number")
             if (scheduler, int(token)) not in settings:
                 settings.append((scheduler, int(token)))
@@ -66,9 +66,10 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
     if reference is None:
         raise UserError("--sweep compares settings by FID: give --reference (a data set, folder or statistics .npz)")
     check_output(output, overwrite=overwrite, resume=resume)
+    resolution = model_resolution(source, [dataclasses.replace(request, scheduler=scheduler, steps=steps)
+                                           for scheduler, steps in settings])
     main = main_process()
     extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
-    resolution = model_resolution(source, request)
     ref = resolve_reference(reference, extractor, resolution, options, show_progress) if main else None
     rows = []
     for scheduler, steps in settings:

@@ -9,9 +9,10 @@ import typer
 
 from difftool import __version__
 from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, train
-from difftool.cli.errors import debug_enabled, report, set_debug
+from difftool.cli.errors import OneLineUsageErrors, debug_enabled, report, set_debug
 
 app = typer.Typer(
+    name="difftool", cls=OneLineUsageErrors,
     help="Train, sample, inpaint, convert and evaluate pixel-space diffusion models (diffusers).",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )

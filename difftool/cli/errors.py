@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 
+# Typer exports no UsageError; with typer < 0.26 (pyproject) it raises the installed click's.
+import click
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from difftool.errors import UserError
+from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import console
 
 USER_ERROR_EXIT = 2
@@ -34,20 +39,70 @@ def report(message: str) -> None:
     if not rank_zero():
         return
     # escape: a message quoting a path or key with [brackets] must print as written, not as markup
-    console.print(f"[red]difftool: error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[red]difftool: error:[/] {escape(_one_line(message))}", highlight=False, markup=True,
+                  soft_wrap=True)
+
+
+def _one_line(message: str) -> str:
+    """Control characters (a newline in a quoted path) and undecodable bytes as escapes: one line, printable."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in message)
 
 
 def user_errors(command):
-    """Wrap a command so a UserError prints `difftool: error: ...` and exits 2."""
+    """Wrap a command so a UserError, a full disk, a read-only output or a path too long prints
+    `difftool: error: ...` and exits 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except UserError as err:
-            if debug_enabled():
+        except (UserError, OSError) as err:
+            message = _user_message(err)
+            if debug_enabled() or message is None:
                 raise
-            report(str(err))
+            report(message)
             raise typer.Exit(USER_ERROR_EXIT) from None
 
     return wrapper
+
+
+def _user_message(err: UserError | OSError) -> str | None:
+    """The line for an error the user fixes; None for one that is a bug."""
+    if isinstance(err, UserError):
+        return str(err)
+    if is_storage_error(err):
+        return (f"{storage_problem(err)}; free space or fix permissions "
+                f"(finished outputs are kept; --resume continues where there is one)")
+    if err.errno == errno.ENAMETOOLONG:
+        # Before Python 3.12 Path.exists() raises this rather than answering False: any path given can end here.
+        return f"a path is too long for the file system; shorten it: {err.filename}"
+    return None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Click's usage errors (`--steps abc`, an unknown option, a missing argument) as one error line, exit 2.
+
+    Typer prints them as the usage, a hint and a boxed panel: several lines, unlike every other error of
+    the app. Root options are parsed in `make_context`, the subcommands' while the group invokes them.
+    """
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare `difftool`: the help is the answer
+            raise
+        command = err.ctx.command_path if err.ctx is not None else "difftool"
+        report(f"{' '.join(err.format_message().split())} (see {command} --help)")
+        raise typer.Exit(USER_ERROR_EXIT) from None
