@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import yaml
 
 from difftool import __version__
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -185,7 +187,10 @@ def recipe_text(name_or_path: str) -> str:
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise UserError(f"recipe file not found: {name_or_path}")
-        return path.read_text()
+        try:
+            return path.read_text()
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8
+            raise UserError(f"cannot read recipe {name_or_path}: {first_line(err)}") from err
     names = recipe_names()
     if name_or_path not in names:
         raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} (difftool recipes list shows them)")
@@ -267,8 +272,8 @@ def read_config(path: Path) -> Config:
     """The config a run folder was trained with."""
     try:
         raw = parse_yaml(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read run config {path}: {err}") from err
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: not UTF-8
+        raise UserError(f"cannot read run config {path}: {first_line(err)}") from err
     written_by = raw.get("difftool_version") if isinstance(raw, dict) else None
     try:
         return config_from_dict(raw)
@@ -414,6 +419,17 @@ def _type_name(hint) -> str:
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
+def _numbers(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted path, value) of every float in a config, lists included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float):
+                yield prefix + f.name, item
+
+
 def did_you_mean(word: str, choices: list[str]) -> str:
     """'; did you mean X?' for an error message, or '' when nothing is close."""
     match = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
@@ -464,6 +480,7 @@ def validate(cfg: Config) -> list[str]:
                         ("train.grad_clip", t.grad_clip), ("ema.update_after_step", cfg.ema.update_after_step),
                         ("train.skip_nonfinite", t.skip_nonfinite)]:
         positive(path, value, allow_zero=True)
+    e += [f"{path} must be a finite number, got {value}" for path, value in _numbers(cfg) if not math.isfinite(value)]
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0 <= m.class_dropout < 1:
@@ -478,7 +495,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"data.channels must be 1, 3 or null (from the data), got {d.channels}")
     if not m.block_out_channels:
         e.append("model.block_out_channels must list at least one width")
-    for width in m.block_out_channels:
+    for width in m.block_out_channels if m.norm_num_groups > 0 else []:
         if width % m.norm_num_groups:
             e.append(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups={m.norm_num_groups}")
             break

@@ -10,6 +10,7 @@ most are resized to it (bicubic) with a note: FID is computed at the resolution 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import zipfile
 from collections.abc import Callable, Iterator
@@ -22,12 +23,28 @@ import torch
 from PIL import Image
 
 from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.images import open_image, printable, why_unreadable
 
 MIN_IMAGES = 2
 # what np.load raises on a file that is not a complete .npz
 NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def open_npz(path: Path, what: str = ".npz file") -> Iterator[np.lib.npyio.NpzFile]:
+    """An .npz archive of arrays, or one UserError: np.load would also return a bare .npy array, or
+    bytes for a zip member that is not an array. Errors reading its members inside the block count too."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise UserError(f"{path} is a single .npy array, not an .npz archive of named arrays")
+            others = [name for name in npz.zip.namelist() if not name.endswith(".npy")]
+            if others:
+                raise UserError(f"{path} is a zip archive but not an .npz of arrays (it holds {printable(others[0])})")
+            yield npz
+    except NPZ_ERRORS as err:
+        raise UserError(f"{path} is not a readable {what} ({first_line(err, 120)})") from err
 
 
 @dataclass
@@ -92,16 +109,13 @@ def from_data_source(dataset: str, *, resolution: int, split: str = "train", max
 
 
 def _from_npz(path: Path) -> ImageSet:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "mu" in npz:
-                raise UserError(f"{path} holds reference statistics, not images: pass it as --reference")
-            key = "arr_0" if "arr_0" in npz else (list(npz.keys()) or [None])[0]
-            if key is None:
-                raise UserError(f"{path} holds no arrays")
-            array = npz[key]
-    except NPZ_ERRORS as err:
-        raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
+    with open_npz(path) as npz:
+        if "mu" in npz:
+            raise UserError(f"{path} holds reference statistics, not images: pass it as --reference")
+        key = "arr_0" if "arr_0" in npz else (list(npz.keys()) or [None])[0]
+        if key is None:
+            raise UserError(f"{path} holds no arrays")
+        array = npz[key]
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise UserError(f"{path}: {key} must be uint8 N×H×W×C with C = 1 or 3 (the layout of difftool sample "
                         f"--format npz); it is {array.dtype} {array.shape}")

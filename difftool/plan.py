@@ -69,6 +69,14 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
                         f"or replace it with --overwrite")
 
 
+def check_folder_path(root: Path) -> None:
+    """A run folder cannot be, or lie under, an existing file."""
+    nearest = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
+    if nearest.exists() and not nearest.is_dir():
+        raise UserError(f"--output {root} is {'a file' if nearest == root else f'under the file {nearest}'}; "
+                        f"give a folder for the run")
+
+
 def config_diff(saved: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ, ignoring the ones a resumed run may change."""
     a, b = _flatten(config_mod.to_dict(saved)), _flatten(config_mod.to_dict(new))

@@ -22,9 +22,9 @@ import numpy as np
 
 from difftool import __version__
 from difftool.data import default_cache_dir
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.features import Extractor, extract
-from difftool.imagesets import NPZ_ERRORS, ImageSet, from_data_source, open_images
+from difftool.imagesets import ImageSet, from_data_source, open_images, open_npz
 from difftool.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
@@ -70,7 +70,7 @@ def save(reference: Reference, path: Path) -> None:
 
 def load(path: Path) -> Reference:
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open_npz(path, "statistics .npz") as npz:
             if "mu" not in npz or "sigma" not in npz:
                 raise UserError(f"{path} holds no reference statistics (mu, sigma); make them with "
                                 f"difftool evaluate stats DATA --output {path.name}")
@@ -80,10 +80,8 @@ def load(path: Path) -> Reference:
             extractor = str(npz["extractor"]) if "extractor" in npz else "unknown"
             resolution = int(npz["resolution"]) if "resolution" in npz else 0
             source = str(npz["source"]) if "source" in npz else str(path)
-    except UserError:
-        raise
-    except (*NPZ_ERRORS, KeyError) as err:
-        raise UserError(f"{path} is not a readable statistics .npz ({(str(err).splitlines() or [''])[0][:120]}); "
+    except (KeyError, TypeError) as err:  # arrays of the wrong kind or shape
+        raise UserError(f"{path} is not a readable statistics .npz ({first_line(err, 120)}); "
                         f"make it again with difftool evaluate stats") from err
     return Reference(stats, features, extractor, resolution, source)
 
@@ -133,11 +131,8 @@ def images_of(source: str, *, resolution: int, split: str = "train", max_images:
 
 
 def _holds_statistics(path: Path) -> bool:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return "mu" in npz.files
-    except NPZ_ERRORS as err:
-        raise UserError(f"{path} is not a readable .npz file ({(str(err).splitlines() or [''])[0][:120]})") from err
+    with open_npz(path) as npz:
+        return "mu" in npz.files
 
 
 def _fingerprint(images: ImageSet, batch_size: int, *parts) -> str:

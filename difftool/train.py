@@ -41,7 +41,7 @@ from difftool.errors import (
 )
 from difftool.images import enlarge, make_grid, save_png
 from difftool.models import build_noise_scheduler, build_unet, count_parameters
-from difftool.plan import check_output
+from difftool.plan import check_folder_path, check_output
 from difftool.progress import TrainingProgress, console
 from difftool.rundir import (
     PROGRESS_FILE,
@@ -80,6 +80,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     folder is refused instead of interleaving checkpoints with this one.
     """
     run = RunDir(output)
+    check_folder_path(run.root)
     accelerator = _make_accelerator(cfg, run)
     try:
         with contextlib.ExitStack() as stack:

@@ -363,3 +363,30 @@ def test_a_damaged_checkpoint_points_to_an_earlier_one(tmp_path):
     (newest / "progress.json").write_text('{"step": ')
     with pytest.raises(UserError, match=r"step-000006/progress.json is damaged \(.*\); resume from another"):
         train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+
+
+# ---------------------------------------------------------------- SIGTERM while sampling
+
+
+@pytest.mark.slow
+def test_sigterm_while_sampling_keeps_finished_images_and_resume_completes_them(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    cmd = difftool_cmd() + ["sample", str(tiny_run), "-n", "60", "--batch-size", "2", "--steps", "10", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("0*.png"))) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    kept = len(list(out.glob("0*.png")))
+    assert 4 <= kept < 60 and not leftovers(out)
+    resumed = subprocess.run(cmd + ["--resume", "-q"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{60 - kept} new of 60" in resumed.stderr
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(app, cmd[len(difftool_cmd()):-2] + ["-o", str(reference), "-q"]).exit_code == 0
+    for image in sorted(reference.glob("0*.png")):
+        assert (out / image.name).read_bytes() == image.read_bytes(), image.name

@@ -115,6 +115,15 @@ def test_existing_run_is_never_overwritten_silently(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in weights(run / "model" / "unet").items())
 
 
+@pytest.mark.parametrize("below", [False, True])
+def test_output_that_is_a_file_is_refused(tmp_path, below):
+    (tmp_path / "notes.txt").write_text("mine")
+    output = tmp_path / "notes.txt" / "run" if below else tmp_path / "notes.txt"
+    with pytest.raises(UserError, match=f"--output {output} is {'under the file' if below else 'a file'}"):
+        train(tiny_config(), output, show_progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_checkpoint_rotation(tmp_path):
     result = train(tiny_config("train.max_steps=9", "checkpoint.every=2", "checkpoint.total_limit=2"), tmp_path / "r",
                    show_progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -53,7 +54,12 @@ def run_single_command(name: str) -> None:
 
 
 def _run(typer_app: typer.Typer) -> None:
-    """Unexpected errors get one line and exit 1 unless debugging (user errors exit 2 earlier)."""
+    """Unexpected errors get one line and exit 1 unless debugging (user errors exit 2 earlier).
+
+    SIGTERM (`kill`, `docker stop`, a batch scheduler's time limit) is handled like Ctrl-C:
+    `train` saves a checkpoint, `sample` keeps its finished images, temporary files are removed.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         typer_app()
     except Exception as err:
@@ -61,3 +67,7 @@ def _run(typer_app: typer.Typer) -> None:
             raise
         report(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")
         sys.exit(1)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
