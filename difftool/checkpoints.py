@@ -25,7 +25,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 from difftool import __version__
 from difftool.config import read_config
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.models import build_noise_scheduler, build_unet
 from difftool.rundir import (
     PROGRESS_FILE,
@@ -279,7 +279,7 @@ def _training_scheduler_config(config, where: Path) -> dict:
     try:
         full = DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted}).config
     except Exception as err:  # values read from a file can break the constructor in any way
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err)
         raise UserError(f"the scheduler config in {where} does not make a DDPMScheduler ({reason})") from err
     return {k: v for k, v in full.items() if not k.startswith("_")}
 
@@ -299,7 +299,7 @@ def _load_unet(unet_config: dict, weights_file: Path) -> UNet2DModel:
         with torch.device("meta"):
             unet = UNet2DModel.from_config({k: v for k, v in unet_config.items() if k in accepted})
     except Exception as err:  # values read from a file can break the constructor in any way
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err)
         raise UserError(f"diffusers cannot build the UNet2DModel configured for {weights_file} ({reason})") from err
     state = _read_tensors(weights_file)
     _check_match(unet.state_dict(), state, weights_file)
@@ -446,7 +446,7 @@ def _download(ref: str) -> Path:
         elif isinstance(err, RepositoryNotFoundError):
             reason = "no such repository, or it is private or gated: log in with `hf auth login`"
         else:
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
         raise UserError(f"cannot download '{ref}' from the Hugging Face Hub ({reason}); "
                         f"check the id and your connection, or give a local path") from err
     return folder

@@ -231,7 +231,7 @@ def load_config(recipe: str = "quickstart", overrides: list[str] | None = None, 
     try:
         raw = parse_yaml(recipe_text(recipe)) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise UserError(f"recipe {recipe} is not valid YAML: {first_line(err)}") from err
     if not isinstance(raw, dict):
         raise UserError(f"recipe {recipe} is not a YAML mapping of sections")
     raw.pop("difftool_version", None)  # a run's config.yaml is a recipe too

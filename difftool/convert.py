@@ -24,7 +24,7 @@ from difftool.checkpoints import (
     save_single_file,
     state_dict_hash,
 )
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.importers import IMPORTERS
 from difftool.rundir import atomic_dir
 
@@ -114,7 +114,7 @@ def _import(path: Path, source_format: str, weights: str | None, resolution: int
     try:
         unet.load_state_dict(imported.state, strict=True, assign=True)
     except RuntimeError as err:
-        raise UserError(f"{path} does not fit the {source_format} layout: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{path} does not fit the {source_format} layout: {first_line(err)}") from err
     info = {"resolution": unet.config.sample_size, "channels": unet.config.in_channels,
             "num_classes": unet.config.num_class_embeds, "label_names": None, "null_class": None,
             "converted_from": f"{source_format}:{path.name}"}

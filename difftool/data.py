@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.images import open_image, printable, why_unreadable
 
 logger = logging.getLogger("difftool")
@@ -356,7 +356,7 @@ def _load_hub(cfg: Any, cache: Path) -> ImageData:
     try:
         ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
     except Exception as err:  # any failure here (network, name, split) has one remedy for the user
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise UserError(f"could not load data set '{cfg.dataset}' (split '{cfg.split}') from the Hugging Face Hub: "
                         f"{reason}; check the name and split, or offline use --dataset shapes (built in) "
                         "or a local folder of images") from err

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -165,7 +165,7 @@ def inception_path() -> Path:
     try:
         torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=True)
     except Exception as err:  # no network, a proxy, a full disk: the remedy is the same
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        reason = first_line(err, 120)
         raise UserError(f"the FID Inception weights are not in {path.parent} and could not be downloaded ({reason}); "
                         f"download {INCEPTION_URL} and place it at {path}, or pass --inception-weights FILE") from err
     return path
@@ -179,7 +179,7 @@ def _load_torchscript(path: Path, what: str) -> torch.nn.Module:
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # a state dict, a pickle, a truncated download: none is a TorchScript archive
-        raise UserError(f"{path} is not a TorchScript file ({(str(err).splitlines() or ['unreadable'])[0][:120]}); "
+        raise UserError(f"{path} is not a TorchScript file ({first_line(err, 120)}); "
                         f"{what} must be saved with torch.jit.save") from err
 
 
@@ -189,7 +189,7 @@ def _load_dinov2(model_id: str) -> torch.nn.Module:
     try:
         return AutoModel.from_pretrained(model_id).eval()
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load DINOv2 weights '{model_id}' ({(str(err).splitlines() or [''])[0][:160]}); "
+        raise UserError(f"could not load DINOv2 weights '{model_id}' ({first_line(err)}); "
                         f"give a folder saved with save_pretrained (--features dinov2:PATH) or connect to the hub "
                         f"once so the weights are cached") from err
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from difftool.errors import first_line
 from difftool.rundir import atomic_path
 
 _OPEN_LOCK = threading.Lock()
@@ -38,7 +39,7 @@ def why_unreadable(err: Exception, path: Path | None = None) -> str:
         return "the file is empty"
     if isinstance(err, UnidentifiedImageError):
         return "not an image format Pillow can read"
-    return printable((str(err).splitlines() or [type(err).__name__])[0][:160])
+    return printable(first_line(err))
 
 
 def printable(text) -> str:

@@ -178,9 +178,13 @@ def read_progress(checkpoint: Path) -> dict:
         progress = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is damaged ({first_line(err)}); resume from another checkpoint of the run") from err
-    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
-        raise UserError(f"{path} is damaged (no step number in it); resume from another checkpoint of the run")
-    return progress
+    if not isinstance(progress, dict):
+        problem = f"it holds a JSON {type(progress).__name__}, not an object"
+    elif not isinstance(progress.get("step"), int):
+        problem = "no step number in it"
+    else:
+        return progress
+    raise UserError(f"{path} is damaged ({problem}); resume from another checkpoint of the run")
 
 
 def made_by() -> dict[str, str]:

@@ -180,7 +180,9 @@ class _Trainer:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
         self._perm_epoch, self._perm = -1, None
         self.stop_requested = False
-        self.nonfinite = _NonFiniteSteps(cfg.train.skip_nonfinite)
+        # Under fp16 the loss scaler already skips overflowing steps (and must see them to lower its scale).
+        fp16 = accelerator.mixed_precision == "fp16"
+        self.nonfinite = _NonFiniteSteps(0 if fp16 else cfg.train.skip_nonfinite, announce=accelerator.is_main_process)
 
     # ------------------------------------------------------------ data order
 
@@ -576,8 +578,8 @@ class _NonFiniteSteps:
     Checking it needs one host sync per step, which is why this is opt-in.
     """
 
-    def __init__(self, limit: int):
-        self.limit, self.streak, self.skipped = limit, 0, 0
+    def __init__(self, limit: int, announce: bool):
+        self.limit, self.announce, self.streak, self.skipped = limit, announce, 0, 0
 
     def state(self) -> dict:
         return {"skipped_steps": self.skipped, "nonfinite_streak": self.streak} if self.limit else {}
@@ -597,8 +599,9 @@ class _NonFiniteSteps:
                 f"train.skip_nonfinite={self.limit}): the run has diverged. Lower train.lr, use "
                 f"train.mixed_precision=no or set train.grad_clip, and resume from the last good checkpoint: "
                 f"{last_checkpoint}")
-        console.print(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
-                      f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
+        if self.announce:
+            console.print(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
+                          f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
         return True
 
 
