@@ -48,7 +48,8 @@ class TrainingProgress:
         self.progress.advance(self.task)
 
     def show_metrics(self, record: dict) -> None:
-        self.progress.update(self.task, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{record['img_per_s']:.0f}")
+        loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"  # None: every step skipped as non-finite
+        self.progress.update(self.task, loss=loss, lr=f"{record['lr']:.2e}", ips=f"{record['img_per_s']:.0f}")
 
     def finish(self, step: int, total: int, run: Path, finished: bool) -> None:
         if finished:

@@ -289,7 +289,8 @@ class _Trainer:
                 previewing = step % cfg.sample.every == 0 or step == max_steps
                 stop = self._agree_to_stop(step)
                 if logging or saving or previewing or stop:
-                    last_loss = self.report(step, window, progress)
+                    reported = self.report(step, window, progress)
+                    last_loss = last_loss if reported is None else reported
                     if previewing and not stop:
                         self.save_preview(step)
                     if saving or stop:
@@ -304,11 +305,14 @@ class _Trainer:
             progress.finish(step, max_steps, run.root, finished)
         return TrainResult(run.root, step, finished, model_dir, last_loss)
 
-    def report(self, step: int, window: _Window, progress: TrainingProgress) -> float:
-        """Mean loss of the window over all processes (the only host sync); stops on NaN/inf."""
+    def report(self, step: int, window: _Window, progress: TrainingProgress) -> float | None:
+        """Mean loss of the window over all processes (the only host sync); stops on NaN/inf.
+
+        None when every step of the window was skipped as non-finite (there is no loss to show).
+        """
         cfg, acc = self.cfg, self.accelerator
-        loss = acc.reduce(window.loss, "mean").item() / max(window.kept, 1)
-        if not math.isfinite(loss):
+        loss = acc.reduce(window.loss, "mean").item() / window.kept if window.kept else None
+        if loss is not None and not math.isfinite(loss):
             firsts = acc.gather(window.first_nonfinite.reshape(1))
             first = int(firsts[firsts >= 0].min())
             raise UserError(
