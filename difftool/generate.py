@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from difftool import __version__
+from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
@@ -121,6 +122,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
 
     batches = [todo[i : i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
     mine = batches[state.process_index :: state.num_processes]
+    keep_freed_memory()  # every model call frees and allocates its activations again
     unet = place(model.unet, state.device, DTYPES[request.dtype]).eval()
     if request.compile:
         unet = torch.compile(unet)

@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from difftool import config as config_mod
+from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_info
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
@@ -81,6 +82,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     """
     run = RunDir(output)
     check_folder_path(run.root)
+    keep_freed_memory()
     accelerator = _make_accelerator(cfg, run)
     try:
         with contextlib.ExitStack() as stack:
