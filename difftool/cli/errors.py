@@ -7,8 +7,6 @@ import errno
 import functools
 import os
 
-# Typer exports no UsageError; with typer < 0.26 (pyproject) it raises the installed click's.
-import click
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
@@ -98,11 +96,14 @@ class OneLineUsageErrors(TyperGroup):
 
 @contextlib.contextmanager
 def _one_line_usage_errors():
+    """Recognised by shape, not class: Typer exports no UsageError, and from 0.26 it bundles its own click."""
     try:
         yield
-    except click.UsageError as err:
-        if type(err).__name__ == "NoArgsIsHelpError":  # a bare `difftool`: the help is the answer
+    except Exception as err:
+        usage_error = getattr(err, "exit_code", None) == USER_ERROR_EXIT and hasattr(err, "format_message")
+        if not usage_error or type(err).__name__ == "NoArgsIsHelpError":  # a bare `difftool`: the help is the answer
             raise
-        command = err.ctx.command_path if err.ctx is not None else "difftool"
+        ctx = getattr(err, "ctx", None)
+        command = ctx.command_path if ctx is not None else "difftool"
         report(f"{' '.join(err.format_message().split())} (see {command} --help)")
         raise typer.Exit(USER_ERROR_EXIT) from None
