@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
+import platform
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -24,7 +24,7 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc as above; False where there is no glibc (macOS, musl, Windows)."""
-    if not sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

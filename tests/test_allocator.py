@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import platform
 import resource
-import sys
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ def step_faults(cycles: int = 5) -> int:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // cycles
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 def test_freed_activations_are_reused_without_page_faults():
     fresh_pages = 8 * BLOCK // resource.getpagesize()
     assert keep_freed_memory()
