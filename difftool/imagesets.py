@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
@@ -153,7 +153,7 @@ def _decoded_size(file: Path) -> tuple[int, int] | str:
     """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, else why it does not."""
     try:
         with open_image(file) as img:
-            img = rgb_or_gray(img)
+            img = _upright(img)
             return img.height, img.width
     except Exception as err:  # noqa: BLE001 - Pillow's decoders fail on hostile bytes in many ways; the file is skipped
         return why_unreadable(err, file)
@@ -163,13 +163,18 @@ def _read_rgb(file: Path, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 H×W×3 at `size`; 16-bit, palette, CMYK and alpha images handled like training data."""
     try:
         with open_image(file) as img:
-            img = rgb_or_gray(img).convert("RGB")
+            img = _upright(img).convert("RGB")
             if (img.height, img.width) != size:
                 img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             return np.asarray(img)
     except Exception as err:  # decoded at the scan; it changed since (or fails in some other way)
         raise UserError(f"{printable(file)} could not be decoded ({why_unreadable(err, file)}); "
                         f"remove or replace it") from err
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """As training reads an image: turned per its EXIF orientation (camera photos), 8-bit gray or RGB."""
+    return rgb_or_gray(ImageOps.exif_transpose(img))
 
 
 def _check_count(count: int, description: str) -> None:

@@ -184,6 +184,21 @@ def test_folder_of_mixed_sizes_is_resized_to_the_common_size_with_a_note(tmp_pat
     torch.testing.assert_close(torch.cat(batches)[:5], shapes(5, resolution=8))
 
 
+def test_folder_images_are_turned_upright_per_exif_as_training_reads_them(tmp_path):
+    """A camera photo stored sideways (EXIF orientation 6: turn 90° clockwise to view)."""
+    stored = np.zeros((4, 6, 3), np.uint8)
+    stored[:, :3] = (255, 0, 0)  # left half red: after the turn it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(stored).save(tmp_path / "imgs" / name, exif=exif)
+    images = open_images(tmp_path / "imgs")
+    assert images.size == (6, 4)
+    upright = next(images.batches(2))[0]
+    assert upright[0, :3].eq(255).all() and upright[0, 3:].eq(0).all()
+
+
 def test_npz_of_samples_reads_in_index_order(tmp_path):
     images = shapes(5)
     np.savez(tmp_path / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
