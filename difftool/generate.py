@@ -28,7 +28,7 @@ from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import TMP_PREFIX, atomic_path, write_text
+from difftool.rundir import TMP_PREFIX, atomic_path, file_in_the_way, write_text
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import choose, make_scheduler
 
@@ -210,9 +210,9 @@ def default_output(source: str | Path, settings: dict) -> Path:
 
 def check_output_folder(output: Path) -> None:
     """Refuse a folder that cannot be made because a file is in its place, before any work (on every process)."""
-    nearest = next((p for p in (output, *output.parents) if p.exists()), None)
-    if nearest is not None and not nearest.is_dir():
-        raise UserError(f"cannot write into {output}: {nearest} is a file, not a folder; choose another --output")
+    blocking = file_in_the_way(output)
+    if blocking is not None:
+        raise UserError(f"cannot write into {output}: {blocking} is a file, not a folder; choose another --output")
 
 
 def _image_files(output: Path) -> dict[int, Path]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from difftool import config as config_mod
 from difftool.config import Config
 from difftool.errors import UserError
-from difftool.rundir import PROGRESS_FILE, RunDir, resolve_resume
+from difftool.rundir import PROGRESS_FILE, RunDir, file_in_the_way, resolve_resume
 
 # Config fields a resumed run may change: how long to train, what to write along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
@@ -71,9 +71,9 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
 
 def check_folder_path(root: Path) -> None:
     """A run folder cannot be, or lie under, an existing file."""
-    nearest = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
-    if nearest.exists() and not nearest.is_dir():
-        raise UserError(f"--output {root} is {'a file' if nearest == root else f'under the file {nearest}'}; "
+    blocking = file_in_the_way(root)
+    if blocking is not None:
+        raise UserError(f"--output {root} is {'a file' if blocking == root else f'under the file {blocking}'}; "
                         f"give a folder for the run")
 
 

@@ -80,6 +80,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that stands where `folder`, or one of the folders above it, would have to be."""
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def remove_tree(path: Path) -> None:
     """Delete a folder by first renaming it to a temporary name: a kill halfway through the deletion
     leaves a leftover that `clean_temporaries` removes, never a half-deleted folder under its name."""

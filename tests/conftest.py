@@ -68,6 +68,22 @@ def assert_user_error(result, *fragments: str) -> str:
     return lines[0]
 
 
+def invoke(*args):
+    """The `difftool` command in-process (typer's CliRunner); arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from difftool.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def scratch_cwd(tmp_path, monkeypatch):
+    """No debug mode from the caller's shell, and a scratch working folder (default outputs land there)."""
+    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
 def difftool_cmd() -> list[str]:
     """The installed `difftool` executable (or the module, when run from a source tree)."""
     exe = shutil.which("difftool")

@@ -10,28 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from difftool import __version__
 from difftool import config as config_mod
 from difftool import launch as launch_mod
-from difftool.cli.app import app
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir
-from tests.conftest import assert_user_error, tiny_config
+from tests.conftest import assert_user_error, invoke, tiny_config
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(tmp_path, monkeypatch):
-    """No debug mode from the caller's shell, and a scratch working folder (runs/ lands there)."""
-    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("scratch_cwd")
 
 
 def make_run(root: Path, *steps: int) -> RunDir:

@@ -11,23 +11,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from difftool.checkpoints import load_model
-from difftool.cli.app import app
-from tests.conftest import assert_user_error
+from tests.conftest import assert_user_error, invoke
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _scratch(tmp_path, monkeypatch):
-    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("scratch_cwd")
 
 
 @pytest.fixture(scope="module")

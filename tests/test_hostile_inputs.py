@@ -23,32 +23,21 @@ import safetensors
 import safetensors.torch
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from difftool.checkpoints import load_model, save_single_file
-from difftool.cli.app import app
 from difftool.config import DataConfig
 from difftool.data import load_dataset
 from difftool.errors import UserError
 from difftool.imagesets import open_images
 from difftool.masks import load_pair
-from tests.conftest import assert_user_error
+from tests.conftest import assert_user_error, invoke
 
-runner = CliRunner()
 UNET_WEIGHTS = Path("model/unet/diffusion_pytorch_model.safetensors")
 CHECKPOINT_WEIGHTS = Path("checkpoints/step-000006/model.safetensors")
 PILLOW_PIXEL_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's default Image.MAX_IMAGE_PIXELS
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(tmp_path, monkeypatch):
-    """No debug mode from the caller's shell, and a scratch working folder."""
-    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("scratch_cwd")
 
 
 # ---------------------------------------------------------------- making hostile image files

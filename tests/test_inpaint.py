@@ -9,16 +9,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
-from typer.testing import CliRunner
 
-from difftool.cli.app import app
 from difftool.inpaint import RepaintSchedule, blend, repaint
 from difftool.sample import Predictor, image_generators, initial_noise
 from difftool.schedulers import SCHEDULERS, make_scheduler, model_calls
 from tests.conftest import assert_user_error
+from tests.conftest import invoke as run_cli
 
 T, SHAPE = 50, (3, 16, 16)
-runner = CliRunner()
 
 
 def training_config(**overrides) -> dict:
@@ -182,7 +180,7 @@ def photo(tmp_path) -> tuple[Path, Path]:
 
 
 def invoke(*args):
-    return runner.invoke(app, ["inpaint", *[str(a) for a in args]])
+    return run_cli("inpaint", *args)
 
 
 def far_from_mask(mask_path: Path, margin: int = 3) -> np.ndarray:

@@ -19,17 +19,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from difftool import config as config_mod
 from difftool.checkpoints import load_model
-from difftool.cli.app import app
 from difftool.errors import UserError
 from difftool.plan import plan_training
 from difftool.rundir import LOCK_FILE, RunDir
 from difftool.runlock import run_lock
 from difftool.train import train
-from tests.conftest import assert_user_error, difftool_cmd, tiny_config
+from tests.conftest import assert_user_error, difftool_cmd, invoke, tiny_config
 
 
 def write_recipe(path: Path, *overrides: str) -> Path:
@@ -113,7 +111,7 @@ def test_second_train_on_a_running_run_is_refused_and_sigterm_saves(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.1)
     for extra in ([], ["--overwrite"]):
-        second = CliRunner().invoke(app, ["train", "--recipe", str(recipe), "--output", str(out), *extra])
+        second = invoke("train", "--recipe", recipe, "--output", out, *extra)
         assert_user_error(second, f"{out} is in use by another difftool train (pid {proc.pid} on")
     assert proc.poll() is None, "the refused commands must not disturb the running one"
 
@@ -322,11 +320,10 @@ def test_a_run_made_by_difftool_0_1_0_samples_inspects_and_resumes(old_run, tmp_
     assert json.loads((old_run / "model" / "difftool.json").read_text())["difftool_version"] == "0.1.0"
     for source in (old_run, old_run / "model", old_run / "checkpoints" / "step-000002"):
         assert list(load_model(source).unet.config.block_out_channels) == [4, 8]
-    runner = CliRunner()
-    sampled = runner.invoke(app, ["sample", str(old_run), "-n", "2", "--steps", "2", "-o", str(tmp_path / "s"), "-q"])
+    sampled = invoke("sample", old_run, "-n", "2", "--steps", "2", "-o", tmp_path / "s", "-q")
     assert sampled.exit_code == 0, sampled.output
     assert len(list((tmp_path / "s").glob("0*.png"))) == 2
-    assert runner.invoke(app, ["inspect", str(old_run)]).exit_code == 0
+    assert invoke("inspect", old_run).exit_code == 0
     plan = plan_training(resume=str(old_run), values={"train.max_steps": 4})
     assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).finished
     assert [step for step, _ in logged(old_run)] == [2, 4]  # logged at the last step of each session
@@ -387,6 +384,6 @@ def test_sigterm_while_sampling_keeps_finished_images_and_resume_completes_them(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{60 - kept} new of 60" in resumed.stderr
     reference = tmp_path / "reference"
-    assert CliRunner().invoke(app, cmd[len(difftool_cmd()):-2] + ["-o", str(reference), "-q"]).exit_code == 0
+    assert invoke(*cmd[len(difftool_cmd()):-2], "-o", reference, "-q").exit_code == 0
     for image in sorted(reference.glob("0*.png")):
         assert (out / image.name).read_bytes() == image.read_bytes(), image.name

@@ -16,20 +16,13 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
-from typer.testing import CliRunner
 
 from difftool.checkpoints import load_model
-from difftool.cli.app import app
 from difftool.generate import SampleRequest, generate
 from tests.conftest import assert_user_error, difftool_cmd, free_port
+from tests.conftest import invoke as run_cli
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _scratch(tmp_path, monkeypatch):
-    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("scratch_cwd")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +38,7 @@ def unconditional_model(tmp_path_factory) -> Path:
 
 
 def invoke(*args):
-    result = runner.invoke(app, ["sample", *[str(a) for a in args]])
-    return result
+    return run_cli("sample", *args)
 
 
 def pixels(folder: Path, n: int) -> np.ndarray:
