@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -44,6 +45,117 @@ def report(result: dict) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# ---------------------------------------------------------------- how close to the hardware's limit
+
+# Dense bf16 tensor-core peaks from the datasheets, for model FLOPs utilisation (MFU) on known cards.
+# Names as torch.cuda.get_device_name gives them; an H100 named by memory alone ("H100 80GB HBM3") is the SXM card.
+GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                 "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def model_flops_per_image(unet, *, training: bool) -> float:
+    """Floating-point operations one image costs: a forward (sampling) or forward + backward (training).
+
+    Counted by torch's FlopCounterMode on the real model (convolutions, matmuls, attention), so
+    the figure follows the architecture rather than a formula; elementwise work is not counted.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = unet.config
+    batch = 2
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    t = torch.randint(0, 1000, (batch,))
+    labels = torch.zeros(batch, dtype=torch.long) if cfg.num_class_embeds else None
+    with FlopCounterMode(display=False) as counter:
+        if training:
+            unet(x, t, class_labels=labels).sample.square().mean().backward()
+        else:
+            with torch.no_grad():
+                unet(x, t, class_labels=labels)
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def attainable_peak(dtype_name: str) -> float:
+    """The best FLOP/s of a large matmul and of large 3x3 convolutions in this dtype on this machine.
+
+    The UNet's time is nearly all 3x3 convolutions, which oneDNN runs faster than a CPU matmul,
+    so both are tried; each is timed several times and the best kept.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scale = 4 if device == "cuda" else 1
+    n = 2048 * scale
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    candidates = [(lambda: a @ b, 2 * n**3)]
+    for channels, size, batch in ((256, 8, 64), (512, 8, 16), (128, 16, 32)):
+        x = torch.randn(batch * scale, channels, size, size, dtype=dtype, device=device)
+        w = torch.randn(channels, channels, 3, 3, dtype=dtype, device=device)
+        candidates.append((lambda x=x, w=w: F.conv2d(x, w, padding=1),
+                           2 * batch * scale * channels**2 * 9 * size * size))
+    best = 0.0
+    with torch.inference_mode():
+        for op, flops in candidates:
+            op()
+            for _ in range(3):
+                _sync()
+                start = time.perf_counter()
+                for _ in range(3):
+                    op()
+                _sync()
+                best = max(best, 3 * flops / (time.perf_counter() - start))
+    return best
+
+
+def gpu_bf16_peak() -> tuple[float, str] | None:
+    """The card's datasheet bf16 peak and its name, when this is a known GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, peak in GPU_BF16_PEAK.items():  # specific names come before the general ones they contain
+        if key in name:
+            return peak, name
+    return None
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def utilisation_cell(img_per_s: float, flops_per_image: float, dtype_name: str, peaks: dict[str, float]) -> str:
+    """Achieved model FLOP/s and its share of the peak for the dtype computed in (and the MFU on a known GPU)."""
+    achieved = img_per_s * flops_per_image
+    cell = f"{_rate(achieved)}, {100 * achieved / peaks[dtype_name]:.0f}% of {dtype_name} peak"
+    datasheet = gpu_bf16_peak()
+    if datasheet:
+        cell += f", MFU {100 * achieved / datasheet[0]:.1f}%"
+    return cell
+
+
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e13 else f"{flops_per_s / 1e9:,.0f} GFLOP/s"
+
+
+def utilisation_note(peaks: dict[str, float]) -> str:
+    """The peaks the utilisation column is measured against, as one sentence."""
+    measured = ", ".join(f"{name} {_rate(value)}" for name, value in peaks.items())
+    note = (f"Utilisation: model FLOP/s ÷ this machine's attainable peak in the dtype the UNet computes in, the "
+            f"best of a large matmul and large 3x3 convolutions ({measured})")
+    datasheet = gpu_bf16_peak()
+    if datasheet:
+        note += f"; MFU: ÷ the {datasheet[1]} datasheet bf16 peak, {datasheet[0] / 1e12:.0f} TFLOP/s"
+    return note + "."
 
 
 def machine() -> str:

@@ -14,9 +14,12 @@ largest per-pixel difference of the uint8 images is reported beside the speed.
 
 difftool runs as `difftool sample` does (`difftool.generate`, writing samples.npz), in the
 variants asked for: `fp32` (the default), `bf16` (`--dtype bf16`: faster where the CPU has
-AVX512-BF16, different images) and `compile` (`--compile`: its compilation time is reported
-apart and not counted in img/s). Runs alternate; medians of `--repeats` fresh processes; one
-run at twice the batch per implementation measures how peak memory grows.
+AVX512-BF16, different images) and `compile` (`--compile`). The compile variant makes one batch
+more in the same call, first: that batch pays for the compilation, which is reported apart, and
+img/s is the steady state of the batches after it. Runs alternate; medians of `--repeats` fresh
+processes; one run at twice the batch per implementation measures how peak memory grows. The
+utilisation column is the model FLOPs per image (forward FLOPs times model calls) at the measured
+speed, against the machine's attainable peak (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, median, report, run_worker
+from common import (
+    append_results,
+    attainable_peak,
+    median,
+    model_flops_per_image,
+    report,
+    run_worker,
+    utilisation_cell,
+    utilisation_note,
+)
 
 SAMPLERS = {"ddim": (50, "DDIMPipeline"), "dpm-solver": (20, "DDPMPipeline + DPMSolverMultistepScheduler")}
 VARIANTS = ("fp32", "bf16", "compile")
@@ -58,20 +70,25 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(args.recipe, Path(tmp) / "model")
-        sections = [_bench_sampler(sampler, model, variants, args, Path(tmp))
+        flops = _forward_flops(model)
+        peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
+        sections = [_bench_sampler(sampler, model, variants, args, Path(tmp), flops, peaks)
                     for sampler in args.samplers.split(",")]
     command = (f"python benchmarks/sample_throughput.py --recipe {args.recipe} --num-images {args.num_images} "
                f"--batch-size {args.batch_size} --repeats {args.repeats} --variants {args.variants} "
                f"--samplers {args.samplers}")
     body = "\n\n".join(sections) + (f"\n\nModel: the `{args.recipe}` recipe's UNet, unconditional, random weights "
-                                    f"(seed {SEED}); {args.num_images} images in batches of {args.batch_size}.")
+                                    f"(seed {SEED}), {flops / 1e9:.2f} GFLOP per model call per image; "
+                                    f"{args.num_images} images in batches of {args.batch_size}. "
+                                    f"{utilisation_note(peaks)}")
     if args.no_record:
         print(body)
     else:
         append_results(f"Sampling throughput, {args.recipe} model", command, body)
 
 
-def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Path) -> str:
+def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Path, flops: float,
+                   peaks: dict[str, float]) -> str:
     import numpy as np
 
     steps, pipeline_name = SAMPLERS[sampler]
@@ -94,16 +111,18 @@ def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Pa
         extra[name]["rss_double"] = result["peak_rss_mib"]
     reference = np.load(extra["pipeline"]["images"])["images"].astype(np.int16)
     pipe = median(speeds["pipeline"])
-    header = (f"| implementation | img/s (median) | runs | ÷ pipeline | max pixel diff | peak RSS, batch {args.batch_size} "
-              f"| peak RSS, batch {2 * args.batch_size} |")
-    rows = [f"**{sampler}, {steps} steps** (against `{pipeline_name}`)", "", header, "|---|---|---|---|---|---|---|"]
+    header = (f"| implementation | img/s (median) | runs | ÷ pipeline | max pixel diff | model FLOP/s (utilisation) "
+              f"| peak RSS, batch {args.batch_size} | peak RSS, batch {2 * args.batch_size} |")
+    rows = [f"**{sampler}, {steps} steps** (against `{pipeline_name}`)", "", header, "|---|---|---|---|---|---|---|---|"]
     for name in names:
         m = median(speeds[name])
         diff = int(np.abs(np.load(extra[name]["images"])["images"].astype(np.int16) - reference).max())
         label = name if name == "pipeline" else f"difftool {name}"
         if extra[name]["compile_s"]:
             label += f" (compiling: {extra[name]['compile_s']:.0f} s)"
+        dtype = "bf16" if name == "bf16" else "fp32"
         rows.append(f"| {label} | {m:.2f} | {', '.join(f'{s:.2f}' for s in speeds[name])} | {m / pipe:.2f}× | {diff} | "
+                    f"{utilisation_cell(m, flops * steps, dtype, peaks)} | "
                     f"{extra[name]['rss']:.0f} MiB | {extra[name]['rss_double']:.0f} MiB |")
     return "\n".join(rows)
 
@@ -126,29 +145,47 @@ def make_model(recipe: str, folder: Path) -> Path:
     return folder
 
 
+def _forward_flops(model: Path) -> float:
+    from diffusers import UNet2DModel
+
+    return model_flops_per_image(UNet2DModel.from_pretrained(model / "unet"), training=False)
+
+
 # ---------------------------------------------------------------- workers
 
 
 def difftool_worker(args) -> dict:
-    """`difftool sample MODEL --scheduler S --steps N --format npz` through its library call."""
+    """`difftool sample MODEL --scheduler S --steps N --format npz` through its library call.
+
+    Each batch's computation is timed (as the pipeline's call is), not the writing of the files.
+    """
     import numpy as np
 
-    from difftool.generate import SampleRequest, generate
+    from difftool import generate as generate_module
 
     steps = SAMPLERS[args.sampler][0]
-    compile_s = None
-    request = SampleRequest(num_images=args.num_images, scheduler=args.sampler, steps=steps, seed=SEED,
-                            batch_size=args.batch_size, dtype="bf16" if args.worker == "bf16" else "fp32",
-                            compile=args.worker == "compile", format="npz")
+    compiling = args.worker == "compile"
+    extra = args.batch_size if compiling else 0
+    request = generate_module.SampleRequest(
+        num_images=args.num_images + extra, scheduler=args.sampler, steps=steps, seed=SEED,
+        batch_size=args.batch_size, dtype="bf16" if args.worker == "bf16" else "fp32", compile=compiling, format="npz")
+    seconds: list[float] = []
+    make_batch = generate_module._make_batch
+
+    def timed_batch(*batch_args, **batch_kwargs):
+        start = time.perf_counter()
+        images = make_batch(*batch_args, **batch_kwargs)
+        seconds.append(time.perf_counter() - start)
+        return images
+
+    generate_module._make_batch = timed_batch
     with tempfile.TemporaryDirectory() as tmp:
-        if request.compile:  # compile once on a throw-away request; the timed one reuses the compiled graph
-            start = time.perf_counter()
-            generate(args.model, request, Path(tmp) / "warm", show_progress=False)
-            compile_s = time.perf_counter() - start
-        result = generate(args.model, request, Path(tmp) / "out", show_progress=False)
+        generate_module.generate(args.model, request, Path(tmp) / "out", show_progress=False)
         with np.load(Path(tmp) / "out" / "samples.npz") as npz:
-            np.savez(args.out, images=npz["arr_0"])
-    return {"img_per_s": result.made / result.seconds, "compile_s": compile_s}
+            np.savez(args.out, images=npz["arr_0"][: args.num_images])  # the same indices as the pipeline's
+    timed = seconds[1:] if compiling else seconds
+    compile_s = seconds[0] - sum(timed) / len(timed) if compiling else None
+    return {"img_per_s": args.num_images / sum(timed), "compile_s": compile_s}
 
 
 def pipeline_worker(args) -> dict:

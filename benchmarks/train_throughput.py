@@ -31,7 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, median, report, run_worker
+from common import (
+    append_results,
+    attainable_peak,
+    median,
+    model_flops_per_image,
+    report,
+    run_worker,
+    utilisation_cell,
+    utilisation_note,
+)
 
 IMPLEMENTATIONS = ("difftool", "plain-fp32", "plain-bf16")
 
@@ -79,20 +88,33 @@ def main() -> None:
 
 
 def _table(speeds, memory, batch, args) -> str:
-    ours = median(speeds["difftool"])
-    header = f"| implementation | img/s (median) | runs | difftool ÷ this | peak RSS, batch {batch} | peak RSS, batch {2 * batch} |"
-    rows = [header, "|---|---|---|---|---|---|"]
+    import torch
+
+    from difftool import config as config_mod
+    from difftool.train import resolve_precision
+
+    params = _config(args.recipe, batch)
+    ours = config_mod.apply_changes(params, args.set).train.mixed_precision
+    computes_in = {"difftool": "bf16" if resolve_precision(ours, not torch.cuda.is_available()) == "bf16" else "fp32",
+                   "plain-fp32": "fp32", "plain-bf16": "bf16"}
+    flops = model_flops_per_image(_unet(params), training=True)
+    peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
+    ours_speed = median(speeds["difftool"])
+    header = (f"| implementation | img/s (median) | runs | difftool ÷ this | model FLOP/s (utilisation) "
+              f"| peak RSS, batch {batch} | peak RSS, batch {2 * batch} |")
+    rows = [header, "|---|---|---|---|---|---|---|"]
     for name in IMPLEMENTATIONS:
         m = median(speeds[name])
         runs = ", ".join(f"{s:.1f}" for s in speeds[name])
-        rows.append(f"| {name} | {m:.1f} | {runs} | {ours / m:.2f}× | {memory[name][batch]:.0f} MiB | "
+        rows.append(f"| {name} | {m:.1f} | {runs} | {ours_speed / m:.2f}× | "
+                    f"{utilisation_cell(m, flops, computes_in[name], peaks)} | {memory[name][batch]:.0f} MiB | "
                     f"{memory[name][2 * batch]:.0f} MiB |")
-    params = _config(args.recipe, batch)
     return "\n".join(rows) + (f"\n\nModel: the `{args.recipe}` recipe's UNet "
-                              f"({_parameters(params) / 1e6:.1f}M parameters), {params.data.resolution} px, "
-                              f"global batch {batch}; {args.steps} timed steps after {args.warmup}; "
-                              f"difftool precision `{params.train.mixed_precision}`"
-                              + "".join(f", `{override}`" for override in args.set) + ".")
+                              f"({_parameters(params) / 1e6:.1f}M parameters, {flops / 1e9:.2f} GFLOP per image for "
+                              f"forward and backward), {params.data.resolution} px, global batch {batch}; "
+                              f"{args.steps} timed steps after {args.warmup}; difftool precision `{ours}` "
+                              f"(computes in {computes_in['difftool']})"
+                              + "".join(f", `{override}`" for override in args.set) + f". {utilisation_note(peaks)}")
 
 
 # ---------------------------------------------------------------- shared set-up
@@ -105,10 +127,17 @@ def _config(recipe: str, batch: int | None):
     return config_mod.load_config(recipe, overrides)
 
 
-def _parameters(cfg) -> int:
-    from difftool.models import build_unet, count_parameters
+def _unet(cfg):
+    """The UNet both sides train (5 classes: the shapes)."""
+    from difftool.models import build_unet
 
-    return count_parameters(build_unet(cfg.model, resolution=cfg.data.resolution, channels=3, num_classes=5))
+    return build_unet(cfg.model, resolution=cfg.data.resolution, channels=3, num_classes=5)
+
+
+def _parameters(cfg) -> int:
+    from difftool.models import count_parameters
+
+    return count_parameters(_unet(cfg))
 
 
 # ---------------------------------------------------------------- workers

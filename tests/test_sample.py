@@ -228,3 +228,19 @@ def test_library_call_reports_what_it_made(tiny_run, tmp_path):
     assert (result.made, result.total, result.output) == (3, 3, tmp_path / "lib")
     again = generate(tiny_run, request, tmp_path / "lib", resume=True, show_progress=False)
     assert again.made == 0
+
+
+def test_compile_gives_the_eager_images_and_compiles_one_batch_size(tiny_run):
+    """--compile: images within one level of eager; a last batch of another size runs eagerly, not recompiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    common = ["-n", "3", "--batch-size", "2", "--scheduler", "ddim", "--steps", "3", "-q"]
+    assert invoke(tiny_run, *common, "-o", "eager").exit_code == 0
+    result = invoke(tiny_run, *common, "--compile", "-o", "compiled")
+    assert result.exit_code == 0, result.output
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    diff = np.abs(pixels(Path("eager"), 3).astype(int) - pixels(Path("compiled"), 3).astype(int))
+    assert diff.max() <= 1, diff.max()
