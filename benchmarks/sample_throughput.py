@@ -14,8 +14,8 @@ largest per-pixel difference of the uint8 images is reported beside the speed.
 
 difftool runs as `difftool sample` does (`difftool.generate`, writing samples.npz), in the
 variants asked for: `fp32` (the default), `bf16` (`--dtype bf16`: faster where the CPU has
-AVX512-BF16, different images) and `compile` (`--compile`). The compile variant makes one batch
-more in the same call, first: that batch pays for the compilation, which is reported apart, and
+AVX512-BF16, different images), `compile` (`--compile`) and `bf16-compile` (both). A compile
+variant makes one batch more in the same call, first: that batch pays for the compilation, which is reported apart, and
 img/s is the steady state of the batches after it. Runs alternate; medians of `--repeats` fresh
 processes; one run at twice the batch per implementation measures how peak memory grows. The
 utilisation column is the model FLOPs per image (forward FLOPs times model calls) at the measured
@@ -43,7 +43,7 @@ from common import (
 )
 
 SAMPLERS = {"ddim": (50, "DDIMPipeline"), "dpm-solver": (20, "DDPMPipeline + DPMSolverMultistepScheduler")}
-VARIANTS = ("fp32", "bf16", "compile")
+VARIANTS = ("fp32", "bf16", "compile", "bf16-compile")
 SEED = 0
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default="fp32,bf16,compile", help=f"difftool variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"difftool variants: {', '.join(VARIANTS)}")
     parser.add_argument("--samplers", default="ddim,dpm-solver")
     parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # pipeline, or one of VARIANTS
@@ -120,7 +120,7 @@ def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Pa
         label = name if name == "pipeline" else f"difftool {name}"
         if extra[name]["compile_s"]:
             label += f" (compiling: {extra[name]['compile_s']:.0f} s)"
-        dtype = "bf16" if name == "bf16" else "fp32"
+        dtype = "bf16" if "bf16" in name else "fp32"
         rows.append(f"| {label} | {m:.2f} | {', '.join(f'{s:.2f}' for s in speeds[name])} | {m / pipe:.2f}× | {diff} | "
                     f"{utilisation_cell(m, flops * steps, dtype, peaks)} | "
                     f"{extra[name]['rss']:.0f} MiB | {extra[name]['rss_double']:.0f} MiB |")
@@ -164,11 +164,11 @@ def difftool_worker(args) -> dict:
     from difftool import generate as generate_module
 
     steps = SAMPLERS[args.sampler][0]
-    compiling = args.worker == "compile"
+    compiling = "compile" in args.worker
     extra = args.batch_size if compiling else 0
     request = generate_module.SampleRequest(
         num_images=args.num_images + extra, scheduler=args.sampler, steps=steps, seed=SEED,
-        batch_size=args.batch_size, dtype="bf16" if args.worker == "bf16" else "fp32", compile=compiling, format="npz")
+        batch_size=args.batch_size, dtype="bf16" if "bf16" in args.worker else "fp32", compile=compiling, format="npz")
     seconds: list[float] = []
     make_batch = generate_module._make_batch
 
@@ -198,7 +198,8 @@ def pipeline_worker(args) -> dict:
     from difftool.schedulers import make_scheduler
 
     steps = SAMPLERS[args.sampler][0]
-    unet = UNet2DModel.from_pretrained(Path(args.model) / "unet").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where difftool samples too
+    unet = UNet2DModel.from_pretrained(Path(args.model) / "unet").eval().to(device)
     scheduler = make_scheduler(args.sampler, load_model(args.model).scheduler_config, steps=steps)
     images, seconds = [], 0.0
     for first in range(0, args.num_images, args.batch_size):
@@ -206,12 +207,12 @@ def pipeline_worker(args) -> dict:
         generators = [torch.Generator().manual_seed(SEED * 1_000_003 + i) for i in indices]
         start = time.perf_counter()
         if args.sampler == "ddim":
-            pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+            pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
             pipe.set_progress_bar_config(disable=True)
             out = pipe(batch_size=len(indices), generator=generators, eta=0.0, num_inference_steps=steps,
                        use_clipped_model_output=True, output_type="np").images
         else:
-            pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+            pipe = DDPMPipeline(unet=unet, scheduler=scheduler).to(device)
             pipe.set_progress_bar_config(disable=True)
             out = pipe(batch_size=len(indices), generator=generators, num_inference_steps=steps,
                        output_type="np").images
