@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -88,6 +89,16 @@ def difftool_cmd() -> list[str]:
     """The installed `difftool` executable (or the module, when run from a source tree)."""
     exe = shutil.which("difftool")
     return [exe] if exe else [sys.executable, "-m", "difftool"]
+
+
+def pytest_configure(config) -> None:
+    """Let the difftool processes that tests interrupt see SIGINT as Ctrl-C.
+
+    A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored; children inherit that,
+    and Python then never raises KeyboardInterrupt. A handler, unlike "ignored", is reset at exec.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:
