@@ -149,8 +149,8 @@ def _compiled_for_first_size(unet, batches: list[list[int]]):
     """The UNet compiled for the size of the first batch, and eager for any other size.
 
     A batch of another size (the last one, or the gaps a --resume fills) would make torch.compile
-    compile again, for a dynamic batch dimension, which took 37 s for a batch that runs in half a
-    second eagerly; those few images are made eagerly instead (within float tolerance of compiled).
+    compile again, for a dynamic batch dimension: 37 s for a last batch of 8 that runs in 0.8 s
+    eagerly. Those few images are made eagerly instead (within float tolerance of compiled ones).
     """
     compiled = torch.compile(unet, dynamic=False)
     size = len(batches[0]) if batches else 0
