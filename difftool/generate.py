@@ -24,6 +24,7 @@ from PIL import Image
 from difftool import __version__
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
+from difftool.compiling import check_can_compile
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
@@ -177,6 +178,8 @@ def _check_request(request: SampleRequest, device: torch.device) -> None:
         raise UserError(f"unknown --dtype '{request.dtype}': use fp32, bf16 or fp16")
     if request.dtype == "fp16" and device.type == "cpu":
         raise UserError("--dtype fp16 needs a GPU; on CPU use bf16 (or fp32)")
+    if request.compile:
+        check_can_compile(device, "--compile")
 
 
 def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:

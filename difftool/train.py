@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_info
+from difftool.compiling import check_can_compile
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
 from difftool.errors import (
@@ -466,6 +467,8 @@ def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
     precision = resolve_precision(cfg.train.mixed_precision, on_cpu)
     if on_cpu and precision == "fp16":
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16, auto or no")
+    if cfg.train.compile:
+        check_can_compile(torch.device("cpu" if on_cpu else "cuda"), "train.compile=true")
     return Accelerator(
         cpu=on_cpu,
         mixed_precision=precision,

@@ -244,3 +244,12 @@ def test_compile_gives_the_eager_images_and_compiles_one_batch_size(tiny_run):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     diff = np.abs(pixels(Path("eager"), 3).astype(int) - pixels(Path("compiled"), 3).astype(int))
     assert diff.max() <= 1, diff.max()
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tiny_run):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        result = invoke(tiny_run, "-n", "2", "--compile", "-o", "out")
+    assert_user_error(result, "--compile needs a working C++ compiler", "set CXX")
+    assert not Path("out").exists()

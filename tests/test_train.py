@@ -264,6 +264,15 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    with (inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
+          pytest.raises(UserError, match=r"train.compile=true needs a working C\+\+ compiler.*set CXX")):
+        train(tiny_config("train.compile=true"), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_torch_compile_trains_like_eager(tmp_path):
     eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
     compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
