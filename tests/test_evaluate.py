@@ -509,3 +509,20 @@ def test_evaluate_under_two_processes_scores_once(tiny_run, tmp_path, extractor_
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     # the same images; features may differ in the last float32 bits with another thread count
     assert json.loads((out / "metrics.json").read_text())["fd"] == pytest.approx(single.record["fd"], rel=1e-6)
+
+
+def test_cli_evaluate_compile_samples_as_eager_does(tiny_run, tmp_path, extractor_file):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = ["evaluate", str(tiny_run), "-r", "shapes", "-n", "4", "--batch-size", "4", "--steps", "2",
+            "--features", str(extractor_file), "--kid-subset-size", "2", "-q"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = runner.invoke(app, [*base, *extra, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    assert counters["stats"]["unique_graphs"] == 1, "the UNet was compiled once"
+    eager, compiled = (np.load(tmp_path / name / "samples" / "samples.npz")["arr_0"].astype(int)
+                       for name in ("eager", "compiled"))
+    assert np.abs(eager - compiled).max() <= 1

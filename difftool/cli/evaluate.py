@@ -46,6 +46,7 @@ def evaluate(
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for class-conditional models.")] = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision when sampling: fp32, bf16, or fp16 (GPU).")] = "fp32",
+    compile_model: options.Compile = False,
     features: Annotated[str, typer.Option(help="inception (FID), dinov2 (FD_DINOv2), dinov2:MODEL, or a TorchScript file: uint8 N×3×H×W -> features [, probs].")] = "inception",
     inception_weights: Annotated[Path | None, typer.Option(help="The Inception TorchScript file (inception-2015-12-05.pt). Default: torch's hub cache, downloaded once.")] = None,
     feature_batch_size: Annotated[int, typer.Option(min=1, help="Images per feature-extractor call.")] = 100,
@@ -81,7 +82,8 @@ def evaluate(
         args = [source] + forward_options([
             ("--reference", reference), ("--num-samples", num_samples), ("--sweep", sweep_spec),
             ("--scheduler", scheduler), ("--steps", steps), ("--batch-size", batch_size), ("--seed", seed),
-            ("--guidance-scale", guidance_scale), ("--weights", weights), ("--dtype", dtype), ("--features", features),
+            ("--guidance-scale", guidance_scale), ("--weights", weights), ("--dtype", dtype), ("--compile", compile_model),
+            ("--features", features),
             ("--inception-weights", inception_weights), ("--feature-batch-size", feature_batch_size),
             ("--kid-subset-size", kid_subset_size), ("--pr-k", pr_k), ("--split", split),
             ("--reference-images", reference_images), ("--output", output), ("--overwrite", overwrite),
@@ -94,7 +96,7 @@ def evaluate(
     from difftool.generate import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
-                            guidance_scale=guidance_scale, weights=weights, dtype=dtype)
+                            guidance_scale=guidance_scale, weights=weights, dtype=dtype, compile=compile_model)
     if sweep_spec is not None:
         _sweep(source, sweep_spec, reference, metric_options, request, output or default_output(source).with_name(default_output(source).name + "-sweep"),
                overwrite, resume, json_output, quiet)

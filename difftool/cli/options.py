@@ -20,3 +20,4 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved conf
 NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet: about 10% faster per image after tens of seconds of compiling (pays off for hundreds of images; on CPU needs g++ or clang++).")]

@@ -42,7 +42,7 @@ def sample(
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance (class-conditional models). Default: the recipe's, else 1.")] = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision: fp32, bf16, or fp16 (GPU). The sampler's arithmetic stays fp32.")] = "fp32",
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (pays off for many images).")] = False,
+    compile_model: options.Compile = False,
     image_format: Annotated[str, typer.Option("--format", help="png (one file per image) or npz (samples.npz: uint8 N×H×W×C, for FID tools).")] = "png",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder. Default: samples/MODEL-SCHEDULER-STEPS.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace samples already in --output.")] = False,
