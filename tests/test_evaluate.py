@@ -469,6 +469,7 @@ def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     (["evaluate", "{imgs}", "extra"], ["unexpected second argument 'extra'"]),
     (["evaluate", "{imgs}", "--sweep", "ddim:2", "--features", "{ext}"], ["--sweep samples a model"]),
     (["evaluate", "{imgs}", "--features", "{ext}", "--inception-weights", "{incep}"], ["--inception-weights applies"]),
+    (["evaluate", "{imgs}", "--num-samples", "0"], ["'--num-samples'", "1<=x"]),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, extractor_file, fake_inception, args, fragments):
     paths = {"one": write_images(tmp_path / "one", shapes(1)), "imgs": write_images(tmp_path / "imgs", shapes(6)),

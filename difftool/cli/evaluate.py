@@ -37,7 +37,7 @@ def evaluate(
     source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id), or 'stats'.")],
     data: Annotated[str | None, typer.Argument(help="With 'stats': the data to summarise (any --dataset of train, or an .npz of images).")] = None,
     reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from 'evaluate stats'.")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", max=options.IMAGES_MAX, help="Samples to make from a model (FID papers use 50,000).")] = 10_000,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=options.IMAGES_MAX, help="Samples to make from a model (FID papers use 50,000).")] = 10_000,
     sweep_spec: Annotated[str | None, typer.Option("--sweep", help='Scheduler x steps grid, e.g. "ddim:10,20,50;dpm-solver:10,20": table, CSV, JSON and FID-vs-NFE plot.')] = None,
     scheduler: Annotated[str | None, typer.Option(help="Sampler for a model (difftool schedulers). Default: the run's recipe, else ddim.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps. Default: the recipe's, else the scheduler's recommended count.")] = None,
