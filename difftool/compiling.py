@@ -15,7 +15,7 @@ from difftool.errors import UserError, first_line
 def check_can_compile(device: torch.device, option: str) -> None:
     """Refuse `option` (the flag or setting that asked for compilation) when inductor cannot build for `device`."""
     if device.type != "cpu":
-        return  # GPUs compile with Triton, which brings its own compiler
+        return  # on GPUs inductor writes Triton kernels, whose toolchain Triton checks and reports itself
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:  # private API moved in a newer torch: let torch.compile speak for itself
