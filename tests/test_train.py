@@ -263,7 +263,6 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     torch.testing.assert_close(losses(saved.run), losses(plain.run), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path):
     import torch._inductor.config as inductor_config
 
@@ -273,6 +272,7 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path):
     eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
     compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
