@@ -133,29 +133,34 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def utilisation_cell(img_per_s: float, flops_per_image: float, dtype_name: str, peaks: dict[str, float]) -> str:
-    """Achieved model FLOP/s and its share of the peak for the dtype computed in (and the MFU on a known GPU)."""
-    achieved = img_per_s * flops_per_image
-    cell = f"{_rate(achieved)}, {100 * achieved / peaks[dtype_name]:.0f}% of {dtype_name} peak"
-    datasheet = gpu_bf16_peak()
-    if datasheet:
-        cell += f", MFU {100 * achieved / datasheet[0]:.1f}%"
-    return cell
-
-
-def _rate(flops_per_s: float) -> str:
+def flop_rate(flops_per_s: float) -> str:
     return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e13 else f"{flops_per_s / 1e9:,.0f} GFLOP/s"
 
 
-def utilisation_note(peaks: dict[str, float]) -> str:
-    """The peaks the utilisation column is measured against, as one sentence."""
-    measured = ", ".join(f"{name} {_rate(value)}" for name, value in peaks.items())
-    note = (f"Utilisation: model FLOP/s ÷ this machine's attainable peak in the dtype the UNet computes in, the "
-            f"best of a large matmul and large 3x3 convolutions ({measured})")
-    datasheet = gpu_bf16_peak()
-    if datasheet:
-        note += f"; MFU: ÷ the {datasheet[1]} datasheet bf16 peak, {datasheet[0] / 1e12:.0f} TFLOP/s"
-    return note + "."
+class Utilisation:
+    """A benchmark's utilisation column: model FLOP/s per row against peaks measured once, at the start."""
+
+    def __init__(self, unet, *, training: bool):
+        self.flops_per_image = model_flops_per_image(unet, training=training)
+        self.peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
+        self.datasheet = gpu_bf16_peak()
+
+    def cell(self, img_per_s: float, dtype_name: str, calls_per_image: int = 1) -> str:
+        """Achieved model FLOP/s and its share of the peak for the dtype computed in (and the MFU on a known GPU)."""
+        achieved = img_per_s * calls_per_image * self.flops_per_image
+        cell = f"{flop_rate(achieved)}, {100 * achieved / self.peaks[dtype_name]:.0f}% of {dtype_name} peak"
+        if self.datasheet:
+            cell += f", MFU {100 * achieved / self.datasheet[0]:.1f}%"
+        return cell
+
+    def note(self) -> str:
+        """The peaks the column is measured against, as one sentence."""
+        measured = ", ".join(f"{name} {flop_rate(value)}" for name, value in self.peaks.items())
+        note = (f"Utilisation: model FLOP/s ÷ this machine's attainable peak in the dtype the UNet computes in, the "
+                f"best of a large matmul and large 3x3 convolutions ({measured})")
+        if self.datasheet:
+            note += f"; MFU: ÷ the {self.datasheet[1]} datasheet bf16 peak, {self.datasheet[0] / 1e12:.0f} TFLOP/s"
+        return note + "."
 
 
 def machine() -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, attainable_peak, model_flops_per_image
+from common import append_results, attainable_peak, flop_rate, model_flops_per_image
 
 CONVOLUTION_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
                        "aten::_slow_conv2d_backward")
@@ -44,15 +44,15 @@ def main() -> None:
     peak = attainable_peak("fp32")
     what = "forward and backward" if args.training else "forward (one sampling step)"
     body = (f"| | seconds per call | FLOP/s | share of fp32 peak |\n|---|---|---|---|\n"
-            f"| plain eager call, all of it | {plain['total_s']:.3f} | {_g(flops / plain['total_s'])} | "
+            f"| plain eager call, all of it | {plain['total_s']:.3f} | {flop_rate(flops / plain['total_s'])} | "
             f"{100 * flops / plain['total_s'] / peak:.0f}% |\n"
-            f"| its convolutions (default layout) | {plain['conv_s']:.3f} | {_g(flops / plain['conv_s'])} | "
+            f"| its convolutions (default layout) | {plain['conv_s']:.3f} | {flop_rate(flops / plain['conv_s'])} | "
             f"{100 * flops / plain['conv_s'] / peak:.0f}% |\n"
-            f"| the convolutions in their fastest layout | {fastest_conv:.3f} | {_g(flops / fastest_conv)} | "
+            f"| the convolutions in their fastest layout | {fastest_conv:.3f} | {flop_rate(flops / fastest_conv)} | "
             f"{100 * flops / fastest_conv / peak:.0f}% |\n\n"
             f"Upper bound on any fp32 speed-up over the plain call: **{plain['total_s'] / fastest_conv:.2f}×** "
             f"(everything but the convolutions free). Model: the `{args.recipe}` recipe's UNet, {what}, batch "
-            f"{args.batch_size}, {flops / 1e9:.1f} GFLOP per call; attainable fp32 peak {_g(peak)} (a large matmul "
+            f"{args.batch_size}, {flops / 1e9:.1f} GFLOP per call; attainable fp32 peak {flop_rate(peak)} (a large matmul "
             f"or 3x3 convolution, benchmarks/common.py).")
     command = (f"python benchmarks/fp32_bound.py --recipe {args.recipe} --batch-size {args.batch_size}"
                + (" --training" if args.training else ""))
@@ -61,10 +61,6 @@ def main() -> None:
     else:
         append_results(f"fp32 bound, {args.recipe} model, {'training' if args.training else 'sampling'}",
                        command, body)
-
-
-def _g(flops_per_s: float) -> str:
-    return f"{flops_per_s / 1e9:,.0f} GFLOP/s"
 
 
 def _unet(recipe: str):

@@ -15,8 +15,8 @@ largest per-pixel difference of the uint8 images is reported beside the speed.
 difftool runs as `difftool sample` does (`difftool.generate`, writing samples.npz), in the
 variants asked for: `fp32` (the default), `bf16` (`--dtype bf16`: faster where the CPU has
 AVX512-BF16, different images), `compile` (`--compile`) and `bf16-compile` (both). A compile
-variant makes one batch more in the same call, first: that batch pays for the compilation, which is reported apart, and
-img/s is the steady state of the batches after it. Runs alternate; medians of `--repeats` fresh
+variant makes one batch more in the same call, first: that batch pays for the compilation,
+which is reported apart, and img/s is the steady state of the batches after it. Runs alternate; medians of `--repeats` fresh
 processes; one run at twice the batch per implementation measures how peak memory grows. The
 utilisation column is the model FLOPs per image (forward FLOPs times model calls) at the measured
 speed, against the machine's attainable peak (benchmarks/common.py).
@@ -31,16 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    append_results,
-    attainable_peak,
-    median,
-    model_flops_per_image,
-    report,
-    run_worker,
-    utilisation_cell,
-    utilisation_note,
-)
+from common import Utilisation, append_results, median, report, run_worker
 
 SAMPLERS = {"ddim": (50, "DDIMPipeline"), "dpm-solver": (20, "DDPMPipeline + DPMSolverMultistepScheduler")}
 VARIANTS = ("fp32", "bf16", "compile", "bf16-compile")
@@ -70,25 +61,24 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(args.recipe, Path(tmp) / "model")
-        flops = _forward_flops(model)
-        peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
-        sections = [_bench_sampler(sampler, model, variants, args, Path(tmp), flops, peaks)
+        utilisation = _utilisation(model)
+        sections = [_bench_sampler(sampler, model, variants, args, Path(tmp), utilisation)
                     for sampler in args.samplers.split(",")]
     command = (f"python benchmarks/sample_throughput.py --recipe {args.recipe} --num-images {args.num_images} "
                f"--batch-size {args.batch_size} --repeats {args.repeats} --variants {args.variants} "
                f"--samplers {args.samplers}")
     body = "\n\n".join(sections) + (f"\n\nModel: the `{args.recipe}` recipe's UNet, unconditional, random weights "
-                                    f"(seed {SEED}), {flops / 1e9:.2f} GFLOP per model call per image; "
-                                    f"{args.num_images} images in batches of {args.batch_size}. "
-                                    f"{utilisation_note(peaks)}")
+                                    f"(seed {SEED}), {utilisation.flops_per_image / 1e9:.2f} GFLOP per model call "
+                                    f"per image; {args.num_images} images in batches of {args.batch_size}. "
+                                    f"{utilisation.note()}")
     if args.no_record:
         print(body)
     else:
         append_results(f"Sampling throughput, {args.recipe} model", command, body)
 
 
-def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Path, flops: float,
-                   peaks: dict[str, float]) -> str:
+def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Path,
+                   utilisation: Utilisation) -> str:
     import numpy as np
 
     steps, pipeline_name = SAMPLERS[sampler]
@@ -122,7 +112,7 @@ def _bench_sampler(sampler: str, model: Path, variants: list[str], args, tmp: Pa
             label += f" (compiling: {extra[name]['compile_s']:.0f} s)"
         dtype = "bf16" if "bf16" in name else "fp32"
         rows.append(f"| {label} | {m:.2f} | {', '.join(f'{s:.2f}' for s in speeds[name])} | {m / pipe:.2f}× | {diff} | "
-                    f"{utilisation_cell(m, flops * steps, dtype, peaks)} | "
+                    f"{utilisation.cell(m, dtype, calls_per_image=steps)} | "
                     f"{extra[name]['rss']:.0f} MiB | {extra[name]['rss_double']:.0f} MiB |")
     return "\n".join(rows)
 
@@ -145,10 +135,10 @@ def make_model(recipe: str, folder: Path) -> Path:
     return folder
 
 
-def _forward_flops(model: Path) -> float:
+def _utilisation(model: Path) -> Utilisation:
     from diffusers import UNet2DModel
 
-    return model_flops_per_image(UNet2DModel.from_pretrained(model / "unet"), training=False)
+    return Utilisation(UNet2DModel.from_pretrained(model / "unet"), training=False)
 
 
 # ---------------------------------------------------------------- workers

@@ -31,16 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    append_results,
-    attainable_peak,
-    median,
-    model_flops_per_image,
-    report,
-    run_worker,
-    utilisation_cell,
-    utilisation_note,
-)
+from common import Utilisation, append_results, median, report, run_worker
 
 IMPLEMENTATIONS = ("difftool", "plain-fp32", "plain-bf16")
 
@@ -97,8 +88,7 @@ def _table(speeds, memory, batch, args) -> str:
     ours = config_mod.apply_changes(params, args.set).train.mixed_precision
     computes_in = {"difftool": "bf16" if resolve_precision(ours, not torch.cuda.is_available()) == "bf16" else "fp32",
                    "plain-fp32": "fp32", "plain-bf16": "bf16"}
-    flops = model_flops_per_image(_unet(params), training=True)
-    peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
+    utilisation = Utilisation(_unet(params), training=True)
     ours_speed = median(speeds["difftool"])
     header = (f"| implementation | img/s (median) | runs | difftool ÷ this | model FLOP/s (utilisation) "
               f"| peak RSS, batch {batch} | peak RSS, batch {2 * batch} |")
@@ -107,14 +97,14 @@ def _table(speeds, memory, batch, args) -> str:
         m = median(speeds[name])
         runs = ", ".join(f"{s:.1f}" for s in speeds[name])
         rows.append(f"| {name} | {m:.1f} | {runs} | {ours_speed / m:.2f}× | "
-                    f"{utilisation_cell(m, flops, computes_in[name], peaks)} | {memory[name][batch]:.0f} MiB | "
+                    f"{utilisation.cell(m, computes_in[name])} | {memory[name][batch]:.0f} MiB | "
                     f"{memory[name][2 * batch]:.0f} MiB |")
     return "\n".join(rows) + (f"\n\nModel: the `{args.recipe}` recipe's UNet "
-                              f"({_parameters(params) / 1e6:.1f}M parameters, {flops / 1e9:.2f} GFLOP per image for "
+                              f"({_parameters(params) / 1e6:.1f}M parameters, {utilisation.flops_per_image / 1e9:.2f} GFLOP per image for "
                               f"forward and backward), {params.data.resolution} px, global batch {batch}; "
                               f"{args.steps} timed steps after {args.warmup}; difftool precision `{ours}` "
                               f"(computes in {computes_in['difftool']})"
-                              + "".join(f", `{override}`" for override in args.set) + f". {utilisation_note(peaks)}")
+                              + "".join(f", `{override}`" for override in args.set) + f". {utilisation.note()}")
 
 
 # ---------------------------------------------------------------- shared set-up
