@@ -37,6 +37,17 @@ def resolve_classes(tokens: list[str] | None, info: dict) -> list[int] | None:
     return ids
 
 
+def resolve_guidance_rescale(requested: float | None, default: float | None, guidance_scale: float) -> float:
+    """phi of guidance rescale: requested, else the recipe's, else 0; it only acts where guidance does."""
+    phi = requested if requested is not None else (default if default is not None else 0.0)
+    if not (math.isfinite(phi) and 0 <= phi <= 1):
+        raise UserError(f"--guidance-rescale must lie in [0, 1] (0 = off, 0.7 as Lin et al. suggest), got {phi}")
+    if requested not in (None, 0.0) and guidance_scale == 1.0:
+        raise UserError("--guidance-rescale acts on classifier-free guidance; add --guidance-scale above 1 "
+                        "(class-conditional models)")
+    return phi if guidance_scale != 1.0 else 0.0
+
+
 def resolve_guidance(requested: float | None, default: float | None, info: dict, class_ids: list[int] | None) -> float:
     """The guidance scale to use: 1 (none) for unconditional models, else requested, recipe default or 1."""
     if class_ids is None:

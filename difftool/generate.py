@@ -25,7 +25,7 @@ from difftool import __version__
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.compiling import check_can_compile
-from difftool.conditions import resolve_classes, resolve_guidance
+from difftool.conditions import resolve_classes, resolve_guidance, resolve_guidance_rescale
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
@@ -42,6 +42,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz")
 # Settings that may differ between a run and its --resume: they do not change any image.
 RESUMABLE = {"model", "num_images", "difftool_version"}
+# Settings added after 0.1.0, with the value that folders written without them were made with.
+ADDED_SETTINGS = {"guidance_rescale": 0.0}
 
 
 @dataclass
@@ -58,6 +60,7 @@ class SampleRequest:
     timestep_spacing: str | None = None
     classes: list[str] | None = None
     guidance_scale: float | None = None
+    guidance_rescale: float | None = None
     weights: str | None = None
     dtype: str = "fp32"
     compile: bool = False
@@ -84,6 +87,7 @@ class _Plan:
     label_names: list[str] | None
     null_class: int | None
     guidance_scale: float
+    guidance_rescale: float
     shape: tuple[int, int, int]
     model_calls: int
 
@@ -190,6 +194,7 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     scheduler.set_timesteps(steps)
     class_ids = resolve_classes(request.classes, info)
     guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, info, class_ids)
+    rescale = resolve_guidance_rescale(request.guidance_rescale, getattr(defaults, "guidance_rescale", None), guidance)
     settings = {
         "difftool_version": __version__,
         "model": model.source,
@@ -203,9 +208,10 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
         "seed": request.seed,
         "classes": class_ids,
         "guidance_scale": guidance,
+        "guidance_rescale": rescale,
         "dtype": request.dtype,
     }
-    return _Plan(settings, class_ids, info.get("label_names"), info.get("null_class"), guidance,
+    return _Plan(settings, class_ids, info.get("label_names"), info.get("null_class"), guidance, rescale,
                  (info["channels"], info["resolution"], info["resolution"]), len(scheduler.timesteps))
 
 
@@ -266,7 +272,7 @@ def _todo(output: Path, plan: _Plan, request: SampleRequest, *, overwrite: bool,
                         f"use --overwrite or another --output")
     previous = json.loads(previous_file.read_text())
     current = {**plan.settings, "format": request.format}
-    differ = sorted(k for k in current.keys() - RESUMABLE if previous.get(k) != current[k])
+    differ = sorted(k for k in current.keys() - RESUMABLE if previous.get(k, ADDED_SETTINGS.get(k)) != current[k])
     if differ:
         changes = ", ".join(f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in differ)
         raise UserError(f"cannot resume in {output}: its images were made with other settings ({changes}); "
@@ -302,7 +308,8 @@ def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, b
     noise = initial_noise(generators, plan.shape, device)
     labels = torch.tensor([plan.label(i) for i in batch], device=device) if plan.class_ids else None
     x = denoise(unet, scheduler, noise, steps=settings["steps"], generators=generators, class_labels=labels,
-                null_class=plan.null_class, guidance_scale=plan.guidance_scale, eta=request.eta, on_step=on_step)
+                null_class=plan.null_class, guidance_scale=plan.guidance_scale,
+                guidance_rescale=plan.guidance_rescale, eta=request.eta, on_step=on_step)
     return to_uint8(x)
 
 

@@ -42,6 +42,7 @@ def build_noise_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
         clip_sample=cfg.clip_sample,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
     )
 
 

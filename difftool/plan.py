@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from difftool import config as config_mod
 from difftool.config import Config
 from difftool.errors import UserError
@@ -27,6 +29,7 @@ class TrainPlan:
     cfg: Config
     output: Path
     resume: Path | None
+    why: str | None = None  # why this recipe, when difftool chose it
 
 
 def plan_training(*, recipe: str | None = None, dataset: str | None = None, overrides: list[str] | None = None,
@@ -43,8 +46,11 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
             raise UserError("--recipe cannot change a resumed run; drop it (the run keeps its saved config)")
         cfg = config_mod.apply_changes(config_mod.read_config(RunDir(run_root).config), overrides, values)
         return TrainPlan(cfg, run_root, checkpoint)
-    cfg = config_mod.load_config(recipe or config_mod.recipe_for_dataset(dataset), overrides, values)
-    return TrainPlan(cfg, Path(output) if output else config_mod.default_output(cfg), None)
+    why = None
+    if recipe is None:
+        recipe, why = config_mod.recipe_for_dataset(dataset, gpu=torch.cuda.is_available())
+    cfg = config_mod.load_config(recipe, overrides, values)
+    return TrainPlan(cfg, Path(output) if output else config_mod.default_output(cfg), None, why)
 
 
 def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:

@@ -29,16 +29,18 @@ class Predictor:
     """One model evaluation per call, in float32, with classifier-free guidance batched.
 
     With guidance, the conditional and the unconditional (null class) halves run as one batch.
+    `guidance_rescale` (phi, Lin et al. 2024) pulls the guided output's per-image standard deviation
+    back towards the conditional one's: strong guidance otherwise over-saturates and over-exposes.
     """
 
     def __init__(self, unet, *, class_labels: torch.Tensor | None = None, null_class: int | None = None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0):
         self.unet, self.dtype = unet, unet.dtype
         self.guided = class_labels is not None and guidance_scale != 1.0
         if self.guided and null_class is None:
             raise ValueError("classifier-free guidance needs the null class id")
         self.labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)]) if self.guided else class_labels
-        self.guidance_scale = guidance_scale
+        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
 
     def __call__(self, model_in: torch.Tensor, t) -> torch.Tensor:
         batch = torch.cat([model_in, model_in]) if self.guided else model_in
@@ -46,6 +48,10 @@ class Predictor:
         if self.guided:
             cond, uncond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
+            if self.guidance_rescale:
+                dims = tuple(range(1, out.ndim))
+                rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+                out = self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * out
         return out
 
 
@@ -60,6 +66,7 @@ def denoise(
     class_labels: torch.Tensor | None = None,
     null_class: int | None = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     eta: float | None = None,
     on_step: Callable[[], None] | None = None,
     replace_known: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -74,7 +81,8 @@ def denoise(
     step (but the last) that many times from the result noised back to t, the scheduler's state
     restored, so the known and generated regions can agree.
     """
-    predict = Predictor(unet, class_labels=class_labels, null_class=null_class, guidance_scale=guidance_scale)
+    predict = Predictor(unet, class_labels=class_labels, null_class=null_class, guidance_scale=guidance_scale,
+                        guidance_rescale=guidance_rescale)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     options = step_options(scheduler, generators=generators, eta=eta)

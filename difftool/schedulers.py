@@ -129,7 +129,7 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
                    timestep_spacing=timestep_spacing)
     # The training betas, not the schedule's name: most samplers refuse to build "sigmoid" or "laplace"
     # schedules that DDPMScheduler trains with, and this way the betas match training exactly.
-    settings = dict(spec.settings, trained_betas=base.betas.tolist())
+    settings = dict(spec.settings, trained_betas=_sampling_betas(spec, base))
     if _accepts(spec, "timestep_spacing"):
         # "leading" never starts a short schedule at t = T-1, where training put pure noise. At steps == T
         # every spacing means all timesteps, yet DPM-Solver, UniPC and DEIS crash on leading/linspace there.
@@ -146,6 +146,24 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
         # Euler, Euler-a, LMS and PNDM cannot clip: the loop clamps the model's x0 for them (clip_denoised).
         scheduler.register_to_config(clip_denoised=True)
     return scheduler
+
+
+# Where a scheduler cannot take a last timestep of exactly zero signal, it gets this instead: the value
+# diffusers itself substitutes in the schedulers that accept `rescale_betas_zero_snr` (fp16's smallest subnormal).
+_ZERO_SNR_FLOOR = 2.0**-24
+
+
+def _sampling_betas(spec: SchedulerSpec, base) -> list[float]:
+    """The training betas, with a zero-terminal-SNR end made finite for schedulers that would divide by it.
+
+    DPM-Solver singlestep, DEIS and LMS turn alpha_bar = 0 into an infinite sigma and sample NaN; the
+    schedulers that know `rescale_betas_zero_snr` handle it themselves (and re-derive the same betas).
+    """
+    betas = base.betas.clone().double()
+    if base.config.get("rescale_betas_zero_snr") and not _accepts(spec, "rescale_betas_zero_snr"):
+        before_last = torch.cumprod(1 - betas[:-1], 0)[-1]
+        betas[-1] = 1 - _ZERO_SNR_FLOOR / before_last
+    return betas.tolist()
 
 
 def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bool, eta: float | None,

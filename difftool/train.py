@@ -410,13 +410,14 @@ class _Trainer:
                 noise = initial_noise(generators, (self.data.channels, res, res), self.device)
                 scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
                 guidance = cfg.guidance_scale if labels is not None else 1.0
+                rescale = cfg.guidance_rescale if guidance != 1.0 else 0.0
                 with acc.autocast():
                     x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels,
-                                null_class=self.info["null_class"], guidance_scale=guidance)
+                                null_class=self.info["null_class"], guidance_scale=guidance, guidance_rescale=rescale)
                 # Tiles of at least 64 px (nearest-neighbour): 32-px samples are too small to judge.
                 grid = make_grid(enlarge(to_uint8(x), max(1, 64 // res)), ncol=num_classes or None)
                 settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
-                            "weights": "ema", "guidance_scale": guidance}
+                            "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
                 save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
             finally:
                 self.restore_weights(unet)

@@ -13,7 +13,7 @@ from difftool.config import Config, load_config, validate
 from difftool.errors import UserError
 from difftool.models import build_unet, count_parameters
 
-BUILT_IN = ["cifar10", "folder64", "mnist", "quickstart"]
+BUILT_IN = ["cifar10", "folder32", "folder64", "mnist", "quickstart"]
 
 
 @pytest.fixture(autouse=True)
@@ -240,23 +240,46 @@ def test_unknown_recipe_suggests_the_nearest_and_the_list_command():
 
 
 @pytest.mark.parametrize(
-    ("dataset", "recipe"),
+    ("dataset", "on_gpu", "on_cpu"),
     [
-        ("cifar10", "cifar10"),
-        ("mnist", "mnist"),
-        ("shapes", "quickstart"),
-        ("./my_photos", "folder64"),
-        ("someone/faces", "folder64"),
-        (None, "quickstart"),
+        ("cifar10", "cifar10", "cifar10"),
+        ("mnist", "mnist", "mnist"),
+        ("shapes", "quickstart", "quickstart"),
+        ("./my_photos", "folder64", "folder32"),
+        ("someone/faces", "folder64", "folder32"),
+        (None, "quickstart", "quickstart"),
     ],
 )
-def test_recipe_for_dataset(dataset, recipe):
-    assert config_mod.recipe_for_dataset(dataset) == recipe
+def test_recipe_for_dataset(dataset, on_gpu, on_cpu):
+    assert config_mod.recipe_for_dataset(dataset, gpu=True)[0] == on_gpu
+    assert config_mod.recipe_for_dataset(dataset, gpu=False)[0] == on_cpu
 
 
-def test_recipe_for_an_existing_folder_is_folder64(tmp_path):
+def test_a_folder_without_a_gpu_gets_the_32_px_recipe_and_is_told_why(tmp_path):
     (tmp_path / "imgs").mkdir()
-    assert config_mod.recipe_for_dataset(str(tmp_path / "imgs")) == "folder64"
+    name, why = config_mod.recipe_for_dataset(str(tmp_path / "imgs"), gpu=False)
+    assert name == "folder32" and "no GPU" in why and "--recipe folder64" in why
+    cfg = config_mod.load_config(name)
+    assert cfg.data.resolution == 32 and not cfg.model.class_conditional
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "mnist", "folder32", "folder64"])
+def test_recipes_for_data_of_any_brightness_predict_v_at_zero_terminal_snr(recipe):
+    """With epsilon on these schedules, dark or light data sampled mid-grey (benchmarks/quality.py)."""
+    scheduler = config_mod.load_config(recipe).scheduler
+    assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
+
+
+def test_zero_terminal_snr_needs_a_prediction_that_survives_it():
+    with pytest.raises(UserError, match="rescale_betas_zero_snr needs scheduler.prediction_type=v_prediction"):
+        config_mod.load_config("cifar10", ["scheduler.rescale_betas_zero_snr=true"])
+    cfg = config_mod.load_config("cifar10", ["scheduler.rescale_betas_zero_snr=true", "scheduler.prediction_type=sample"])
+    assert cfg.scheduler.rescale_betas_zero_snr
+
+
+def test_guidance_rescale_is_a_fraction():
+    with pytest.raises(UserError, match=r"sample.guidance_rescale must be in \[0, 1\]"):
+        config_mod.load_config("quickstart", ["sample.guidance_rescale=1.5"])
 
 
 @pytest.mark.parametrize(

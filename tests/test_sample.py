@@ -89,6 +89,25 @@ def test_guidance_changes_images_and_class_selects_labels(tiny_run):
     assert not np.array_equal(pixels(one, 2), pixels(four, 2))
 
 
+def test_guidance_rescale_changes_guided_images_and_is_recorded(tiny_run):
+    assert invoke(tiny_run, "-n", "2", "--steps", "3", "-o", "plain", "-q").exit_code == 0
+    assert invoke(tiny_run, "-n", "2", "--steps", "3", "--guidance-rescale", "0.7", "-o", "rescaled", "-q").exit_code == 0
+    assert Image.open("rescaled/000000.png").text["guidance_rescale"] == "0.7"
+    assert json.loads(Path("rescaled/sample.json").read_text())["guidance_rescale"] == 0.7
+    assert not np.array_equal(pixels(Path("plain"), 2), pixels(Path("rescaled"), 2))
+
+
+def test_folders_sampled_before_guidance_rescale_existed_still_resume(tiny_run):
+    assert invoke(tiny_run, "-n", "3", "--steps", "3", "-o", "old", "-q").exit_code == 0
+    settings = json.loads(Path("old/sample.json").read_text())
+    del settings["guidance_rescale"]
+    Path("old/sample.json").write_text(json.dumps(settings))
+    Path("old/000002.png").unlink()
+    result = invoke(tiny_run, "-n", "3", "--steps", "3", "-o", "old", "--resume", "-q")
+    assert result.exit_code == 0, result.output
+    assert Path("old/000002.png").is_file()
+
+
 def test_npz_holds_the_same_images_in_index_order(tiny_run):
     assert invoke(tiny_run, "-n", "5", "--steps", "3", "--batch-size", "2", "-o", "png", "-q").exit_code == 0
     assert invoke(tiny_run, "-n", "5", "--steps", "3", "--batch-size", "2", "--format", "npz", "-o", "npz", "-q").exit_code == 0
@@ -158,6 +177,8 @@ def test_bf16_model_gives_close_images(tiny_run):
     (["--class", "hexagon"], ["unknown class 'hexagon'", "circle"]),
     (["--class", "9"], ["out of range", "0..4"]),
     (["--guidance-scale", "-1"], ["at least 0"]),
+    (["--guidance-rescale", "1.5"], ["--guidance-rescale must lie in [0, 1]"]),
+    (["--guidance-rescale", "0.7", "--guidance-scale", "1"], ["--guidance-scale above 1"]),
     (["--dtype", "fp16"], ["GPU"]),
     (["--dtype", "fp64"], ["unknown --dtype"]),
     (["--format", "gif"], ["unknown --format"]),

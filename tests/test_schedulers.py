@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from difftool.cli.schedulers import schedulers as schedulers_command
 from difftool.config import PREDICTION_TYPES
 from difftool.errors import UserError
-from difftool.sample import denoise, image_generators, initial_noise, to_uint8
+from difftool.sample import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import (
     SCHEDULERS,
     get_spec,
@@ -313,6 +313,19 @@ def test_a_model_that_knows_the_answer_is_sampled_to_it(spec, kind):
     torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
 
 
+@pytest.mark.parametrize("spec", [s for s in SCHEDULERS if "v_prediction" in s.prediction_types], ids=lambda s: s.name)
+def test_zero_terminal_snr_models_are_sampled_to_the_answer(spec):
+    """At zero terminal SNR the last alpha_bar is 0: DPM-Solver singlestep, DEIS and LMS turned it into an
+    infinite sigma and sampled NaN until the registry gave them diffusers' own finite stand-in."""
+    config = training_config(prediction_type="v_prediction", clip_sample=False, beta_start=1e-6,
+                             rescale_betas_zero_snr=True)
+    assert DDPMScheduler.from_config(config).alphas_cumprod[-1] == 0
+    noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
+    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler(spec.name, config, steps=STEPS), noise,
+                  steps=STEPS, generators=image_generators(0, [0, 1]))
+    torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
+
+
 @BY_NAME
 def test_every_scheduler_keeps_clip_sample(spec):
     """x0 beyond [-1, 1] is clipped by every sampler of a clip_sample model: natively, by thresholding,
@@ -367,6 +380,24 @@ def test_classifier_free_guidance():
     torch.testing.assert_close(run(labels, 0.0), run(null, 1.0), rtol=1e-5, atol=1e-5)  # scale 0: unconditional
     assert not torch.allclose(conditional, run(null, 1.0))
     assert not torch.allclose(run(labels, 3.0), conditional)
+
+
+class ScalesByClass:
+    """A model whose output is its input times (class id + 1): conditional and null-class outputs are known."""
+
+    dtype = torch.float32
+
+    def __call__(self, x, t, class_labels=None):
+        return type("Output", (), {"sample": x * (class_labels.float() + 1)[:, None, None, None]})
+
+
+@pytest.mark.parametrize(("phi", "factor"), [(0.0, 4.0), (0.5, 3.0), (1.0, 2.0)])
+def test_guidance_rescale_pulls_the_guided_std_towards_the_conditional(phi, factor):
+    # cond = 2x, uncond = x, guidance 3: x + 3 (2x - x) = 4x, whose std is twice the conditional's.
+    predict = Predictor(ScalesByClass(), class_labels=torch.tensor([1, 1]), null_class=0, guidance_scale=3.0,
+                        guidance_rescale=phi)
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(predict(x, 0), factor * x)
 
 
 # ---------------------------------------------------------------- names and listing

@@ -44,6 +44,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per model call when sampling (per process).")] = 64,
     seed: Annotated[int, typer.Option(min=0, max=options.SEED_MAX, help="Sample i comes from (seed, i): every setting of a sweep sees the same noise.")] = 0,
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for class-conditional models.")] = None,
+    guidance_rescale: options.GuidanceRescale = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision when sampling: fp32, bf16, or fp16 (GPU).")] = "fp32",
     compile_model: options.Compile = False,
@@ -82,7 +83,8 @@ def evaluate(
         args = [source] + forward_options([
             ("--reference", reference), ("--num-samples", num_samples), ("--sweep", sweep_spec),
             ("--scheduler", scheduler), ("--steps", steps), ("--batch-size", batch_size), ("--seed", seed),
-            ("--guidance-scale", guidance_scale), ("--weights", weights), ("--dtype", dtype), ("--compile", compile_model),
+            ("--guidance-scale", guidance_scale), ("--guidance-rescale", guidance_rescale), ("--weights", weights),
+            ("--dtype", dtype), ("--compile", compile_model),
             ("--features", features),
             ("--inception-weights", inception_weights), ("--feature-batch-size", feature_batch_size),
             ("--kid-subset-size", kid_subset_size), ("--pr-k", pr_k), ("--split", split),
@@ -96,7 +98,8 @@ def evaluate(
     from difftool.generate import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
-                            guidance_scale=guidance_scale, weights=weights, dtype=dtype, compile=compile_model)
+                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, weights=weights,
+                            dtype=dtype, compile=compile_model)
     if sweep_spec is not None:
         _sweep(source, sweep_spec, reference, metric_options, request, output or default_output(source).with_name(default_output(source).name + "-sweep"),
                overwrite, resume, json_output, quiet)

@@ -20,4 +20,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved conf
 NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+GuidanceRescale = Annotated[float | None, typer.Option(
+    help="Pull strong guidance's contrast back towards the conditional prediction's: 0 off, 0.7 as Lin et al. "
+         "suggest (with --guidance-scale). Default: the recipe's, else 0.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet: about 10% faster per image after tens of seconds of compiling (pays off for hundreds of images; on CPU needs g++ or clang++).")]

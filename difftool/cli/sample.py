@@ -40,6 +40,7 @@ def sample(
     timestep_spacing: Annotated[str | None, typer.Option(help="leading, trailing or linspace. Default: trailing below T steps.")] = None,
     classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or id (repeatable; cycled over the images). Default: all classes in turn.")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance (class-conditional models). Default: the recipe's, else 1.")] = None,
+    guidance_rescale: options.GuidanceRescale = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision: fp32, bf16, or fp16 (GPU). The sampler's arithmetic stays fp32.")] = "fp32",
     compile_model: options.Compile = False,
@@ -60,7 +61,8 @@ def sample(
         args = [model] + forward_options([
             ("--scheduler", scheduler), ("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size),
             ("--seed", seed), ("--eta", eta), ("--karras-sigmas", karras_sigmas), ("--timestep-spacing", timestep_spacing),
-            ("--class", classes), ("--guidance-scale", guidance_scale), ("--weights", weights), ("--dtype", dtype),
+            ("--class", classes), ("--guidance-scale", guidance_scale),
+            ("--guidance-rescale", guidance_rescale), ("--weights", weights), ("--dtype", dtype),
             ("--compile", compile_model), ("--format", image_format), ("--output", output), ("--overwrite", overwrite),
             ("--resume", resume), ("--quiet", quiet),
         ])
@@ -69,7 +71,7 @@ def sample(
     request = SampleRequest(
         num_images=num_images, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, eta=eta,
         karras_sigmas=karras_sigmas, timestep_spacing=timestep_spacing, classes=classes, guidance_scale=guidance_scale,
-        weights=weights, dtype=dtype, compile=compile_model, format=image_format,
+        guidance_rescale=guidance_rescale, weights=weights, dtype=dtype, compile=compile_model, format=image_format,
     )
     try:
         result = generate(model, request, output, overwrite=overwrite, resume=resume, show_progress=not quiet)

@@ -57,10 +57,14 @@ def train(
     }
     values = {k: v for k, v in values.items() if v is not None}
     plan = plan_training(recipe=recipe, dataset=dataset, overrides=overrides, values=values, output=output, resume=resume)
+    chosen = f"recipe {plan.cfg.recipe}: {plan.why}" if plan.why else None
     if dry_run:
-        typer.echo(f"# run folder: {plan.output}" + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
+        typer.echo((f"# {chosen}\n" if chosen else "") + f"# run folder: {plan.output}"
+                   + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
         typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
         return
+    if chosen and not quiet:
+        console.print(chosen, highlight=False)
     if num_processes > 1:
         args = ["--output", str(plan.output)] + (["--resume", str(plan.resume)] if plan.resume else ["--recipe", recipe or plan.cfg.recipe])
         args += forward_options([

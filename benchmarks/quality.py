@@ -1,0 +1,248 @@
+"""Sample quality on data the recipes were not tuned on, judged as a user would see it.
+
+For each data set of `quality_data` and each variant (a recipe plus `--set` overrides), this trains
+with the real CLI (`difftool train --dataset FOLDER`), samples with the run's own defaults
+(`difftool sample RUN -n N`), and measures:
+
+- brightness error: mean pixel of the samples minus that of the data, in levels of 255;
+- domain FD: the Fréchet distance on the penultimate features of a small classifier trained on the
+  real images (an FID whose network knows the domain), next to its real-vs-real floor (two disjoint
+  real sets of the same size);
+- class fidelity: the share of class-conditional samples the classifier assigns to the class they
+  were asked for, and the largest share any one predicted class takes (balanced data: 1/K);
+- the training wall time.
+
+A picture of real images beside each variant's samples is written to benchmarks/figures/.
+
+    python benchmarks/quality.py --sets dark-shapes,light-shapes,digits --resolution 16 --steps 600 \\
+        --variant eps=quickstart:scheduler.prediction_type=epsilon --variant default=quickstart --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+from quality_data import SETS, make_set, write_set  # noqa: E402
+
+from difftool.metrics import frechet_distance, gaussian_stats  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parent / "figures"
+
+
+# ---------------------------------------------------------------- the judge: a classifier of the domain
+
+
+class Judge(torch.nn.Module):
+    """A small CNN classifier; its 64 pooled features stand in for Inception's on a domain it knows."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        layers, width = [], channels
+        for out in (32, 64, 64):
+            layers += [torch.nn.Conv2d(width, out, 3, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU(),
+                       torch.nn.Conv2d(out, out, 3, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU(),
+                       torch.nn.AvgPool2d(2)]
+            width = out
+        self.body = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(width, classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 127.5 - 1).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: int, *, epochs: int = 6) -> tuple[Judge, float]:
+    """The judge trained on 90% of the real images; returns it and its accuracy on the other 10%."""
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=g)
+    held = order[: len(images) // 10]
+    train = order[len(images) // 10 :]
+    torch.manual_seed(0)
+    judge = Judge(images.shape[1], classes)
+    opt = torch.optim.AdamW(judge.parameters(), lr=3e-3)
+    steps = epochs * (len(train) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    for step in range(steps):
+        batch = train[torch.randint(len(train), (64,), generator=g)]
+        x = images[batch]
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
+        loss = F.cross_entropy(judge(x), labels[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    judge.eval()
+    with torch.inference_mode():
+        accuracy = (judge(images[held]).argmax(1) == labels[held]).float().mean().item()
+    return judge, accuracy
+
+
+@torch.inference_mode()
+def judge_outputs(judge: Judge, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    feats = torch.cat([judge.features(images[i : i + 256]) for i in range(0, len(images), 256)])
+    return feats.numpy(), judge.head(feats).argmax(1).numpy()
+
+
+def domain_fd(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(gaussian_stats(a), gaussian_stats(b))
+
+
+# ---------------------------------------------------------------- one variant on one set
+
+
+def run_cli(args: list[str], log: Path) -> float:
+    """Run `difftool ARGS`, output to `log`; the wall time in seconds (exit on failure)."""
+    start = time.perf_counter()
+    with log.open("a") as out:
+        out.write("$ difftool " + " ".join(args) + "\n")
+        out.flush()
+        proc = subprocess.run([sys.executable, "-m", "difftool", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "120"})
+    if proc.returncode:
+        sys.exit(f"difftool {' '.join(args)} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def read_samples(folder: Path, classes: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """uint8 N x C x H x W samples of a `difftool sample` folder and the class (index in `classes`) each was
+    asked for, -1 where none was (the run's class ids follow its folder names, sorted)."""
+    files = sorted(p for p in folder.glob("[0-9]*.png"))
+    images, asked = [], []
+    for file in files:
+        with Image.open(file) as im:
+            name = im.text.get("class")
+            asked.append(classes.index(name) if name in classes else -1)
+            array = np.asarray(im)
+        images.append(array[..., None] if array.ndim == 2 else array)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(asked)
+
+
+def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, work: Path, *, steps: int,
+                  resolution: int) -> tuple[Path, float]:
+    """Train one variant on one set (reusing a finished run of the same name); the run and its training seconds."""
+    run = work / "runs" / f"{data.name}-{variant}"
+    log = work / f"{data.name}-{variant}.log"
+    args = ["train", "--dataset", str(data), "--recipe", recipe, "--max-steps", str(steps),
+            "--resolution", str(resolution), "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
+    timing = run / "benchmark-train.json"
+    if timing.is_file() and json.loads(timing.read_text())["args"] == args:
+        return run, json.loads(timing.read_text())["seconds"]
+    log.unlink(missing_ok=True)
+    seconds = run_cli([*args, "--overwrite"], log)
+    timing.write_text(json.dumps({"args": args, "seconds": seconds}))
+    return run, seconds
+
+
+def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_samples: int,
+                   sample_args: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    samples = work / "samples" / f"{run.name}-{name}"
+    run_cli(["sample", str(run), "-n", str(num_samples), "--output", str(samples), "--overwrite", *sample_args],
+            work / f"{run.name}.log")
+    return read_samples(samples, classes)
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """NAME=RECIPE[:key=value,key=value] -> (name, recipe, overrides)."""
+    name, _, rest = text.partition("=")
+    recipe, _, sets = rest.partition(":")
+    if not name or not recipe:
+        raise SystemExit(f"--variant {text!r}: write NAME=RECIPE[:key=value,...]")
+    return name, recipe, [s for s in sets.split(",") if s]
+
+
+def figure(path: Path, real: torch.Tensor, rows: list[tuple[str, torch.Tensor]], per_row: int = 16) -> None:
+    """Real images on top, then one row of samples per variant (nearest-neighbour x4)."""
+    strips = [real[:per_row]] + [images[:per_row] for _, images in rows]
+    tiles = torch.cat([s if s.shape[0] == per_row else F.pad(s, (0, 0, 0, 0, 0, 0, 0, per_row - len(s))) for s in strips])
+    if tiles.shape[1] == 1:
+        tiles = tiles.expand(-1, 3, -1, -1)
+    c, h, w = tiles.shape[1:]
+    grid = tiles.reshape(len(strips), per_row, c, h, w).permute(0, 3, 1, 4, 2).reshape(len(strips) * h, per_row * w, c)
+    Image.fromarray(grid.numpy()).resize((per_row * w * 4, len(strips) * h * 4), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--num-images", type=int, default=8000, help="images per shapes set (digits has 1,797)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every variant")
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--variant", action="append", required=True, help="NAME=RECIPE[:key=value,...] (repeatable)")
+    parser.add_argument("--sampling", action="append", default=[],
+                        help="NAME=OPTIONS: also sample every run with these `difftool sample` options (repeatable)")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    samplings = [("run defaults", [])] + [(s.partition("=")[0], s.partition("=")[2].split()) for s in args.sampling]
+    args.work.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(exist_ok=True)
+    lines = ["| set | variant | brightness error (levels) | domain FD | ÷ real-vs-real floor | right class | "
+             "largest class share | train s |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in args.sets.split(","):
+        folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
+        images, labels, classes = make_set(name, resolution=args.resolution, num_images=args.num_images)
+        real = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        judge, accuracy = train_judge(real, torch.from_numpy(labels), len(classes))
+        n = min(args.num_samples, len(real) // 2)
+        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))
+        real_feats, _ = judge_outputs(judge, real[perm[:n]])
+        floor = domain_fd(real_feats, judge_outputs(judge, real[perm[n : 2 * n]])[0])
+        data_mean = real.float().mean().item()
+        notes.append(f"- {name}: {len(real)} images, mean pixel {data_mean:.1f}; judge accuracy on held-out real "
+                     f"images {accuracy:.1%}; real-vs-real FD floor at {n} images {floor:.3f}")
+        print(notes[-1], flush=True)
+        rows = []
+        for variant, recipe, overrides in variants:
+            run, train_s = train_variant(variant, recipe, overrides, folder, args.work, steps=args.steps,
+                                         resolution=args.resolution)
+            for sampling, sample_args in samplings:
+                samples, asked = sample_variant(run, sampling.replace(" ", "-"), args.work, classes,
+                                                num_samples=args.num_samples, sample_args=sample_args)
+                feats, predicted = judge_outputs(judge, samples)
+                fd = domain_fd(real_feats, feats[:n])
+                right = f"{(predicted == asked).mean():.0%}" if (asked >= 0).all() else "-"
+                share = np.bincount(predicted, minlength=len(classes)).max() / len(predicted)
+                error = samples.float().mean().item() - data_mean
+                label = variant if sampling == "run defaults" else f"{variant}, {sampling}"
+                row = (f"| {name} | {label} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.0f}× | {right} | "
+                       f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {train_s:.0f} |")
+                lines.append(row)
+                print(row, flush=True)
+                rows.append((label, samples))
+        figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[perm[:16]], rows)
+    variant_text = "\n".join(f"- {v}: `{r}` recipe" + (f" with {', '.join(f'`{o}`' for o in s)}" if s else "")
+                             for v, r, s in variants)
+    variant_text += "".join(f"\n- {name}: sampled with `{' '.join(opts)}`" for name, opts in samplings[1:])
+    body = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n\nVariants:\n" + variant_text + (
+        f"\n\nEach variant trained {args.steps} steps at {args.resolution} px with `difftool train --dataset FOLDER`, "
+        f"then `difftool sample RUN -n {args.num_samples}` with the run's own sampler settings (and the options named). "
+        f"Figures: `benchmarks/figures/quality-SET-{args.resolution}.png` (top row real, then one row per variant).")
+    print("\n" + body)
+    if args.record:
+        command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+        append_results(f"Sample quality on unseen data, {args.resolution} px, {args.steps} steps", command, body)
+
+
+if __name__ == "__main__":
+    main()
