@@ -75,8 +75,10 @@ class TrainResult:
 
 
 def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
-          show_progress: bool = True) -> TrainResult:
+          show_progress: bool = True, why_recipe: str | None = None) -> TrainResult:
     """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run.
+
+    `why_recipe`, when difftool chose the recipe, goes into the first line printed.
 
     The main process holds the run folder's lock throughout, so a second `train` into the same
     folder is refused instead of interleaving checkpoints with this one.
@@ -88,7 +90,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     try:
         with contextlib.ExitStack() as stack:
             _on_main_process(accelerator, lambda: stack.enter_context(run_lock(run.root)))
-            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress)
+            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe)
     except OSError as err:
         if not is_storage_error(err):
             raise
@@ -98,7 +100,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
 
 
 def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
-                  show_progress: bool) -> TrainResult:
+                  show_progress: bool, why_recipe: str | None) -> TrainResult:
     micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
     data = _load_data(accelerator, cfg)
@@ -166,7 +168,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     if resume is not None:
         trainer.nonfinite.restore(progress)
     if accelerator.is_main_process:
-        trainer.log_start(start_step, max_steps, count_parameters(unet))
+        trainer.log_start(start_step, max_steps, count_parameters(unet), why_recipe)
     return trainer.run_loop(start_step, max_steps, show_progress)
 
 
@@ -439,11 +441,12 @@ class _Trainer:
         acc.wait_for_everyone()
         return self.run.model_dir
 
-    def log_start(self, start_step: int, max_steps: int, params: int) -> None:
+    def log_start(self, start_step: int, max_steps: int, params: int, why_recipe: str | None) -> None:
         acc, cfg = self.accelerator, self.cfg
         what = "resuming" if start_step else "training"
         console.print(
-            f"[bold]{what}[/] {cfg.recipe} on {self.data.source}: {params / 1e6:.2f}M-parameter UNet at "
+            f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}: "
+            f"{params / 1e6:.2f}M-parameter UNet at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")

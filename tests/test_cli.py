@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from difftool import __version__
 from difftool import config as config_mod
@@ -119,9 +120,31 @@ def test_train_dry_run_prints_resolved_config_and_run_folder(tmp_path):
 def test_train_dry_run_picks_recipe_and_folder_from_the_dataset(tmp_path):
     result = invoke("train", "--dataset", "mnist", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[0] == f"# run folder: {Path('runs/mnist-mnist')}"
+    assert result.stdout.splitlines()[:2] == ["# recipe mnist: the recipe made for mnist",
+                                              f"# run folder: {Path('runs/mnist-mnist')}"]
     assert dry_run_config(result.stdout).recipe == "mnist"
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_on_a_folder_without_a_gpu_chooses_folder32_and_says_why(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = invoke("train", "--dataset", tmp_path / "photos", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("# recipe folder32: no GPU here")
+    cfg = dry_run_config(result.stdout)
+    assert (cfg.recipe, cfg.data.resolution, cfg.data.dataset) == ("folder32", 32, str(tmp_path / "photos"))
+
+
+def test_training_says_in_its_first_line_which_recipe_it_chose_and_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (10 * i, 20, 30)).save(tmp_path / "photos" / f"{i}.png")
+    result = invoke("train", "--dataset", "photos", "--max-steps", "1", "--batch-size", "2", "--output", "run",
+                    "--set", "sample.num_images=1", "--set", "sample.steps=2")
+    assert result.exit_code == 0, result.output
+    first = " ".join(result.stderr.split("\n\n")[0].split())  # rich wraps long lines
+    assert first.startswith("training folder32 (chosen: no GPU here: 32 px"), first
 
 
 def test_train_dry_run_typed_flags(tmp_path):

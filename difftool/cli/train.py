@@ -57,14 +57,11 @@ def train(
     }
     values = {k: v for k, v in values.items() if v is not None}
     plan = plan_training(recipe=recipe, dataset=dataset, overrides=overrides, values=values, output=output, resume=resume)
-    chosen = f"recipe {plan.cfg.recipe}: {plan.why}" if plan.why else None
     if dry_run:
-        typer.echo((f"# {chosen}\n" if chosen else "") + f"# run folder: {plan.output}"
+        typer.echo((f"# recipe {plan.cfg.recipe}: {plan.why}\n" if plan.why else "") + f"# run folder: {plan.output}"
                    + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
         typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
         return
-    if chosen and not quiet:
-        console.print(chosen, highlight=False)
     if num_processes > 1:
         args = ["--output", str(plan.output)] + (["--resume", str(plan.resume)] if plan.resume else ["--recipe", recipe or plan.cfg.recipe])
         args += forward_options([
@@ -78,7 +75,8 @@ def train(
 
     from difftool.train import train as run_training
 
-    result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet)
+    result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
+                          why_recipe=plan.why)
     if result.last_loss is not None and rank_zero():
         console.print(f"final loss {result.last_loss:.4f} at step {result.step}")
 
