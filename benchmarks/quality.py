@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 from quality_data import SETS, make_set, write_set  # noqa: E402
 
+from difftool.images import enlarge, make_grid, save_png  # noqa: E402
 from difftool.metrics import frechet_distance, gaussian_stats  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -170,13 +171,8 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 
 def figure(path: Path, real: torch.Tensor, rows: list[tuple[str, torch.Tensor]], per_row: int = 16) -> None:
     """Real images on top, then one row of samples per variant (nearest-neighbour x4)."""
-    strips = [real[:per_row]] + [images[:per_row] for _, images in rows]
-    tiles = torch.cat([s if s.shape[0] == per_row else F.pad(s, (0, 0, 0, 0, 0, 0, 0, per_row - len(s))) for s in strips])
-    if tiles.shape[1] == 1:
-        tiles = tiles.expand(-1, 3, -1, -1)
-    c, h, w = tiles.shape[1:]
-    grid = tiles.reshape(len(strips), per_row, c, h, w).permute(0, 3, 1, 4, 2).reshape(len(strips) * h, per_row * w, c)
-    Image.fromarray(grid.numpy()).resize((per_row * w * 4, len(strips) * h * 4), Image.NEAREST).save(path)
+    tiles = torch.cat([real[:per_row]] + [images[:per_row] for _, images in rows])
+    save_png(make_grid(enlarge(tiles, 4), ncol=per_row), path, {"rows": "real, " + ", ".join(n for n, _ in rows)})
 
 
 def main() -> None:

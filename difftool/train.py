@@ -32,6 +32,7 @@ from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_info
 from difftool.compiling import check_can_compile
+from difftool.conditions import resolve_guidance_rescale
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset, make_batch
 from difftool.errors import (
@@ -412,7 +413,7 @@ class _Trainer:
                 noise = initial_noise(generators, (self.data.channels, res, res), self.device)
                 scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
                 guidance = cfg.guidance_scale if labels is not None else 1.0
-                rescale = cfg.guidance_rescale if guidance != 1.0 else 0.0
+                rescale = resolve_guidance_rescale(None, cfg.guidance_rescale, guidance)
                 with acc.autocast():
                     x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels,
                                 null_class=self.info["null_class"], guidance_scale=guidance, guidance_rescale=rescale)
