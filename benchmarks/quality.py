@@ -138,7 +138,8 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
     """Train one variant on one set (reusing a finished run of the same name); the run and its training seconds."""
     run = work / "runs" / f"{data.name}-{variant}"
     log = work / f"{data.name}-{variant}.log"
-    args = ["train", "--dataset", str(data), "--recipe", recipe, "--max-steps", str(steps),
+    own_steps = any(o.startswith("train.max_steps=") for o in overrides)  # e.g. half the batch, twice the steps
+    args = ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
             "--resolution", str(resolution), "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
     timing = run / "benchmark-train.json"
     if timing.is_file() and json.loads(timing.read_text())["args"] == args:
@@ -180,7 +181,8 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--num-images", type=int, default=8000, help="images per shapes set (digits has 1,797)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of every variant")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="training steps of every variant without its own train.max_steps")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--variant", action="append", required=True, help="NAME=RECIPE[:key=value,...] (repeatable)")
     parser.add_argument("--sampling", action="append", default=[],

@@ -102,6 +102,9 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     seed: int = 0
     skip_nonfinite: int = 0  # skip up to N steps in a row whose gradients are NaN/inf (0: stop at the first)
+    # Start from these weights (any model `difftool sample` takes) at step 0 with a new optimiser: fine-tune
+    # a run into a new prediction type or data set. The model settings must give the same UNet.
+    init_from: str | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
-from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_info
+from difftool.checkpoints import INFO_FILE, LoadedModel, export_pipeline, load_model, load_pickle, model_info
 from difftool.compiling import check_can_compile
 from difftool.conditions import resolve_guidance_rescale
 from difftool.config import Config
@@ -104,6 +104,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
                   show_progress: bool, why_recipe: str | None) -> TrainResult:
     micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
+    # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
+    start_weights = load_model(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     data = _load_data(accelerator, cfg)
     labels_used = cfg.model.class_conditional
     if labels_used and data.labels is None:
@@ -131,6 +133,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(cfg.model, resolution=cfg.data.resolution, channels=data.channels, num_classes=num_classes)
+    if start_weights is not None:
+        _load_start_weights(unet, start_weights)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
@@ -445,8 +449,10 @@ class _Trainer:
     def log_start(self, start_step: int, max_steps: int, params: int, why_recipe: str | None) -> None:
         acc, cfg = self.accelerator, self.cfg
         what = "resuming" if start_step else "training"
+        start = f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else ""
         console.print(
-            f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}: "
+            f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}"
+            f"{start}: "
             f"{params / 1e6:.2f}M-parameter UNet at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
@@ -527,6 +533,19 @@ def _exported_step(run: RunDir) -> int | None:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return json.loads((run.model_dir / INFO_FILE).read_text()).get("step")
     return None
+
+
+def _load_start_weights(unet: UNet2DModel, start: LoadedModel) -> None:
+    """`train.init_from`'s weights into the UNet the recipe built, refused unless every tensor matches."""
+    have = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in start.unet.state_dict().items()}
+    differ = sorted(k for k in have.keys() | given.keys() if have.get(k) != given.get(k))
+    if differ:
+        key = differ[0]
+        raise UserError(f"train.init_from {start.source} is not the UNet this recipe builds ({len(differ)} tensors "
+                        f"differ, e.g. {key}: {given.get(key, 'absent')} there, {have.get(key, 'absent')} here); "
+                        f"train with the model settings, resolution, channels and classes it was trained with")
+    unet.load_state_dict(start.unet.state_dict())
 
 
 def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:

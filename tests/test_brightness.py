@@ -52,3 +52,21 @@ def test_samples_have_the_brightness_of_the_data(tmp_path, level):
     generate(tmp_path / "run", SampleRequest(num_images=32), tmp_path / "samples", show_progress=False)
     samples = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "samples").glob("0*.png"))])
     assert abs(samples.mean() - data_mean) < 5, f"samples' mean pixel {samples.mean():.1f}, the data's {data_mean:.1f}"
+
+
+def test_an_epsilon_run_fine_tuned_into_v_takes_the_datas_brightness(tmp_path):
+    """The remedy the README gives for runs trained before v-prediction: train.init_from the old run."""
+    data_mean = write_folder(tmp_path / "data", 30)
+    common = [f"data.dataset={tmp_path / 'data'}", "train.lr=0.003", "train.batch_size=16", "checkpoint.every=1000",
+              "sample.every=1000", "log.every=100"]
+    old = tiny_config(*common, "train.max_steps=300", "scheduler.prediction_type=epsilon",
+                      "scheduler.rescale_betas_zero_snr=false")
+    train(old, tmp_path / "old", show_progress=False)
+    tuned = tiny_config(*common, "train.max_steps=150", f"train.init_from={tmp_path / 'old'}")
+    train(tuned, tmp_path / "tuned", show_progress=False)
+    means = {}
+    for run in ("old", "tuned"):
+        generate(tmp_path / run, SampleRequest(num_images=32), tmp_path / f"{run}-samples", show_progress=False)
+        means[run] = np.mean([np.asarray(Image.open(p)) for p in sorted((tmp_path / f"{run}-samples").glob("0*.png"))])
+    assert means["old"] - data_mean > 20, means  # the fault the fine-tuning is to remove
+    assert abs(means["tuned"] - data_mean) < 5, f"{means}, the data's {data_mean:.1f}"

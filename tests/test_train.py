@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 from difftool import train as train_mod
+from difftool.checkpoints import load_model
 from difftool.errors import UserError
 from difftool.plan import plan_training
 from difftool.rundir import RunDir
@@ -310,3 +311,27 @@ def test_trains_on_a_hub_dataset_through_datasets(tmp_path, monkeypatch):
     assert asked == [("someone/grey-squares", "train")]
     unet = UNet2DModel.from_pretrained(result.run / "model" / "unet")
     assert (unet.config.in_channels, unet.config.num_class_embeds) == (1, 3)  # grayscale data, 2 classes + null
+
+
+def test_init_from_refuses_a_different_unet(tmp_path):
+    source = tiny_config("train.max_steps=2", "checkpoint.every=1000", "sample.every=1000")
+    train(source, tmp_path / "source", show_progress=False)
+    wider = tiny_config("train.max_steps=2", f"train.init_from={tmp_path / 'source'}", "model.block_out_channels=[16, 16]")
+    with pytest.raises(UserError, match=r"train.init_from .* is not the UNet this recipe builds .*tensors differ"):
+        train(wider, tmp_path / "wider", show_progress=False)
+    assert not (tmp_path / "wider" / "checkpoints").exists()
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path):
+    source = tiny_config("train.max_steps=2", "checkpoint.every=1000", "sample.every=1000")
+    train(source, tmp_path / "source", show_progress=False)
+    tuned = tiny_config("train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "ema.enabled=false",
+                        f"train.init_from={tmp_path / 'source'}", "checkpoint.every=1000", "sample.every=1000")
+    train(tuned, tmp_path / "tuned", show_progress=False)
+    before, after = load_model(tmp_path / "source").unet.state_dict(), load_model(tmp_path / "tuned").unet.state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    fresh = tiny_config("train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "ema.enabled=false",
+                        "checkpoint.every=1000", "sample.every=1000")
+    train(fresh, tmp_path / "fresh", show_progress=False)
+    other = load_model(tmp_path / "fresh").unet.state_dict()
+    assert not all(torch.allclose(before[k], other[k], atol=1e-6) for k in before)
