@@ -138,6 +138,8 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
     """Train one variant on one set (reusing a finished run of the same name); the run and its training seconds."""
     run = work / "runs" / f"{data.name}-{variant}"
     log = work / f"{data.name}-{variant}.log"
+    # `{set}` stands for the set's folder name, e.g. train.init_from=runs/quality/runs/{set}-eps
+    overrides = [o.replace("{set}", data.name) for o in overrides]
     own_steps = any(o.startswith("train.max_steps=") for o in overrides)  # e.g. half the batch, twice the steps
     args = ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
             "--resolution", str(resolution), "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
