@@ -25,11 +25,21 @@ from difftool import __version__
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.compiling import check_can_compile
-from difftool.conditions import resolve_classes, resolve_guidance, resolve_guidance_rescale
+from difftool.conditions import (
+    resolve_classes,
+    resolve_guidance,
+    resolve_guidance_rescale,
+)
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import TMP_PREFIX, atomic_path, file_in_the_way, write_text
+from difftool.rundir import (
+    TMP_PREFIX,
+    atomic_path,
+    file_in_the_way,
+    make_folder,
+    write_text,
+)
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import choose, make_scheduler
 
@@ -282,7 +292,7 @@ def _todo(output: Path, plan: _Plan, request: SampleRequest, *, overwrite: bool,
 
 def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
     """Create the folder; drop what an interrupted write left, and with --overwrite the old samples."""
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     doomed = list(output.glob(f"{TMP_PREFIX}*"))
     if overwrite:
         doomed += list(_image_files(output).values())
@@ -291,7 +301,7 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
     for path in doomed:
         path.unlink(missing_ok=True)
     if fmt == "npz":
-        (output / PARTS_DIR).mkdir(exist_ok=True)
+        make_folder(output / PARTS_DIR)
 
 
 # ---------------------------------------------------------------- making and writing images

@@ -12,12 +12,14 @@
       train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
 Everything is written through a temporary name and renamed into place, so a folder or file
-that exists under its final name is complete.
+that exists under its final name is complete. Every output of every command is created here
+(`make_folder`, `atomic_path`, `atomic_dir`), so a path that cannot be created is one clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -26,7 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from difftool import __version__
-from difftool.errors import UserError, first_line, os_errors_of_writers
+from difftool.errors import (
+    UserError,
+    first_line,
+    is_storage_error,
+    os_errors_of_writers,
+)
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
@@ -34,11 +41,57 @@ TMP_PREFIX = ".tmp-"
 LOCK_FILE = "train.lock"
 
 
+# ---------------------------------------------------------------- creating outputs
+
+
+@contextlib.contextmanager
+def creating(path: Path) -> Iterator[None]:
+    """Creating the output `path`: whatever the OS says, one clear line, never an internal error.
+
+    ENOENT (/proc), ENOTDIR and EEXIST (a file on the way, perhaps one made since it was checked),
+    ENAMETOOLONG and the rest become a UserError naming `path` and what to do. A full disk, a read-only
+    file system or missing permissions stay OSErrors: every command already reports those in one line,
+    and `train` and `sample` add where to resume.
+    """
+    try:
+        yield
+    except OSError as err:
+        if is_storage_error(err):
+            raise
+        raise UserError(f"cannot create {path}: {_why_uncreatable(err, Path(path))}") from err
+
+
+def _why_uncreatable(err: OSError, path: Path) -> str:
+    reason = err.strerror or type(err).__name__
+    if err.errno == errno.ENAMETOOLONG:
+        return f"{reason}; shorten it"
+    with contextlib.suppress(OSError):
+        blocking = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder; choose another output path"
+        if err.errno == errno.ENOENT and path.parent.is_dir():  # /proc, /sys: folders that take no new entries
+            return f"{reason} ({path.parent} takes no new files or folders); choose another output path"
+    return f"{reason}; choose another output path"
+
+
+def make_folder(path: Path, *, output: Path | None = None) -> bool:
+    """Create the folder `path` and the folders above it, for `output` (default: the folder itself; see `creating`).
+
+    True if it was not there.
+    """
+    with creating(output or path):
+        created = not path.is_dir()
+        path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, output=path)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    with creating(path):
+        tmp.open("wb").close()
     try:
         with os_errors_of_writers(path):
             yield tmp
@@ -63,11 +116,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     An existing `path` is moved aside first and deleted only after the new one is in place,
     so there is always one complete copy on disk.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, output=path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with creating(path):
+        tmp.mkdir()
     try:
         with os_errors_of_writers(path):
             yield tmp

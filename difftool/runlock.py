@@ -19,7 +19,7 @@ from pathlib import Path
 
 from difftool.errors import UserError
 from difftool.progress import show_notes
-from difftool.rundir import LOCK_FILE
+from difftool.rundir import LOCK_FILE, creating, make_folder
 
 
 @contextlib.contextmanager
@@ -29,8 +29,7 @@ def run_lock(root: Path) -> Iterator[Path]:
     A folder created here for the lock alone is removed again if the block leaves it empty
     (a refused or failed start leaves nothing behind).
     """
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    created = make_folder(root)
     path = root / LOCK_FILE
     fd = _acquire(path)
     try:
@@ -46,7 +45,8 @@ def run_lock(root: Path) -> Iterator[Path]:
 def _acquire(path: Path) -> int:
     """An open descriptor holding the lock on `path` (the file as it is on disk now)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with creating(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
