@@ -40,6 +40,7 @@ from difftool.rundir import (
     make_folder,
     write_text,
 )
+from difftool.runlock import main_process_lock
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import choose, make_scheduler
 
@@ -126,6 +127,13 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
+    with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
+        return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
+                              show_progress=show_progress)
+
+
+def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state, *, overwrite: bool,
+                   resume: bool, show_progress: bool) -> SampleResult:
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
     settings_record = {**plan.settings, "num_images": request.num_images, "format": request.format}

@@ -7,6 +7,7 @@ checked against files already there, before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from difftool.images import save_png
 from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
+from difftool.runlock import run_lock
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
 from difftool.schedulers import SCHEDULERS, choose, make_scheduler
 
@@ -71,9 +73,18 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
                   *, overwrite: bool = False, show_progress: bool = True) -> InpaintResult:
     """Fill the white region of each mask in its image; returns the files written."""
     _check_request(request)
-    jobs = _plan_jobs(Path(images), Path(masks), output, request)
-    if not overwrite:
-        _refuse_existing(jobs, request.comparison)
+    images, masks = Path(images), Path(masks)
+    jobs = _plan_jobs(images, masks, output, request)
+    folder = jobs[0].outputs[0].parent if images.is_dir() else None
+    # Folders of images: one inpaint at a time in the output folder, as for `sample`.
+    with run_lock(folder, "inpaint") if folder else contextlib.nullcontext():
+        if not overwrite:
+            _refuse_existing(jobs, request.comparison)
+        return _inpaint_jobs(model_source, jobs, request, show_progress)
+
+
+def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRequest,
+                  show_progress: bool) -> InpaintResult:
     model = load_model(model_source, weights=request.weights)
     show_notes(model.notes)
     defaults = sampling_defaults(model_source)

@@ -38,7 +38,14 @@ from difftool.errors import (
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
 TMP_PREFIX = ".tmp-"
-LOCK_FILE = "train.lock"
+
+
+def lock_name(command: str) -> str:
+    """The lock file a running `difftool COMMAND` keeps in the folder it writes (see runlock.py)."""
+    return f"{command}.lock"
+
+
+LOCK_FILE = lock_name("train")
 
 
 # ---------------------------------------------------------------- creating outputs

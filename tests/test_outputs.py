@@ -1,4 +1,4 @@
-"""Outputs: one clear line when they cannot be created.
+"""Outputs: one clear line when they cannot be created, and one writer per folder.
 
 The README's "Guarantees" section states what these tests check; keep the two in step.
 """
@@ -6,8 +6,12 @@ The README's "Guarantees" section states what these tests check; keep the two in
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,11 @@ from difftool import config as config_mod
 from difftool import rundir
 from difftool.cli.errors import _user_message
 from difftool.errors import UserError
+from difftool.runlock import run_lock
 from tests.conftest import (
     _TupleExtractor,
     assert_user_error,
+    difftool_cmd,
     invoke,
     tiny_config,
 )
@@ -124,3 +130,58 @@ def test_a_file_made_where_the_output_folder_goes_is_a_user_error(tmp_path):
     for out, blocking in ((tmp_path / "taken", tmp_path / "taken"), (tmp_path / "taken" / "below", tmp_path / "taken")):
         with pytest.raises(UserError, match=f"cannot create {out}: {blocking} is a file, not a folder; choose another"):
             rundir.make_folder(out)
+
+
+# ---------------------------------------------------------------- one writer per output folder
+
+LOCKED = {
+    "sample": [*SAMPLE, "--resume", "-o", "{out}"],
+    "evaluate": ["evaluate", f"{WS}/images.npz", *FEATURES, "--resume", "-o", "{out}"],
+    "inpaint": [*INPAINT_FOLDERS, "-o", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", LOCKED)
+def test_a_second_writer_of_an_output_folder_is_refused_naming_the_first(ws, tmp_path, command):
+    out = tmp_path / "out"
+    argv = [a.replace("{out}", str(out)) for a in LOCKED[command]]
+    with run_lock(out, command):  # the first process, still running
+        assert_user_error(run(ws, argv), f"{out} is in use by another difftool {command} (pid {os.getpid()} on ",
+                          f"per {command}.lock); wait for it to finish or stop it, or choose another --output")
+        assert [p.name for p in out.iterdir()] == [f"{command}.lock"], "the refused one wrote nothing"
+    result = run(ws, argv)
+    assert result.exit_code == 0, result.output
+    assert not (out / f"{command}.lock").exists()
+
+
+@pytest.mark.parametrize("command", LOCKED)
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(ws, tmp_path, command):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{command}.lock").write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "since": "yesterday"}))
+    result = run(ws, [a.replace("{out}", str(out)) for a in LOCKED[command]])
+    assert result.exit_code == 0, result.output
+    assert f"taking over {out / f'{command}.lock'} from pid {dead.pid} on elsewhere, which is no longer running" \
+        in " ".join(result.stderr.split())  # rich wraps long lines
+    assert not (out / f"{command}.lock").exists()
+
+
+@pytest.mark.slow
+def test_two_samples_into_one_folder_at_once(ws, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(difftool_cmd() + ["sample", str(ws / "run"), "-n", "100000", "--steps", "50", "-q",
+                                               "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "sample.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-2000:]
+            time.sleep(0.1)
+        second = invoke("sample", ws / "run", "-n", "2", "--steps", "50", "-q", "-o", out, "--resume")
+        assert_user_error(second, f"{out} is in use by another difftool sample (pid {first.pid} on ")
+        assert first.poll() is None, "the refused one must not disturb the running one"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 130 and not (out / "sample.lock").exists()
