@@ -107,15 +107,22 @@ def load_dataset(cfg: Any, cache_dir: Path | None = None) -> ImageData:
         return make_shapes(count, cfg.resolution, channels=cfg.channels or 3)
     if name in DATASET_ALIASES:
         return _load_hub(cfg, cache)
+    folder = data_folder(name)
+    if folder is not None:
+        return _load_folder(folder, cfg, cache)
     path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_folder(path, cfg, cache)
     if path.exists():
         raise UserError(f"dataset {name} is a file, not a folder; point --dataset at a folder of images")
     if name.startswith(("./", "../", "/", "~")) or (os.sep in name and not _HUB_ID.match(name)):
         raise UserError(f"dataset folder not found: {name}; check the path, "
                         "or use --dataset shapes for the built-in data")
     return _load_hub(cfg, cache)
+
+
+def data_folder(dataset: str) -> Path | None:
+    """The local folder that `dataset` names for `load_dataset`, if it names one."""
+    path = Path(dataset).expanduser()
+    return path if dataset != "shapes" and dataset not in DATASET_ALIASES and path.is_dir() else None
 
 
 def make_batch(

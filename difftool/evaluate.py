@@ -45,7 +45,7 @@ from difftool.reference import (
     resolve,
     save,
 )
-from difftool.rundir import lock_name, write_text
+from difftool.rundir import lock_name, refuse_inputs_as_output, write_text
 from difftool.runlock import main_process_lock
 
 METRICS_FILE = "metrics.json"
@@ -84,7 +84,8 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
     Returns None in the non-main processes of a multi-process run, which only sample.
     """
     output = Path(output) if output else default_output(source)
-    with evaluation_folder(output, overwrite=overwrite, resume=resume):
+    what = "the image set" if is_image_source(source) else "the model"
+    with evaluation_folder(output, {what: source, "the reference": reference}, overwrite=overwrite, resume=resume):
         return _evaluate_into(output, source, reference, options, request, overwrite, resume, show_progress)
 
 
@@ -154,6 +155,7 @@ def build_stats(data: str, output: Path, *, resolution: int, options: MetricOpti
     output = Path(output)
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
+    refuse_inputs_as_output(output, {"the data": data})
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give the .npz file to write")
     if output.exists() and not overwrite:
@@ -206,11 +208,12 @@ def model_resolution(source: str, requests: list[SampleRequest]) -> int:
 
 
 @contextlib.contextmanager
-def evaluation_folder(output: Path, *, overwrite: bool, resume: bool) -> Iterator[None]:
+def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
     """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other: choose one")
     check_output_folder(output)
+    refuse_inputs_as_output(output, inputs)
     with main_process_lock(process_state(), output, "evaluate"):
         held = [p for p in output.iterdir() if p.name != lock_name("evaluate")]
         if held and not (overwrite or resume):

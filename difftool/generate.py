@@ -38,6 +38,7 @@ from difftool.rundir import (
     atomic_path,
     file_in_the_way,
     make_folder,
+    refuse_inputs_as_output,
     write_text,
 )
 from difftool.runlock import main_process_lock
@@ -127,6 +128,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
+    refuse_inputs_as_output(output, {"the model": source})
     with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
         return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
                               show_progress=show_progress)

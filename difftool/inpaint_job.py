@@ -23,6 +23,7 @@ from difftool.images import save_png
 from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
+from difftool.rundir import refuse_inputs_as_output
 from difftool.runlock import run_lock
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
 from difftool.schedulers import SCHEDULERS, choose, make_scheduler
@@ -76,6 +77,10 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
     images, masks = Path(images), Path(masks)
     jobs = _plan_jobs(images, masks, output, request)
     folder = jobs[0].outputs[0].parent if images.is_dir() else None
+    inputs = {"the image folder" if folder else "the image": images, "the mask folder" if folder else "the mask": masks,
+              "the model": model_source}
+    for path in [folder] if folder else _all_outputs(jobs, request.comparison):  # in a folder, its files are too
+        refuse_inputs_as_output(path, inputs)
     # Folders of images: one inpaint at a time in the output folder, as for `sample`.
     with run_lock(folder, "inpaint") if folder else contextlib.nullcontext():
         if not overwrite:
@@ -255,9 +260,13 @@ def _numbered(path: Path, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(n)]
 
 
+def _all_outputs(jobs: list[_Job], comparisons: bool) -> list[Path]:
+    return [p for job in jobs for out in job.outputs
+            for p in ([out, job.comparison_path(out)] if comparisons else [out])]
+
+
 def _refuse_existing(jobs: list[_Job], comparisons: bool) -> None:
-    taken = [p for job in jobs for out in job.outputs
-             for p in ([out, job.comparison_path(out)] if comparisons else [out]) if p.exists()]
+    taken = [p for p in _all_outputs(jobs, comparisons) if p.exists()]
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
         raise UserError(f"{taken[0]}{more} already exist; pass --overwrite to replace them or choose another --output")

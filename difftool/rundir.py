@@ -13,7 +13,8 @@
 
 Everything is written through a temporary name and renamed into place, so a folder or file
 that exists under its final name is complete. Every output of every command is created here
-(`make_folder`, `atomic_path`, `atomic_dir`), so a path that cannot be created is one clear error.
+(`make_folder`, `atomic_path`, `atomic_dir`), so a path that cannot be created is one clear error,
+and `refuse_inputs_as_output` keeps each command from writing over or into what it reads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from difftool import __version__
@@ -90,6 +91,40 @@ def make_folder(path: Path, *, output: Path | None = None) -> bool:
         created = not path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
     return created
+
+
+def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,
+                            option: str = "--output") -> None:
+    """Refuse an `output` that is one of the `inputs` (what the command reads, by description) or lies inside one.
+
+    `--overwrite` does not change this: it replaces earlier outputs, never the inputs. With `replaces`
+    (the output is replaced as a whole), an output folder that holds an input is refused too. Inputs that
+    are not local paths (hub ids, data set names) cannot be written over and are passed by.
+    """
+    for what, source in inputs.items():
+        overlap = _overlap(Path(output), Path(str(source)).expanduser(), replaces) if source else None
+        if overlap is not None:
+            relation = {"same": f"is {what} itself", "inside": f"is inside {what} {source}",
+                        "holds": f"is a folder holding {what} {source}, and would replace it"}[overlap]
+            raise UserError(f"{option} {output} {relation}; difftool never writes over or into what it reads, "
+                            f"--overwrite or not: choose another {option}")
+
+
+def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
+    """same, inside or holds (where that matters): how `output` meets the existing path `source`."""
+    try:
+        if not source.exists():
+            return None
+        real, out = source.resolve(), output.resolve()
+        if out == real or (output.exists() and os.path.samefile(output, source)):  # hard links too
+            return "same"
+        if source.is_dir() and out.is_relative_to(real):
+            return "inside"
+        if replaces and real.is_relative_to(out):
+            return "holds"
+    except OSError:  # a name too long to exist, say: nothing there to overlap with
+        return None
+    return None
 
 
 @contextlib.contextmanager

@@ -65,7 +65,8 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
         raise UserError(f"--sweep samples a model; {source} holds images")
     if reference is None:
         raise UserError("--sweep compares settings by FID: give --reference (a data set, folder or statistics .npz)")
-    with evaluation_folder(output, overwrite=overwrite, resume=resume):
+    with evaluation_folder(output, {"the model": source, "the reference": reference}, overwrite=overwrite,
+                           resume=resume):
         return _sweep_into(output, source, settings, reference, options, request, overwrite, resume, show_progress)
 
 

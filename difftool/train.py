@@ -32,7 +32,7 @@ from difftool.checkpoints import INFO_FILE, export_pipeline, load_pickle, model_
 from difftool.compiling import check_can_compile
 from difftool.conditions import resolve_guidance_rescale
 from difftool.config import Config
-from difftool.data import ImageData, load_dataset, make_batch
+from difftool.data import ImageData, data_folder, load_dataset, make_batch
 from difftool.errors import (
     UserError,
     first_line,
@@ -52,6 +52,7 @@ from difftool.rundir import (
     fsync_tree,
     made_by,
     read_progress,
+    refuse_inputs_as_output,
     remove_tree,
     write_text,
 )
@@ -82,6 +83,8 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     """
     run = RunDir(output)
     check_folder_path(run.root)
+    # replaces: --overwrite clears the run folder, and a data folder inside it with it
+    refuse_inputs_as_output(run.root, {"the data": data_folder(cfg.data.dataset)}, replaces=True)
     keep_freed_memory()
     accelerator = _make_accelerator(cfg, run)
     try:

@@ -1,4 +1,4 @@
-"""Outputs: one clear line when they cannot be created, and one writer per folder.
+"""Outputs: never over or into an input, one clear line when they cannot be created, one writer per folder.
 
 The README's "Guarantees" section states what these tests check; keep the two in step.
 """
@@ -71,6 +71,45 @@ INPAINT_FOLDERS = ["inpaint", f"{WS}/imgs", f"{WS}/masks", "--model", f"{WS}/run
 SAMPLE = ["sample", f"{WS}/run", "--steps", "2", "-n", "2", "-q"]
 FEATURES = ["--features", f"{WS}/features.pt", "-q"]
 SWEEP = ["evaluate", f"{WS}/run", "--sweep", "ddim:2", "-n", "2", "--reference", f"{WS}/images.npz", *FEATURES]
+
+# ---------------------------------------------------------------- inputs are never outputs
+
+OWN_INPUTS = {
+    "inpaint over its mask": [*INPAINT, "-o", f"{WS}/mask.png", "--overwrite"],
+    "inpaint over its image": [*INPAINT, "-o", f"{WS}/img.png", "--overwrite"],
+    "inpaint over its image, in a folder": [*INPAINT, "-o", WS, "--overwrite"],
+    "inpaint into its model": [*INPAINT, "-o", f"{WS}/run/filled.png"],
+    "inpaint folders into the image folder": [*INPAINT_FOLDERS, "-o", f"{WS}/imgs", "--overwrite"],
+    "inpaint folders into the mask folder": [*INPAINT_FOLDERS, "-o", f"{WS}/masks/filled"],
+    "sample into its run": [*SAMPLE, "-o", f"{WS}/run"],
+    "sample into its model": [*SAMPLE, "-o", f"{WS}/run/model/samples", "--overwrite"],
+    "evaluate into its images": ["evaluate", f"{WS}/imgs", *FEATURES, "-o", f"{WS}/imgs/evaluation"],
+    "evaluate into its reference": ["evaluate", f"{WS}/images.npz", "--reference", f"{WS}/imgs", *FEATURES,
+                                    "-o", f"{WS}/imgs", "--overwrite"],
+    "evaluate a model into it": ["evaluate", f"{WS}/run", "-n", "2", "--steps", "2", *FEATURES, "-o", f"{WS}/run/ev"],
+    "evaluate --sweep into its model": [*SWEEP, "-o", f"{WS}/run/sweep"],
+    "evaluate stats over its data": ["evaluate", "stats", f"{WS}/images.npz", *FEATURES, "-o", f"{WS}/images.npz",
+                                     "--overwrite"],
+    "convert into its source": ["convert", f"{WS}/run", f"{WS}/run/sub"],
+    "convert over its source": ["convert", f"{WS}/run/model", f"{WS}/run/model", "--overwrite"],
+    "convert over the folder holding its source": ["convert", f"{WS}/run/model/unet", f"{WS}/run/model", "--overwrite"],
+    "train into its data": ["train", "--recipe", f"{WS}/tiny.yaml", "--dataset", f"{WS}/imgs", "-q",
+                            "--output", f"{WS}/imgs/run"],
+}
+
+
+@pytest.mark.parametrize("case", OWN_INPUTS)
+def test_no_command_writes_over_or_into_what_it_reads(ws, case):
+    before = snapshot(ws)
+    line = assert_user_error(run(ws, OWN_INPUTS[case]), "difftool never writes over or into what it reads")
+    assert "--overwrite or not: choose another" in line
+    assert snapshot(ws) == before
+
+
+def test_a_hard_link_to_an_input_is_that_input(ws, tmp_path):
+    os.link(ws / "mask.png", tmp_path / "link.png")
+    assert_user_error(run(ws, [*INPAINT, "-o", str(tmp_path / "link.png"), "--overwrite"]), "is the mask itself")
+
 
 # ---------------------------------------------------------------- outputs that cannot be created
 
