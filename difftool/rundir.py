@@ -233,13 +233,18 @@ class RunDir:
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"step-{step:06d}.png"
 
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    def checkpoint_folders(self) -> list[Path]:
+        """Every `step-NNNNNN` folder, oldest first, complete or not (temporary folders are never listed).
+
+        Checkpoints are renamed to that name once complete, so one without its progress record is damaged.
+        """
         if not self.checkpoints_dir.is_dir():
             return []
-        found = [p for p in self.checkpoints_dir.glob("step-*")
-                 if re.fullmatch(r"step-\d+", p.name) and (p / PROGRESS_FILE).is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return sorted((p for p in self.checkpoints_dir.glob("step-*") if is_checkpoint_name(p)), key=checkpoint_step)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return [p for p in self.checkpoint_folders() if (p / PROGRESS_FILE).is_file()]
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -273,20 +278,51 @@ class RunDir:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def is_checkpoint_name(path: Path) -> bool:
+    return re.fullmatch(r"step-\d+", path.name) is not None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def read_progress(checkpoint: Path) -> dict:
     """A checkpoint's progress record: at least its step."""
-    path = checkpoint / PROGRESS_FILE
+    progress = _parse_progress(checkpoint)
+    if isinstance(progress, str):
+        raise UserError(f"{checkpoint}/{progress}; use another checkpoint of the run")
+    return progress
+
+
+def progress_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's progress record (`progress.json is missing`, `... is damaged (...)`)."""
+    progress = _parse_progress(checkpoint)
+    return progress if isinstance(progress, str) else None
+
+
+def _parse_progress(checkpoint: Path) -> dict | str:
+    """The progress record, or what is wrong with it."""
     try:
-        progress = json.loads(path.read_text())
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except FileNotFoundError:
+        return f"{PROGRESS_FILE} is missing"
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({first_line(err)}); resume from another checkpoint of the run") from err
+        return f"{PROGRESS_FILE} is damaged ({first_line(err)})"
     if not isinstance(progress, dict):
-        problem = f"it holds a JSON {type(progress).__name__}, not an object"
-    elif not isinstance(progress.get("step"), int):
-        problem = "no step number in it"
-    else:
-        return progress
-    raise UserError(f"{path} is damaged ({problem}); resume from another checkpoint of the run")
+        return f"{PROGRESS_FILE} is damaged (it holds a JSON {type(progress).__name__}, not an object)"
+    if not isinstance(progress.get("step"), int):
+        return f"{PROGRESS_FILE} is damaged (no step number in it)"
+    return progress
+
+
+def damaged_checkpoint(checkpoint: Path, problem: str) -> UserError:
+    """The one refusal for a checkpoint that `--resume` cannot use, however it is damaged: what is wrong,
+    the newest complete checkpoint of the run, and the command that resumes from it."""
+    others = [c for c in RunDir(checkpoint.parent.parent).checkpoints()
+              if c != checkpoint and progress_problem(c) is None]
+    remedy = (f"the newest complete checkpoint is {others[-1]}: difftool train --resume {others[-1]}" if others else
+              "the run has no other complete checkpoint: start it again with --overwrite")
+    return UserError(f"cannot resume from {checkpoint}: {problem}; {remedy}")
 
 
 def made_by() -> dict[str, str]:
@@ -327,16 +363,23 @@ def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, P
         if not candidates:
             raise UserError(f"--resume latest found no run with a checkpoint under {runs_root}/; name the run folder instead")
         newest = max(candidates, key=lambda r: (r.latest_checkpoint() / PROGRESS_FILE).stat().st_mtime)
-        return newest.root, newest.latest_checkpoint()
+        return newest.root, resumable(newest.checkpoint_folders()[-1])
     path = Path(target).expanduser()
-    if (path / PROGRESS_FILE).is_file() and RunDir(path.parent.parent).is_run():
-        return path.parent.parent, path
+    if path.is_dir() and is_checkpoint_name(path) and RunDir(path.parent.parent).is_run():
+        return path.parent.parent, resumable(path)
     run = RunDir(path)
     if not path.exists():
         raise UserError(f"cannot resume: {path} does not exist; give a run folder, one of its checkpoints, or 'latest'")
     if not run.is_run():
         raise UserError(f"cannot resume: {path} is not a difftool run folder (no {CONFIG_FILE})")
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
+    if not run.checkpoint_folders():
         raise UserError(f"cannot resume: {path} has no complete checkpoint yet; start it again with --overwrite")
-    return run.root, checkpoint
+    return run.root, resumable(run.checkpoint_folders()[-1])
+
+
+def resumable(checkpoint: Path) -> Path:
+    """`checkpoint`, if its progress record is whole: a newer damaged one is never passed over in silence."""
+    problem = progress_problem(checkpoint)
+    if problem is not None:
+        raise damaged_checkpoint(checkpoint, f"its {problem}")
+    return checkpoint

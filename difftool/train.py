@@ -48,6 +48,7 @@ from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
     append_jsonl,
+    damaged_checkpoint,
     describe_versions,
     fsync_tree,
     made_by,
@@ -519,9 +520,7 @@ def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
         if written_by != this:
             raise UserError(f"{problem}; it was written by {written_by} and this is {this}. Install those versions "
                             f"to resume it; its weights can still be sampled and converted") from err
-        earlier = [c for c in RunDir(checkpoint.parent.parent).checkpoints() if c != checkpoint]
-        raise UserError(f"{problem}: the checkpoint is damaged; resume from an earlier one "
-                        f"({', '.join(str(c) for c in earlier) or 'there is none'})") from err
+        raise damaged_checkpoint(checkpoint, f"it does not load ({type(err).__name__}: {first_line(err)})") from err
 
 
 def _micro_batch_size(cfg: Config, world: int) -> int:
