@@ -28,7 +28,13 @@ from PIL import Image, ImageOps
 from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
 from difftool.generate import NPZ_FILE, SETTINGS_FILE
-from difftool.images import open_image, printable, why_unreadable
+from difftool.images import (
+    first_frame_note,
+    open_image,
+    printable,
+    several_frames,
+    why_unreadable,
+)
 
 MIN_IMAGES = 2
 # what np.load raises on a file that is not a complete .npz
@@ -189,8 +195,10 @@ def _from_files(root: Path, files: list[Path], notes: list[str]) -> ImageSet:
     """The image `files` of `root`, at the size most of them have; broken ones are skipped with a note."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         checked = dict(zip(files, pool.map(_decoded_size, files), strict=True))
-    sizes = {f: size for f, size in checked.items() if not isinstance(size, str)}
+    sizes = {f: found[0] for f, found in checked.items() if not isinstance(found, str)}
     unreadable = [f"{printable(f.name)}: {why}" for f, why in checked.items() if isinstance(why, str)]
+    several_frames = [printable(f.relative_to(root)) for f, found in checked.items()
+                      if not isinstance(found, str) and found[1]]
     good, where = list(sizes), printable(root)
     if unreadable:
         _check_count(len(good), f"{where} (of its {len(files)} images, {len(unreadable)} could not be decoded, e.g. "
@@ -198,6 +206,8 @@ def _from_files(root: Path, files: list[Path], notes: list[str]) -> ImageSet:
         notes.append(f"skipped {len(unreadable)} of {len(files)} images in {where} that could not be decoded "
                      f"(e.g. {unreadable[0]})")
     _check_count(len(good), where)
+    if several_frames:
+        notes.append(first_frame_note(several_frames))
     size, count = collections.Counter(sizes.values()).most_common(1)[0]
     if count < len(good):
         notes.append(f"{len(good) - count} of {len(good)} images in {where} are not {size[1]}×{size[0]} "
@@ -211,12 +221,15 @@ def _from_files(root: Path, files: list[Path], notes: list[str]) -> ImageSet:
     return ImageSet(f"{where} ({len(good)} images)", len(good), size, batches, notes)
 
 
-def _decoded_size(file: Path) -> tuple[int, int] | str:
-    """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, else why it does not."""
+def _decoded_size(file: Path) -> tuple[tuple[int, int], bool] | str:
+    """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, and whether it has more
+    frames than the first (which is the one read); else why it does not decode."""
     try:
         with open_image(file) as img:
+            frames = several_frames(img)
+            img.seek(0)
             img = _upright(img)
-            return img.height, img.width
+            return (img.height, img.width), frames
     except Exception as err:  # noqa: BLE001 - Pillow's decoders fail on hostile bytes in many ways; the file is skipped
         return why_unreadable(err, file)
 

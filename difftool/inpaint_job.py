@@ -19,7 +19,7 @@ from difftool import __version__
 from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
-from difftool.images import save_png
+from difftool.images import first_frame_note, save_png
 from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
@@ -102,8 +102,10 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
         **method.settings, "seed": request.seed, "guidance_scale": guidance, "invert": request.invert,
         "grow": request.grow, "crop": request.crop,
     }
-    for job in jobs:  # every file is checked before anything is written
-        _load(job, model, request)
+    # Every file is checked before anything is written.
+    several_frames = [name for job in jobs for name in _load(job, model, request).several_frames]
+    if several_frames:
+        show_notes([first_frame_note(several_frames)])
     written, compared, shown = [], [], set()
     start = time.perf_counter()
     total = len(jobs) * request.num_samples
