@@ -26,7 +26,7 @@ from difftool.checkpoints import (
 )
 from difftool.errors import UserError, first_line
 from difftool.importers import IMPORTERS
-from difftool.rundir import atomic_dir
+from difftool.rundir import atomic_dir, refuse_inputs_as_output
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TARGETS = ("pipeline", "unet", "single")
@@ -49,13 +49,12 @@ def convert(source: str | Path, target: Path, *, source_format: str = "auto", to
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}': use fp32, fp16 or bf16")
     target = Path(target)
+    refuse_inputs_as_output(target, {"the source": source}, replaces=True, option="target")
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another target")
     model = read_source(source, source_format=source_format, weights=weights, resolution=resolution)
     if dtype is not None:
         model.unet = place(model.unet, dtype=DTYPES[dtype])
-    if Path(source).resolve() == target.resolve():
-        raise UserError(f"{target} is the source itself; choose another target")
     _write(model, target, kind)
     if kind == "unet":
         model.notes.append(f"{target} is a bare unet/ folder: it keeps no noise schedule or class names (loading it "

@@ -32,7 +32,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from difftool.errors import UserError, first_line
-from difftool.images import open_image, printable, why_unreadable
+from difftool.images import (
+    first_frame_note,
+    open_image,
+    printable,
+    several_frames,
+    why_unreadable,
+)
 
 logger = logging.getLogger("difftool")
 
@@ -107,15 +113,22 @@ def load_dataset(cfg: Any, cache_dir: Path | None = None) -> ImageData:
         return make_shapes(count, cfg.resolution, channels=cfg.channels or 3)
     if name in DATASET_ALIASES:
         return _load_hub(cfg, cache)
+    folder = data_folder(name)
+    if folder is not None:
+        return _load_folder(folder, cfg, cache)
     path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_folder(path, cfg, cache)
     if path.exists():
         raise UserError(f"dataset {name} is a file, not a folder; point --dataset at a folder of images")
     if name.startswith(("./", "../", "/", "~")) or (os.sep in name and not _HUB_ID.match(name)):
         raise UserError(f"dataset folder not found: {name}; check the path, "
                         "or use --dataset shapes for the built-in data")
     return _load_hub(cfg, cache)
+
+
+def data_folder(dataset: str) -> Path | None:
+    """The local folder that `dataset` names for `load_dataset`, if it names one."""
+    path = Path(dataset).expanduser()
+    return path if dataset != "shapes" and dataset not in DATASET_ALIASES and path.is_dir() else None
 
 
 def make_batch(
@@ -466,16 +479,17 @@ def _decode_all(
 
     Sources are consumed in chunks so that a large Hub split is never held encoded in memory.
     """
-    def attempt(item: tuple[int, Any]) -> np.ndarray | str:
+    def attempt(item: tuple[int, Any]) -> tuple[np.ndarray, str | None] | str:
+        """The image and, if it has several frames, its name; or why it did not decode."""
         i, source = item
+        name = printable(source) if isinstance(source, Path) else f"row {i}"
         try:
-            return _decode_image(source, resolution)
+            image, frames = _decode_image(source, resolution)
         except Exception as err:  # noqa: BLE001 - a file that fails to decode for any reason is skipped, not fatal
-            if isinstance(source, Path):
-                return f"{printable(source)}: {why_unreadable(err, source)}"
-            return f"row {i}: {why_unreadable(err)}"
+            return f"{name}: {why_unreadable(err, source if isinstance(source, Path) else None)}"
+        return image, name if frames else None
 
-    results: list[np.ndarray | str] = []
+    results: list[tuple[np.ndarray, str | None] | str] = []
     items = enumerate(sources)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         while chunk := list(itertools.islice(items, 1024)):
@@ -490,12 +504,18 @@ def _decode_all(
         logger.warning("skipped %d of %d images in %s that could not be decoded (e.g. %s)",
                        len(failures), len(results), what, failures[0])
     kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    return [results[i] for i in kept], None if labels is None else [labels[i] for i in kept]
+    several_frames = [results[i][1] for i in kept if results[i][1]]
+    if several_frames:
+        logger.warning("%s", first_frame_note(several_frames))
+    return [results[i][0] for i in kept], None if labels is None else [labels[i] for i in kept]
 
 
-def _decode_image(source: Any, resolution: int) -> np.ndarray:
-    """One image as uint8 H x W (grayscale) or H x W x 3, its shorter side resized to `resolution`."""
+def _decode_image(source: Any, resolution: int) -> tuple[np.ndarray, bool]:
+    """One image as uint8 H x W (grayscale) or H x W x 3, its shorter side resized to `resolution`, and
+    whether it had more frames than the first, which is the one used."""
     with _open(source) as img:
+        frames = several_frames(img)
+        img.seek(0)
         img.draft(None, (resolution, resolution))  # JPEG: decode at a reduced scale when that is enough
         ImageOps.exif_transpose(img, in_place=True)
         img = rgb_or_gray(img)
@@ -509,7 +529,7 @@ def _decode_image(source: Any, resolution: int) -> np.ndarray:
                              f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit); crop it")
         if size != img.size:
             img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return np.array(img)
+        return np.array(img), frames
 
 
 def _open(source: Any) -> Image.Image:

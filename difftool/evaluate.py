@@ -10,9 +10,11 @@ process scores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,8 @@ from difftool.reference import (
     resolve,
     save,
 )
-from difftool.rundir import write_text
+from difftool.rundir import lock_name, refuse_inputs_as_output, write_text
+from difftool.runlock import main_process_lock
 
 METRICS_FILE = "metrics.json"
 COMPARABLE_N = 10_000  # below this FID is biased upwards and only comparable at equal N
@@ -81,7 +84,14 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
     Returns None in the non-main processes of a multi-process run, which only sample.
     """
     output = Path(output) if output else default_output(source)
-    check_output(output, overwrite=overwrite, resume=resume)
+    what = "the image set" if is_image_source(source) else "the model"
+    with evaluation_folder(output, {what: source, "the reference": reference}, overwrite=overwrite, resume=resume):
+        return _evaluate_into(output, source, reference, options, request, overwrite, resume, show_progress)
+
+
+def _evaluate_into(output: Path, source: str, reference: str | None, options: MetricOptions,
+                   request: SampleRequest | None, overwrite: bool, resume: bool,
+                   show_progress: bool) -> Evaluation | None:
     sampled, of_images, main = None, is_image_source(source), main_process()
     if of_images:
         if not main:  # other processes have nothing to sample; one scores
@@ -145,6 +155,7 @@ def build_stats(data: str, output: Path, *, resolution: int, options: MetricOpti
     output = Path(output)
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
+    refuse_inputs_as_output(output, {"the data": data})
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give the .npz file to write")
     if output.exists() and not overwrite:
@@ -196,13 +207,19 @@ def model_resolution(source: str, requests: list[SampleRequest]) -> int:
     return model.info["resolution"]
 
 
-def check_output(output: Path, *, overwrite: bool, resume: bool) -> None:
+@contextlib.contextmanager
+def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other: choose one")
     check_output_folder(output)
-    if output.exists() and not (overwrite or resume) and any(output.iterdir()):
-        raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse the "
-                        f"samples made there, or choose another --output")
+    refuse_inputs_as_output(output, inputs)
+    with main_process_lock(process_state(), output, "evaluate"):
+        held = [p for p in output.iterdir() if p.name != lock_name("evaluate")]
+        if held and not (overwrite or resume):
+            raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse "
+                            f"the samples made there, or choose another --output")
+        yield
 
 
 def _subset(features: np.ndarray, limit: int) -> np.ndarray:
@@ -211,12 +228,17 @@ def _subset(features: np.ndarray, limit: int) -> np.ndarray:
     return features[np.sort(np.random.default_rng(PR_SEED).choice(len(features), limit, replace=False))]
 
 
-def main_process() -> bool:
-    """Rank 0 scores; the state is the one `generate` uses (gloo on CPU-only machines)."""
+def process_state():
+    """The processes of this run; the state is the one `generate` uses (gloo on CPU-only machines)."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def main_process() -> bool:
+    """Rank 0 scores."""
+    return process_state().is_main_process
 
 
 if __name__ == "__main__":  # `accelerate launch -m difftool.evaluate MODEL ...`

@@ -25,11 +25,23 @@ from difftool import __version__
 from difftool.allocator import keep_freed_memory
 from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.compiling import check_can_compile
-from difftool.conditions import resolve_classes, resolve_guidance, resolve_guidance_rescale
+from difftool.conditions import (
+    resolve_classes,
+    resolve_guidance,
+    resolve_guidance_rescale,
+)
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import TMP_PREFIX, atomic_path, file_in_the_way, write_text
+from difftool.rundir import (
+    TMP_PREFIX,
+    atomic_path,
+    file_in_the_way,
+    make_folder,
+    refuse_inputs_as_output,
+    write_text,
+)
+from difftool.runlock import main_process_lock
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import choose, make_scheduler
 
@@ -116,6 +128,14 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
+    refuse_inputs_as_output(output, {"the model": source})
+    with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
+        return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
+                              show_progress=show_progress)
+
+
+def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state, *, overwrite: bool,
+                   resume: bool, show_progress: bool) -> SampleResult:
     todo = _todo(output, plan, request, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
     settings_record = {**plan.settings, "num_images": request.num_images, "format": request.format}
@@ -282,7 +302,7 @@ def _todo(output: Path, plan: _Plan, request: SampleRequest, *, overwrite: bool,
 
 def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
     """Create the folder; drop what an interrupted write left, and with --overwrite the old samples."""
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     doomed = list(output.glob(f"{TMP_PREFIX}*"))
     if overwrite:
         doomed += list(_image_files(output).values())
@@ -291,7 +311,7 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
     for path in doomed:
         path.unlink(missing_ok=True)
     if fmt == "npz":
-        (output / PARTS_DIR).mkdir(exist_ok=True)
+        make_folder(output / PARTS_DIR)
 
 
 # ---------------------------------------------------------------- making and writing images

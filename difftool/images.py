@@ -33,6 +33,24 @@ def open_image(source) -> Image.Image:
             f"could be a decompression bomb, so it is not decoded") from err
 
 
+def several_frames(img: Image.Image) -> bool:
+    """True for an animated GIF, PNG or WebP, or a multi-page TIFF: difftool reads only its first frame.
+
+    A JPEG with a preview or depth image (MPO) is not counted: its first image is the photo itself.
+    """
+    try:
+        return img.format != "MPO" and bool(getattr(img, "is_animated", False))
+    except Exception:  # noqa: BLE001 - a damaged later frame: decoding the first says whether the file is usable
+        return False
+
+
+def first_frame_note(names: list[str]) -> str:
+    """The one note a command gives on the files of which only the first frame was used."""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return (f"{names[0]}{more} {'have' if more else 'has'} several frames (animated or multi-page); only the first "
+            f"frame is used")
+
+
 def why_unreadable(err: Exception, path: Path | None = None) -> str:
     """One line on why an image did not decode, without the file name that Pillow's messages repeat."""
     if path is not None and path.is_file() and path.stat().st_size == 0:

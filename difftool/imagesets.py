@@ -5,6 +5,8 @@ Each becomes a stream of uint8 N×C×H×W batches of one size. Folders are decod
 one is skipped with a note instead of stopping feature extraction halfway. Feature extractors resize
 to their own input size, but a batch must share one size, so a folder's images of another size than
 most are resized to it (bicubic) with a note: FID is computed at the resolution the set mostly has.
+A folder that `difftool sample` wrote is the samples its sample.json lists (not its grid.png), and
+whatever file of a folder is not scored is named in a note.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,14 @@ from PIL import Image, ImageOps
 
 from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
-from difftool.images import open_image, printable, why_unreadable
+from difftool.generate import NPZ_FILE, SETTINGS_FILE
+from difftool.images import (
+    first_frame_note,
+    open_image,
+    printable,
+    several_frames,
+    why_unreadable,
+)
 
 MIN_IMAGES = 2
 # what np.load raises on a file that is not a complete .npz
@@ -77,12 +87,13 @@ def from_tensor(images: torch.Tensor, description: str, notes: list[str] | None 
 
 
 def open_images(path: str | Path) -> ImageSet:
-    """A folder of images (searched recursively) or an `.npz` whose `arr_0` is uint8 N×H×W×C."""
+    """A folder of images (searched recursively), a folder `difftool sample` wrote (its samples), or an
+    `.npz` whose `arr_0` is uint8 N×H×W×C."""
     path = Path(path).expanduser()
     if path.suffix == ".npz" and path.is_file():
         return _from_npz(path)
     if path.is_dir():
-        return _from_folder(path)
+        return _from_sample_folder(path) if (path / SETTINGS_FILE).is_file() else _from_folder(path)
     if path.exists():
         raise UserError(f"{path} is neither a folder of images nor an .npz of samples (arr_0: uint8 N×H×W×C)")
     raise UserError(f"{path} does not exist; give a folder of images, a samples .npz or a model")
@@ -95,7 +106,7 @@ def is_image_source(path: str | Path) -> bool:
         return path.is_file()
     if not path.is_dir() or any((path / name).exists() for name in ("config.yaml", "model_index.json", "config.json")):
         return False
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+    return (path / SETTINGS_FILE).is_file() or any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
 
 
 def from_data_source(dataset: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
@@ -123,19 +134,80 @@ def _from_npz(path: Path) -> ImageSet:
 
 
 def _from_folder(root: Path) -> ImageSet:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    """Every image file under `root`; the other files are named in a note (hidden ones are not looked at)."""
+    found = _visible_files(root)
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    kinds = "/".join(IMAGE_SUFFIXES)
+    return _from_files(root, images, _left_out(root, found, images, f"not {kinds} images"))
+
+
+def _from_sample_folder(root: Path) -> ImageSet:
+    """A folder `difftool sample` wrote: the samples its sample.json lists, not its grid.png or anything else."""
+    count, fmt = _sample_record(root)
+    listed = [root / NPZ_FILE] if fmt == "npz" else [root / f"{i:06d}.png" for i in range(count)]
+    missing = [p.name for p in listed if not p.is_file()]
+    if missing:
+        which = f"{missing[0]} and {len(missing) - 1} more are" if len(missing) > 1 else f"{missing[0]} is"
+        raise UserError(f"{printable(root)} was written by difftool sample and its {SETTINGS_FILE} lists {count} "
+                        f"samples, but {which} missing; finish it with difftool sample MODEL --resume --output "
+                        f"{printable(root)} (the same options)")
+    notes = _left_out(root, _visible_files(root), [*listed, root / SETTINGS_FILE],
+                      f"not among the samples its {SETTINGS_FILE} lists")
+    if fmt == "npz":
+        images = _from_npz(root / NPZ_FILE)
+        images.notes += notes
+        return images
+    return _from_files(root, listed, notes)
+
+
+def _sample_record(root: Path) -> tuple[int, str]:
+    """The number of samples and their format, from the sample.json of a folder `difftool sample` wrote."""
+    path = root / SETTINGS_FILE
+    try:
+        record = json.loads(path.read_text())
+        count, fmt = int(record["num_images"]), record.get("format", "png")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{printable(path)} is damaged ({first_line(err, 120)}); sample the folder again, or remove "
+                        f"{SETTINGS_FILE} to score the image files in it as they are") from err
+    if count < 0 or fmt not in ("png", "npz"):
+        raise UserError(f"{printable(path)} is damaged (num_images {count}, format {fmt!r}); sample the folder again, "
+                        f"or remove {SETTINGS_FILE} to score the image files in it as they are")
+    return count, fmt
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """The files under `root`, hidden files and folders aside (macOS "._x.jpg" files are not images)."""
+    return sorted(p for p in root.rglob("*")
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
+
+
+def _left_out(root: Path, found: list[Path], used: list[Path], why: str) -> list[str]:
+    """A note naming the files of `root` that are not scored, if there are any: no file is dropped unsaid."""
+    others = sorted(set(found) - set(used))
+    if not others:
+        return []
+    names = ", ".join(printable(p.relative_to(root)) for p in others[:3])
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    return [f"left out {len(others)} file{'s' if len(others) > 1 else ''} in {printable(root)} ({why}): {names}{more}"]
+
+
+def _from_files(root: Path, files: list[Path], notes: list[str]) -> ImageSet:
+    """The image `files` of `root`, at the size most of them have; broken ones are skipped with a note."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         checked = dict(zip(files, pool.map(_decoded_size, files), strict=True))
-    sizes = {f: size for f, size in checked.items() if not isinstance(size, str)}
+    sizes = {f: found[0] for f, found in checked.items() if not isinstance(found, str)}
     unreadable = [f"{printable(f.name)}: {why}" for f, why in checked.items() if isinstance(why, str)]
-    good, where, notes = list(sizes), printable(root), []
+    several_frames = [printable(f.relative_to(root)) for f, found in checked.items()
+                      if not isinstance(found, str) and found[1]]
+    good, where = list(sizes), printable(root)
     if unreadable:
         _check_count(len(good), f"{where} (of its {len(files)} images, {len(unreadable)} could not be decoded, e.g. "
                                 f"{unreadable[0]})")
         notes.append(f"skipped {len(unreadable)} of {len(files)} images in {where} that could not be decoded "
                      f"(e.g. {unreadable[0]})")
     _check_count(len(good), where)
+    if several_frames:
+        notes.append(first_frame_note(several_frames))
     size, count = collections.Counter(sizes.values()).most_common(1)[0]
     if count < len(good):
         notes.append(f"{len(good) - count} of {len(good)} images in {where} are not {size[1]}×{size[0]} "
@@ -149,12 +221,15 @@ def _from_folder(root: Path) -> ImageSet:
     return ImageSet(f"{where} ({len(good)} images)", len(good), size, batches, notes)
 
 
-def _decoded_size(file: Path) -> tuple[int, int] | str:
-    """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, else why it does not."""
+def _decoded_size(file: Path) -> tuple[tuple[int, int], bool] | str:
+    """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, and whether it has more
+    frames than the first (which is the one read); else why it does not decode."""
     try:
         with open_image(file) as img:
+            frames = several_frames(img)
+            img.seek(0)
             img = _upright(img)
-            return img.height, img.width
+            return (img.height, img.width), frames
     except Exception as err:  # noqa: BLE001 - Pillow's decoders fail on hostile bytes in many ways; the file is skipped
         return why_unreadable(err, file)
 

@@ -7,6 +7,7 @@ checked against files already there, before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from difftool import __version__
 from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
 from difftool.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
-from difftool.images import save_png
+from difftool.images import first_frame_note, save_png
 from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
+from difftool.rundir import refuse_inputs_as_output
+from difftool.runlock import run_lock
 from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
 from difftool.schedulers import SCHEDULERS, choose, make_scheduler
 
@@ -71,9 +74,22 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
                   *, overwrite: bool = False, show_progress: bool = True) -> InpaintResult:
     """Fill the white region of each mask in its image; returns the files written."""
     _check_request(request)
-    jobs = _plan_jobs(Path(images), Path(masks), output, request)
-    if not overwrite:
-        _refuse_existing(jobs, request.comparison)
+    images, masks = Path(images), Path(masks)
+    jobs = _plan_jobs(images, masks, output, request)
+    folder = jobs[0].outputs[0].parent if images.is_dir() else None
+    inputs = {"the image folder" if folder else "the image": images, "the mask folder" if folder else "the mask": masks,
+              "the model": model_source}
+    for path in [folder] if folder else _all_outputs(jobs, request.comparison):  # in a folder, its files are too
+        refuse_inputs_as_output(path, inputs)
+    # Folders of images: one inpaint at a time in the output folder, as for `sample`.
+    with run_lock(folder, "inpaint") if folder else contextlib.nullcontext():
+        if not overwrite:
+            _refuse_existing(jobs, request.comparison)
+        return _inpaint_jobs(model_source, jobs, request, show_progress)
+
+
+def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRequest,
+                  show_progress: bool) -> InpaintResult:
     model = load_model(model_source, weights=request.weights)
     show_notes(model.notes)
     defaults = sampling_defaults(model_source)
@@ -86,8 +102,10 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
         **method.settings, "seed": request.seed, "guidance_scale": guidance, "invert": request.invert,
         "grow": request.grow, "crop": request.crop,
     }
-    for job in jobs:  # every file is checked before anything is written
-        _load(job, model, request)
+    # Every file is checked before anything is written.
+    several_frames = [name for job in jobs for name in _load(job, model, request).several_frames]
+    if several_frames:
+        show_notes([first_frame_note(several_frames)])
     written, compared, shown = [], [], set()
     start = time.perf_counter()
     total = len(jobs) * request.num_samples
@@ -244,9 +262,13 @@ def _numbered(path: Path, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(n)]
 
 
+def _all_outputs(jobs: list[_Job], comparisons: bool) -> list[Path]:
+    return [p for job in jobs for out in job.outputs
+            for p in ([out, job.comparison_path(out)] if comparisons else [out])]
+
+
 def _refuse_existing(jobs: list[_Job], comparisons: bool) -> None:
-    taken = [p for job in jobs for out in job.outputs
-             for p in ([out, job.comparison_path(out)] if comparisons else [out]) if p.exists()]
+    taken = [p for p in _all_outputs(jobs, comparisons) if p.exists()]
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
         raise UserError(f"{taken[0]}{more} already exist; pass --overwrite to replace them or choose another --output")

@@ -9,7 +9,7 @@ the mask keeps is the original bit for bit, at the original size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from difftool.errors import UserError
-from difftool.images import make_grid, open_image, printable, to_pil, why_unreadable
+from difftool.images import (
+    make_grid,
+    open_image,
+    printable,
+    several_frames,
+    to_pil,
+    why_unreadable,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _ASPECT_TOLERANCE = 0.01  # a mask this close to the image's aspect ratio is resized to fit it
@@ -35,6 +42,7 @@ class Pair:
     original: Image.Image  # the decoded image, mode RGB, RGBA or L
     notes: list[str]  # conversions and resizes made, to print once
     box: tuple[int, int, int, int]  # (left, top, right, bottom): the part of `original` the model sees
+    several_frames: list[str] = field(default_factory=list)  # the files (image, mask) read by their first frame
 
     @property
     def coverage(self) -> float:
@@ -64,8 +72,9 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
     if grow < 0:
         raise UserError(f"grow must be 0 or more pixels, got {grow}")
     image_path, mask_path = Path(image_path), Path(mask_path)
-    original, notes = _usable_mode(_open(image_path, "image"))
-    values, mask_notes = _fit_mask(_mask_values(_open(mask_path, "mask")), mask_path, original.size)
+    (image, image_frames), (mask_image, mask_frames) = _open(image_path, "image"), _open(mask_path, "mask")
+    original, notes = _usable_mode(image)
+    values, mask_notes = _fit_mask(_mask_values(mask_image), mask_path, original.size)
     generate = (1 - values if invert else values) >= 0.5
     box = _centre_square(original.size) if crop else (0, 0, *original.size)
     notes += mask_notes + _geometry_notes(original.size, box, resolution) + _channel_notes(original.mode, channels)
@@ -88,6 +97,7 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
         original=original,
         notes=notes,
         box=box,
+        several_frames=[printable(p) for p, frames in ((image_path, image_frames), (mask_path, mask_frames)) if frames],
     )
 
 
@@ -164,16 +174,19 @@ def _some(stems: list[str], files: dict[str, Path]) -> str:
     return shown + (f" and {len(stems) - 3} more" if len(stems) > 3 else "")
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """Decode the whole file now, so that a bad file stops the run before any sampling, by name."""
+def _open(path: Path, what: str) -> tuple[Image.Image, bool]:
+    """Decode the whole file now, so that a bad file stops the run before any sampling, by name;
+    also whether it has frames after the first, which are not used."""
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise UserError(f"{what} {printable(path)} {problem}; give the path of an image file")
     try:
         with open_image(path) as img:
+            frames = several_frames(img)
+            img.seek(0)
             img.load()
             # Upright, as viewers show it and as masks are drawn over it.
-            return ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img), frames
     except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
         remedy = "downscale it" if isinstance(err, Image.DecompressionBombError) else "re-save it as PNG or JPEG"
         raise UserError(f"cannot read {what} {printable(path)}: {why_unreadable(err, path)}; {remedy}") from err

@@ -14,7 +14,7 @@ import torch
 from difftool import config as config_mod
 from difftool.config import Config
 from difftool.errors import UserError
-from difftool.rundir import PROGRESS_FILE, RunDir, file_in_the_way, resolve_resume
+from difftool.rundir import RunDir, file_in_the_way, resolve_resume, resumable
 
 # Config fields a resumed run may change: how long to train, what to write along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
@@ -63,8 +63,7 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
         if changed:
             raise UserError(f"cannot resume {run.root} with a different config ({', '.join(changed)}); "
                             f"start a new run with --output, or keep those settings")
-        if not (resume / PROGRESS_FILE).is_file():
-            raise UserError(f"{resume} is not a complete checkpoint (no {PROGRESS_FILE})")
+        resumable(resume)
         return
     if not run.contents():
         return

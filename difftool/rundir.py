@@ -12,33 +12,128 @@
       train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
 Everything is written through a temporary name and renamed into place, so a folder or file
-that exists under its final name is complete.
+that exists under its final name is complete. Every output of every command is created here
+(`make_folder`, `atomic_path`, `atomic_dir`), so a path that cannot be created is one clear error,
+and `refuse_inputs_as_output` keeps each command from writing over or into what it reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from difftool import __version__
-from difftool.errors import UserError, first_line, os_errors_of_writers
+from difftool.errors import (
+    UserError,
+    first_line,
+    is_storage_error,
+    os_errors_of_writers,
+)
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
 TMP_PREFIX = ".tmp-"
-LOCK_FILE = "train.lock"
+
+
+def lock_name(command: str) -> str:
+    """The lock file a running `difftool COMMAND` keeps in the folder it writes (see runlock.py)."""
+    return f"{command}.lock"
+
+
+LOCK_FILE = lock_name("train")
+
+
+# ---------------------------------------------------------------- creating outputs
+
+
+@contextlib.contextmanager
+def creating(path: Path) -> Iterator[None]:
+    """Creating the output `path`: whatever the OS says, one clear line, never an internal error.
+
+    ENOENT (/proc), ENOTDIR and EEXIST (a file on the way, perhaps one made since it was checked),
+    ENAMETOOLONG and the rest become a UserError naming `path` and what to do. A full disk, a read-only
+    file system or missing permissions stay OSErrors: every command already reports those in one line,
+    and `train` and `sample` add where to resume.
+    """
+    try:
+        yield
+    except OSError as err:
+        if is_storage_error(err):
+            raise
+        raise UserError(f"cannot create {path}: {_why_uncreatable(err, Path(path))}") from err
+
+
+def _why_uncreatable(err: OSError, path: Path) -> str:
+    reason = err.strerror or type(err).__name__
+    if err.errno == errno.ENAMETOOLONG:
+        return f"{reason}; shorten it"
+    with contextlib.suppress(OSError):
+        blocking = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder; choose another output path"
+        if err.errno == errno.ENOENT and path.parent.is_dir():  # /proc, /sys: folders that take no new entries
+            return f"{reason} ({path.parent} takes no new files or folders); choose another output path"
+    return f"{reason}; choose another output path"
+
+
+def make_folder(path: Path, *, output: Path | None = None) -> bool:
+    """Create the folder `path` and the folders above it, for `output` (default: the folder itself; see `creating`).
+
+    True if it was not there.
+    """
+    with creating(output or path):
+        created = not path.is_dir()
+        path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,
+                            option: str = "--output") -> None:
+    """Refuse an `output` that is one of the `inputs` (what the command reads, by description) or lies inside one.
+
+    `--overwrite` does not change this: it replaces earlier outputs, never the inputs. With `replaces`
+    (the output is replaced as a whole), an output folder that holds an input is refused too. Inputs that
+    are not local paths (hub ids, data set names) cannot be written over and are passed by.
+    """
+    for what, source in inputs.items():
+        overlap = _overlap(Path(output), Path(str(source)).expanduser(), replaces) if source else None
+        if overlap is not None:
+            relation = {"same": f"is {what} itself", "inside": f"is inside {what} {source}",
+                        "holds": f"is a folder holding {what} {source}, and would replace it"}[overlap]
+            raise UserError(f"{option} {output} {relation}; difftool never writes over or into what it reads, "
+                            f"--overwrite or not: choose another {option}")
+
+
+def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
+    """same, inside or holds (where that matters): how `output` meets the existing path `source`."""
+    try:
+        if not source.exists():
+            return None
+        real, out = source.resolve(), output.resolve()
+        if out == real or (output.exists() and os.path.samefile(output, source)):  # hard links too
+            return "same"
+        if source.is_dir() and out.is_relative_to(real):
+            return "inside"
+        if replaces and real.is_relative_to(out):
+            return "holds"
+    except OSError:  # a name too long to exist, say: nothing there to overlap with
+        return None
+    return None
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, output=path)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    with creating(path):
+        tmp.open("wb").close()
     try:
         with os_errors_of_writers(path):
             yield tmp
@@ -63,11 +158,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     An existing `path` is moved aside first and deleted only after the new one is in place,
     so there is always one complete copy on disk.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, output=path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with creating(path):
+        tmp.mkdir()
     try:
         with os_errors_of_writers(path):
             yield tmp
@@ -137,13 +233,18 @@ class RunDir:
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"step-{step:06d}.png"
 
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    def checkpoint_folders(self) -> list[Path]:
+        """Every `step-NNNNNN` folder, oldest first, complete or not (temporary folders are never listed).
+
+        Checkpoints are renamed to that name once complete, so one without its progress record is damaged.
+        """
         if not self.checkpoints_dir.is_dir():
             return []
-        found = [p for p in self.checkpoints_dir.glob("step-*")
-                 if re.fullmatch(r"step-\d+", p.name) and (p / PROGRESS_FILE).is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return sorted((p for p in self.checkpoints_dir.glob("step-*") if is_checkpoint_name(p)), key=checkpoint_step)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return [p for p in self.checkpoint_folders() if (p / PROGRESS_FILE).is_file()]
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -177,20 +278,51 @@ class RunDir:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def is_checkpoint_name(path: Path) -> bool:
+    return re.fullmatch(r"step-\d+", path.name) is not None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def read_progress(checkpoint: Path) -> dict:
     """A checkpoint's progress record: at least its step."""
-    path = checkpoint / PROGRESS_FILE
+    progress = _parse_progress(checkpoint)
+    if isinstance(progress, str):
+        raise UserError(f"{checkpoint}/{progress}; use another checkpoint of the run")
+    return progress
+
+
+def progress_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's progress record (`progress.json is missing`, `... is damaged (...)`)."""
+    progress = _parse_progress(checkpoint)
+    return progress if isinstance(progress, str) else None
+
+
+def _parse_progress(checkpoint: Path) -> dict | str:
+    """The progress record, or what is wrong with it."""
     try:
-        progress = json.loads(path.read_text())
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except FileNotFoundError:
+        return f"{PROGRESS_FILE} is missing"
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({first_line(err)}); resume from another checkpoint of the run") from err
+        return f"{PROGRESS_FILE} is damaged ({first_line(err)})"
     if not isinstance(progress, dict):
-        problem = f"it holds a JSON {type(progress).__name__}, not an object"
-    elif not isinstance(progress.get("step"), int):
-        problem = "no step number in it"
-    else:
-        return progress
-    raise UserError(f"{path} is damaged ({problem}); resume from another checkpoint of the run")
+        return f"{PROGRESS_FILE} is damaged (it holds a JSON {type(progress).__name__}, not an object)"
+    if not isinstance(progress.get("step"), int):
+        return f"{PROGRESS_FILE} is damaged (no step number in it)"
+    return progress
+
+
+def damaged_checkpoint(checkpoint: Path, problem: str) -> UserError:
+    """The one refusal for a checkpoint that `--resume` cannot use, however it is damaged: what is wrong,
+    the newest complete checkpoint of the run, and the command that resumes from it."""
+    others = [c for c in RunDir(checkpoint.parent.parent).checkpoints()
+              if c != checkpoint and progress_problem(c) is None]
+    remedy = (f"the newest complete checkpoint is {others[-1]}: difftool train --resume {others[-1]}" if others else
+              "the run has no other complete checkpoint: start it again with --overwrite")
+    return UserError(f"cannot resume from {checkpoint}: {problem}; {remedy}")
 
 
 def made_by() -> dict[str, str]:
@@ -231,16 +363,23 @@ def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, P
         if not candidates:
             raise UserError(f"--resume latest found no run with a checkpoint under {runs_root}/; name the run folder instead")
         newest = max(candidates, key=lambda r: (r.latest_checkpoint() / PROGRESS_FILE).stat().st_mtime)
-        return newest.root, newest.latest_checkpoint()
+        return newest.root, resumable(newest.checkpoint_folders()[-1])
     path = Path(target).expanduser()
-    if (path / PROGRESS_FILE).is_file() and RunDir(path.parent.parent).is_run():
-        return path.parent.parent, path
+    if path.is_dir() and is_checkpoint_name(path) and RunDir(path.parent.parent).is_run():
+        return path.parent.parent, resumable(path)
     run = RunDir(path)
     if not path.exists():
         raise UserError(f"cannot resume: {path} does not exist; give a run folder, one of its checkpoints, or 'latest'")
     if not run.is_run():
         raise UserError(f"cannot resume: {path} is not a difftool run folder (no {CONFIG_FILE})")
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
+    if not run.checkpoint_folders():
         raise UserError(f"cannot resume: {path} has no complete checkpoint yet; start it again with --overwrite")
-    return run.root, checkpoint
+    return run.root, resumable(run.checkpoint_folders()[-1])
+
+
+def resumable(checkpoint: Path) -> Path:
+    """`checkpoint`, if its progress record is whole: a newer damaged one is never passed over in silence."""
+    problem = progress_problem(checkpoint)
+    if problem is not None:
+        raise damaged_checkpoint(checkpoint, f"its {problem}")
+    return checkpoint

@@ -1,4 +1,8 @@
-"""One `difftool train` per run folder: `RUN/train.lock`, held with an OS file lock.
+"""One difftool process per output folder: `FOLDER/COMMAND.lock`, held with an OS file lock.
+
+`train` holds `RUN/train.lock`; `sample`, `evaluate` and `inpaint` (folder outputs) hold
+`sample.lock`, `evaluate.lock` and `inpaint.lock` in the folder they write, so two of them never
+make the same files twice or mix two settings in one folder.
 
 The kernel releases an `flock` when its process dies, however it dies (kill -9, OOM killer,
 power-off of a container), so a lock can never be left held by nobody. The file itself names
@@ -14,25 +18,27 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-from difftool.errors import UserError
+from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import show_notes
-from difftool.rundir import LOCK_FILE
+from difftool.rundir import creating, lock_name, make_folder
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[Path]:
-    """Hold `root/train.lock` for the block; refuse if another live process holds it.
+def run_lock(root: Path, command: str = "train") -> Iterator[Path]:
+    """Hold `root/COMMAND.lock` for the block; refuse if another live process holds it.
 
     A folder created here for the lock alone is removed again if the block leaves it empty
     (a refused or failed start leaves nothing behind).
     """
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
-    fd = _acquire(path)
+    created = make_folder(root)
+    path = root / lock_name(command)
+    fd = _acquire(path, command)
     try:
         yield path
     finally:
@@ -43,16 +49,54 @@ def run_lock(root: Path) -> Iterator[Path]:
                 root.rmdir()
 
 
-def _acquire(path: Path) -> int:
+@contextlib.contextmanager
+def main_process_lock(state, root: Path, command: str) -> Iterator[None]:
+    """`run_lock` held by the main process of `state` (an Accelerator or PartialState) for the block.
+
+    One process of a multi-process run holds the lock for all of them; a refusal stops them all.
+    """
+    with contextlib.ExitStack() as stack:
+        on_main_process(state, lambda: stack.enter_context(run_lock(root, command)))
+        yield
+
+
+def on_main_process(state, action: Callable[[], T]) -> T | None:
+    """`action()` on the main process (None elsewhere); a UserError there is raised on every process.
+
+    The other processes would otherwise wait forever at a barrier the main one never reaches.
+    """
+    error, result = None, None
+    if state.is_main_process:
+        try:
+            result = action()
+        except UserError as err:
+            error = str(err)
+        except OSError as err:
+            if not is_storage_error(err):
+                raise
+            error = f"{storage_problem(err)}; free space or fix permissions, or choose another --output"
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = [error]
+        broadcast_object_list(message)
+        error = message[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _acquire(path: Path, command: str) -> int:
     """An open descriptor holding the lock on `path` (the file as it is on disk now)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with creating(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{path.parent} is in use by another difftool train ({_describe(path)}); wait for it to "
-                            f"finish or stop it, or train into another --output") from None
+            raise UserError(f"{path.parent} is in use by another difftool {command} ({_describe(path)}); wait for it "
+                            f"to finish or stop it, or choose another --output") from None
         # The holder we waited on may have deleted the file just before unlocking: lock the new one.
         if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)

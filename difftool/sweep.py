@@ -17,8 +17,8 @@ from pathlib import Path
 from difftool.errors import UserError
 from difftool.evaluate import (
     MetricOptions,
-    check_output,
     distance_key,
+    evaluation_folder,
     main_process,
     model_resolution,
     resolve_reference,
@@ -65,7 +65,13 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
         raise UserError(f"--sweep samples a model; {source} holds images")
     if reference is None:
         raise UserError("--sweep compares settings by FID: give --reference (a data set, folder or statistics .npz)")
-    check_output(output, overwrite=overwrite, resume=resume)
+    with evaluation_folder(output, {"the model": source, "the reference": reference}, overwrite=overwrite,
+                           resume=resume):
+        return _sweep_into(output, source, settings, reference, options, request, overwrite, resume, show_progress)
+
+
+def _sweep_into(output: Path, source: str, settings: list[tuple[str, int]], reference: str, options: MetricOptions,
+                request: SampleRequest, overwrite: bool, resume: bool, show_progress: bool) -> list[dict] | None:
     resolution = model_resolution(source, [dataclasses.replace(request, scheduler=scheduler, steps=steps)
                                            for scheduler, steps in settings])
     main = main_process()

@@ -15,15 +15,13 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import ProjectConfiguration
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -34,7 +32,7 @@ from difftool.checkpoints import INFO_FILE, LoadedModel, export_pipeline, load_m
 from difftool.compiling import check_can_compile
 from difftool.conditions import resolve_guidance_rescale
 from difftool.config import Config
-from difftool.data import ImageData, load_dataset, make_batch
+from difftool.data import ImageData, data_folder, load_dataset, make_batch
 from difftool.errors import (
     UserError,
     first_line,
@@ -50,18 +48,18 @@ from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
     append_jsonl,
+    damaged_checkpoint,
     describe_versions,
     fsync_tree,
     made_by,
     read_progress,
+    refuse_inputs_as_output,
     remove_tree,
     write_text,
 )
-from difftool.runlock import run_lock
+from difftool.runlock import main_process_lock, on_main_process
 from difftool.sample import denoise, image_generators, initial_noise, to_uint8
 from difftool.schedulers import make_scheduler
-
-T = TypeVar("T")
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -86,11 +84,12 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     """
     run = RunDir(output)
     check_folder_path(run.root)
+    # replaces: --overwrite clears the run folder, and a data folder inside it with it
+    refuse_inputs_as_output(run.root, {"the data": data_folder(cfg.data.dataset)}, replaces=True)
     keep_freed_memory()
     accelerator = _make_accelerator(cfg, run)
     try:
-        with contextlib.ExitStack() as stack:
-            _on_main_process(accelerator, lambda: stack.enter_context(run_lock(run.root)))
+        with main_process_lock(accelerator, run.root, "train"):
             return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe)
     except OSError as err:
         if not is_storage_error(err):
@@ -501,32 +500,8 @@ def _flat_config(cfg: Config) -> dict:
 
 def _load_data(accelerator: Accelerator, cfg: Config) -> ImageData:
     """The main process loads first (filling the cache the others then read)."""
-    data = _on_main_process(accelerator, lambda: load_dataset(cfg.data))
+    data = on_main_process(accelerator, lambda: load_dataset(cfg.data))
     return data if accelerator.is_main_process else load_dataset(cfg.data)
-
-
-def _on_main_process(accelerator: Accelerator, action: Callable[[], T]) -> T | None:
-    """`action()` on the main process (None elsewhere); a UserError there is raised on every process.
-
-    The other processes would otherwise wait forever at a barrier the main one never reaches.
-    """
-    error, result = None, None
-    if accelerator.is_main_process:
-        try:
-            result = action()
-        except UserError as err:
-            error = str(err)
-        except OSError as err:
-            if not is_storage_error(err):
-                raise
-            error = f"{storage_problem(err)}; free space or fix permissions, or choose another --output"
-    if accelerator.num_processes > 1:
-        message = [error]
-        broadcast_object_list(message)
-        error = message[0]
-    if error is not None:
-        raise UserError(error)
-    return result
 
 
 def _exported_step(run: RunDir) -> int | None:
@@ -564,9 +539,7 @@ def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
         if written_by != this:
             raise UserError(f"{problem}; it was written by {written_by} and this is {this}. Install those versions "
                             f"to resume it; its weights can still be sampled and converted") from err
-        earlier = [c for c in RunDir(checkpoint.parent.parent).checkpoints() if c != checkpoint]
-        raise UserError(f"{problem}: the checkpoint is damaged; resume from an earlier one "
-                        f"({', '.join(str(c) for c in earlier) or 'there is none'})") from err
+        raise damaged_checkpoint(checkpoint, f"it does not load ({type(err).__name__}: {first_line(err)})") from err
 
 
 def _micro_batch_size(cfg: Config, world: int) -> int:

@@ -210,10 +210,21 @@ def test_error_message_with_brackets_is_printed_verbatim(tmp_path):
         assert f"cannot resume: {name} does not exist" in line
 
 
-def test_debug_shows_the_exception():
-    result = invoke("--debug", "train", "--recipe", "cifar", "--dry-run")
+@pytest.mark.parametrize("argv", [["--debug", "train", "--recipe", "cifar", "--dry-run"],
+                                  ["train", "--recipe", "cifar", "--dry-run", "--debug"],
+                                  ["recipes", "show", "cifar", "--debug"]])
+def test_debug_shows_the_exception_before_or_after_the_command(argv):
+    result = invoke(*argv)
     assert isinstance(result.exception, UserError)
     assert "unknown recipe 'cifar'" in str(result.exception)
+    assert_user_error(invoke(*[a for a in argv if a != "--debug"]), "unknown recipe 'cifar'")  # and off again
+
+
+def test_every_command_takes_debug():
+    for command in (["train"], ["sample"], ["schedulers"], ["inpaint"], ["convert"], ["inspect"], ["evaluate"],
+                    ["recipes", "list"], ["recipes", "show"], ["recipes", "cp"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "--debug" in result.output, command
 
 
 def test_train_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path, tiny_recipe):

@@ -221,6 +221,51 @@ def test_bad_image_sets_are_refused(tmp_path):
         open_images(tmp_path / "nowhere")
 
 
+def test_files_of_a_folder_that_are_not_scored_are_named(tmp_path):
+    folder = write_images(tmp_path / "imgs", shapes(3))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "clip.gif").write_bytes(b"GIF89a")
+    (folder / ".hidden.png").write_bytes(b"")  # hidden files are not looked at
+    images = open_images(folder)
+    assert images.count == 3
+    assert [n for n in images.notes if "left out" in n] == [
+        f"left out 2 files in {folder} (not .png/.jpg/.jpeg/.webp images): notes.txt, sub/clip.gif"]
+
+
+@pytest.mark.parametrize("image_format", ["png", "npz"])
+def test_a_folder_written_by_sample_is_the_samples_it_lists_not_its_grid(tiny_run, tmp_path, extractor_file,
+                                                                         image_format):
+    out = tmp_path / "samples"
+    result = runner.invoke(app, ["sample", str(tiny_run), "-n", "5", "--steps", "2", "--format", image_format,
+                                 "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    Image.open(out / "grid.png").save(out / "000009.png")  # an image the sampling did not make
+    assert is_image_source(out)
+    images = open_images(out)
+    assert images.count == 5 and images.size == (8, 8)
+    assert [n for n in images.notes if "left out" in n] == [
+        f"left out 2 files in {out} (not among the samples its sample.json lists): 000009.png, grid.png"]
+    result = runner.invoke(app, ["evaluate", str(out), "--features", str(extractor_file), "-o", str(tmp_path / "ev"),
+                                 "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_images"] == 5
+
+
+def test_an_unfinished_sample_folder_is_refused_with_the_remedy(tiny_run, tmp_path):
+    out = tmp_path / "samples"
+    assert runner.invoke(app, ["sample", str(tiny_run), "-n", "4", "--steps", "2", "-o", str(out), "-q"]).exit_code == 0
+    (out / "000001.png").unlink()
+    (out / "000003.png").unlink()
+    with pytest.raises(UserError, match=f"{out} was written by difftool sample and its sample.json lists 4 samples, but "
+                                        r"000001.png and 1 more are missing; finish it with difftool sample MODEL "
+                                        f"--resume --output {out}"):
+        open_images(out)
+    (out / "sample.json").write_text("[]")
+    with pytest.raises(UserError, match="sample.json is damaged .*remove sample.json to score the image files"):
+        open_images(out)
+
+
 def test_a_run_folder_is_not_an_image_source(tiny_run):
     assert not is_image_source(tiny_run) and not is_image_source(tiny_run / "model")
     assert is_image_source(tiny_run / "samples")  # training's preview grids are images

@@ -330,6 +330,55 @@ def test_unusual_formats_give_the_right_pixels_everywhere(tmp_path, kind):
     assert_pixels(pair.original, kept)
 
 
+# ---------------------------------------------------------------- several frames
+
+FRAMES = [Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def several_frames(fmt: str) -> bytes:
+    """An animated GIF, PNG or WebP, or a multi-page TIFF, of the three FRAMES."""
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    return encoded(FRAMES[0], fmt, save_all=True, append_images=FRAMES[1:], **options)
+
+
+def first_frame_notes(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "several frames" in line]
+
+
+def test_images_with_several_frames_are_read_by_their_first_with_one_warning(tmp_path, caplog):
+    """Data and evaluation folders read animated PNG and WebP (their suffixes); one warning names them."""
+    good_images(tmp_path / "data")
+    for fmt in ("PNG", "WEBP"):
+        write(tmp_path / "data" / f"animated.{fmt.lower()}", several_frames(fmt))
+    with caplog.at_level(logging.WARNING, logger="difftool"):
+        data = load_folder(tmp_path / "data", channels=3)
+    [warning] = warnings_of(caplog)
+    assert "animated.png and 1 more have several frames (animated or multi-page); only the first frame is used" \
+        in warning
+    first = np.asarray(FRAMES[0])
+    assert {tuple(np.asarray(image.permute(1, 2, 0)).ravel()) for image in data.images} >= {tuple(first.ravel())}
+    images = open_images(tmp_path / "data")
+    assert images.count == 4
+    assert len(first_frame_notes("\n".join(images.notes))) == 1
+
+
+def test_inpaint_reads_animated_and_multi_page_files_by_their_first_frame_with_one_note(tiny_run, tmp_path):
+    files = {"images/a.tiff": "TIFF", "images/b.webp": "WEBP", "masks/a.tiff": "TIFF", "masks/b.tiff": "TIFF",
+             "photo.gif": "GIF", "mask.tiff": "TIFF"}
+    for name, fmt in files.items():
+        write(tmp_path / name, several_frames(fmt))
+    blend = ["--model", tiny_run, "--method", "blend", "--steps", "2", "-q"]
+    for args, named in (([tmp_path / "images", tmp_path / "masks", "-o", tmp_path / "filled"], "a.tiff and 3 more"),
+                        ([tmp_path / "photo.gif", tmp_path / "mask.tiff", "-o", tmp_path / "filled.png"],
+                         "photo.gif and 1 more")):
+        result = invoke("inpaint", *args, *blend)
+        assert result.exit_code == 0, result.output
+        [note] = first_frame_notes(" ".join(result.stderr.split()).replace("note: ", "\nnote: "))
+        assert f"{named} have several frames" in note
+    with Image.open(tmp_path / "filled.png") as filled:
+        assert filled.size == FRAMES[0].size
+
+
 # ---------------------------------------------------------------- tampered safetensors
 
 

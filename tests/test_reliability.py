@@ -349,17 +349,29 @@ def test_a_checkpoint_this_version_cannot_restore_names_the_versions_that_wrote_
         train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
 
 
-def test_a_damaged_checkpoint_points_to_an_earlier_one(tmp_path):
+DAMAGE = {
+    "progress.json deleted": (lambda c: (c / "progress.json").unlink(), "its progress.json is missing"),
+    "progress.json cut short": (lambda c: (c / "progress.json").write_text('{"step": '),
+                                "its progress.json is damaged (Expecting value"),
+    "weights cut short": (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:999]),
+                          "it does not load ("),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_names_the_complete_one_and_the_command(tmp_path, damage):
+    """However the newest checkpoint is damaged, resuming the run says what, and from where to resume instead."""
     run = train(tiny_config(), tmp_path / "run", show_progress=False).run
-    newest = run / "checkpoints" / "step-000006"
-    torch.save({"state": {}, "param_groups": []}, newest / "optimizer.bin")
-    plan = plan_training(resume=str(run), values={"train.max_steps": 8})
-    with pytest.raises(UserError, match=r"cannot resume from .*step-000006 \(ValueError: .*\): the checkpoint is "
-                                        r"damaged; resume from an earlier one \(.*step-000003\)"):
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
-    (newest / "progress.json").write_text('{"step": ')
-    with pytest.raises(UserError, match=r"step-000006/progress.json is damaged \(.*\); resume from another"):
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    newest, earlier = run / "checkpoints" / "step-000006", run / "checkpoints" / "step-000003"
+    spoil, problem = DAMAGE[damage]
+    spoil(newest)
+    line = assert_user_error(invoke("train", "--resume", run, "--max-steps", "8", "-q"),
+                             f"cannot resume from {newest}: {problem}")
+    assert line.endswith(f"; the newest complete checkpoint is {earlier}: difftool train --resume {earlier}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"], "nothing changed"
+    result = invoke("train", "--resume", earlier, "--max-steps", "8", "-q")  # the command it names
+    assert result.exit_code == 0, result.output
+    check_loads(newest)  # written again on the way to step 8
 
 
 # ---------------------------------------------------------------- SIGTERM while sampling

@@ -272,5 +272,35 @@ def test_resume_errors_say_what_to_give_instead(tmp_path):
 def test_resume_an_incomplete_checkpoint_folder_is_refused(tmp_path):
     run = make_run(tmp_path / "run", 5)
     (run.checkpoints_dir / "step-000010").mkdir()  # no progress.json
-    with pytest.raises(UserError, match="is not a difftool run folder"):
+    with pytest.raises(UserError) as err:
         resolve_resume(str(run.checkpoints_dir / "step-000010"))
+    assert str(err.value) == (f"cannot resume from {run.checkpoint(10)}: its progress.json is missing; the newest "
+                              f"complete checkpoint is {run.checkpoint(5)}: difftool train --resume {run.checkpoint(5)}")
+
+
+@pytest.mark.parametrize(("progress", "problem"), [
+    (None, "its progress.json is missing"),
+    ('{"step": ', "its progress.json is damaged (Expecting value: line 1 column 10 (char 9))"),
+    ("[]", "its progress.json is damaged (it holds a JSON list, not an object)"),
+])
+def test_resuming_a_run_never_passes_over_a_damaged_newest_checkpoint(tmp_path, progress, problem):
+    run = make_run(tmp_path / "run", 5, 10, 15)
+    (run.checkpoint(15) / PROGRESS_FILE).unlink()
+    if progress is not None:
+        (run.checkpoint(15) / PROGRESS_FILE).write_text(progress)
+    (run.checkpoint(10) / PROGRESS_FILE).write_text("{}")  # damaged too: not offered instead
+    expected = (f"cannot resume from {run.checkpoint(15)}: {problem}; the newest complete checkpoint is "
+                f"{run.checkpoint(5)}: difftool train --resume {run.checkpoint(5)}")
+    for target in (str(run.root), str(run.checkpoint(15))):
+        with pytest.raises(UserError) as err:
+            resolve_resume(target)
+        assert str(err.value) == expected
+    assert resolve_resume(str(run.checkpoint(5))) == (run.root, run.checkpoint(5))
+
+
+def test_a_damaged_only_checkpoint_says_to_start_again(tmp_path):
+    run = make_run(tmp_path / "run", 5)
+    (run.checkpoint(5) / PROGRESS_FILE).write_text("")
+    with pytest.raises(UserError, match=r"step-000005: its progress.json is damaged \(.*\); the run has no other "
+                                        r"complete checkpoint: start it again with --overwrite"):
+        resolve_resume(str(run.root))

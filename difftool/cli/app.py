@@ -10,7 +10,13 @@ import typer
 
 from difftool import __version__
 from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, train
-from difftool.cli.errors import OneLineUsageErrors, debug_enabled, report, set_debug
+from difftool.cli.errors import (
+    DEBUG_HELP,
+    OneLineUsageErrors,
+    debug_enabled,
+    report,
+    set_debug,
+)
 
 app = typer.Typer(
     name="difftool", cls=OneLineUsageErrors,
@@ -36,7 +42,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks (also DIFFTOOL_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     set_debug(debug)
 

@@ -9,7 +9,7 @@ import os
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import console
@@ -78,11 +78,15 @@ def _user_message(err: UserError | OSError) -> str | None:
     return None
 
 
+DEBUG_HELP = "Show Python tracebacks (also DIFFTOOL_DEBUG=1)."
+
+
 class OneLineUsageErrors(TyperGroup):
     """Click's usage errors (`--steps abc`, an unknown option, a missing argument) as one error line, exit 2.
 
     Typer prints them as the usage, a hint and a boxed panel: several lines, unlike every other error of
     the app. Root options are parsed in `make_context`, the subcommands' while the group invokes them.
+    Every command also takes `--debug` after its name, where it is usually added to a failed command line.
     """
 
     def make_context(self, *args, **kwargs):
@@ -92,6 +96,18 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx):
         with _one_line_usage_errors():
             return super().invoke(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not any(param.name == "debug" for param in command.params):
+            command.params.append(TyperOption(param_decls=["--debug"], is_flag=True, expose_value=False,
+                                              callback=_turn_on_debug, help=DEBUG_HELP))
+        return command
+
+
+def _turn_on_debug(ctx, param, value: bool) -> None:
+    if value:
+        set_debug(True)
 
 
 @contextlib.contextmanager

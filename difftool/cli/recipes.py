@@ -11,10 +11,10 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from difftool import config as config_mod
-from difftool.cli.errors import user_errors
+from difftool.cli.errors import OneLineUsageErrors, user_errors
 from difftool.errors import UserError
 
-app = typer.Typer(help="The built-in training recipes.", no_args_is_help=True)
+app = typer.Typer(help="The built-in training recipes.", no_args_is_help=True, cls=OneLineUsageErrors)
 stdout = Console()
 
 
