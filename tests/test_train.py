@@ -288,7 +288,7 @@ def test_torch_compile_trains_like_eager(tmp_path):
     eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
     counters.clear()
     compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
-    assert counters["stats"]["unique_graphs"] >= 1, "the second run of the process compiled (accelerate kept the first's)"
+    assert counters["stats"]["unique_graphs"] >= 1, "the second run of the process compiled (accelerate kept the first)"
     # Inductor reorders float sums: after 3 steps the losses drift by about 0.2%.
     torch.testing.assert_close(losses(compiled.run), losses(eager.run), rtol=1e-2, atol=1e-4)
     assert DDPMPipeline.from_pretrained(compiled.run / "model").unet.config.block_out_channels == [8, 16]
