@@ -65,7 +65,7 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (see difftool.data)."""
+    """Where images come from and how they are augmented (see difftool.training.data)."""
 
     dataset: str = "shapes"
     split: str = "train"

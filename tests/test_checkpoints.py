@@ -15,7 +15,7 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import constants as hub_constants
 
-from difftool.checkpoints import (
+from difftool.models.checkpoints import (
     INFO_FILE,
     load_model,
     read_single_file_metadata,
@@ -24,7 +24,7 @@ from difftool.checkpoints import (
 )
 from difftool.config import read_config
 from difftool.errors import UserError
-from difftool.models import build_noise_scheduler
+from difftool.models.build import build_noise_scheduler
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INFO_KEYS = {"resolution", "channels", "num_classes", "label_names", "null_class"}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from difftool import __version__
 from difftool import config as config_mod
-from difftool import launch as launch_mod
+from difftool.cli import launch as launch_mod
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir
 from tests.conftest import assert_user_error, invoke, tiny_config

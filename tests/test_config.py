@@ -11,7 +11,7 @@ import torch
 from difftool import config as config_mod
 from difftool.config import Config, load_config, validate
 from difftool.errors import UserError
-from difftool.models import build_unet, count_parameters
+from difftool.models.build import build_unet, count_parameters
 
 BUILT_IN = ["cifar10", "folder32", "folder64", "mnist", "quickstart"]
 

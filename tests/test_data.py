@@ -1,4 +1,4 @@
-"""difftool.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
+"""difftool.training.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import data as data_mod
+from difftool.training import data as data_mod
 from difftool.config import DataConfig
-from difftool.data import (
+from difftool.training.data import (
     ImageData,
     from_hf_dataset,
     load_dataset,

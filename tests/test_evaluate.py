@@ -17,27 +17,27 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from difftool import features as features_mod
-from difftool import reference as reference_mod
+from difftool.evaluation import features as features_mod
+from difftool.evaluation import reference as reference_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
-from difftool.evaluate import (
+from difftool.evaluation.evaluate import (
     MetricOptions,
     build_stats,
     default_output,
     evaluate,
     score,
 )
-from difftool.features import (
+from difftool.evaluation.features import (
     Dinov2Extractor,
     InceptionExtractor,
     TorchScriptExtractor,
     load_extractor,
 )
-from difftool.generate import SampleRequest
-from difftool.imagesets import from_tensor, is_image_source, open_images
-from difftool.metrics import frechet_distance, gaussian_stats
-from difftool.sweep import (
+from difftool.sampling.job import SampleRequest
+from difftool.evaluation.imagesets import from_tensor, is_image_source, open_images
+from difftool.evaluation.metrics import frechet_distance, gaussian_stats
+from difftool.evaluation.sweep import (
     PLOT_FILE,
     RESULTS_CSV,
     RESULTS_JSON,
@@ -58,7 +58,7 @@ def write_images(folder: Path, images: torch.Tensor) -> Path:
 
 
 def shapes(n: int, resolution: int = 8, seed_offset: int = 0) -> torch.Tensor:
-    from difftool.data import make_shapes
+    from difftool.training.data import make_shapes
 
     return make_shapes(n + seed_offset, resolution).images[seed_offset:]
 

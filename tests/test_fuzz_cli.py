@@ -35,13 +35,13 @@ from PIL import Image
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from difftool.checkpoints import read_single_file_metadata, save_single_file
+from difftool.models.checkpoints import read_single_file_metadata, save_single_file
 from difftool.cli.app import app
 from difftool.cli.options import IMAGES_MAX, SEED_MAX
 from difftool.config import field_paths, recipe_names
-from difftool.models import build_noise_scheduler, build_unet
+from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.rundir import PROGRESS_FILE, RunDir
-from difftool.schedulers import SCHEDULERS, SPACINGS, supports_karras
+from difftool.sampling.schedulers import SCHEDULERS, SPACINGS, supports_karras
 from tests.conftest import _TupleExtractor, difftool_cmd, tiny_config
 
 runner = CliRunner()

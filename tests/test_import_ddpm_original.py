@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from difftool.errors import UserError
-from difftool.importers import ddpm_original
+from difftool.models.importers import ddpm_original
 
 SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,), "resolution": 16}
 # Three levels, two res blocks, attention on the first level: up.0 becomes up_blocks.2.

@@ -10,12 +10,12 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
-from difftool import train as train_mod
-from difftool.checkpoints import load_model
+from difftool.training import loop as train_mod
+from difftool.models.checkpoints import load_model
 from difftool.errors import UserError
-from difftool.plan import plan_training
+from difftool.training.plan import plan_training
 from difftool.rundir import RunDir
-from difftool.train import train
+from difftool.training.loop import train
 from tests.conftest import tiny_config
 
 

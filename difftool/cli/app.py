@@ -52,13 +52,6 @@ def main() -> None:
     _run(app)
 
 
-def run_single_command(name: str) -> None:
-    """Entry for `python -m difftool.<name>` (what `accelerate launch -m` runs): that command alone."""
-    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    single.command(name)({"train": train.train, "sample": sample.sample, "evaluate": evaluate.evaluate}[name])
-    _run(single)
-
-
 def _run(typer_app: typer.Typer) -> None:
     """Unexpected errors get one line and exit 1 unless debugging (user errors exit 2 earlier).
 

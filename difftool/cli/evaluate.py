@@ -1,4 +1,4 @@
-"""`difftool evaluate`: flags -> difftool.evaluate / difftool.sweep (or accelerate launch)."""
+"""`difftool evaluate`: flags -> difftool.evaluation.evaluate / difftool.evaluation.sweep (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.table import Table
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
 from difftool.errors import UserError
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import forward_options, launch
 from difftool.progress import console, show_notes
 
 stdout = Console()
@@ -68,7 +68,7 @@ def evaluate(
 
     `difftool evaluate stats DATA --output FILE.npz` makes reference statistics instead (a folder called stats: ./stats).
     """
-    from difftool.evaluate import MetricOptions
+    from difftool.evaluation.evaluate import MetricOptions
 
     metric_options = MetricOptions(features=features, inception_weights=inception_weights,
                                    batch_size=feature_batch_size, kid_subset_size=kid_subset_size, pr_k=pr_k,
@@ -94,8 +94,8 @@ def evaluate(
         raise typer.Exit(launch("difftool.evaluate", args, num_processes=num_processes,
                                 main_process_port=main_process_port))
 
-    from difftool.evaluate import default_output
-    from difftool.generate import SampleRequest
+    from difftool.evaluation.evaluate import default_output
+    from difftool.sampling.job import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, weights=weights,
@@ -110,8 +110,8 @@ def evaluate(
 
 def _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
               sampling_options) -> None:
-    from difftool.evaluate import evaluate
-    from difftool.imagesets import is_image_source
+    from difftool.evaluation.evaluate import evaluate
+    from difftool.evaluation.imagesets import is_image_source
 
     if is_image_source(source) and any(value is not None for value in sampling_options):
         raise UserError(f"{source} holds images, not a model: --scheduler and --steps do not apply")
@@ -128,8 +128,8 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
 
 
 def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
-    from difftool.evaluate import COMPARABLE_N
-    from difftool.sweep import PLOT_FILE, RESULTS_CSV, sweep
+    from difftool.evaluation.evaluate import COMPARABLE_N
+    from difftool.evaluation.sweep import PLOT_FILE, RESULTS_CSV, sweep
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
                  overwrite=overwrite, resume=resume, show_progress=not quiet)
@@ -153,7 +153,7 @@ def _sweep(source, spec, reference, metric_options, request, output, overwrite, 
 
 
 def _stats(data, output, resolution, metric_options, overwrite, quiet) -> None:
-    from difftool.evaluate import build_stats
+    from difftool.evaluation.evaluate import build_stats
 
     if data is None:
         raise UserError("difftool evaluate stats needs the data: difftool evaluate stats DATA --output FILE.npz")

@@ -1,4 +1,4 @@
-"""`difftool sample`: flags -> difftool.generate.generate (or accelerate launch)."""
+"""`difftool sample`: flags -> difftool.sampling.job.generate (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
 from difftool.errors import UserError
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import forward_options, launch
 from difftool.progress import console
 
 EXAMPLES = """
@@ -53,7 +53,7 @@ def sample(
     quiet: options.Quiet = False,
 ) -> None:
     """Sample images from a trained model with any scheduler; PNGs carry their settings."""
-    from difftool.generate import SampleRequest, generate
+    from difftool.sampling.job import SampleRequest, generate
 
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other: choose one")

@@ -1,4 +1,4 @@
-"""`difftool train`: flags -> difftool.plan -> difftool.train.train (or accelerate launch)."""
+"""`difftool train`: flags -> difftool.training.plan -> difftool.training.loop.train (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from difftool import config as config_mod
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import forward_options, launch
 from difftool.progress import console
 
 EXAMPLES = """
@@ -48,7 +48,7 @@ def train(
     quiet: options.Quiet = False,
 ) -> None:
     """Train a UNet2DModel with a DDPM noise schedule; writes a run folder (see README)."""
-    from difftool.plan import plan_training
+    from difftool.training.plan import plan_training
 
     values = {
         "data.resolution": resolution, "data.image_column": image_column, "data.label_column": label_column,
@@ -73,7 +73,7 @@ def train(
         ])
         raise typer.Exit(launch("difftool.train", args, num_processes=num_processes, main_process_port=main_process_port))
 
-    from difftool.train import train as run_training
+    from difftool.training.loop import train as run_training
 
     result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
                           why_recipe=plan.why)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from difftool.errors import UserError
-from difftool.evaluate import (
+from difftool.evaluation.evaluate import (
     MetricOptions,
     distance_key,
     evaluation_folder,
@@ -24,11 +24,11 @@ from difftool.evaluate import (
     resolve_reference,
     score,
 )
-from difftool.features import load_extractor
-from difftool.generate import SampleRequest, generate
-from difftool.imagesets import is_image_source, open_images
+from difftool.evaluation.features import load_extractor
+from difftool.sampling.job import SampleRequest, generate
+from difftool.evaluation.imagesets import is_image_source, open_images
 from difftool.rundir import atomic_path, write_text
-from difftool.schedulers import get_spec
+from difftool.sampling.schedulers import get_spec
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"

@@ -2,7 +2,7 @@
 
 Sources are whatever `checkpoints.load_model` reads (run folders, checkpoints, pipeline and
 unet/ folders, single files, hub ids) plus pickled state dicts: diffusers-layout `.bin` files
-beside their config.json, and other toolkits' checkpoints through `difftool.importers`. Pickles
+beside their config.json, and other toolkits' checkpoints through `difftool.models.importers`. Pickles
 are read with `torch.load(weights_only=True)` only, so no file can run code here.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from difftool.checkpoints import (
+from difftool.models.checkpoints import (
     LoadedModel,
     export_pipeline,
     load_model,
@@ -25,7 +25,7 @@ from difftool.checkpoints import (
     state_dict_hash,
 )
 from difftool.errors import UserError, first_line
-from difftool.importers import IMPORTERS
+from difftool.models.importers import IMPORTERS
 from difftool.rundir import atomic_dir, refuse_inputs_as_output
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from difftool import __version__
-from difftool.data import default_cache_dir
+from difftool.training.data import default_cache_dir
 from difftool.errors import UserError, first_line
-from difftool.features import Extractor, extract
-from difftool.imagesets import ImageSet, from_data_source, open_images, open_npz
-from difftool.metrics import GaussianStats, gaussian_stats
+from difftool.evaluation.features import Extractor, extract
+from difftool.evaluation.imagesets import ImageSet, from_data_source, open_images, open_npz
+from difftool.evaluation.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from difftool import __version__
 from difftool.allocator import keep_freed_memory
-from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
+from difftool.models.checkpoints import LoadedModel, load_model, place, sampling_defaults
 from difftool.compiling import check_can_compile
-from difftool.conditions import (
+from difftool.sampling.conditions import (
     resolve_classes,
     resolve_guidance,
     resolve_guidance_rescale,
@@ -42,8 +42,8 @@ from difftool.rundir import (
     write_text,
 )
 from difftool.runlock import main_process_lock
-from difftool.sample import denoise, image_generators, initial_noise, to_uint8
-from difftool.schedulers import choose, make_scheduler
+from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
+from difftool.sampling.schedulers import choose, make_scheduler
 
 SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"

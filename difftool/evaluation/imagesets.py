@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
+from difftool.training.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
-from difftool.generate import NPZ_FILE, SETTINGS_FILE
+from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (
     first_frame_note,
     open_image,

@@ -84,7 +84,7 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
                      "and is kept")
     model_view = original.crop(box).convert("L" if channels == 1 else "RGB")
     if model_view.size != (resolution, resolution):
-        # Lanczos, as training images are resized in difftool.data: the model sees what it learned from.
+        # Lanczos, as training images are resized in difftool.training.data: the model sees what it learned from.
         model_view = model_view.resize((resolution, resolution), Image.Resampling.LANCZOS)
     # A model pixel is generated if any pixel it covers is, so thin strokes survive downscaling.
     mask = F.adaptive_max_pool2d(torch.from_numpy(_within(generate, box)).float()[None, None], resolution)

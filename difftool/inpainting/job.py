@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 
 from difftool import __version__
-from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
-from difftool.conditions import resolve_classes, resolve_guidance
+from difftool.models.checkpoints import LoadedModel, load_model, sampling_defaults
+from difftool.sampling.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import first_frame_note, save_png
-from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
-from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
+from difftool.inpainting.repaint import METHODS, RepaintSchedule, blend, repaint
+from difftool.inpainting.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
 from difftool.rundir import refuse_inputs_as_output
 from difftool.runlock import run_lock
-from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
-from difftool.schedulers import SCHEDULERS, choose, make_scheduler
+from difftool.sampling.loop import Predictor, image_generators, initial_noise, to_uint8
+from difftool.sampling.schedulers import SCHEDULERS, choose, make_scheduler
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difftool.convert import read_source
+from difftool.models.convert import read_source
 
 
 def describe(source: str | Path, *, source_format: str = "auto", weights: str | None = None) -> dict:

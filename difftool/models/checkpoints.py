@@ -26,7 +26,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from difftool import __version__
 from difftool.config import read_config
 from difftool.errors import UserError, first_line
-from difftool.models import build_noise_scheduler, build_unet
+from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
