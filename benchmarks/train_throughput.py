@@ -124,7 +124,7 @@ def _computes_in(name: str, params, overrides: list[str]) -> tuple[str, str]:
     import torch
 
     from difftool import config as config_mod
-    from difftool.training.loop import resolve_precision
+    from difftool.training.setup import resolve_precision
 
     setting = PLAIN.get(name) or config_mod.apply_changes(params, [*overrides, *DIFFTOOL[name]]).train.mixed_precision
     resolved = resolve_precision(setting, not torch.cuda.is_available())

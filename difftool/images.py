@@ -15,6 +15,9 @@ from difftool.rundir import atomic_path
 
 _OPEN_LOCK = threading.Lock()
 
+# What the training data and the evaluated image folders accept.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
 
 def open_image(source) -> Image.Image:
     """`Image.open` (lazy: reads the header only) that refuses any image over `Image.MAX_IMAGE_PIXELS`.

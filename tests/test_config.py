@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from difftool import config as config_mod
+from difftool import recipebook
 from difftool.config import Config, load_config, validate
 from difftool.errors import UserError
 from difftool.models.build import build_unet, count_parameters
@@ -67,14 +68,14 @@ def test_cifar10_recipe_builds_the_35_7m_parameter_ddpm_unet():
 def test_recipes_are_found_in_a_source_tree_that_is_not_installed(monkeypatch):
     """Run from a checkout on PYTHONPATH (the GPU check's device machine, where nothing is installed),
     `recipes/` is no subpackage of `difftool`: the recipes are read from the tree."""
-    real = config_mod.resources.files
+    real = recipebook.resources.files
 
     def files(package):
         if package == "difftool.recipes":
             raise ModuleNotFoundError(f"No module named '{package}'")
         return real(package)
 
-    monkeypatch.setattr(config_mod.resources, "files", files)
+    monkeypatch.setattr(recipebook.resources, "files", files)
     assert config_mod.recipe_names() == BUILT_IN
     assert config_mod.load_config("cifar10").train.batch_size == 128
 

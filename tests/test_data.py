@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from difftool.training import data as data_mod
+from difftool.training.data import decode as decode_mod
 from difftool.config import DataConfig
 from difftool.training.data import (
     ImageData,
@@ -197,7 +198,7 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
     def fail(*_):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data_mod, "_decode_image", fail)
+    monkeypatch.setattr(decode_mod, "_decode_image", fail)
     again = load_dataset(c, cache_dir=tmp_path / "cache")
     assert again.source == first.source and again.channels == first.channels
     assert all(torch.equal(a, b) for a, b in zip(first.images, again.images, strict=True))
@@ -206,8 +207,8 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
     save(root / "2.png", rgb(30, 10, 99))
     os.utime(root / "2.png", ns=(1, 1))  # mtime alone would be enough; make it differ for sure
     calls = []
-    real = data_mod._decode_image
-    monkeypatch.setattr(data_mod, "_decode_image", lambda *a: calls.append(a) or real(*a))
+    real = decode_mod._decode_image
+    monkeypatch.setattr(decode_mod, "_decode_image", lambda *a: calls.append(a) or real(*a))
     changed = load_dataset(c, cache_dir=tmp_path / "cache")
     assert len(calls) == 4 and not torch.equal(changed.images[2], first.images[2])
 
@@ -277,7 +278,7 @@ def test_load_dataset_alias_goes_through_hub_and_cache(tmp_path, monkeypatch):
     assert calls == [("uoft-cs/cifar10", "train")]
     assert d.label_names == ["airplane", "automobile"] and d.labels.tolist() == [1, 0]
     assert "uoft-cs/cifar10" in d.source
-    monkeypatch.setattr(data_mod, "_decode_image", lambda *a: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(decode_mod, "_decode_image", lambda *a: pytest.fail("decoded although cached"))
     assert torch.equal(load_dataset(cfg(dataset="cifar10", resolution=8), cache_dir=tmp_path).images, d.images)
 
 

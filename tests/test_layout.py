@@ -79,3 +79,17 @@ def test_library_never_imports_cli():
                  if not name.startswith("difftool.cli") and name not in ENTRY_POINTS}
     assert {k: v for k, v in offenders.items() if v} == {}
 
+
+
+def test_no_module_over_500_lines():
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_no_function_over_80_lines():
+    long = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long == {}

@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 from difftool.training import loop as train_mod
+from difftool.training import setup as setup_mod
 from difftool.models.checkpoints import load_model
 from difftool.errors import UserError
 from difftool.training.plan import plan_training
@@ -228,8 +229,8 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert train_mod.resolve_precision("auto", on_cpu=True) == expected
-    assert train_mod.resolve_precision("no", on_cpu=True) == "no"
+    assert setup_mod.resolve_precision("auto", on_cpu=True) == expected
+    assert setup_mod.resolve_precision("no", on_cpu=True) == "no"
 
 
 def test_fp16_on_cpu_is_a_user_error(tmp_path):

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from difftool.training.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
+from difftool.images import IMAGE_SUFFIXES
+from difftool.training.data import center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
 from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from difftool import __version__
-from difftool.training.data import default_cache_dir
+from difftool.training.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.evaluation.features import Extractor, extract
 from difftool.evaluation.imagesets import ImageSet, from_data_source, open_images, open_npz

@@ -13,30 +13,24 @@ import contextlib
 import json
 import math
 import shutil
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
-from difftool.models.checkpoints import INFO_FILE, LoadedModel, export_pipeline, load_model, load_pickle, model_info
-from difftool.compiling import check_can_compile
+from difftool.models.checkpoints import export_pipeline, load_model, model_info
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.config import Config
-from difftool.training.data import ImageData, data_folder, load_dataset, make_batch
+from difftool.training.data import data_folder, make_batch
 from difftool.errors import (
     UserError,
-    first_line,
     is_storage_error,
     os_errors_of_writers,
     storage_problem,
@@ -49,8 +43,6 @@ from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
     append_jsonl,
-    damaged_checkpoint,
-    describe_versions,
     fsync_tree,
     made_by,
     read_progress,
@@ -58,9 +50,19 @@ from difftool.rundir import (
     remove_tree,
     write_text,
 )
-from difftool.runlock import main_process_lock, on_main_process
+from difftool.runlock import main_process_lock
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import make_scheduler
+from difftool.training.guards import NonFiniteSteps, StopOnSignal, Window
+from difftool.training.setup import (
+    exported_step,
+    flat_config,
+    load_data,
+    load_start_weights,
+    load_state,
+    make_accelerator,
+    micro_batch_size,
+)
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -88,7 +90,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     # replaces: --overwrite clears the run folder, and a data folder inside it with it
     refuse_inputs_as_output(run.root, {"the data": data_folder(cfg.data.dataset)}, replaces=True)
     keep_freed_memory()
-    accelerator = _make_accelerator(cfg, run)
+    accelerator = make_accelerator(cfg, run)
     try:
         with main_process_lock(accelerator, run.root, "train"):
             return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe)
@@ -102,11 +104,11 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
 
 def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
                   show_progress: bool, why_recipe: str | None) -> TrainResult:
-    micro_batch = _micro_batch_size(cfg, accelerator.num_processes)
+    micro_batch = micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
     start_weights = load_model(cfg.train.init_from) if cfg.train.init_from and resume is None else None
-    data = _load_data(accelerator, cfg)
+    data = load_data(accelerator, cfg)
     labels_used = cfg.model.class_conditional
     if labels_used and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
@@ -126,7 +128,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
             run.trim_metrics(read_progress(resume)["step"])
     accelerator.wait_for_everyone()
     if cfg.log.trackers:
-        accelerator.init_trackers("difftool", config=_flat_config(cfg))
+        accelerator.init_trackers("difftool", config=flat_config(cfg))
 
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -134,7 +136,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(cfg.model, resolution=cfg.data.resolution, channels=data.channels, num_classes=num_classes)
     if start_weights is not None:
-        _load_start_weights(unet, start_weights)
+        load_start_weights(unet, start_weights)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
@@ -160,11 +162,11 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
 
     start_step = 0
     if resume is not None:
-        _load_state(accelerator, resume)
+        load_state(accelerator, resume)
         progress = read_progress(resume)
         start_step = progress["step"]
         # At max_steps with no model/ of that step, the run was killed while exporting: finish that.
-        if start_step > max_steps or (start_step == max_steps and _exported_step(run) == start_step):
+        if start_step > max_steps or (start_step == max_steps and exported_step(run) == start_step):
             raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}); "
                             f"raise --max-steps to train further")
     info = model_info(cfg, data, num_classes)
@@ -192,7 +194,7 @@ class _Trainer:
         self.stop_requested = False
         # Under fp16 the loss scaler already skips overflowing steps (and must see them to lower its scale).
         fp16 = accelerator.mixed_precision == "fp16"
-        self.nonfinite = _NonFiniteSteps(0 if fp16 else cfg.train.skip_nonfinite, announce=accelerator.is_main_process)
+        self.nonfinite = NonFiniteSteps(0 if fp16 else cfg.train.skip_nonfinite, announce=accelerator.is_main_process)
 
     # ------------------------------------------------------------ data order
 
@@ -287,9 +289,9 @@ class _Trainer:
     def run_loop(self, start_step: int, max_steps: int, show_progress: bool) -> TrainResult:
         cfg, acc, run = self.cfg, self.accelerator, self.run
         progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
-        window = _Window(self.device)
+        window = Window(self.device)
         step, last_loss = start_step, None
-        with _StopOnSignal(self), progress:
+        with StopOnSignal(self), progress:
             while step < max_steps:
                 window.add(self.step(step), step)
                 step += 1
@@ -315,7 +317,7 @@ class _Trainer:
             progress.finish(step, max_steps, run.root, finished)
         return TrainResult(run.root, step, finished, model_dir, last_loss)
 
-    def report(self, step: int, window: _Window, progress: TrainingProgress) -> float | None:
+    def report(self, step: int, window: Window, progress: TrainingProgress) -> float | None:
         """Mean loss of the window over all processes (the only host sync); stops on NaN/inf.
 
         None when every step of the window was skipped as non-finite (there is no loss to show).
@@ -457,183 +459,3 @@ class _Trainer:
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")
-
-
-def resolve_precision(requested: str, on_cpu: bool) -> str:
-    """`auto` means bf16 where the hardware computes it natively, else fp32 ("no").
-
-    On CPUs, bf16 autocast pays off only with AVX512-BF16 or AMX (about 2x on the quickstart
-    model); elsewhere it is emulated and slower than fp32.
-    """
-    if requested != "auto":
-        return requested
-    if not on_cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bf16" if any(native) else "no"
-
-
-def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
-    on_cpu = not torch.cuda.is_available()
-    precision = resolve_precision(cfg.train.mixed_precision, on_cpu)
-    if on_cpu and precision == "fp16":
-        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16, auto or no")
-    if cfg.train.compile:
-        check_can_compile(torch.device("cpu" if on_cpu else "cuda"), "train.compile=true")
-    # accelerate keeps the precision and compile settings of the first Accelerator of a process: a later
-    # one with another precision raised, and one asking for compilation silently ran eagerly. Each run
-    # starts from its own; the process state (devices, process group) is kept.
-    AcceleratorState._reset_state()
-    return Accelerator(
-        cpu=on_cpu,
-        mixed_precision=precision,
-        log_with=list(cfg.log.trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs_dir)),
-        dynamo_backend="inductor" if cfg.train.compile else None,
-    )
-
-
-def _flat_config(cfg: Config) -> dict:
-    """Trackers want scalar hyper-parameters: `section.key` -> number/string/bool."""
-    flat = {}
-    for section, values in config_mod.to_dict(cfg).items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-def _load_data(accelerator: Accelerator, cfg: Config) -> ImageData:
-    """The main process loads first (filling the cache the others then read)."""
-    data = on_main_process(accelerator, lambda: load_dataset(cfg.data))
-    return data if accelerator.is_main_process else load_dataset(cfg.data)
-
-
-def _exported_step(run: RunDir) -> int | None:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads((run.model_dir / INFO_FILE).read_text()).get("step")
-    return None
-
-
-def _load_start_weights(unet: UNet2DModel, start: LoadedModel) -> None:
-    """`train.init_from`'s weights into the UNet the recipe built, refused unless every tensor matches."""
-    have = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in start.unet.state_dict().items()}
-    differ = sorted(k for k in have.keys() | given.keys() if have.get(k) != given.get(k))
-    if differ:
-        key = differ[0]
-        raise UserError(f"train.init_from {start.source} is not the UNet this recipe builds ({len(differ)} tensors "
-                        f"differ, e.g. {key}: {given.get(key, 'absent')} there, {have.get(key, 'absent')} here); "
-                        f"train with the model settings, resolution, channels and classes it was trained with")
-    unet.load_state_dict(start.unet.state_dict())
-
-
-def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Restore model, optimizer, EMA, LR schedule and RNG; a failure says whether versions or damage are why.
-
-    accelerate unpickles the registered objects' states (LR schedule, EMA) with weights_only=False,
-    which would run code planted in a checkpoint; each is first read with the loader that refuses code.
-    """
-    for state in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-        load_pickle(state)
-    try:
-        accelerator.load_state(str(checkpoint))
-    except Exception as err:  # whatever fails inside accelerate/torch, the remedy is the same
-        written_by, this = describe_versions(read_progress(checkpoint)), describe_versions(made_by())
-        problem = f"cannot resume from {checkpoint} ({type(err).__name__}: {first_line(err)})"
-        if written_by != this:
-            raise UserError(f"{problem}; it was written by {written_by} and this is {this}. Install those versions "
-                            f"to resume it; its weights can still be sampled and converted") from err
-        raise damaged_checkpoint(checkpoint, f"it does not load ({type(err).__name__}: {first_line(err)})") from err
-
-
-def _micro_batch_size(cfg: Config, world: int) -> int:
-    per_step = world * cfg.train.grad_accum
-    if cfg.train.batch_size % per_step:
-        raise UserError(
-            f"train.batch_size={cfg.train.batch_size} does not split over {world} process(es) x "
-            f"{cfg.train.grad_accum} accumulation step(s); use a multiple of {per_step}")
-    return cfg.train.batch_size // per_step
-
-
-class _Window:
-    """Loss summed on the device between two reports, so that steps need no host sync."""
-
-    def __init__(self, device):
-        self.loss = torch.zeros((), device=device)
-        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # a step index, -1: none
-        self.reset()
-
-    def add(self, loss: torch.Tensor | None, step: int) -> None:
-        """Count a step; `loss` None means it was skipped (and is not averaged in)."""
-        self.steps += 1
-        if loss is None:
-            return
-        self.loss += loss
-        self.kept += 1
-        fresh = (self.first_nonfinite < 0) & ~torch.isfinite(loss)
-        self.first_nonfinite = torch.where(fresh, step, self.first_nonfinite)
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.steps, self.kept, self.start = 0, 0, time.perf_counter()
-
-    def seconds(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
-
-
-class _NonFiniteSteps:
-    """`train.skip_nonfinite`: skip a step whose gradients are NaN/inf, but not more than `limit` in a row.
-
-    The gradient norm is taken after DDP's all-reduce, so every process makes the same decision.
-    Checking it needs one host sync per step, which is why this is opt-in.
-    """
-
-    def __init__(self, limit: int, announce: bool):
-        self.limit, self.announce, self.streak, self.skipped = limit, announce, 0, 0
-
-    def state(self) -> dict:
-        return {"skipped_steps": self.skipped, "nonfinite_streak": self.streak} if self.limit else {}
-
-    def restore(self, progress: dict) -> None:
-        self.skipped, self.streak = progress.get("skipped_steps", 0), progress.get("nonfinite_streak", 0)
-
-    def skip(self, step: int, grad_norm: torch.Tensor, loss: torch.Tensor, last_checkpoint: str) -> bool:
-        if torch.isfinite(grad_norm):
-            self.streak = 0
-            return False
-        self.streak += 1
-        self.skipped += 1
-        if self.streak > self.limit:
-            raise UserError(
-                f"steps {step + 2 - self.streak}-{step + 1} in a row had non-finite gradients (more than "
-                f"train.skip_nonfinite={self.limit}): the run has diverged. Lower train.lr, use "
-                f"train.mixed_precision=no or set train.grad_clip, and resume from the last good checkpoint: "
-                f"{last_checkpoint}")
-        if self.announce:
-            console.print(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
-                          f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
-        return True
-
-
-class _StopOnSignal:
-    """Ctrl-C and SIGTERM ask the loop to save a checkpoint and stop after the current step."""
-
-    def __init__(self, trainer: _Trainer):
-        self.trainer = trainer
-        self.previous = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.trainer.stop_requested:  # a second Ctrl-C means now
-                raise KeyboardInterrupt
-            self.trainer.stop_requested = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self.previous[sig] = signal.signal(sig, handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self.previous.items():
-            signal.signal(sig, previous)
