@@ -225,7 +225,7 @@ def pipeline_worker(args) -> dict:
     import torch
     from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 
-    from difftool.models.checkpoints import load_model
+    from difftool.models.load import load_model
     from difftool.sampling.schedulers import make_scheduler
 
     steps = SAMPLERS[args.sampler][0]

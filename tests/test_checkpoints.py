@@ -17,7 +17,6 @@ from huggingface_hub import constants as hub_constants
 
 from difftool.models.checkpoints import (
     INFO_FILE,
-    load_model,
     read_single_file_metadata,
     save_single_file,
     state_dict_hash,
@@ -25,6 +24,7 @@ from difftool.models.checkpoints import (
 from difftool.config import read_config
 from difftool.errors import UserError
 from difftool.models.build import build_noise_scheduler
+from difftool.models.load import load_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INFO_KEYS = {"resolution", "channels", "num_classes", "label_names", "null_class"}

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from difftool import config as config_mod
-from difftool.models.checkpoints import load_model
+from difftool.models.load import load_model
 from difftool.errors import UserError
 from difftool.training.plan import plan_training
 from difftool.rundir import LOCK_FILE, RunDir

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from difftool.models.checkpoints import load_model
+from difftool.models.load import load_model
 from difftool.sampling.job import SampleRequest, generate
 from tests.conftest import assert_user_error, difftool_cmd, free_port
 from tests.conftest import invoke as run_cli

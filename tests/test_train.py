@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from difftool.training import loop as train_mod
 from difftool.training import setup as setup_mod
-from difftool.models.checkpoints import load_model
+from difftool.models.load import load_model
 from difftool.errors import UserError
 from difftool.training.plan import plan_training
 from difftool.rundir import RunDir

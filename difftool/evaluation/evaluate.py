@@ -199,7 +199,7 @@ def resolve_reference(reference: str | None, extractor: Extractor, resolution: i
 def model_resolution(source: str, requests: list[SampleRequest]) -> int:
     """The image size a model makes, read before sampling it; the requests are checked against the model on
     the way, so that a bad --steps stops a run before reference statistics are built, not after."""
-    from difftool.models.checkpoints import load_model
+    from difftool.models.load import load_model
 
     model = load_model(source, weights=requests[0].weights)
     for request in requests:

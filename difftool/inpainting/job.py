@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from difftool import __version__
-from difftool.models.checkpoints import LoadedModel, load_model, sampling_defaults
+from difftool.models.checkpoints import LoadedModel, sampling_defaults
+from difftool.models.load import load_model
 from difftool.sampling.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import first_frame_note, save_png

@@ -1,6 +1,6 @@
 """Writing the model a run produces, and loading a model from any source for the later commands.
 
-`load_model` accepts a run folder, one of its checkpoints, a diffusers pipeline folder, a
+`load_native` accepts a run folder, one of its checkpoints, a diffusers pipeline folder, a
 unet/ folder, a single-file .safetensors (see `save_single_file`) or a Hub id, and always
 returns the same thing: a UNet, its training scheduler config and what difftool knows about it.
 """
@@ -103,8 +103,11 @@ class _Found:
     notes: list[str] = field(default_factory=list)
 
 
-def load_model(source: str | Path, *, weights: str | None = None) -> LoadedModel:
-    """The model at `source`; `weights` None means EMA where there is a separate EMA copy."""
+def load_native(source: str | Path, *, weights: str | None = None) -> LoadedModel:
+    """A model in one of difftool's own forms; `weights` None means EMA where there is a separate EMA copy.
+
+    Callers use `difftool.models.load.load_model`, which adds the importers of other toolkits' pickles.
+    """
     if weights not in (None, "ema", "raw"):
         raise UserError(f"--weights must be 'ema' or 'raw', not '{weights}'")
     found = _find(str(source), weights)
@@ -380,7 +383,7 @@ def _read_json(path: Path) -> dict:
 
 
 def save_single_file(path: Path, unet: UNet2DModel, scheduler_config: dict, info: dict) -> None:
-    """One .safetensors file that `load_model` reads on its own: the configs travel in its metadata."""
+    """One .safetensors file that `load_native` reads on its own: the configs travel in its metadata."""
     accepted = inspect.signature(UNet2DModel.__init__).parameters
     metadata = {
         "format": "pt",

@@ -23,7 +23,8 @@ from PIL import Image
 
 from difftool import __version__
 from difftool.allocator import keep_freed_memory
-from difftool.models.checkpoints import LoadedModel, load_model, place, sampling_defaults
+from difftool.models.checkpoints import LoadedModel, place, sampling_defaults
+from difftool.models.load import DTYPES, load_model
 from difftool.compiling import check_can_compile
 from difftool.sampling.conditions import (
     resolve_classes,
@@ -50,7 +51,6 @@ NPZ_FILE = "samples.npz"
 PARTS_DIR = ".parts"
 GRID_FILE = "grid.png"
 GRID_MAX = 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz")
 # Settings that may differ between a run and its --resume: they do not change any image.
 RESUMABLE = {"model", "num_images", "difftool_version"}
@@ -319,18 +319,37 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
 
 def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, batch: list[int], device,
                 on_step) -> torch.Tensor:
-    """uint8 N×C×H×W images for the given indices; a fresh scheduler, as multistep ones keep state."""
+    """uint8 N×C×H×W images for the given indices, with the plan's settings."""
     settings = plan.settings
-    scheduler = make_scheduler(settings["scheduler"], model.scheduler_config, steps=settings["steps"],
-                               karras_sigmas=request.karras_sigmas, eta=request.eta,
-                               timestep_spacing=request.timestep_spacing)
-    generators = image_generators(request.seed, batch)
-    noise = initial_noise(generators, plan.shape, device)
     labels = torch.tensor([plan.label(i) for i in batch], device=device) if plan.class_ids else None
-    x = denoise(unet, scheduler, noise, steps=settings["steps"], generators=generators, class_labels=labels,
-                null_class=plan.null_class, guidance_scale=plan.guidance_scale,
-                guidance_rescale=plan.guidance_rescale, eta=request.eta, on_step=on_step)
+    return sample_batch(unet, model.scheduler_config, batch, plan.shape, device, scheduler=settings["scheduler"],
+                        steps=settings["steps"], seed=request.seed, labels=labels, null_class=plan.null_class,
+                        guidance_scale=plan.guidance_scale, guidance_rescale=plan.guidance_rescale,
+                        karras_sigmas=request.karras_sigmas, eta=request.eta, timestep_spacing=request.timestep_spacing,
+                        on_step=on_step)
+
+
+def sample_batch(unet, scheduler_config: dict, indices: list[int], shape: tuple[int, int, int], device, *,
+                 scheduler: str, steps: int, seed: int, labels: torch.Tensor | None = None, null_class: int | None = None,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, karras_sigmas: bool = False,
+                 eta: float | None = None, timestep_spacing: str | None = None, on_step=None) -> torch.Tensor:
+    """uint8 N×C×H×W images of `indices`, image i from the generator seeded by (seed, i).
+
+    What `difftool sample` makes of each batch and what training's preview grids are; a fresh
+    scheduler each call, as multistep ones keep state.
+    """
+    sampler = make_scheduler(scheduler, scheduler_config, steps=steps, karras_sigmas=karras_sigmas, eta=eta,
+                             timestep_spacing=timestep_spacing)
+    generators = image_generators(seed, indices)
+    noise = initial_noise(generators, shape, device)
+    x = denoise(unet, sampler, noise, steps=steps, generators=generators, class_labels=labels, null_class=null_class,
+                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, on_step=on_step)
     return to_uint8(x)
+
+
+def grid_of(tiles: torch.Tensor, ncol: int | None = None) -> torch.Tensor:
+    """A grid of uint8 N×C×H×W tiles, enlarged (nearest-neighbour) to at least 64 px: smaller is too small to judge."""
+    return make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
 
 
 def _write_batch(output: Path, plan: _Plan, fmt: str, batch: list[int], images: torch.Tensor) -> None:
@@ -379,7 +398,7 @@ def _write_grid(output: Path, fmt: str, plan: _Plan, num_images: int) -> Path:
             tiles = torch.from_numpy(npz["arr_0"][:n])
     tiles = tiles.permute(0, 3, 1, 2)
     ncol = len(plan.class_ids) if plan.class_ids and 1 < len(plan.class_ids) <= 16 else None
-    grid = make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
+    grid = grid_of(tiles, ncol)
     path = output / GRID_FILE
     save_png(grid, path, {k: str(v) for k, v in plan.settings.items()})
     return path

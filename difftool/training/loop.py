@@ -25,7 +25,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
-from difftool.models.checkpoints import export_pipeline, load_model, model_info
+from difftool.models.checkpoints import export_pipeline, model_info
+from difftool.models.load import load_model
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.config import Config
 from difftool.training.data import data_folder, make_batch
@@ -35,7 +36,7 @@ from difftool.errors import (
     os_errors_of_writers,
     storage_problem,
 )
-from difftool.images import enlarge, make_grid, save_png
+from difftool.images import save_png
 from difftool.models.build import build_noise_scheduler, build_unet, count_parameters
 from difftool.training.plan import check_folder_path, check_output
 from difftool.progress import TrainingProgress, console
@@ -51,8 +52,7 @@ from difftool.rundir import (
     write_text,
 )
 from difftool.runlock import main_process_lock
-from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
-from difftool.sampling.schedulers import make_scheduler
+from difftool.sampling.job import grid_of, sample_batch
 from difftool.training.guards import NonFiniteSteps, StopOnSignal, Window
 from difftool.training.setup import (
     exported_step,
@@ -414,17 +414,15 @@ class _Trainer:
                 n = cfg.num_images
                 num_classes = self.info["num_classes"]
                 labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
-                generators = image_generators(cfg.seed, range(n))
                 res = self.cfg.data.resolution
-                noise = initial_noise(generators, (self.data.channels, res, res), self.device)
-                scheduler = make_scheduler(cfg.scheduler, self.noise_scheduler.config, steps=cfg.steps)
                 guidance = cfg.guidance_scale if labels is not None else 1.0
                 rescale = resolve_guidance_rescale(None, cfg.guidance_rescale, guidance)
                 with acc.autocast():
-                    x = denoise(unet, scheduler, noise, steps=cfg.steps, generators=generators, class_labels=labels,
-                                null_class=self.info["null_class"], guidance_scale=guidance, guidance_rescale=rescale)
-                # Tiles of at least 64 px (nearest-neighbour): 32-px samples are too small to judge.
-                grid = make_grid(enlarge(to_uint8(x), max(1, 64 // res)), ncol=num_classes or None)
+                    images = sample_batch(unet, self.noise_scheduler.config, list(range(n)),
+                                          (self.data.channels, res, res), self.device, scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed,
+                                          labels=labels, null_class=self.info["null_class"], guidance_scale=guidance,
+                                          guidance_rescale=rescale)
+                grid = grid_of(images, ncol=num_classes or None)
                 settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
                             "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
                 save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
