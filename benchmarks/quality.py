@@ -155,8 +155,13 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
 def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_samples: int,
                    sample_args: list[str]) -> tuple[torch.Tensor, np.ndarray]:
     samples = work / "samples" / f"{run.name}-{name}"
-    run_cli(["sample", str(run), "-n", str(num_samples), "--output", str(samples), "--overwrite", *sample_args],
-            work / f"{run.name}.log")
+    args = ["sample", str(run), "-n", str(num_samples), "--output", str(samples), *sample_args]
+    # Samples of this very run (its training record) with these options are reused, as trained runs are.
+    made = {"args": args, "run": json.loads((run / "benchmark-train.json").read_text())}
+    record = samples / "benchmark-sample.json"
+    if not (record.is_file() and json.loads(record.read_text()) == made):
+        run_cli([*args, "--overwrite"], work / f"{run.name}.log")
+        record.write_text(json.dumps(made))
     return read_samples(samples, classes)
 
 
