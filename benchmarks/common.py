@@ -23,14 +23,38 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MARKER = "RESULT "  # a worker's last line: MARKER + JSON
 
 
+class WorkerFailed(SystemExit):
+    """A worker process failed. Uncaught, the script stops with the worker's error; a script that catches it
+    reports that implementation as failed and measures the others (one failure must not lose their figures)."""
+
+    def last_line(self) -> str:
+        lines = [line for line in str(self.code).splitlines() if line.strip()]
+        return lines[-1] if lines else str(self.code)
+
+
 def run_worker(script: Path, args: list[str], timeout: float = 3600) -> dict:
     """Run `python script --worker ... args` and return the JSON it reported."""
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise WorkerFailed(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(MARKER):])
+
+
+def run_or_note(failed: dict[str, str], name: str, script: Path, args: list[str]) -> dict | None:
+    """`run_worker`, or None with the error noted in `failed[name]` (printed too) when the worker failed."""
+    try:
+        return run_worker(script, args)
+    except WorkerFailed as err:
+        failed[name] = err.last_line()
+        print(err.code, file=sys.stderr, flush=True)
+        return None
+
+
+def failures_note(failed: dict[str, str]) -> str:
+    """The sentence under a table that names the implementations whose workers failed."""
+    return "".join(f" **{name} failed**: `{error}`." for name, error in failed.items())
 
 
 def report(result: dict) -> None:
@@ -47,10 +71,43 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def add_output_options(parser) -> None:
+    """The options every throughput script shares: where its figures go, and peaks measured before."""
+    parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (updated after every run, so "
+                                                       "a run stopped midway leaves what it measured)")
+    parser.add_argument("--peaks", metavar="FILE", help="the attainable peaks as JSON {\"fp32\": FLOP/s, \"bf16\": "
+                                                        "FLOP/s}, measured once by benchmarks/gpu_env.py, instead of "
+                                                        "measuring them again")
+
+
+def write_json(path: str | Path | None, data: dict) -> None:
+    """Write `data` to `path` atomically (nothing when `path` is None): a reader never sees half a file."""
+    if path is None:
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def publish(args, title: str, command: str, body: str, figures: dict) -> None:
+    """A script's result: its RESULTS.md section appended (or printed with --no-record), and in --json."""
+    section = format_section(title, command, body)
+    write_json(args.json, {**figures, "title": title, "command": command, "section": section})
+    if args.no_record:
+        print(body)
+    else:
+        append_section(section)
+
+
 # ---------------------------------------------------------------- how close to the hardware's limit
 
 # Dense bf16 tensor-core peaks from the datasheets, for model FLOPs utilisation (MFU) on known cards.
 # Names as torch.cuda.get_device_name gives them; an H100 named by memory alone ("H100 80GB HBM3") is the SXM card.
+# The datasheets give the peak "with sparsity"; dense is half of it. H200 SXM: 1,979 TFLOPS bf16 with sparsity
+# (NVIDIA H200 Tensor Core GPU datasheet, https://www.nvidia.com/en-us/data-center/h200/), so 989 dense, the
+# H100 SXM's figure; a bf16 8192^3 matmul measured 769-798 TFLOP/s on the lent H200 (device KINDS.md, 2026-11).
 GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
                  "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
@@ -79,11 +136,12 @@ def model_flops_per_image(unet, *, training: bool) -> float:
     return counter.get_total_flops() / batch
 
 
-def attainable_peak(dtype_name: str) -> float:
+def attainable_peak(dtype_name: str, *, quick: bool = False) -> float:
     """The best FLOP/s of a large matmul and of large 3x3 convolutions in this dtype on this machine.
 
     The UNet's time is nearly all 3x3 convolutions, which oneDNN runs faster than a CPU matmul,
-    so both are tried; each is timed several times and the best kept.
+    so both are tried; each is timed several times and the best kept. `quick` uses small sizes (a
+    256² matmul, convolutions of batch 1): for smoke runs, not figures.
     """
     import torch
     import torch.nn.functional as F
@@ -91,14 +149,14 @@ def attainable_peak(dtype_name: str) -> float:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scale = 4 if device == "cuda" else 1
-    n = 2048 * scale
+    n, batches = (256, 1) if quick else (2048 * scale, scale)
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     candidates = [(lambda: a @ b, 2 * n**3)]
     for channels, size, batch in ((256, 8, 64), (512, 8, 16), (128, 16, 32)):
-        x = torch.randn(batch * scale, channels, size, size, dtype=dtype, device=device)
+        batch = max(1, batch // 64) if quick else batch * batches
+        x = torch.randn(batch, channels, size, size, dtype=dtype, device=device)
         w = torch.randn(channels, channels, 3, 3, dtype=dtype, device=device)
-        candidates.append((lambda x=x, w=w: F.conv2d(x, w, padding=1),
-                           2 * batch * scale * channels**2 * 9 * size * size))
+        candidates.append((lambda x=x, w=w: F.conv2d(x, w, padding=1), 2 * batch * channels**2 * 9 * size * size))
     best = 0.0
     with torch.inference_mode():
         for op, flops in candidates:
@@ -138,19 +196,27 @@ def flop_rate(flops_per_s: float) -> str:
 
 
 class Utilisation:
-    """A benchmark's utilisation column: model FLOP/s per row against peaks measured once, at the start."""
+    """A benchmark's utilisation column: model FLOP/s per row against peaks measured once, at the start
+    (or read from `peaks`, a file that benchmarks/gpu_env.py wrote, so that several scripts share them)."""
 
-    def __init__(self, unet, *, training: bool):
+    def __init__(self, unet, *, training: bool, peaks: str | Path | None = None):
         self.flops_per_image = model_flops_per_image(unet, training=training)
-        self.peaks = {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")}
+        self.peaks = (json.loads(Path(peaks).read_text()) if peaks
+                      else {dtype: attainable_peak(dtype) for dtype in ("fp32", "bf16")})
         self.datasheet = gpu_bf16_peak()
 
-    def cell(self, img_per_s: float, dtype_name: str, calls_per_image: int = 1) -> str:
-        """Achieved model FLOP/s and its share of the peak for the dtype computed in (and the MFU on a known GPU)."""
+    def figures(self, img_per_s: float, dtype_name: str, calls_per_image: int = 1) -> dict:
+        """Achieved model FLOP/s, its share of the peak for the dtype computed in, and the MFU on a known GPU."""
         achieved = img_per_s * calls_per_image * self.flops_per_image
-        cell = f"{flop_rate(achieved)}, {100 * achieved / self.peaks[dtype_name]:.0f}% of {dtype_name} peak"
-        if self.datasheet:
-            cell += f", MFU {100 * achieved / self.datasheet[0]:.1f}%"
+        return {"flops_per_s": achieved, "share_of_peak": achieved / self.peaks[dtype_name],
+                "mfu": achieved / self.datasheet[0] if self.datasheet else None}
+
+    def cell(self, img_per_s: float, dtype_name: str, calls_per_image: int = 1) -> str:
+        """The figures as a table cell."""
+        f = self.figures(img_per_s, dtype_name, calls_per_image)
+        cell = f"{flop_rate(f['flops_per_s'])}, {100 * f['share_of_peak']:.0f}% of {dtype_name} peak"
+        if f["mfu"] is not None:
+            cell += f", MFU {100 * f['mfu']:.1f}%"
         return cell
 
     def note(self) -> str:
@@ -171,7 +237,7 @@ def machine() -> str:
     import difftool
 
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
+        device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
     else:
         cpu = _cpu_name()
         bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -190,12 +256,21 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def append_results(title: str, command: str, body: str) -> None:
-    """Add one dated section to benchmarks/RESULTS.md (never rewriting earlier figures)."""
+def format_section(title: str, command: str, body: str) -> str:
+    """One dated RESULTS.md section: title, machine and versions, the command, the figures."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title} ({stamp})\n\n{machine()}\n\n```\n{command}\n```\n\n{body.rstrip()}\n"
+    return f"\n## {title} ({stamp})\n\n{machine()}\n\n```\n{command}\n```\n\n{body.rstrip()}\n"
+
+
+def append_section(section: str) -> None:
+    """Add a section to benchmarks/RESULTS.md (never rewriting earlier figures)."""
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nEach section is appended by the script named in it.\n")
     with RESULTS.open("a") as f:
         f.write(section)
     print(section)
+
+
+def append_results(title: str, command: str, body: str) -> None:
+    """Add one dated section to benchmarks/RESULTS.md."""
+    append_section(format_section(title, command, body))

@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py                       # quickstart model, batch 64
     python benchmarks/train_throughput.py --recipe cifar10 --batch-size 32
     python benchmarks/train_throughput.py --repeats 5 --steps 40 --no-record
+    python benchmarks/train_throughput.py --recipe cifar10 --batch-size 128 \
+        --implementations difftool,difftool-bf16,difftool-bf16-compile,plain-fp32,plain-bf16   # on a GPU
 
 Both sides train the same UNet2DModel (the recipe's config) with the same noise schedule, on the
 same images (the built-in shapes at the recipe's resolution, so it runs offline), with the same
@@ -17,7 +19,9 @@ The plain loop runs twice: in fp32 (what it does on a CPU: the tutorial's `fp16`
 and with accelerate's bf16 autocast, so that the ratio shows what difftool adds beyond its
 default precision. Steady state: the first `--warmup` steps are not timed. Runs alternate
 between implementations; the figures are medians of `--repeats` runs, each in a fresh process.
-A second batch size (twice the first) is run once per implementation for peak memory.
+A second batch size (twice the first) is run once per implementation for peak memory (on a GPU
+the peak allocated GPU memory of each run is reported too). `--implementations` adds difftool
+with one lever set (`difftool-bf16`, `difftool-bf16-compile`, ...) beside its default.
 """
 
 from __future__ import annotations
@@ -31,9 +35,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Utilisation, append_results, median, report, run_worker
+from common import (
+    Utilisation,
+    add_output_options,
+    failures_note,
+    median,
+    publish,
+    report,
+    run_or_note,
+    run_worker,
+    write_json,
+)
 
-IMPLEMENTATIONS = ("difftool", "plain-fp32", "plain-bf16")
+# difftool as users run it (the recipe and --set), or with these settings on top, to measure one lever.
+DIFFTOOL = {
+    "difftool": [],
+    "difftool-fp32": ["train.mixed_precision=no"],
+    "difftool-bf16": ["train.mixed_precision=bf16"],
+    "difftool-compile": ["train.compile=true"],
+    "difftool-bf16-compile": ["train.mixed_precision=bf16", "train.compile=true"],
+}
+PLAIN = {"plain-fp32": "no", "plain-bf16": "bf16"}  # the tutorial's loop and accelerate's mixed precision
+IMPLEMENTATIONS = (*DIFFTOOL, *PLAIN)
 
 
 def main() -> None:
@@ -45,66 +68,100 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for difftool's side only, to measure a lever (train.compile=true)")
-    parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
+    parser.add_argument("--implementations", default="difftool,plain-fp32,plain-bf16",
+                        help=f"comma-separated, run in this order; the ratio column divides the first by each: "
+                             f"{', '.join(IMPLEMENTATIONS)}")
+    parser.add_argument("--no-double-batch", action="store_true",
+                        help="skip the short run at twice the batch that measures how peak memory grows")
+    add_output_options(parser)
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (difftool reports img/s per window of --warmup steps)")
     if args.worker:
-        report(WORKERS[args.worker](args))
+        report(plain_worker(args, PLAIN[args.worker]) if args.worker in PLAIN else difftool_worker(args))
         return
+    names = [name for name in args.implementations.split(",") if name]
+    unknown = sorted(set(names) - set(IMPLEMENTATIONS))
+    if unknown or not names:
+        parser.error(f"unknown implementations {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
     batch = args.batch_size or _config(args.recipe, None).train.batch_size
     common = ["--recipe", args.recipe, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     common += [item for override in args.set for item in ("--set", override)]
-    speeds: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
-    memory: dict[str, dict[int, float]] = {name: {} for name in IMPLEMENTATIONS}
+    runs: dict[str, list[dict]] = {name: [] for name in names}  # each worker's report, in order
+    doubled: dict[str, dict] = {}
+    failed: dict[str, str] = {}  # a failed implementation is not run again; the others go on
+    figures = {"recipe": args.recipe, "batch_size": batch, "runs": runs, "double_batch": doubled, "failed": failed}
     for repeat in range(args.repeats):
-        for name in IMPLEMENTATIONS:
-            result = run_worker(Path(__file__), ["--worker", name, "--batch-size", str(batch), *common])
-            speeds[name].append(result["img_per_s"])
-            memory[name][batch] = max(memory[name].get(batch, 0), result["peak_rss_mib"])
-            print(f"run {repeat + 1}/{args.repeats} {name}: {result['img_per_s']:.1f} img/s", flush=True)
-    for name in IMPLEMENTATIONS:  # memory growth with the batch: one short run at twice the batch
-        short = [*common[:4], "--steps", str(args.warmup), *common[6:]]
-        result = run_worker(Path(__file__), ["--worker", name, "--batch-size", str(2 * batch), *short])
-        memory[name][2 * batch] = result["peak_rss_mib"]
-    body = _table(speeds, memory, batch, args)
+        for name in [n for n in names if n not in failed]:
+            result = run_or_note(failed, name, Path(__file__), ["--worker", name, "--batch-size", str(batch), *common])
+            if result:
+                runs[name].append(result)
+                print(f"run {repeat + 1}/{args.repeats} {name}: {result['img_per_s']:.1f} img/s", flush=True)
+            write_json(args.json, figures)
+    if not args.no_double_batch:
+        for name in [n for n in names if n not in failed]:  # memory growth with the batch: a short run at twice it
+            short = [*common[:4], "--steps", str(args.warmup), *common[6:]]
+            doubled[name] = run_worker(Path(__file__), ["--worker", name, "--batch-size", str(2 * batch), *short])
+            write_json(args.json, figures)
+    measured = [name for name in names if name not in failed]
+    if not measured:
+        sys.exit("every implementation failed: " + failures_note(failed))
+    body, rows = _table(runs, doubled, batch, measured, args)
+    body += failures_note(failed)
     command = f"python benchmarks/train_throughput.py --recipe {args.recipe} --batch-size {batch} " \
               f"--warmup {args.warmup} --steps {args.steps} --repeats {args.repeats}" + \
-              "".join(f" --set {override}" for override in args.set)
-    if args.no_record:
-        print(body)
-    else:
-        append_results(f"Training throughput, {args.recipe} model", command, body)
+              "".join(f" --set {override}" for override in args.set) + \
+              (f" --implementations {','.join(names)}" if names != ["difftool", "plain-fp32", "plain-bf16"] else "") + \
+              (" --no-double-batch" if args.no_double_batch else "")
+    publish(args, f"Training throughput, {args.recipe} model", command, body, {**figures, "rows": rows})
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
-def _table(speeds, memory, batch, args) -> str:
+def _computes_in(name: str, params, overrides: list[str]) -> tuple[str, str]:
+    """The precision setting an implementation trains with, and the dtype its UNet computes in."""
     import torch
 
     from difftool import config as config_mod
     from difftool.train import resolve_precision
 
+    setting = PLAIN.get(name) or config_mod.apply_changes(params, [*overrides, *DIFFTOOL[name]]).train.mixed_precision
+    resolved = resolve_precision(setting, not torch.cuda.is_available())
+    return setting, "fp32" if resolved == "no" else "bf16"  # fp16 runs on the bf16 tensor cores: the same peak
+
+
+def _table(runs: dict[str, list[dict]], doubled: dict[str, dict], batch: int, names: list[str], args):
+    """The RESULTS.md table and note, and the same figures as JSON rows."""
     params = _config(args.recipe, batch)
-    ours = config_mod.apply_changes(params, args.set).train.mixed_precision
-    computes_in = {"difftool": "bf16" if resolve_precision(ours, not torch.cuda.is_available()) == "bf16" else "fp32",
-                   "plain-fp32": "fp32", "plain-bf16": "bf16"}
-    utilisation = Utilisation(_unet(params), training=True)
-    ours_speed = median(speeds["difftool"])
-    header = (f"| implementation | img/s (median) | runs | difftool ÷ this | model FLOP/s (utilisation) "
-              f"| peak RSS, batch {batch} | peak RSS, batch {2 * batch} |")
-    rows = [header, "|---|---|---|---|---|---|---|"]
-    for name in IMPLEMENTATIONS:
-        m = median(speeds[name])
-        runs = ", ".join(f"{s:.1f}" for s in speeds[name])
-        rows.append(f"| {name} | {m:.1f} | {runs} | {ours_speed / m:.2f}× | "
-                    f"{utilisation.cell(m, computes_in[name])} | {memory[name][batch]:.0f} MiB | "
-                    f"{memory[name][2 * batch]:.0f} MiB |")
-    return "\n".join(rows) + (f"\n\nModel: the `{args.recipe}` recipe's UNet "
-                              f"({_parameters(params) / 1e6:.1f}M parameters, {utilisation.flops_per_image / 1e9:.2f} GFLOP per image for "
-                              f"forward and backward), {params.data.resolution} px, global batch {batch}; "
-                              f"{args.steps} timed steps after {args.warmup}; difftool precision `{ours}` "
-                              f"(computes in {computes_in['difftool']})"
-                              + "".join(f", `{override}`" for override in args.set) + f". {utilisation.note()}")
+    utilisation = Utilisation(_unet(params), training=True, peaks=args.peaks)
+    speed = {name: median([r["img_per_s"] for r in runs[name]]) for name in names}
+    gpu = all("peak_cuda_mib" in r for results in runs.values() for r in results)
+    header = (f"| implementation | img/s (median) | runs | {names[0]} ÷ this | model FLOP/s (utilisation) "
+              f"| peak RSS, batch {batch} |" + (f" peak RSS, batch {2 * batch} |" if doubled else "")
+              + (f" peak GPU memory, batch {batch} |" if gpu else ""))
+    lines, rows, settings = [header, "|---" * header.count(" |") + "|"], [], []
+    for name in names:
+        setting, dtype = _computes_in(name, params, args.set)
+        rss = max(r["peak_rss_mib"] for r in runs[name])
+        row = {"implementation": name, "img_per_s": speed[name], "runs": [r["img_per_s"] for r in runs[name]],
+               "ratio": speed[names[0]] / speed[name], "precision": setting, "computes_in": dtype,
+               "utilisation": utilisation.figures(speed[name], dtype), "peak_rss_mib": rss,
+               "peak_rss_mib_double": doubled[name]["peak_rss_mib"] if name in doubled else None,
+               "peak_cuda_mib": max(r["peak_cuda_mib"] for r in runs[name]) if gpu else None}
+        rows.append(row)
+        settings.append(f"`{name}` `{setting}` ({dtype})")
+        runs_cell = ", ".join(f"{s:.1f}" for s in row["runs"])
+        lines.append(f"| {name} | {speed[name]:.1f} | {runs_cell} | {row['ratio']:.2f}× | "
+                     f"{utilisation.cell(speed[name], dtype)} | {rss:.0f} MiB |"
+                     + (f" {row['peak_rss_mib_double']:.0f} MiB |" if doubled else "")
+                     + (f" {row['peak_cuda_mib']:.0f} MiB |" if gpu else ""))
+    note = (f"\n\nModel: the `{args.recipe}` recipe's UNet ({_parameters(params) / 1e6:.1f}M parameters, "
+            f"{utilisation.flops_per_image / 1e9:.2f} GFLOP per image for forward and backward), "
+            f"{params.data.resolution} px, global batch {batch}; {args.steps} timed steps after {args.warmup}; "
+            f"precision (computes in): {', '.join(settings)}" + "".join(f", `{override}`" for override in args.set)
+            + f". {utilisation.note()}")
+    return "\n".join(lines) + note, rows
 
 
 # ---------------------------------------------------------------- shared set-up
@@ -143,7 +200,8 @@ def difftool_worker(args) -> dict:
     cfg = config_mod.apply_changes(cfg, [f"train.max_steps={total}", f"log.every={args.warmup}",
                                          f"checkpoint.every={10 * total}", f"sample.every={10 * total}",
                                          "checkpoint.total_limit=1", "sample.num_images=1", "sample.steps=1",
-                                         *args.set])  # the final preview and checkpoint come after the timed windows
+                                         *args.set, *DIFFTOOL[args.worker]])
+    # the final preview and checkpoint come after the timed windows
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run", show_progress=False)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -227,12 +285,6 @@ def plain_worker(args, precision: str) -> dict:
                 break
     return {"img_per_s": args.steps * args.batch_size / (time.perf_counter() - start)}
 
-
-WORKERS = {
-    "difftool": difftool_worker,
-    "plain-fp32": lambda args: plain_worker(args, "no"),
-    "plain-bf16": lambda args: plain_worker(args, "bf16"),
-}
 
 if __name__ == "__main__":
     main()

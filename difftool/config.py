@@ -181,7 +181,12 @@ def parse_yaml(text: str):
 
 
 def recipe_dir():
-    return resources.files("difftool.recipes")
+    """The built-in recipes: the package `difftool.recipes` once installed, else `recipes/` of a source tree on
+    PYTHONPATH (as on a machine where nothing can be installed, such as the GPU check's)."""
+    try:
+        return resources.files("difftool.recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
 
 
 def recipe_names() -> list[str]:

@@ -51,7 +51,8 @@ class Extractor:
     distance_name: str = "FD"  # what the Fréchet distance on these features is called
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.module, self.device = module, device
+        # TorchScript files load onto the CPU: the network goes where the images will go.
+        self.module, self.device = module.to(device), device
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,7 +134,7 @@ def load_extractor(spec: str = "inception", *, inception_weights: Path | None = 
         raise UserError(f"--inception-weights applies to --features inception, not {spec}")
     if spec == "dinov2" or spec.startswith("dinov2:"):
         model_id = spec.partition(":")[2] or DINOV2_DEFAULT
-        return Dinov2Extractor(_load_dinov2(model_id).to(device), device, model_id)
+        return Dinov2Extractor(_load_dinov2(model_id), device, model_id)
     path = Path(spec).expanduser()
     if spec and (path.suffix in (".pt", ".pth", ".ts", ".jit") or path.exists()):  # Path("") exists: it is "."
         module = _load_torchscript(path, "the feature extractor")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -479,6 +480,10 @@ def _make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16, auto or no")
     if cfg.train.compile:
         check_can_compile(torch.device("cpu" if on_cpu else "cuda"), "train.compile=true")
+    # accelerate keeps the precision and compile settings of the first Accelerator of a process: a later
+    # one with another precision raised, and one asking for compilation silently ran eagerly. Each run
+    # starts from its own; the process state (devices, process group) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(
         cpu=on_cpu,
         mixed_precision=precision,

@@ -64,6 +64,21 @@ def test_cifar10_recipe_builds_the_35_7m_parameter_ddpm_unet():
     assert unet.config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
 
 
+def test_recipes_are_found_in_a_source_tree_that_is_not_installed(monkeypatch):
+    """Run from a checkout on PYTHONPATH (the GPU check's device machine, where nothing is installed),
+    `recipes/` is no subpackage of `difftool`: the recipes are read from the tree."""
+    real = config_mod.resources.files
+
+    def files(package):
+        if package == "difftool.recipes":
+            raise ModuleNotFoundError(f"No module named '{package}'")
+        return real(package)
+
+    monkeypatch.setattr(config_mod.resources, "files", files)
+    assert config_mod.recipe_names() == BUILT_IN
+    assert config_mod.load_config("cifar10").train.batch_size == 128
+
+
 def test_recipe_summary_skips_the_launch_command():
     assert config_mod.recipe_summary("cifar10").startswith("The DDPM paper's CIFAR-10 setup")
 

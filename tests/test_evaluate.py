@@ -79,6 +79,15 @@ def test_inception_file_gives_features_and_probabilities(fake_inception):
     assert not torch.allclose(probs, module(images))
 
 
+@pytest.mark.parametrize("spec", ["inception", "file"])
+def test_the_network_is_moved_to_the_extractor_device(spec, extractor_file, fake_inception):
+    """TorchScript loads onto the CPU; on a GPU the images go to CUDA, so the network must follow them
+    (the meta device stands in for CUDA here; tests/test_gpu.py runs the real pass)."""
+    extractor = (load_extractor("inception", inception_weights=fake_inception, device="meta") if spec == "inception"
+                 else load_extractor(str(extractor_file), device="meta"))
+    assert {b.device.type for b in extractor.module.buffers()} == {"meta"}
+
+
 def test_grayscale_images_are_seen_as_gray_rgb(extractor_file):
     extractor = load_extractor(str(extractor_file), device="cpu")
     gray = shapes(4)[:, :1]
