@@ -24,8 +24,7 @@ from difftool import __version__
 from difftool.data import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.features import Extractor, extract
-from difftool.generate import SETTINGS_FILE
-from difftool.imagesets import ImageSet, from_data_source, open_images, open_npz
+from difftool.imagesets import ImageSet, from_data_source, is_sample_folder, open_images, open_npz
 from difftool.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
@@ -127,7 +126,7 @@ def images_of(source: str, *, resolution: int, split: str = "train", max_images:
     data source as training would see it at `resolution`."""
     if not source.strip():  # Path("") is the working folder: never what an empty argument meant
         raise UserError("the data is an empty string; give a data set name, a folder of images or an .npz of images")
-    if Path(source).suffix == ".npz" or (Path(source).expanduser() / SETTINGS_FILE).is_file():
+    if Path(source).suffix == ".npz" or is_sample_folder(source):
         return open_images(source)
     return from_data_source(source, resolution=resolution, split=split, max_images=max_images)
 
