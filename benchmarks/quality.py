@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -169,12 +170,12 @@ def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """NAME=RECIPE[:key=value,key=value] -> (name, recipe, overrides)."""
+    """NAME=RECIPE[:key=value,key=value] -> (name, recipe, overrides); commas inside [...] stay in a value."""
     name, _, rest = text.partition("=")
     recipe, _, sets = rest.partition(":")
     if not name or not recipe:
         raise SystemExit(f"--variant {text!r}: write NAME=RECIPE[:key=value,...]")
-    return name, recipe, [s for s in sets.split(",") if s]
+    return name, recipe, [s for s in re.split(r",(?![^\[]*\])", sets) if s]
 
 
 def figure(path: Path, real: torch.Tensor, rows: list[tuple[str, torch.Tensor]], per_row: int = 16) -> None:
