@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -155,8 +156,13 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
 def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_samples: int,
                    sample_args: list[str]) -> tuple[torch.Tensor, np.ndarray]:
     samples = work / "samples" / f"{run.name}-{name}"
-    run_cli(["sample", str(run), "-n", str(num_samples), "--output", str(samples), "--overwrite", *sample_args],
-            work / f"{run.name}.log")
+    args = ["sample", str(run), "-n", str(num_samples), "--output", str(samples), *sample_args]
+    # Samples of this very run (its training record) with these options are reused, as trained runs are.
+    made = {"args": args, "run": json.loads((run / "benchmark-train.json").read_text())}
+    record = samples / "benchmark-sample.json"
+    if not (record.is_file() and json.loads(record.read_text()) == made):
+        run_cli([*args, "--overwrite"], work / f"{run.name}.log")
+        record.write_text(json.dumps(made))
     return read_samples(samples, classes)
 
 
@@ -164,12 +170,12 @@ def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """NAME=RECIPE[:key=value,key=value] -> (name, recipe, overrides)."""
+    """NAME=RECIPE[:key=value,key=value] -> (name, recipe, overrides); commas inside [...] stay in a value."""
     name, _, rest = text.partition("=")
     recipe, _, sets = rest.partition(":")
     if not name or not recipe:
         raise SystemExit(f"--variant {text!r}: write NAME=RECIPE[:key=value,...]")
-    return name, recipe, [s for s in sets.split(",") if s]
+    return name, recipe, [s for s in re.split(r",(?![^\[]*\])", sets) if s]
 
 
 def figure(path: Path, real: torch.Tensor, rows: list[tuple[str, torch.Tensor]], per_row: int = 16) -> None:

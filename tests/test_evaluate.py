@@ -259,6 +259,12 @@ def test_a_folder_written_by_sample_is_the_samples_it_lists_not_its_grid(tiny_ru
                                  "--json", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["num_images"] == 5
+    # As the reference too: the same five samples, so the distance is zero up to float error.
+    result = runner.invoke(app, ["evaluate", str(out), "--reference", str(out), "--features", str(extractor_file),
+                                 "-o", str(tmp_path / "ev2"), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert scores["reference_images"] == 5 and abs(scores["fd"]) < 1e-3, scores
 
 
 def test_an_unfinished_sample_folder_is_refused_with_the_remedy(tiny_run, tmp_path):

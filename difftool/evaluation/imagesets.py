@@ -94,10 +94,15 @@ def open_images(path: str | Path) -> ImageSet:
     if path.suffix == ".npz" and path.is_file():
         return _from_npz(path)
     if path.is_dir():
-        return _from_sample_folder(path) if (path / SETTINGS_FILE).is_file() else _from_folder(path)
+        return _from_sample_folder(path) if is_sample_folder(path) else _from_folder(path)
     if path.exists():
         raise UserError(f"{path} is neither a folder of images nor an .npz of samples (arr_0: uint8 N×H×W×C)")
     raise UserError(f"{path} does not exist; give a folder of images, a samples .npz or a model")
+
+
+def is_sample_folder(path: str | Path) -> bool:
+    """A folder `difftool sample` wrote: read as the samples its sample.json lists, never its grid.png."""
+    return (Path(path).expanduser() / SETTINGS_FILE).is_file()
 
 
 def is_image_source(path: str | Path) -> bool:
@@ -107,7 +112,7 @@ def is_image_source(path: str | Path) -> bool:
         return path.is_file()
     if not path.is_dir() or any((path / name).exists() for name in ("config.yaml", "model_index.json", "config.json")):
         return False
-    return (path / SETTINGS_FILE).is_file() or any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+    return is_sample_folder(path) or any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
 
 
 def from_data_source(dataset: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:

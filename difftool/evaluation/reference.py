@@ -24,7 +24,7 @@ from difftool import __version__
 from difftool.training.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.evaluation.features import Extractor, extract
-from difftool.evaluation.imagesets import ImageSet, from_data_source, open_images, open_npz
+from difftool.evaluation.imagesets import ImageSet, from_data_source, is_sample_folder, open_images, open_npz
 from difftool.evaluation.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
@@ -122,10 +122,11 @@ def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size
 
 
 def images_of(source: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
-    """An .npz of images as it is, or a data source as training would see it at `resolution`."""
+    """An .npz of images or a folder `difftool sample` wrote, as they are (samples, not their grid.png), or a
+    data source as training would see it at `resolution`."""
     if not source.strip():  # Path("") is the working folder: never what an empty argument meant
         raise UserError("the data is an empty string; give a data set name, a folder of images or an .npz of images")
-    if Path(source).suffix == ".npz":
+    if Path(source).suffix == ".npz" or is_sample_folder(source):
         return open_images(source)
     return from_data_source(source, resolution=resolution, split=split, max_images=max_images)
 
