@@ -166,11 +166,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def default_output(cfg: Config) -> Path:
-    dataset = Path(cfg.data.dataset.rstrip("/\\")).name.replace("/", "-") or "data"
-    return Path("runs") / f"{cfg.recipe}-{dataset}"
-
-
 # ---------------------------------------------------------------- loading
 
 

@@ -13,6 +13,7 @@ from difftool import recipebook
 from difftool.config import Config, load_config, validate
 from difftool.errors import UserError
 from difftool.models.build import build_unet, count_parameters
+from difftool.rundir import new_run_folder
 
 BUILT_IN = ["cifar10", "folder32", "folder64", "mnist", "quickstart"]
 
@@ -204,7 +205,7 @@ def test_recipe_from_yaml_file_keeps_defaults_and_takes_its_stem_as_name(tmp_pat
     assert cfg.model.block_out_channels == (16, 32)
     assert cfg.data.resolution == 16 and cfg.train.max_steps == 7
     assert cfg.train.lr == Config().train.lr  # untouched fields keep their documented defaults
-    assert config_mod.default_output(cfg) == Path("runs/my-faces-faces")
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path("runs/my-faces-faces")
 
 
 def test_recipe_file_without_extension_is_named_by_its_stem(tmp_path):
@@ -215,7 +216,7 @@ def test_recipe_file_without_extension_is_named_by_its_stem(tmp_path):
     path.write_text("data:\n  resolution: 16\n")
     cfg = load_config(str(path))
     assert cfg.recipe == "tiny"
-    assert config_mod.default_output(cfg) == Path("runs/tiny-shapes")
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path("runs/tiny-shapes")
 
 
 def test_recipe_file_may_name_itself(tmp_path):
@@ -307,9 +308,9 @@ def test_guidance_rescale_is_a_fraction():
         ("folder64", "./", "runs/folder64-data"),
     ],
 )
-def test_default_output(recipe, dataset, expected):
+def test_new_run_folder(recipe, dataset, expected):
     cfg = load_config(recipe, [f"data.dataset={dataset}"])
-    assert config_mod.default_output(cfg) == Path(expected)
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path(expected)
 
 
 # ---------------------------------------------------------------- validate()

@@ -134,6 +134,17 @@ def test_folder_all_grayscale_gives_one_channel(tmp_path):
     assert forced.images.shape == (4, 3, 16, 16) and torch.equal(forced.images[:, 0], forced.images[:, 2])
 
 
+def test_every_command_reads_the_same_image_suffixes(tmp_path):
+    # One list: a BMP or TIFF that inpaint accepts as a mask is a training image and an evaluated image too.
+    from difftool.evaluation.imagesets import open_images
+
+    for i, suffix in enumerate((".png", ".bmp", ".tif", ".tiff")):
+        save(tmp_path / "mixed" / f"{i}{suffix}", Image.new("L", (8, 8), 40 * i))
+    d = load_dataset(cfg(dataset=str(tmp_path / "mixed"), resolution=8), cache_dir=tmp_path / "c")
+    assert [int(t.float().mean()) for t in d.images] == [0, 40, 80, 120]
+    assert open_images(tmp_path / "mixed").count == 4
+
+
 def test_folder_single_subfolder_or_label_none_has_no_labels(tmp_path):
     save(tmp_path / "one" / "only" / "a.png", rgb(8, 8, 0))
     save(tmp_path / "one" / "only" / "b.png", rgb(8, 8, 1))

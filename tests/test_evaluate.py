@@ -484,7 +484,8 @@ def test_sweep_spec_parses_aliases_and_drops_repeats():
 
 def test_default_output_names():
     assert default_output("runs/cifar") == Path("evaluations/cifar")
-    assert default_output("runs/cifar/model") == Path("evaluations/cifar-model")
+    assert default_output("runs/cifar/model") == Path("evaluations/cifar")
+    assert default_output("runs/cifar/checkpoints/step-000500") == Path("evaluations/cifar-step-000500")
     assert default_output("out/samples/ddim-50/samples.npz") == Path("evaluations/ddim-50")
     assert default_output("model.safetensors") == Path("evaluations/model")
 
@@ -506,7 +507,7 @@ def test_cli_evaluate_folder_against_itself(tmp_path, extractor_file):
 
 def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     stats = tmp_path / "real.npz"
-    result = runner.invoke(app, ["evaluate", "stats", "shapes", "--output", str(stats), "--resolution", "8",
+    result = runner.invoke(app, ["stats", "shapes", "--output", str(stats), "--resolution", "8",
                                  "--features", str(extractor_file), "-q"])
     assert result.exit_code == 0, result.output
     assert "statistics of 10000 images" in result.stderr
@@ -517,6 +518,19 @@ def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     assert "FD" in result.stdout and "precision / recall" in result.stdout
 
 
+def test_the_0_1_0_spelling_evaluate_stats_still_works_and_a_folder_called_stats_is_evaluated(
+        tmp_path, extractor_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", "stats", "shapes", "--output", "real.npz", "--resolution", "8",
+                                 "--features", str(extractor_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "`difftool stats` now" in result.stderr and Path("real.npz").is_file()
+    write_images(tmp_path / "stats", shapes(10))  # no ./ needed any more
+    result = runner.invoke(app, ["evaluate", "stats", "-r", "real.npz", "--features", str(extractor_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("evaluations/stats/metrics.json").read_text())["num_images"] == 10
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["evaluate", "{one}", "--features", "{ext}"], ["holds 1 image"]),
     (["evaluate", "{imgs}", "--features", "bogus"], ["unknown --features 'bogus'"]),
@@ -524,9 +538,9 @@ def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     (["evaluate", "{imgs}", "-r", "{stats16}", "--features", "inception", "--inception-weights", "{incep}"],
      ["made with the feature extractor torchscript"]),
     (["evaluate", "{imgs}", "--scheduler", "ddim", "--features", "{ext}"], ["holds images, not a model"]),
-    (["evaluate", "stats", "shapes"], ["needs --output"]),
-    (["evaluate", "stats", "--output", "x.npz"], ["needs the data"]),
-    (["evaluate", "{imgs}", "extra"], ["unexpected second argument 'extra'"]),
+    (["stats", "shapes"], ["Missing option '--output'"]),
+    (["stats", "--output", "x.npz"], ["Missing argument 'DATA'"]),
+    (["evaluate", "{imgs}", "extra"], ["unexpected extra argument (extra)"]),
     (["evaluate", "{imgs}", "--sweep", "ddim:2", "--features", "{ext}"], ["--sweep samples a model"]),
     (["evaluate", "{imgs}", "--features", "{ext}", "--inception-weights", "{incep}"], ["--inception-weights applies"]),
     (["evaluate", "{imgs}", "--num-samples", "0"], ["'--num-samples'", "1<=x"]),

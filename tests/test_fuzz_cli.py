@@ -594,11 +594,11 @@ def bad_evaluate_input(draw) -> list[str]:
         lambda: ["evaluate", model, "--features", features, "--sweep", "ddim:2", *out],
         lambda: ["evaluate", images, draw(TEXT.filter(lambda s: not s.startswith("-"))), "--features", features, *out],
         lambda: ["evaluate", images, "--reference", draw(st.sampled_from(["", " "])), "--features", features, *out],
-        lambda: ["evaluate", "stats", "--features", features, *out],
-        lambda: ["evaluate", "stats", images, "--features", features],
-        lambda: ["evaluate", "stats", images, "--features", features, "-o",
+        lambda: ["stats", "--features", features, *out],
+        lambda: ["stats", images, "--features", features],
+        lambda: ["stats", images, "--features", features, "-o",
                  draw(st.sampled_from([f"{WS}/file.txt", f"{WS}/cwd/stats.npy", f"{WS}/file.txt/stats.npz"]))],
-        lambda: ["evaluate", "stats", draw(st.sampled_from(["", " "])), "--features", features, "-o", f"{WS}/cwd/s.npz"],
+        lambda: ["stats", draw(st.sampled_from(["", " "])), "--features", features, "-o", f"{WS}/cwd/s.npz"],
     ]))()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,14 @@ import numpy as np
 
 from difftool.errors import UserError
 from difftool.evaluation.features import Extractor, extract, load_extractor
+from difftool.models.checkpoints import LoadedModel
 from difftool.sampling.job import (
     SampleRequest,
+    SampleResult,
     check_output_folder,
     check_request,
     generate,
+    load_shared,
 )
 from difftool.evaluation.imagesets import ImageSet, is_image_source, open_images
 from difftool.evaluation.metrics import (
@@ -45,7 +47,13 @@ from difftool.evaluation.reference import (
     resolve,
     save,
 )
-from difftool.rundir import lock_name, refuse_inputs_as_output, write_text
+from difftool.rundir import (
+    lock_name,
+    refuse_inputs_as_output,
+    refuse_overwrite_with_resume,
+    source_name,
+    write_text,
+)
 from difftool.runlock import main_process_lock
 
 METRICS_FILE = "metrics.json"
@@ -92,29 +100,60 @@ def evaluate(source: str, *, reference: str | None, options: MetricOptions, requ
 def _evaluate_into(output: Path, source: str, reference: str | None, options: MetricOptions,
                    request: SampleRequest | None, overwrite: bool, resume: bool,
                    show_progress: bool) -> Evaluation | None:
-    sampled, of_images, main = None, is_image_source(source), main_process()
-    if of_images:
-        if not main:  # other processes have nothing to sample; one scores
+    if is_image_source(source):
+        if not main_process():  # other processes have nothing to sample; one scores
             return None
         images = open_images(source)
-        resolution = images.resolution
+        scorer = prepare_scorer(reference, options, images.resolution, show_progress)
+        record, notes = scorer.score(images, show_progress), images.notes
     else:
-        resolution = model_resolution(source, [request or SampleRequest()])
-    # The extractor and the reference come before sampling: missing weights or statistics of another
-    # resolution should stop a run before an hour of sampling, not after it.
-    extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
-    ref = resolve_reference(reference, extractor, resolution, options, show_progress) if main else None
-    if not of_images:
-        sampled = generate(source, dataclasses.replace(request or SampleRequest(), format="npz"), output / "samples",
-                           overwrite=overwrite, resume=resume, show_progress=show_progress)
-        if not main:
+        request = request or SampleRequest()
+        model = load_checked(source, [request])
+        scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
+        done = sample_and_score(source, model, request, output / "samples", scorer, overwrite=overwrite,
+                                resume=resume, show_progress=show_progress)
+        if done is None:
             return None
-        images = open_images(sampled.output / "samples.npz")
-    record = score(images, ref, extractor, options, show_progress=show_progress)
-    if sampled is not None:
-        record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
+        record, notes = done[1], []
     write_text(output / METRICS_FILE, json.dumps(record, indent=2) + "\n")
-    return Evaluation(output, record, images.notes + record["warnings"])
+    return Evaluation(output, record, notes + record["warnings"])
+
+
+@dataclass
+class Scorer:
+    """What every score of one evaluation or sweep shares: the feature network and the reference."""
+
+    extractor: Extractor
+    reference: Reference | None
+    options: MetricOptions
+
+    def score(self, images: ImageSet, show_progress: bool = True) -> dict:
+        return score(images, self.reference, self.extractor, self.options, show_progress=show_progress)
+
+
+def prepare_scorer(reference: str | None, options: MetricOptions, resolution: int,
+                   show_progress: bool) -> Scorer | None:
+    """The main process's Scorer (None elsewhere), made before any sampling: missing weights or statistics of
+    another resolution should stop a run before an hour of sampling, not after it."""
+    if not main_process():
+        return None
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
+    return Scorer(extractor, resolve_reference(reference, extractor, resolution, options, show_progress), options)
+
+
+def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
+                     *, overwrite: bool, resume: bool, show_progress: bool) -> tuple[SampleResult, dict] | None:
+    """One setting: sample `model` into `folder` (as `difftool sample --format npz` would) and score the samples.
+
+    `evaluate` of a model is one call, a sweep one call per setting. None in the processes that only sample.
+    """
+    sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=overwrite,
+                       resume=resume, show_progress=show_progress, model=model)
+    if scorer is None:
+        return None
+    record = scorer.score(open_images(folder / "samples.npz"), show_progress)
+    record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
+    return sampled, record
 
 
 def score(images: ImageSet, reference: Reference | None, extractor: Extractor, options: MetricOptions, *,
@@ -151,7 +190,7 @@ def score(images: ImageSet, reference: Reference | None, extractor: Extractor, o
 
 def build_stats(data: str, output: Path, *, resolution: int, options: MetricOptions, overwrite: bool = False,
                 show_progress: bool = True) -> Reference:
-    """`difftool evaluate stats`: reference statistics of any data source `train` reads, or an .npz of images."""
+    """`difftool stats`: reference statistics of any data source `train` reads, or an .npz of images."""
     output = Path(output)
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
@@ -175,14 +214,8 @@ def distance_key(extractor: Extractor) -> str:
 
 
 def default_output(source: str) -> Path:
-    """evaluations/NAME, NAME from the run, folder or file evaluated."""
-    path = Path(source.split("@")[0])
-    parts = [p for p in path.parts if p not in (".", "..", "/")]
-    if path.suffix:  # samples.npz says less than the folder it is in
-        name = path.parent.name if path.stem == "samples" and parts[:-1] else path.stem
-    else:
-        name = "-".join(parts[-2:] if path.name in ("model", "samples") else parts[-1:])
-    return Path("evaluations") / (re.sub(r"[^\w.-]+", "_", name) or "evaluation")
+    """evaluations/NAME (NAME: `rundir.source_name` of the run, folder or file evaluated)."""
+    return Path("evaluations") / source_name(source)
 
 
 def resolve_reference(reference: str | None, extractor: Extractor, resolution: int, options: MetricOptions,
@@ -196,22 +229,19 @@ def resolve_reference(reference: str | None, extractor: Extractor, resolution: i
     return ref
 
 
-def model_resolution(source: str, requests: list[SampleRequest]) -> int:
-    """The image size a model makes, read before sampling it; the requests are checked against the model on
-    the way, so that a bad --steps stops a run before reference statistics are built, not after."""
-    from difftool.models.load import load_model
-
-    model = load_model(source, weights=requests[0].weights)
+def load_checked(source: str, requests: list[SampleRequest]) -> LoadedModel:
+    """The model, loaded once for all `requests`, which are checked against it: a bad --steps stops a run
+    before reference statistics are built, not after."""
+    model = load_shared(source, requests[0].weights, process_state())
     for request in requests:
         check_request(model, request, source)
-    return model.info["resolution"]
+    return model
 
 
 @contextlib.contextmanager
 def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
     """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other: choose one")
+    refuse_overwrite_with_resume(overwrite, resume)
     check_output_folder(output)
     refuse_inputs_as_output(output, inputs)
     with main_process_lock(process_state(), output, "evaluate"):

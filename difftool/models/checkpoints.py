@@ -455,18 +455,6 @@ def _download(ref: str) -> Path:
     return folder
 
 
-def sampling_defaults(source: str | Path):
-    """The recipe's `sample` settings (SampleConfig) when `source` is a run folder or inside one, else None."""
-    path = Path(source)
-    for folder in (path, path.parent, path.parent.parent):
-        if RunDir(folder).is_run():
-            try:
-                return read_config(RunDir(folder).config).sample
-            except UserError:
-                return None
-    return None
-
-
 def place(unet: UNet2DModel, device=None, dtype: torch.dtype | None = None) -> UNet2DModel:
     """Move and cast a UNet; diffusers' `.to` warns about keep-in-fp32 modules even when there are none."""
     if getattr(unet, "_keep_in_fp32_modules", None):

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftool import __version__
 from difftool.allocator import keep_freed_memory
-from difftool.models.checkpoints import LoadedModel, place, sampling_defaults
+from difftool.models.checkpoints import LoadedModel, place
 from difftool.models.load import DTYPES, load_model
 from difftool.compiling import check_can_compile
 from difftool.sampling.conditions import (
@@ -40,9 +39,13 @@ from difftool.rundir import (
     file_in_the_way,
     make_folder,
     refuse_inputs_as_output,
+    refuse_overwrite_with_resume,
+    sampling_defaults,
+    source_name,
     write_text,
 )
 from difftool.runlock import main_process_lock
+from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import choose, make_scheduler
 
@@ -107,24 +110,22 @@ class _Plan:
         return self.class_ids[index % len(self.class_ids)] if self.class_ids else None
 
     def image_metadata(self, index: int) -> dict[str, str]:
-        meta = {**self.settings, "index": index}
-        label = self.label(index)
-        if label is not None:
-            meta.update(class_id=label, **({"class": self.label_names[label]} if self.label_names else {}))
-        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in meta.items()}
+        return image_metadata(self.settings, index, self.label(index), self.label_names)
 
 
 def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *, overwrite: bool = False,
-             resume: bool = False, show_progress: bool = True) -> SampleResult:
-    """Make `request.num_images` images from the model at `source` into the folder `output`."""
+             resume: bool = False, show_progress: bool = True, model: LoadedModel | None = None) -> SampleResult:
+    """Make `request.num_images` images from the model at `source` into the folder `output`.
+
+    `model` is that model already loaded (with `request.weights`), for callers that sample it more than once.
+    """
     from accelerate import PartialState
 
+    refuse_overwrite_with_resume(overwrite, resume)
     state = PartialState(cpu=not torch.cuda.is_available())
     _check_request(request, state.device)
-    with state.main_process_first():  # a hub download happens once
-        model = load_model(source, weights=request.weights)
-    if state.is_main_process:
-        show_notes(model.notes)
+    if model is None:
+        model = load_shared(source, request.weights, state)
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
@@ -132,6 +133,15 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
         return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
                               show_progress=show_progress)
+
+
+def load_shared(source: str | Path, weights: str | None, state) -> LoadedModel:
+    """Load the model in every process (a hub download happens once); the main process prints its notes."""
+    with state.main_process_first():
+        model = load_model(source, weights=weights)
+    if state.is_main_process:
+        show_notes(model.notes)
+    return model
 
 
 def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state, *, overwrite: bool,
@@ -216,10 +226,7 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, info, class_ids)
     rescale = resolve_guidance_rescale(request.guidance_rescale, getattr(defaults, "guidance_rescale", None), guidance)
     settings = {
-        "difftool_version": __version__,
-        "model": model.source,
-        "model_hash": model.model_hash,
-        "weights": model.weights,
+        **model_settings(model),
         "scheduler": spec.name,
         "steps": steps,
         "eta": request.eta,
@@ -236,13 +243,8 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
 
 
 def default_output(source: str | Path, settings: dict) -> Path:
-    """samples/RUN-SCHEDULER-STEPS in the working folder."""
-    path = Path(str(source).split("@")[0])
-    if path.name == "model" or (path / "progress.json").is_file():
-        name = path.parent.name if path.name == "model" else f"{path.parent.parent.name}-{path.name}"
-    else:
-        name = path.stem
-    return Path("samples") / f"{name}-{settings['scheduler']}-{settings['steps']}"
+    """samples/NAME-SCHEDULER-STEPS in the working folder (NAME: `rundir.source_name`)."""
+    return Path("samples") / f"{source_name(source)}-{settings['scheduler']}-{settings['steps']}"
 
 
 # ---------------------------------------------------------------- the output folder

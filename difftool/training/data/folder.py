@@ -7,7 +7,7 @@ from typing import Any
 
 
 from difftool.errors import UserError
-from difftool.images import IMAGE_SUFFIXES, printable
+from difftool.images import IMAGE_SUFFIXES, image_files, printable
 from difftool.training.data.cache import _cached
 from difftool.training.data.decode import ImageData, _assemble, _decode_all
 from difftool.training.data.hub import _warn_dropped_classes
@@ -41,12 +41,7 @@ def _scan_folder(root: Path, use_labels: bool) -> tuple[list[Path], list[int] | 
 
     Hidden files and folders are skipped (macOS "._x.jpg" files are not images).
     """
-    rel = sorted(
-        p.relative_to(root)
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in p.relative_to(root).parts)
-        and p.is_file()
-    )
+    rel = [p.relative_to(root) for p in image_files(root)]
     if not rel:
         raise UserError(f"no images found in {root} (looked for {'/'.join(IMAGE_SUFFIXES)} recursively); "
                         "point --dataset at a folder of images")
