@@ -104,6 +104,27 @@ def domain_fd(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(gaussian_stats(a), gaussian_stats(b))
 
 
+def probe_judge(judge: Judge, real_feats: np.ndarray, others: torch.Tensor) -> list[str]:
+    """What the domain FD sees: held-out real images, changed in known ways, against the real features.
+
+    Lines of a table: noise, blur, darkening and desaturation, each by an amount a person would notice.
+    """
+    x = others.float()
+    grey = x.mean(1, keepdim=True)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None]).expand(x.shape[1], 1, 3, 3) / 16
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), kernel, groups=t.shape[1])
+
+    g = torch.Generator().manual_seed(0)
+    changes = {"none (the floor)": x, "noise, sd 10 levels": x + 10 * torch.randn(x.shape, generator=g),
+               "noise, sd 20 levels": x + 20 * torch.randn(x.shape, generator=g), "3x3 blur": blur(x),
+               "3x3 blur twice": blur(blur(x)), "10 levels darker": x - 10, "30% desaturated": 0.7 * x + 0.3 * grey}
+    return [f"| {name} | {domain_fd(real_feats, judge_outputs(judge, t.clamp(0, 255).round().to(torch.uint8))[0]):.2f} |"
+            for name, t in changes.items()]
+
+
 # ---------------------------------------------------------------- one variant on one set
 
 
@@ -192,13 +213,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600,
                         help="training steps of every variant without its own train.max_steps")
     parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--variant", action="append", required=True, help="NAME=RECIPE[:key=value,...] (repeatable)")
+    parser.add_argument("--variant", action="append", help="NAME=RECIPE[:key=value,...] (repeatable)")
     parser.add_argument("--sampling", action="append", default=[],
                         help="NAME=OPTIONS: also sample every run with these `difftool sample` options (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--probe-judge", action="store_true",
+                        help="only print the domain FD of real images changed in known ways (noise, blur, colour)")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variant]
+    variants = [parse_variant(v) for v in args.variant or []]
+    if not variants and not args.probe_judge:
+        parser.error("give at least one --variant (or --probe-judge)")
     samplings = [("run defaults", [])] + [(s.partition("=")[0], s.partition("=")[2].split()) for s in args.sampling]
     args.work.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(exist_ok=True)
@@ -218,6 +243,10 @@ def main() -> None:
         notes.append(f"- {name}: {len(real)} images, mean pixel {data_mean:.1f}; judge accuracy on held-out real "
                      f"images {accuracy:.1%}; real-vs-real FD floor at {n} images {floor:.3f}")
         print(notes[-1], flush=True)
+        if args.probe_judge:
+            print(f"| {name}: real images changed by | domain FD |\n|---|---|", flush=True)
+            print("\n".join(probe_judge(judge, real_feats, real[perm[n : 2 * n]])), flush=True)
+            continue
         rows = []
         for variant, recipe, overrides in variants:
             run, train_s = train_variant(variant, recipe, overrides, folder, args.work, steps=args.steps,
@@ -237,6 +266,8 @@ def main() -> None:
                 print(row, flush=True)
                 rows.append((label, samples))
         figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[perm[:16]], rows)
+    if args.probe_judge:
+        return
     variant_text = "\n".join(f"- {v}: `{r}` recipe" + (f" with {', '.join(f'`{o}`' for o in s)}" if s else "")
                              for v, r, s in variants)
     variant_text += "".join(f"\n- {name}: sampled with `{' '.join(opts)}`" for name, opts in samplings[1:])
