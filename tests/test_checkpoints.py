@@ -15,12 +15,8 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import constants as hub_constants
 
-from difftool.models.checkpoints import (
-    INFO_FILE,
-    read_single_file_metadata,
-    save_single_file,
-    state_dict_hash,
-)
+from difftool.models.checkpoints import read_single_file_metadata, state_dict_hash
+from difftool.models.export import INFO_FILE, save_single_file
 from difftool.config import read_config
 from difftool.errors import UserError
 from difftool.models.build import build_noise_scheduler

@@ -35,7 +35,8 @@ from PIL import Image
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from difftool.models.checkpoints import read_single_file_metadata, save_single_file
+from difftool.models.checkpoints import read_single_file_metadata
+from difftool.models.export import save_single_file
 from difftool.cli.app import app
 from difftool.cli.options import IMAGES_MAX, SEED_MAX
 from difftool.config import field_paths, recipe_names

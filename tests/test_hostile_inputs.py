@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from difftool.models.checkpoints import save_single_file
+from difftool.models.export import save_single_file
 from difftool.models.load import load_model
 from difftool.config import DataConfig
 from difftool.training.data import load_dataset

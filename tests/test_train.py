@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 from difftool.training import loop as train_mod
+from difftool.training import step as step_mod
 from difftool.training import setup as setup_mod
 from difftool.models.load import load_model
 from difftool.errors import UserError
@@ -148,13 +149,13 @@ def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
 def poison_steps(monkeypatch, *steps: int) -> None:
     """Make the images of the given (0-based) steps NaN, so exactly those steps get a NaN loss."""
     calls = iter(range(10**6))
-    real = train_mod.make_batch
+    real = step_mod.make_batch
 
     def make_batch(*args, **kwargs):
         x0, labels = real(*args, **kwargs)
         return (torch.full_like(x0, float("nan")) if next(calls) in steps else x0), labels
 
-    monkeypatch.setattr(train_mod, "make_batch", make_batch)
+    monkeypatch.setattr(step_mod, "make_batch", make_batch)
 
 
 def all_finite(folder, name="model.safetensors") -> bool:

@@ -13,12 +13,8 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler
 
-from difftool.models.checkpoints import (
-    LoadedModel,
-    export_pipeline,
-    place,
-    save_single_file,
-)
+from difftool.models.checkpoints import LoadedModel, place
+from difftool.models.export import export_pipeline, save_single_file
 from difftool.errors import UserError
 from difftool.models.load import DTYPES, load_model
 from difftool.rundir import atomic_dir, refuse_inputs_as_output
