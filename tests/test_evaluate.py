@@ -239,7 +239,7 @@ def test_files_of_a_folder_that_are_not_scored_are_named(tmp_path):
     images = open_images(folder)
     assert images.count == 3
     assert [n for n in images.notes if "left out" in n] == [
-        f"left out 2 files in {folder} (not .png/.jpg/.jpeg/.webp images): notes.txt, sub/clip.gif"]
+        f"left out 2 files in {folder} (not .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff images): notes.txt, sub/clip.gif"]
 
 
 @pytest.mark.parametrize("image_format", ["png", "npz"])
