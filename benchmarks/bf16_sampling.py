@@ -66,7 +66,7 @@ def main() -> None:
 def worker(args) -> dict:
     import numpy as np
 
-    from difftool.generate import SampleRequest, generate
+    from difftool.sampling.job import SampleRequest, generate
 
     request = SampleRequest(num_images=args.num_images, scheduler=args.scheduler, steps=args.steps,
                             batch_size=args.batch_size, dtype=args.worker, format="npz")

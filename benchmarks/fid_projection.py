@@ -9,7 +9,7 @@ scores them against cached reference statistics. The sampling rate comes from a
 sample_throughput.py JSON (`--sampling`, its `--sampler` rows: DDIM-50 is the cifar10 recipe's);
 the other two parts are timed here as difftool runs them:
 
-- the feature pass: `difftool.features.extract` with `load_extractor("inception",
+- the feature pass: `difftool.evaluation.features.extract` with `load_extractor("inception",
   inception_weights=FILE)`, FILE a TorchScript stand-in with the FID Inception file's interface
   and about its cost (Inception-v3 is 5.7 GMAC, 11.4 GFLOP, per 299-px image by torchvision's
   model table; the stand-in's own count is reported), as the real weights cannot be downloaded
@@ -44,7 +44,7 @@ INCEPTION_GFLOP = 11.4
 class InceptionStandIn(torch.nn.Module):
     """uint8 N×3×H×W, resized to `size` px, through convolutions of about Inception-v3's FLOPs at 299 px.
 
-    The interface is the FID Inception TorchScript file's (difftool.features.InceptionExtractor): pool
+    The interface is the FID Inception TorchScript file's (difftool.evaluation.features.InceptionExtractor): pool
     features (2048) with `return_features`, else 1008 class probabilities, with or without the bias.
     """
 
@@ -103,7 +103,7 @@ def time_feature_pass(count: int, batch_size: int, size: int) -> dict:
     """img/s of difftool's Inception feature pass (both calls per batch) with the stand-in network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from difftool.features import extract, load_extractor
+    from difftool.evaluation.features import extract, load_extractor
 
     net = InceptionStandIn(size).eval()
     one = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
@@ -128,11 +128,11 @@ def time_metrics(count: int, dims: int) -> dict:
     """Seconds of difftool.evaluate.score's metrics on `count` random feature rows against as many."""
     import numpy as np
 
-    from difftool.evaluate import MetricOptions, score
-    from difftool.features import Extractor
-    from difftool.imagesets import from_tensor
-    from difftool.metrics import gaussian_stats
-    from difftool.reference import Reference
+    from difftool.evaluation.evaluate import MetricOptions, score
+    from difftool.evaluation.features import Extractor
+    from difftool.evaluation.imagesets import from_tensor
+    from difftool.evaluation.metrics import gaussian_stats
+    from difftool.evaluation.reference import Reference
 
     rng = np.random.default_rng(0)
     real = rng.standard_normal((count, dims), dtype=np.float32)

@@ -67,7 +67,7 @@ def _unet(recipe: str):
     import torch
 
     from difftool import config as config_mod
-    from difftool.models import build_unet
+    from difftool.models.build import build_unet
 
     cfg = config_mod.load_config(recipe, ["model.class_conditional=false"])
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ python - "$work" <<'PY'
 import sys
 from pathlib import Path
 from PIL import Image, ImageDraw
-from difftool.data import make_shapes
+from difftool.training.data import make_shapes
 from difftool.images import to_pil
 
 work = Path(sys.argv[1])

@@ -39,7 +39,7 @@ from common import append_results  # noqa: E402
 from quality_data import SETS, make_set, write_set  # noqa: E402
 
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
-from difftool.metrics import frechet_distance, gaussian_stats  # noqa: E402
+from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 

@@ -14,7 +14,7 @@ pipelines get difftool's scheduler configuration (trailing timesteps, clipping) 
 generator per image seeded as difftool seeds them, so both sides compute the same images: the
 largest per-pixel difference of the uint8 images is reported beside the speed.
 
-difftool runs as `difftool sample` does (`difftool.generate`, writing samples.npz), in the
+difftool runs as `difftool sample` does (`difftool.sampling.job`, writing samples.npz), in the
 variants asked for: `fp32` (the default), `bf16` (`--dtype bf16`: faster where the CPU has
 AVX512-BF16, different images), `compile` (`--compile`) and `bf16-compile` (both). A compile
 variant makes one batch more in the same call, first: that batch pays for the compilation,
@@ -167,7 +167,7 @@ def make_model(recipe: str, folder: Path) -> Path:
     from diffusers import DDPMPipeline
 
     from difftool import config as config_mod
-    from difftool.models import build_noise_scheduler, build_unet
+    from difftool.models.build import build_noise_scheduler, build_unet
 
     cfg = config_mod.load_config(recipe, ["model.class_conditional=false"])
     torch.manual_seed(SEED)
@@ -192,7 +192,7 @@ def difftool_worker(args) -> dict:
     """
     import numpy as np
 
-    from difftool import generate as generate_module
+    from difftool.sampling import job as generate_module
 
     steps = SAMPLERS[args.sampler][0]
     compiling = "compile" in args.worker
@@ -225,8 +225,8 @@ def pipeline_worker(args) -> dict:
     import torch
     from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 
-    from difftool.checkpoints import load_model
-    from difftool.schedulers import make_scheduler
+    from difftool.models.load import load_model
+    from difftool.sampling.schedulers import make_scheduler
 
     steps = SAMPLERS[args.sampler][0]
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where difftool samples too

@@ -124,7 +124,7 @@ def _computes_in(name: str, params, overrides: list[str]) -> tuple[str, str]:
     import torch
 
     from difftool import config as config_mod
-    from difftool.train import resolve_precision
+    from difftool.training.setup import resolve_precision
 
     setting = PLAIN.get(name) or config_mod.apply_changes(params, [*overrides, *DIFFTOOL[name]]).train.mixed_precision
     resolved = resolve_precision(setting, not torch.cuda.is_available())
@@ -176,13 +176,13 @@ def _config(recipe: str, batch: int | None):
 
 def _unet(cfg):
     """The UNet both sides train (5 classes: the shapes)."""
-    from difftool.models import build_unet
+    from difftool.models.build import build_unet
 
     return build_unet(cfg.model, resolution=cfg.data.resolution, channels=3, num_classes=5)
 
 
 def _parameters(cfg) -> int:
-    from difftool.models import count_parameters
+    from difftool.models.build import count_parameters
 
     return count_parameters(_unet(cfg))
 
@@ -193,7 +193,7 @@ def _parameters(cfg) -> int:
 def difftool_worker(args) -> dict:
     """`difftool train` as users run it, read back from its metrics.jsonl (img/s per window)."""
     from difftool import config as config_mod
-    from difftool.train import train
+    from difftool.training.loop import train
 
     cfg = _config(args.recipe, args.batch_size)
     total = args.warmup + args.steps
@@ -222,8 +222,8 @@ def plain_worker(args, precision: str) -> dict:
     from diffusers.training_utils import EMAModel
     from PIL import Image, ImageOps
 
-    from difftool.data import SHAPE_NAMES, make_shapes
-    from difftool.models import build_noise_scheduler, build_unet
+    from difftool.training.data import SHAPE_NAMES, make_shapes
+    from difftool.models.build import build_noise_scheduler, build_unet
 
     cfg = _config(args.recipe, args.batch_size)
     size = cfg.data.resolution

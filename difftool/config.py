@@ -8,21 +8,27 @@ The resolved config is what gets written into the run folder and the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import re
 import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from difftool import __version__
-from difftool.errors import UserError, first_line
+from difftool.errors import UserError, did_you_mean, first_line
+# The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
+from difftool.recipebook import (  # noqa: F401
+    parse_yaml,
+    recipe_dir,
+    recipe_for_dataset,
+    recipe_names,
+    recipe_summary,
+    recipe_text,
+)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -65,7 +71,7 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (see difftool.data)."""
+    """Where images come from and how they are augmented (see difftool.training.data)."""
 
     dataset: str = "shapes"
     split: str = "train"
@@ -158,84 +164,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-
-# ---------------------------------------------------------------- recipes
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string "no"."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-
-def recipe_dir():
-    """The built-in recipes: the package `difftool.recipes` once installed, else `recipes/` of a source tree on
-    PYTHONPATH (as on a machine where nothing can be installed, such as the GPU check's)."""
-    try:
-        return resources.files("difftool.recipes")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "recipes"
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in recipe_dir().iterdir() if p.name.endswith(".yaml"))
-
-
-def recipe_text(name_or_path: str) -> str:
-    """The YAML text of a built-in recipe name or a path to a recipe file."""
-    path = Path(name_or_path).expanduser()
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise UserError(f"recipe file not found: {name_or_path}")
-        try:
-            return path.read_text()
-        except (OSError, ValueError) as err:  # ValueError: not UTF-8
-            raise UserError(f"cannot read recipe {name_or_path}: {first_line(err)}") from err
-    names = recipe_names()
-    if name_or_path not in names:
-        raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} (difftool recipes list shows them)")
-    return (recipe_dir() / f"{name_or_path}.yaml").read_text()
-
-
-def recipe_summary(name: str) -> str:
-    """First comment line of a recipe after its launch command: what the recipe is for."""
-    lines = [ln[1:].strip() for ln in recipe_text(name).splitlines() if ln.startswith("#")]
-    return next((ln for ln in lines if ln and not ln.startswith(("difftool ", "accelerate "))), "")
-
-
-def recipe_for_dataset(dataset: str | None, *, gpu: bool = True) -> tuple[str, str]:
-    """The recipe `difftool train --dataset X` uses when no --recipe is given, and why.
-
-    A data set that has a recipe of its own (cifar10, mnist) gets it; no data set at all means the
-    quickstart. Other hub data sets and local folders get the 64-px recipe on a GPU, and on a CPU the
-    32-px one: folder64's 150k steps of a 5-level UNet would take a CPU weeks.
-    """
-    if dataset is None:
-        return "quickstart", "the built-in shapes (no --dataset)"
-    for name in recipe_names():
-        raw = parse_yaml(recipe_text(name)) or {}
-        if (raw.get("data") or {}).get("dataset") == dataset:
-            return name, f"the recipe made for {dataset}"
-    if gpu:
-        return "folder64", "a GPU is present: 64 px"
-    return "folder32", "no GPU here: 32 px and a small UNet, 20-40 minutes on 2 cores (--recipe folder64 for 64 px)"
-
-
-def default_output(cfg: Config) -> Path:
-    dataset = Path(cfg.data.dataset.rstrip("/\\")).name.replace("/", "-") or "data"
-    return Path("runs") / f"{cfg.recipe}-{dataset}"
 
 
 # ---------------------------------------------------------------- loading
@@ -443,17 +371,6 @@ def _numbers(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, float):
                 yield prefix + f.name, item
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """'; did you mean X?' for an error message, or '' when nothing is close."""
-    match = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    # Among near ties, a transposition ('ddmi' -> 'ddim') beats a substitution ('ddpm').
-    match = sorted(match, key=lambda c: sorted(c) != sorted(word))[:1]
-    if not match and "." in word:
-        leaf = word.rpartition(".")[2]
-        match = [c for c in choices if c.rpartition(".")[2] == leaf][:1]
-    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 # ---------------------------------------------------------------- validation

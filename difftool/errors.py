@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
 import re
@@ -65,3 +66,14 @@ def _os_error_code(err: Exception, path: Path) -> int | None:
             if fs.f_bavail * fs.f_frsize < 16 * 2**20:
                 return errno.ENOSPC
     return None
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """'; did you mean X?' for an error message, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    # Among near ties, a transposition ('ddmi' -> 'ddim') beats a substitution ('ddpm').
+    match = sorted(match, key=lambda c: sorted(c) != sorted(word))[:1]
+    if not match and "." in word:
+        leaf = word.rpartition(".")[2]
+        match = [c for c in choices if c.rpartition(".")[2] == leaf][:1]
+    return f"; did you mean '{match[0]}'?" if match else ""

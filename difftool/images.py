@@ -15,6 +15,22 @@ from difftool.rundir import atomic_path
 
 _OPEN_LOCK = threading.Lock()
 
+# The one list of image files every command reads: training folders, evaluated folders, inpainting's images and masks.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def visible_files(root: Path, *, recursive: bool = True) -> list[Path]:
+    """The files in `root` (and below it), sorted; hidden files and folders are skipped: macOS "._x.jpg" files
+    are not images."""
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and p.is_file())
+
+
+def image_files(root: Path, *, recursive: bool = True) -> list[Path]:
+    """The image files among `visible_files(root)`, by suffix."""
+    return [p for p in visible_files(root, recursive=recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
+
 
 def open_image(source) -> Image.Image:
     """`Image.open` (lazy: reads the header only) that refuses any image over `Image.MAX_IMAGE_PIXELS`.

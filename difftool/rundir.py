@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from difftool import __version__
+from difftool.config import read_config
 from difftool.errors import (
     UserError,
     first_line,
@@ -47,6 +48,54 @@ def lock_name(command: str) -> str:
 
 
 LOCK_FILE = lock_name("train")
+
+
+# ---------------------------------------------------------------- names
+
+def new_run_folder(recipe: str, dataset: str) -> Path:
+    """Where `difftool train` writes a run when no --output is given: runs/RECIPE-DATASET."""
+    name = Path(dataset.rstrip("/\\")).name.replace("/", "-") or "data"
+    return Path("runs") / f"{recipe}-{name}"
+
+
+def source_name(source: str | Path) -> str:
+    """A short name for what is made from `source`, for default output folders (samples/NAME-..., evaluations/NAME).
+
+    A run folder and its model/ are the run's name, a checkpoint is RUN-step-N, a samples file is the folder
+    it is in, a folder called samples is PARENT-samples; anything else is its own name without suffix.
+    """
+    path = Path(str(source).split("@")[0])  # a hub id may carry @revision
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    if path.name == "model":
+        name = path.parent.name
+    elif is_checkpoint_name(path) and path.parent.name == "checkpoints":
+        name = f"{path.parent.parent.name}-{path.name}"
+    elif path.suffix and path.stem == "samples" and path.parent.name:
+        name = path.parent.name
+    elif path.name == "samples" and path.parent.name:
+        name = f"{path.parent.name}-samples"
+    else:
+        name = path.stem if path.suffix else path.name
+    return re.sub(r"[^\w.-]+", "_", name) or "model"
+
+
+def sampling_defaults(source: str | Path):
+    """The recipe's `sample` settings (a SampleConfig) when `source` is a run folder or inside one, else None."""
+    path = Path(source)
+    for folder in (path, path.parent, path.parent.parent):
+        if RunDir(folder).is_run():
+            try:
+                return read_config(RunDir(folder).config).sample
+            except UserError:
+                return None
+    return None
+
+
+def refuse_overwrite_with_resume(overwrite: bool, resume: bool) -> None:
+    """--overwrite replaces what --resume would keep: asked for together, neither can be what was meant."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other: choose one")
 
 
 # ---------------------------------------------------------------- creating outputs

@@ -123,7 +123,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
     Tests that change it must copy it first (shutil.copytree).
     """
-    from difftool.train import train
+    from difftool.training.loop import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     with pytest.MonkeyPatch.context() as mp:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool.generate import SampleRequest, generate
-from difftool.train import train
+from difftool.sampling.job import SampleRequest, generate
+from difftool.training.loop import train
 from tests.conftest import tiny_config
 
 RESOLUTION = 8

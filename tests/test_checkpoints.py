@@ -15,16 +15,12 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import constants as hub_constants
 
-from difftool.checkpoints import (
-    INFO_FILE,
-    load_model,
-    read_single_file_metadata,
-    save_single_file,
-    state_dict_hash,
-)
+from difftool.models.checkpoints import read_single_file_metadata, state_dict_hash
+from difftool.models.export import INFO_FILE, save_single_file
 from difftool.config import read_config
 from difftool.errors import UserError
-from difftool.models import build_noise_scheduler
+from difftool.models.build import build_noise_scheduler
+from difftool.models.load import load_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INFO_KEYS = {"resolution", "channels", "num_classes", "label_names", "null_class"}

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from difftool import __version__
 from difftool import config as config_mod
-from difftool import launch as launch_mod
+from difftool.cli import launch as launch_mod
 from difftool.errors import UserError
 from difftool.rundir import PROGRESS_FILE, RunDir
 from tests.conftest import assert_user_error, invoke, tiny_config
@@ -262,9 +263,37 @@ def test_num_processes_hands_over_to_accelerate_launch(tmp_path, monkeypatch):
     assert result.exit_code == 3  # the launcher's exit code is ours
     [(module, args, num_processes, port)] = calls
     assert (module, num_processes, port) == ("difftool.train", 2, 29555)
-    assert args == ["--output", str(out), "--recipe", "cifar10", "--max-steps", "10",
-                    "--set", "train.batch_size=64", "--quiet"]
+    # The arguments as typed, less the launcher's own.
+    assert args == ["--recipe", "cifar10", "--max-steps", "10", "--set", "train.batch_size=64", "--output", str(out),
+                    "--quiet"]
     assert not out.exists()  # the launched processes write the run, not this one
+
+
+def test_workers_get_the_typed_arguments_and_the_plans_choices(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("difftool.cli.train.launch", lambda module, args, **kw: calls.append(args) or 0)
+    monkeypatch.delenv("DIFFTOOL_DEBUG", raising=False)
+    monkeypatch.setattr("difftool.cli.errors._debug", False)  # --debug below turns it on for this test only
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    assert invoke("train", "--dataset", "imgs", "--num-processes=2", "--debug", "--max-steps", 3).exit_code == 0
+    # --num-processes=2 and --debug are dropped (debug travels in the environment); the default folder and
+    # the recipe chosen for the data are pinned, so that every worker plans the same run.
+    typed, pinned = calls[0][:4], calls[0][4:]
+    assert typed == ["--dataset", "imgs", "--max-steps", "3"]
+    recipe = config_mod.recipe_for_dataset("imgs", gpu=torch.cuda.is_available())[0]
+    assert pinned == ["--output", f"runs/{recipe}-imgs", "--recipe", recipe]
+
+
+def test_sample_workers_get_every_option_as_typed(tiny_run, monkeypatch):
+    calls = []
+    monkeypatch.setattr("difftool.cli.sample.launch", lambda module, args, **kw: calls.append((module, args)) or 0)
+    typed = [str(tiny_run), "--scheduler", "ddim", "--steps", "3", "-n", "4", "--class", "0", "--class", "1",
+             "--guidance-rescale", "0.5", "--resume", "--", ]
+    assert invoke("sample", *typed[:1], "--num-processes", 2, "--main-process-port=1234", *typed[1:]).exit_code == 0
+    assert calls == [("difftool.sample", typed)]
 
 
 def test_launch_arguments(monkeypatch):

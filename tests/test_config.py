@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from difftool import config as config_mod
+from difftool import recipebook
 from difftool.config import Config, load_config, validate
 from difftool.errors import UserError
-from difftool.models import build_unet, count_parameters
+from difftool.models.build import build_unet, count_parameters
+from difftool.rundir import new_run_folder
 
 BUILT_IN = ["cifar10", "folder32", "folder64", "mnist", "quickstart"]
 
@@ -67,14 +69,14 @@ def test_cifar10_recipe_builds_the_35_7m_parameter_ddpm_unet():
 def test_recipes_are_found_in_a_source_tree_that_is_not_installed(monkeypatch):
     """Run from a checkout on PYTHONPATH (the GPU check's device machine, where nothing is installed),
     `recipes/` is no subpackage of `difftool`: the recipes are read from the tree."""
-    real = config_mod.resources.files
+    real = recipebook.resources.files
 
     def files(package):
         if package == "difftool.recipes":
             raise ModuleNotFoundError(f"No module named '{package}'")
         return real(package)
 
-    monkeypatch.setattr(config_mod.resources, "files", files)
+    monkeypatch.setattr(recipebook.resources, "files", files)
     assert config_mod.recipe_names() == BUILT_IN
     assert config_mod.load_config("cifar10").train.batch_size == 128
 
@@ -203,7 +205,7 @@ def test_recipe_from_yaml_file_keeps_defaults_and_takes_its_stem_as_name(tmp_pat
     assert cfg.model.block_out_channels == (16, 32)
     assert cfg.data.resolution == 16 and cfg.train.max_steps == 7
     assert cfg.train.lr == Config().train.lr  # untouched fields keep their documented defaults
-    assert config_mod.default_output(cfg) == Path("runs/my-faces-faces")
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path("runs/my-faces-faces")
 
 
 def test_recipe_file_without_extension_is_named_by_its_stem(tmp_path):
@@ -214,7 +216,7 @@ def test_recipe_file_without_extension_is_named_by_its_stem(tmp_path):
     path.write_text("data:\n  resolution: 16\n")
     cfg = load_config(str(path))
     assert cfg.recipe == "tiny"
-    assert config_mod.default_output(cfg) == Path("runs/tiny-shapes")
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path("runs/tiny-shapes")
 
 
 def test_recipe_file_may_name_itself(tmp_path):
@@ -306,9 +308,9 @@ def test_guidance_rescale_is_a_fraction():
         ("folder64", "./", "runs/folder64-data"),
     ],
 )
-def test_default_output(recipe, dataset, expected):
+def test_new_run_folder(recipe, dataset, expected):
     cfg = load_config(recipe, [f"data.dataset={dataset}"])
-    assert config_mod.default_output(cfg) == Path(expected)
+    assert new_run_folder(cfg.recipe, cfg.data.dataset) == Path(expected)
 
 
 # ---------------------------------------------------------------- validate()

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
-from difftool.checkpoints import load_model
+from difftool.models.load import load_model
 from tests.conftest import assert_user_error, invoke
 
 pytestmark = pytest.mark.usefixtures("scratch_cwd")

@@ -1,4 +1,4 @@
-"""difftool.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
+"""difftool.training.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import data as data_mod
+from difftool.training import data as data_mod
+from difftool.training.data import decode as decode_mod
 from difftool.config import DataConfig
-from difftool.data import (
+from difftool.training.data import (
     ImageData,
     from_hf_dataset,
     load_dataset,
@@ -133,6 +134,17 @@ def test_folder_all_grayscale_gives_one_channel(tmp_path):
     assert forced.images.shape == (4, 3, 16, 16) and torch.equal(forced.images[:, 0], forced.images[:, 2])
 
 
+def test_every_command_reads_the_same_image_suffixes(tmp_path):
+    # One list: a BMP or TIFF that inpaint accepts as a mask is a training image and an evaluated image too.
+    from difftool.evaluation.imagesets import open_images
+
+    for i, suffix in enumerate((".png", ".bmp", ".tif", ".tiff")):
+        save(tmp_path / "mixed" / f"{i}{suffix}", Image.new("L", (8, 8), 40 * i))
+    d = load_dataset(cfg(dataset=str(tmp_path / "mixed"), resolution=8), cache_dir=tmp_path / "c")
+    assert [int(t.float().mean()) for t in d.images] == [0, 40, 80, 120]
+    assert open_images(tmp_path / "mixed").count == 4
+
+
 def test_folder_single_subfolder_or_label_none_has_no_labels(tmp_path):
     save(tmp_path / "one" / "only" / "a.png", rgb(8, 8, 0))
     save(tmp_path / "one" / "only" / "b.png", rgb(8, 8, 1))
@@ -197,7 +209,7 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
     def fail(*_):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data_mod, "_decode_image", fail)
+    monkeypatch.setattr(decode_mod, "_decode_image", fail)
     again = load_dataset(c, cache_dir=tmp_path / "cache")
     assert again.source == first.source and again.channels == first.channels
     assert all(torch.equal(a, b) for a, b in zip(first.images, again.images, strict=True))
@@ -206,8 +218,8 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
     save(root / "2.png", rgb(30, 10, 99))
     os.utime(root / "2.png", ns=(1, 1))  # mtime alone would be enough; make it differ for sure
     calls = []
-    real = data_mod._decode_image
-    monkeypatch.setattr(data_mod, "_decode_image", lambda *a: calls.append(a) or real(*a))
+    real = decode_mod._decode_image
+    monkeypatch.setattr(decode_mod, "_decode_image", lambda *a: calls.append(a) or real(*a))
     changed = load_dataset(c, cache_dir=tmp_path / "cache")
     assert len(calls) == 4 and not torch.equal(changed.images[2], first.images[2])
 
@@ -277,7 +289,7 @@ def test_load_dataset_alias_goes_through_hub_and_cache(tmp_path, monkeypatch):
     assert calls == [("uoft-cs/cifar10", "train")]
     assert d.label_names == ["airplane", "automobile"] and d.labels.tolist() == [1, 0]
     assert "uoft-cs/cifar10" in d.source
-    monkeypatch.setattr(data_mod, "_decode_image", lambda *a: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(decode_mod, "_decode_image", lambda *a: pytest.fail("decoded although cached"))
     assert torch.equal(load_dataset(cfg(dataset="cifar10", resolution=8), cache_dir=tmp_path).images, d.images)
 
 

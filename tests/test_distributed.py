@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from difftool.rundir import RunDir
-from difftool.train import train
+from difftool.training.loop import train
 from tests.conftest import difftool_cmd, free_port, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -17,27 +17,27 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from difftool import features as features_mod
-from difftool import reference as reference_mod
+from difftool.evaluation import features as features_mod
+from difftool.evaluation import reference as reference_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
-from difftool.evaluate import (
+from difftool.evaluation.evaluate import (
     MetricOptions,
     build_stats,
     default_output,
     evaluate,
     score,
 )
-from difftool.features import (
+from difftool.evaluation.features import (
     Dinov2Extractor,
     InceptionExtractor,
     TorchScriptExtractor,
     load_extractor,
 )
-from difftool.generate import SampleRequest
-from difftool.imagesets import from_tensor, is_image_source, open_images
-from difftool.metrics import frechet_distance, gaussian_stats
-from difftool.sweep import (
+from difftool.sampling.job import SampleRequest
+from difftool.evaluation.imagesets import from_tensor, is_image_source, open_images
+from difftool.evaluation.metrics import frechet_distance, gaussian_stats
+from difftool.evaluation.sweep import (
     PLOT_FILE,
     RESULTS_CSV,
     RESULTS_JSON,
@@ -58,7 +58,7 @@ def write_images(folder: Path, images: torch.Tensor) -> Path:
 
 
 def shapes(n: int, resolution: int = 8, seed_offset: int = 0) -> torch.Tensor:
-    from difftool.data import make_shapes
+    from difftool.training.data import make_shapes
 
     return make_shapes(n + seed_offset, resolution).images[seed_offset:]
 
@@ -239,7 +239,7 @@ def test_files_of_a_folder_that_are_not_scored_are_named(tmp_path):
     images = open_images(folder)
     assert images.count == 3
     assert [n for n in images.notes if "left out" in n] == [
-        f"left out 2 files in {folder} (not .png/.jpg/.jpeg/.webp images): notes.txt, sub/clip.gif"]
+        f"left out 2 files in {folder} (not .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff images): notes.txt, sub/clip.gif"]
 
 
 @pytest.mark.parametrize("image_format", ["png", "npz"])
@@ -484,7 +484,8 @@ def test_sweep_spec_parses_aliases_and_drops_repeats():
 
 def test_default_output_names():
     assert default_output("runs/cifar") == Path("evaluations/cifar")
-    assert default_output("runs/cifar/model") == Path("evaluations/cifar-model")
+    assert default_output("runs/cifar/model") == Path("evaluations/cifar")
+    assert default_output("runs/cifar/checkpoints/step-000500") == Path("evaluations/cifar-step-000500")
     assert default_output("out/samples/ddim-50/samples.npz") == Path("evaluations/ddim-50")
     assert default_output("model.safetensors") == Path("evaluations/model")
 
@@ -506,7 +507,7 @@ def test_cli_evaluate_folder_against_itself(tmp_path, extractor_file):
 
 def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     stats = tmp_path / "real.npz"
-    result = runner.invoke(app, ["evaluate", "stats", "shapes", "--output", str(stats), "--resolution", "8",
+    result = runner.invoke(app, ["stats", "shapes", "--output", str(stats), "--resolution", "8",
                                  "--features", str(extractor_file), "-q"])
     assert result.exit_code == 0, result.output
     assert "statistics of 10000 images" in result.stderr
@@ -517,6 +518,19 @@ def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     assert "FD" in result.stdout and "precision / recall" in result.stdout
 
 
+def test_the_0_1_0_spelling_evaluate_stats_still_works_and_a_folder_called_stats_is_evaluated(
+        tmp_path, extractor_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", "stats", "shapes", "--output", "real.npz", "--resolution", "8",
+                                 "--features", str(extractor_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "`difftool stats` now" in result.stderr and Path("real.npz").is_file()
+    write_images(tmp_path / "stats", shapes(10))  # no ./ needed any more
+    result = runner.invoke(app, ["evaluate", "stats", "-r", "real.npz", "--features", str(extractor_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("evaluations/stats/metrics.json").read_text())["num_images"] == 10
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["evaluate", "{one}", "--features", "{ext}"], ["holds 1 image"]),
     (["evaluate", "{imgs}", "--features", "bogus"], ["unknown --features 'bogus'"]),
@@ -524,9 +538,9 @@ def test_cli_stats_then_evaluate_with_the_file(tmp_path, extractor_file):
     (["evaluate", "{imgs}", "-r", "{stats16}", "--features", "inception", "--inception-weights", "{incep}"],
      ["made with the feature extractor torchscript"]),
     (["evaluate", "{imgs}", "--scheduler", "ddim", "--features", "{ext}"], ["holds images, not a model"]),
-    (["evaluate", "stats", "shapes"], ["needs --output"]),
-    (["evaluate", "stats", "--output", "x.npz"], ["needs the data"]),
-    (["evaluate", "{imgs}", "extra"], ["unexpected second argument 'extra'"]),
+    (["stats", "shapes"], ["Missing option '--output'"]),
+    (["stats", "--output", "x.npz"], ["Missing argument 'DATA'"]),
+    (["evaluate", "{imgs}", "extra"], ["unexpected extra argument (extra)"]),
     (["evaluate", "{imgs}", "--sweep", "ddim:2", "--features", "{ext}"], ["--sweep samples a model"]),
     (["evaluate", "{imgs}", "--features", "{ext}", "--inception-weights", "{incep}"], ["--inception-weights applies"]),
     (["evaluate", "{imgs}", "--num-samples", "0"], ["'--num-samples'", "1<=x"]),

@@ -35,13 +35,14 @@ from PIL import Image
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from difftool.checkpoints import read_single_file_metadata, save_single_file
+from difftool.models.checkpoints import read_single_file_metadata
+from difftool.models.export import save_single_file
 from difftool.cli.app import app
 from difftool.cli.options import IMAGES_MAX, SEED_MAX
 from difftool.config import field_paths, recipe_names
-from difftool.models import build_noise_scheduler, build_unet
+from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.rundir import PROGRESS_FILE, RunDir
-from difftool.schedulers import SCHEDULERS, SPACINGS, supports_karras
+from difftool.sampling.schedulers import SCHEDULERS, SPACINGS, supports_karras
 from tests.conftest import _TupleExtractor, difftool_cmd, tiny_config
 
 runner = CliRunner()
@@ -594,11 +595,11 @@ def bad_evaluate_input(draw) -> list[str]:
         lambda: ["evaluate", model, "--features", features, "--sweep", "ddim:2", *out],
         lambda: ["evaluate", images, draw(TEXT.filter(lambda s: not s.startswith("-"))), "--features", features, *out],
         lambda: ["evaluate", images, "--reference", draw(st.sampled_from(["", " "])), "--features", features, *out],
-        lambda: ["evaluate", "stats", "--features", features, *out],
-        lambda: ["evaluate", "stats", images, "--features", features],
-        lambda: ["evaluate", "stats", images, "--features", features, "-o",
+        lambda: ["stats", "--features", features, *out],
+        lambda: ["stats", images, "--features", features],
+        lambda: ["stats", images, "--features", features, "-o",
                  draw(st.sampled_from([f"{WS}/file.txt", f"{WS}/cwd/stats.npy", f"{WS}/file.txt/stats.npz"]))],
-        lambda: ["evaluate", "stats", draw(st.sampled_from(["", " "])), "--features", features, "-o", f"{WS}/cwd/s.npz"],
+        lambda: ["stats", draw(st.sampled_from(["", " "])), "--features", features, "-o", f"{WS}/cwd/s.npz"],
     ]))()
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from difftool.data import make_shapes
-from difftool.evaluate import MetricOptions, evaluate
-from difftool.features import load_extractor
-from difftool.generate import SampleRequest, generate
+from difftool.training.data import make_shapes
+from difftool.evaluation.evaluate import MetricOptions, evaluate
+from difftool.evaluation.features import load_extractor
+from difftool.sampling.job import SampleRequest, generate
 from difftool.rundir import RunDir
-from difftool.train import train
+from difftool.training.loop import train
 from tests.conftest import tiny_config
 from tests.test_train import all_finite, losses
 
@@ -53,7 +53,7 @@ def sample(model: Path, output: Path, **request) -> np.ndarray:
 
 def sample_on_cpu(model: Path, output: Path, **request) -> np.ndarray:
     """The same call in a process that sees no GPU (accelerate's device is chosen once per process)."""
-    code = ("import json, sys; from difftool.generate import SampleRequest, generate; "
+    code = ("import json, sys; from difftool.sampling.job import SampleRequest, generate; "
             "generate(sys.argv[1], SampleRequest(**json.loads(sys.argv[2])), sys.argv[3], show_progress=False)")
     request = {"num_images": 8, "scheduler": "ddim", "steps": 10, "batch_size": 8, "format": "npz", **request}
     proc = subprocess.run([sys.executable, "-c", code, str(model), json.dumps(request), str(output)],

@@ -24,12 +24,13 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from difftool.checkpoints import load_model, save_single_file
+from difftool.models.export import save_single_file
+from difftool.models.load import load_model
 from difftool.config import DataConfig
-from difftool.data import load_dataset
+from difftool.training.data import load_dataset
 from difftool.errors import UserError
-from difftool.imagesets import open_images
-from difftool.masks import load_pair
+from difftool.evaluation.imagesets import open_images
+from difftool.inpainting.masks import load_pair
 from tests.conftest import assert_user_error, invoke
 
 UNET_WEIGHTS = Path("model/unet/diffusion_pytorch_model.safetensors")

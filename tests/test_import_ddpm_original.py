@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from difftool.errors import UserError
-from difftool.importers import ddpm_original
+from difftool.models.importers import ddpm_original
 
 SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,), "resolution": 16}
 # Three levels, two res blocks, attention on the first level: up.0 becomes up_blocks.2.
@@ -298,3 +298,22 @@ def test_the_command_detects_converts_and_samples(tmp_path, monkeypatch):
     result = runner.invoke(app, ["sample", "auto", "-n", "2", "--steps", "2", "-o", "samples", "-q"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "samples" / "000001.png").is_file()
+
+
+def test_sample_and_inspect_read_the_checkpoint_through_the_one_loading_door(tmp_path, monkeypatch):
+    """`difftool sample` and `inspect` accept what `convert` reads (issue 17): no convert step first."""
+    from typer.testing import CliRunner
+
+    from difftool.cli.app import app
+    from difftool.models.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(reference(SMALL).state_dict(), "model-790000.ckpt")
+    loaded = load_model("model-790000.ckpt")
+    assert loaded.info["converted_from"] == "ddpm-original:model-790000.ckpt"
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", "model-790000.ckpt", "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["sample", "model-790000.ckpt", "-n", "1", "--steps", "2", "-o", "samples", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "samples" / "000000.png").is_file()

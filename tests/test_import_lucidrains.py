@@ -16,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from difftool.errors import UserError
-from difftool.importers import ddpm_original, lucidrains
+from difftool.models.importers import ddpm_original, lucidrains
 from tests.conftest import assert_user_error
 from tests.test_import_ddpm_original import SMALL, reference
 

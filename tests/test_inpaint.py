@@ -10,9 +10,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from difftool.inpaint import RepaintSchedule, blend, repaint
-from difftool.sample import Predictor, image_generators, initial_noise
-from difftool.schedulers import SCHEDULERS, make_scheduler, model_calls
+from difftool.inpainting.repaint import RepaintSchedule, blend, repaint
+from difftool.sampling.loop import Predictor, image_generators, initial_noise
+from difftool.sampling.schedulers import SCHEDULERS, make_scheduler, model_calls
 from tests.conftest import assert_user_error
 from tests.conftest import invoke as run_cli
 

@@ -1,4 +1,4 @@
-"""difftool.metrics: FID, KID, IS and precision/recall against closed forms and brute-force loops."""
+"""difftool.evaluation.metrics: FID, KID, IS and precision/recall against closed forms and brute-force loops."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from difftool import metrics
-from difftool.metrics import (
+from difftool.evaluation import metrics
+from difftool.evaluation.metrics import (
     GaussianStats,
     frechet_distance,
     gaussian_stats,

@@ -88,7 +88,7 @@ OWN_INPUTS = {
                                     "-o", f"{WS}/imgs", "--overwrite"],
     "evaluate a model into it": ["evaluate", f"{WS}/run", "-n", "2", "--steps", "2", *FEATURES, "-o", f"{WS}/run/ev"],
     "evaluate --sweep into its model": [*SWEEP, "-o", f"{WS}/run/sweep"],
-    "evaluate stats over its data": ["evaluate", "stats", f"{WS}/images.npz", *FEATURES, "-o", f"{WS}/images.npz",
+    "stats over its data": ["stats", f"{WS}/images.npz", *FEATURES, "-o", f"{WS}/images.npz",
                                      "--overwrite"],
     "convert into its source": ["convert", f"{WS}/run", f"{WS}/run/sub"],
     "convert over its source": ["convert", f"{WS}/run/model", f"{WS}/run/model", "--overwrite"],
@@ -129,7 +129,7 @@ WRITERS = {
     "evaluate": lambda out: ["evaluate", f"{WS}/images.npz", *FEATURES, "-o", out],
     "evaluate a model": lambda out: ["evaluate", f"{WS}/run", "-n", "2", "--steps", "2", *FEATURES, "-o", out],
     "evaluate --sweep": lambda out: [*SWEEP, "-o", out],
-    "evaluate stats": lambda out: ["evaluate", "stats", f"{WS}/images.npz", *FEATURES, "-o", f"{out}.npz"],
+    "stats": lambda out: ["stats", f"{WS}/images.npz", *FEATURES, "-o", f"{out}.npz"],
     "recipes cp": lambda out: ["recipes", "cp", "quickstart", f"{out}.yaml"],
 }
 

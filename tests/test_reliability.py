@@ -21,12 +21,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from difftool import config as config_mod
-from difftool.checkpoints import load_model
+from difftool.models.load import load_model
 from difftool.errors import UserError
-from difftool.plan import plan_training
+from difftool.training.plan import plan_training
 from difftool.rundir import LOCK_FILE, RunDir
 from difftool.runlock import run_lock
-from difftool.train import train
+from difftool.training.loop import train
 from tests.conftest import assert_user_error, difftool_cmd, invoke, tiny_config
 
 

@@ -17,8 +17,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from difftool.checkpoints import load_model
-from difftool.generate import SampleRequest, generate
+from difftool.errors import UserError
+from difftool.models.load import load_model
+from difftool.sampling.job import SampleRequest, generate
 from tests.conftest import assert_user_error, difftool_cmd, free_port
 from tests.conftest import invoke as run_cli
 
@@ -249,6 +250,26 @@ def test_library_call_reports_what_it_made(tiny_run, tmp_path):
     assert (result.made, result.total, result.output) == (3, 3, tmp_path / "lib")
     again = generate(tiny_run, request, tmp_path / "lib", resume=True, show_progress=False)
     assert again.made == 0
+
+
+def test_library_refuses_overwrite_with_resume_before_touching_samples(tiny_run, tmp_path):
+    # The check lives in the library: a script calling generate() gets it too, not only the CLI.
+    request = SampleRequest(num_images=2, scheduler="ddim", steps=2)
+    generate(tiny_run, request, tmp_path / "lib", show_progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lib").iterdir()}
+    with pytest.raises(UserError, match="exclude each other"):
+        generate(tiny_run, request, tmp_path / "lib", overwrite=True, resume=True, show_progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lib").iterdir()} == before
+
+
+def test_a_loaded_model_is_sampled_as_its_source_would_be(tiny_run, tmp_path):
+    # evaluate and sweeps load once and pass the model: the images and settings must be those of the source.
+    request = SampleRequest(num_images=2, scheduler="ddim", steps=3)
+    by_source = generate(tiny_run, request, tmp_path / "a", show_progress=False)
+    by_model = generate(tiny_run, request, tmp_path / "b", show_progress=False, model=load_model(tiny_run))
+    assert by_model.settings == by_source.settings
+    for name in ("000000.png", "000001.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))
 
 
 def test_compile_gives_the_eager_images_and_compiles_one_batch_size(tiny_run):

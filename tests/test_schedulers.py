@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from difftool.cli.schedulers import schedulers as schedulers_command
 from difftool.config import PREDICTION_TYPES
 from difftool.errors import UserError
-from difftool.sample import Predictor, denoise, image_generators, initial_noise, to_uint8
-from difftool.schedulers import (
+from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
+from difftool.sampling.schedulers import (
     SCHEDULERS,
     get_spec,
     make_scheduler,

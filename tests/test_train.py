@@ -10,12 +10,14 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
-from difftool import train as train_mod
-from difftool.checkpoints import load_model
+from difftool.training import loop as train_mod
+from difftool.training import step as step_mod
+from difftool.training import setup as setup_mod
+from difftool.models.load import load_model
 from difftool.errors import UserError
-from difftool.plan import plan_training
+from difftool.training.plan import plan_training
 from difftool.rundir import RunDir
-from difftool.train import train
+from difftool.training.loop import train
 from tests.conftest import tiny_config
 
 
@@ -147,13 +149,13 @@ def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
 def poison_steps(monkeypatch, *steps: int) -> None:
     """Make the images of the given (0-based) steps NaN, so exactly those steps get a NaN loss."""
     calls = iter(range(10**6))
-    real = train_mod.make_batch
+    real = step_mod.make_batch
 
     def make_batch(*args, **kwargs):
         x0, labels = real(*args, **kwargs)
         return (torch.full_like(x0, float("nan")) if next(calls) in steps else x0), labels
 
-    monkeypatch.setattr(train_mod, "make_batch", make_batch)
+    monkeypatch.setattr(step_mod, "make_batch", make_batch)
 
 
 def all_finite(folder, name="model.safetensors") -> bool:
@@ -228,8 +230,8 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert train_mod.resolve_precision("auto", on_cpu=True) == expected
-    assert train_mod.resolve_precision("no", on_cpu=True) == "no"
+    assert setup_mod.resolve_precision("auto", on_cpu=True) == expected
+    assert setup_mod.resolve_precision("no", on_cpu=True) == "no"
 
 
 def test_fp16_on_cpu_is_a_user_error(tmp_path):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, train
+from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, stats, train
 from difftool.cli.errors import (
     DEBUG_HELP,
     OneLineUsageErrors,
@@ -17,9 +18,25 @@ from difftool.cli.errors import (
     report,
     set_debug,
 )
+from difftool.cli.launch import COMMAND_ARGS
+from difftool.progress import show_notes
+
+
+class _Commands(OneLineUsageErrors):
+    """difftool's commands: each keeps its arguments as typed (`--num-processes` hands them to the workers
+    unchanged), and 0.1.0's `difftool evaluate stats DATA` still reaches `difftool stats`."""
+
+    def resolve_command(self, ctx, args):
+        if args[:2] == ["evaluate", "stats"] and not Path("stats").exists():  # a folder called stats is evaluated
+            show_notes(["`difftool evaluate stats` is `difftool stats` now; the old spelling will go in a later version"])
+            args = ["stats", *args[2:]]
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[COMMAND_ARGS] = list(rest)
+        return name, command, rest
+
 
 app = typer.Typer(
-    name="difftool", cls=OneLineUsageErrors,
+    name="difftool", cls=_Commands,
     help="Train, sample, inpaint, convert and evaluate pixel-space diffusion models (diffusers).",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
@@ -30,6 +47,7 @@ app.command("inpaint")(inpaint.inpaint)
 app.command("convert")(convert.convert)
 app.command("inspect")(convert.inspect)
 app.command("evaluate")(evaluate.evaluate)
+app.command("stats")(stats.stats)
 app.add_typer(recipes.app, name="recipes")
 
 
@@ -50,13 +68,6 @@ def root(
 def main() -> None:
     """Console-script entry point."""
     _run(app)
-
-
-def run_single_command(name: str) -> None:
-    """Entry for `python -m difftool.<name>` (what `accelerate launch -m` runs): that command alone."""
-    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    single.command(name)({"train": train.train, "sample": sample.sample, "evaluate": evaluate.evaluate}[name])
-    _run(single)
 
 
 def _run(typer_app: typer.Typer) -> None:

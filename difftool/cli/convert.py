@@ -1,4 +1,4 @@
-"""`difftool convert` and `difftool inspect`: flags -> difftool.convert / difftool.describe."""
+"""`difftool convert` and `difftool inspect`: flags -> difftool.models.convert / difftool.models.describe."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def convert(
 
       difftool convert ddpm-cifar10.ckpt out/model --from ddpm-original
     """
-    from difftool.convert import convert as run
+    from difftool.models.convert import convert as run
 
     result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype,
                  resolution=resolution, overwrite=overwrite)
@@ -60,7 +60,7 @@ def inspect(
 
     Examples:  difftool inspect runs/photos          difftool inspect model.safetensors --json
     """
-    from difftool.describe import describe
+    from difftool.models.describe import describe
 
     report = describe(source, source_format=source_format, weights=weights)
     if json_output:

@@ -1,4 +1,4 @@
-"""`difftool evaluate`: flags -> difftool.evaluate / difftool.sweep (or accelerate launch)."""
+"""`difftool evaluate`: flags -> difftool.evaluation.evaluate / difftool.evaluation.sweep (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from difftool.cli import options
-from difftool.cli.errors import rank_zero, user_errors
+from difftool.cli.errors import user_errors
 from difftool.errors import UserError
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import console, show_notes
 
 stdout = Console()
-STATS = "stats"
 EXAMPLES = """
 
 Examples:
@@ -28,15 +27,14 @@ Examples:
 
   difftool evaluate runs/cifar --reference ./real --sweep "ddim:10,20,50;dpm-solver:10,20"
 
-  difftool evaluate stats ./real_images --output real.npz                 # reference statistics
+  difftool stats ./real_images --output real.npz && difftool evaluate runs/x --reference real.npz
 """
 
 
 @user_errors
 def evaluate(
-    source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id), or 'stats'.")],
-    data: Annotated[str | None, typer.Argument(help="With 'stats': the data to summarise (any --dataset of train, or an .npz of images).")] = None,
-    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from 'evaluate stats'.")] = None,
+    source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id).")],
+    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from difftool stats.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=options.IMAGES_MAX, help="Samples to make from a model (FID papers use 50,000).")] = 10_000,
     sweep_spec: Annotated[str | None, typer.Option("--sweep", help='Scheduler x steps grid, e.g. "ddim:10,20,50;dpm-solver:10,20": table, CSV, JSON and FID-vs-NFE plot.')] = None,
     scheduler: Annotated[str | None, typer.Option(help="Sampler for a model (difftool schedulers). Default: the run's recipe, else ddim.")] = None,
@@ -48,54 +46,33 @@ def evaluate(
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision when sampling: fp32, bf16, or fp16 (GPU).")] = "fp32",
     compile_model: options.Compile = False,
-    features: Annotated[str, typer.Option(help="inception (FID), dinov2 (FD_DINOv2), dinov2:MODEL, or a TorchScript file: uint8 N×3×H×W -> features [, probs].")] = "inception",
-    inception_weights: Annotated[Path | None, typer.Option(help="The Inception TorchScript file (inception-2015-12-05.pt). Default: torch's hub cache, downloaded once.")] = None,
-    feature_batch_size: Annotated[int, typer.Option(min=1, help="Images per feature-extractor call.")] = 100,
+    features: options.Features = "inception",
+    inception_weights: options.InceptionWeights = None,
+    feature_batch_size: options.FeatureBatchSize = 100,
     kid_subset_size: Annotated[int, typer.Option(min=2, help="KID subset size (100 subsets; mean ± std).")] = 1000,
     pr_k: Annotated[int, typer.Option(min=1, help="Neighbours for precision/recall (Kynkäänniemi et al.).")] = 3,
-    split: Annotated[str, typer.Option(help="Split of a reference data set.")] = "train",
-    reference_images: Annotated[int | None, typer.Option(min=2, help="Use at most this many reference images (all by default).")] = None,
-    resolution: Annotated[int, typer.Option(min=1, help="With 'stats': image size the data is resized and centre-cropped to.")] = 32,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for metrics and samples (default evaluations/NAME); with 'stats' the .npz to write.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation (or statistics file).")] = False,
+    split: options.Split = "train",
+    reference_images: options.ReferenceImages = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for metrics and samples (default evaluations/NAME).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --output.")] = False,
     resume: Annotated[bool, typer.Option(help="Reuse the samples of an earlier evaluation in --output; make only the missing ones.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     num_processes: options.NumProcesses = 1,
     main_process_port: options.MainProcessPort = None,
     quiet: options.Quiet = False,
 ) -> None:
-    """Score images or a model: FID, KID, Inception Score, precision/recall; sweeps over schedulers and steps.
-
-    `difftool evaluate stats DATA --output FILE.npz` makes reference statistics instead (a folder called stats: ./stats).
-    """
-    from difftool.evaluate import MetricOptions
+    """Score images or a model: FID, KID, Inception Score, precision/recall; sweeps over schedulers and steps."""
+    from difftool.evaluation.evaluate import MetricOptions
 
     metric_options = MetricOptions(features=features, inception_weights=inception_weights,
                                    batch_size=feature_batch_size, kid_subset_size=kid_subset_size, pr_k=pr_k,
                                    split=split, reference_images=reference_images)
-    if source == STATS:
-        _stats(data, output, resolution, metric_options, overwrite, quiet)
-        return
-    if data is not None:
-        raise UserError(f"unexpected second argument '{data}': only 'difftool evaluate stats DATA' takes one "
-                        f"(the reference goes in --reference)")
     if num_processes > 1:
-        args = [source] + forward_options([
-            ("--reference", reference), ("--num-samples", num_samples), ("--sweep", sweep_spec),
-            ("--scheduler", scheduler), ("--steps", steps), ("--batch-size", batch_size), ("--seed", seed),
-            ("--guidance-scale", guidance_scale), ("--guidance-rescale", guidance_rescale), ("--weights", weights),
-            ("--dtype", dtype), ("--compile", compile_model),
-            ("--features", features),
-            ("--inception-weights", inception_weights), ("--feature-batch-size", feature_batch_size),
-            ("--kid-subset-size", kid_subset_size), ("--pr-k", pr_k), ("--split", split),
-            ("--reference-images", reference_images), ("--output", output), ("--overwrite", overwrite),
-            ("--resume", resume), ("--json", json_output), ("--quiet", quiet),
-        ])
-        raise typer.Exit(launch("difftool.evaluate", args, num_processes=num_processes,
+        raise typer.Exit(launch("difftool.evaluate", worker_arguments(), num_processes=num_processes,
                                 main_process_port=main_process_port))
 
-    from difftool.evaluate import default_output
-    from difftool.generate import SampleRequest
+    from difftool.evaluation.evaluate import default_output
+    from difftool.sampling.job import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, weights=weights,
@@ -110,8 +87,8 @@ def evaluate(
 
 def _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
               sampling_options) -> None:
-    from difftool.evaluate import evaluate
-    from difftool.imagesets import is_image_source
+    from difftool.evaluation.evaluate import evaluate
+    from difftool.evaluation.imagesets import is_image_source
 
     if is_image_source(source) and any(value is not None for value in sampling_options):
         raise UserError(f"{source} holds images, not a model: --scheduler and --steps do not apply")
@@ -128,8 +105,8 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
 
 
 def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
-    from difftool.evaluate import COMPARABLE_N
-    from difftool.sweep import PLOT_FILE, RESULTS_CSV, sweep
+    from difftool.evaluation.evaluate import COMPARABLE_N
+    from difftool.evaluation.sweep import PLOT_FILE, RESULTS_CSV, sweep
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
                  overwrite=overwrite, resume=resume, show_progress=not quiet)
@@ -150,20 +127,6 @@ def _sweep(source, spec, reference, metric_options, request, output, overwrite, 
         note = f"N = {n} samples per setting: FID is biased upwards below {COMPARABLE_N:,} and only comparable at equal N"
         show_notes([note])
     console.print(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
-
-
-def _stats(data, output, resolution, metric_options, overwrite, quiet) -> None:
-    from difftool.evaluate import build_stats
-
-    if data is None:
-        raise UserError("difftool evaluate stats needs the data: difftool evaluate stats DATA --output FILE.npz")
-    if output is None:
-        raise UserError("difftool evaluate stats needs --output FILE.npz")
-    reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite,
-                            show_progress=not quiet)
-    if rank_zero():
-        console.print(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
-                      f"{reference.resolution} px, {reference.extractor}) in {output}")
 
 
 def _show_record(record: dict) -> None:

@@ -1,4 +1,4 @@
-"""`difftool inpaint`: flags -> difftool.inpaint_job.inpaint_files."""
+"""`difftool inpaint`: flags -> difftool.inpainting.job.inpaint_files."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def inpaint(
     quiet: options.Quiet = False,
 ) -> None:
     """Fill the masked region of an image (or a folder of images) with a trained model."""
-    from difftool.inpaint_job import InpaintRequest, inpaint_files
+    from difftool.inpainting.job import InpaintRequest, inpaint_files
 
     request = InpaintRequest(
         method=method, scheduler=scheduler, steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample,

@@ -24,3 +24,9 @@ GuidanceRescale = Annotated[float | None, typer.Option(
     help="Pull strong guidance's contrast back towards the conditional prediction's: 0 off, 0.7 as Lin et al. "
          "suggest (with --guidance-scale). Default: the recipe's, else 0.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet: about 10% faster per image after tens of seconds of compiling (pays off for hundreds of images; on CPU needs g++ or clang++).")]
+# The feature network and reference options of `evaluate` and `stats`.
+Features = Annotated[str, typer.Option(help="inception (FID), dinov2 (FD_DINOv2), dinov2:MODEL, or a TorchScript file: uint8 N×3×H×W -> features [, probs].")]
+InceptionWeights = Annotated[Path | None, typer.Option(help="The Inception TorchScript file (inception-2015-12-05.pt). Default: torch's hub cache, downloaded once.")]
+FeatureBatchSize = Annotated[int, typer.Option(min=1, help="Images per feature-extractor call.")]
+Split = Annotated[str, typer.Option(help="Split of a data set of real images.")]
+ReferenceImages = Annotated[int | None, typer.Option(min=2, help="Use at most this many real images (all by default).")]

@@ -1,4 +1,4 @@
-"""`difftool sample`: flags -> difftool.generate.generate (or accelerate launch)."""
+"""`difftool sample`: flags -> difftool.sampling.job.generate (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import typer
 
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
-from difftool.errors import UserError
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import console
 
 EXAMPLES = """
@@ -53,20 +52,10 @@ def sample(
     quiet: options.Quiet = False,
 ) -> None:
     """Sample images from a trained model with any scheduler; PNGs carry their settings."""
-    from difftool.generate import SampleRequest, generate
+    from difftool.sampling.job import SampleRequest, generate
 
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other: choose one")
     if num_processes > 1:
-        args = [model] + forward_options([
-            ("--scheduler", scheduler), ("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size),
-            ("--seed", seed), ("--eta", eta), ("--karras-sigmas", karras_sigmas), ("--timestep-spacing", timestep_spacing),
-            ("--class", classes), ("--guidance-scale", guidance_scale),
-            ("--guidance-rescale", guidance_rescale), ("--weights", weights), ("--dtype", dtype),
-            ("--compile", compile_model), ("--format", image_format), ("--output", output), ("--overwrite", overwrite),
-            ("--resume", resume), ("--quiet", quiet),
-        ])
-        raise typer.Exit(launch("difftool.sample", args, num_processes=num_processes, main_process_port=main_process_port))
+        raise typer.Exit(launch("difftool.sample", worker_arguments(), num_processes=num_processes, main_process_port=main_process_port))
 
     request = SampleRequest(
         num_images=num_images, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, eta=eta,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from difftool.cli.errors import user_errors
-from difftool.schedulers import SCHEDULERS, describe
+from difftool.sampling.schedulers import SCHEDULERS, describe
 
 stdout = Console()
 

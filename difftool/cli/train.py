@@ -1,4 +1,4 @@
-"""`difftool train`: flags -> difftool.plan -> difftool.train.train (or accelerate launch)."""
+"""`difftool train`: flags -> difftool.training.plan -> difftool.training.loop.train (or accelerate launch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from difftool import config as config_mod
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
-from difftool.launch import forward_options, launch
+from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import console
 
 EXAMPLES = """
@@ -48,7 +48,7 @@ def train(
     quiet: options.Quiet = False,
 ) -> None:
     """Train a UNet2DModel with a DDPM noise schedule; writes a run folder (see README)."""
-    from difftool.plan import plan_training
+    from difftool.training.plan import plan_training
 
     values = {
         "data.resolution": resolution, "data.image_column": image_column, "data.label_column": label_column,
@@ -63,17 +63,16 @@ def train(
         typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
         return
     if num_processes > 1:
-        args = ["--output", str(plan.output)] + (["--resume", str(plan.resume)] if plan.resume else ["--recipe", recipe or plan.cfg.recipe])
-        args += forward_options([
-            ("--dataset", None if plan.resume else dataset), ("--resolution", resolution), ("--image-column", image_column),
-            ("--label-column", label_column), ("--channels", channels), ("--max-steps", max_steps),
-            ("--batch-size", batch_size), ("--seed", seed), ("--mixed-precision", mixed_precision),
-            ("--skip-nonfinite", skip_nonfinite),
-            ("--set", overrides), ("--overwrite", overwrite), ("--quiet", quiet),
-        ])
-        raise typer.Exit(launch("difftool.train", args, num_processes=num_processes, main_process_port=main_process_port))
+        # The plan's choices are pinned, so that no worker can plan otherwise (a default folder, a recipe
+        # chosen for the data, the checkpoint `--resume RUN` stands for).
+        pinned = [] if output else ["--output", str(plan.output)]
+        if plan.resume:
+            pinned += ["--resume", str(plan.resume)]
+        elif recipe is None:
+            pinned += ["--recipe", plan.cfg.recipe]
+        raise typer.Exit(launch("difftool.train", worker_arguments(pinned), num_processes=num_processes, main_process_port=main_process_port))
 
-    from difftool.train import train as run_training
+    from difftool.training.loop import train as run_training
 
     result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
                           why_recipe=plan.why)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftool import __version__
 from difftool.allocator import keep_freed_memory
-from difftool.checkpoints import LoadedModel, load_model, place, sampling_defaults
+from difftool.models.checkpoints import LoadedModel, place
+from difftool.models.load import DTYPES, load_model
 from difftool.compiling import check_can_compile
-from difftool.conditions import (
+from difftool.sampling.conditions import (
     resolve_classes,
     resolve_guidance,
     resolve_guidance_rescale,
@@ -39,18 +39,21 @@ from difftool.rundir import (
     file_in_the_way,
     make_folder,
     refuse_inputs_as_output,
+    refuse_overwrite_with_resume,
+    sampling_defaults,
+    source_name,
     write_text,
 )
 from difftool.runlock import main_process_lock
-from difftool.sample import denoise, image_generators, initial_noise, to_uint8
-from difftool.schedulers import choose, make_scheduler
+from difftool.sampling.record import image_metadata, model_settings
+from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
+from difftool.sampling.schedulers import choose, make_scheduler
 
 SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"
 PARTS_DIR = ".parts"
 GRID_FILE = "grid.png"
 GRID_MAX = 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz")
 # Settings that may differ between a run and its --resume: they do not change any image.
 RESUMABLE = {"model", "num_images", "difftool_version"}
@@ -107,24 +110,22 @@ class _Plan:
         return self.class_ids[index % len(self.class_ids)] if self.class_ids else None
 
     def image_metadata(self, index: int) -> dict[str, str]:
-        meta = {**self.settings, "index": index}
-        label = self.label(index)
-        if label is not None:
-            meta.update(class_id=label, **({"class": self.label_names[label]} if self.label_names else {}))
-        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in meta.items()}
+        return image_metadata(self.settings, index, self.label(index), self.label_names)
 
 
 def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *, overwrite: bool = False,
-             resume: bool = False, show_progress: bool = True) -> SampleResult:
-    """Make `request.num_images` images from the model at `source` into the folder `output`."""
+             resume: bool = False, show_progress: bool = True, model: LoadedModel | None = None) -> SampleResult:
+    """Make `request.num_images` images from the model at `source` into the folder `output`.
+
+    `model` is that model already loaded (with `request.weights`), for callers that sample it more than once.
+    """
     from accelerate import PartialState
 
+    refuse_overwrite_with_resume(overwrite, resume)
     state = PartialState(cpu=not torch.cuda.is_available())
     _check_request(request, state.device)
-    with state.main_process_first():  # a hub download happens once
-        model = load_model(source, weights=request.weights)
-    if state.is_main_process:
-        show_notes(model.notes)
+    if model is None:
+        model = load_shared(source, request.weights, state)
     plan = _plan(model, request, sampling_defaults(source))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
@@ -132,6 +133,15 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
         return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
                               show_progress=show_progress)
+
+
+def load_shared(source: str | Path, weights: str | None, state) -> LoadedModel:
+    """Load the model in every process (a hub download happens once); the main process prints its notes."""
+    with state.main_process_first():
+        model = load_model(source, weights=weights)
+    if state.is_main_process:
+        show_notes(model.notes)
+    return model
 
 
 def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state, *, overwrite: bool,
@@ -216,10 +226,7 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
     guidance = resolve_guidance(request.guidance_scale, defaults.guidance_scale if defaults else None, info, class_ids)
     rescale = resolve_guidance_rescale(request.guidance_rescale, getattr(defaults, "guidance_rescale", None), guidance)
     settings = {
-        "difftool_version": __version__,
-        "model": model.source,
-        "model_hash": model.model_hash,
-        "weights": model.weights,
+        **model_settings(model),
         "scheduler": spec.name,
         "steps": steps,
         "eta": request.eta,
@@ -236,13 +243,8 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
 
 
 def default_output(source: str | Path, settings: dict) -> Path:
-    """samples/RUN-SCHEDULER-STEPS in the working folder."""
-    path = Path(str(source).split("@")[0])
-    if path.name == "model" or (path / "progress.json").is_file():
-        name = path.parent.name if path.name == "model" else f"{path.parent.parent.name}-{path.name}"
-    else:
-        name = path.stem
-    return Path("samples") / f"{name}-{settings['scheduler']}-{settings['steps']}"
+    """samples/NAME-SCHEDULER-STEPS in the working folder (NAME: `rundir.source_name`)."""
+    return Path("samples") / f"{source_name(source)}-{settings['scheduler']}-{settings['steps']}"
 
 
 # ---------------------------------------------------------------- the output folder
@@ -319,18 +321,37 @@ def _prepare_output(output: Path, fmt: str, *, overwrite: bool) -> None:
 
 def _make_batch(unet, model: LoadedModel, plan: _Plan, request: SampleRequest, batch: list[int], device,
                 on_step) -> torch.Tensor:
-    """uint8 N×C×H×W images for the given indices; a fresh scheduler, as multistep ones keep state."""
+    """uint8 N×C×H×W images for the given indices, with the plan's settings."""
     settings = plan.settings
-    scheduler = make_scheduler(settings["scheduler"], model.scheduler_config, steps=settings["steps"],
-                               karras_sigmas=request.karras_sigmas, eta=request.eta,
-                               timestep_spacing=request.timestep_spacing)
-    generators = image_generators(request.seed, batch)
-    noise = initial_noise(generators, plan.shape, device)
     labels = torch.tensor([plan.label(i) for i in batch], device=device) if plan.class_ids else None
-    x = denoise(unet, scheduler, noise, steps=settings["steps"], generators=generators, class_labels=labels,
-                null_class=plan.null_class, guidance_scale=plan.guidance_scale,
-                guidance_rescale=plan.guidance_rescale, eta=request.eta, on_step=on_step)
+    return sample_batch(unet, model.scheduler_config, batch, plan.shape, device, scheduler=settings["scheduler"],
+                        steps=settings["steps"], seed=request.seed, labels=labels, null_class=plan.null_class,
+                        guidance_scale=plan.guidance_scale, guidance_rescale=plan.guidance_rescale,
+                        karras_sigmas=request.karras_sigmas, eta=request.eta, timestep_spacing=request.timestep_spacing,
+                        on_step=on_step)
+
+
+def sample_batch(unet, scheduler_config: dict, indices: list[int], shape: tuple[int, int, int], device, *,
+                 scheduler: str, steps: int, seed: int, labels: torch.Tensor | None = None, null_class: int | None = None,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, karras_sigmas: bool = False,
+                 eta: float | None = None, timestep_spacing: str | None = None, on_step=None) -> torch.Tensor:
+    """uint8 N×C×H×W images of `indices`, image i from the generator seeded by (seed, i).
+
+    What `difftool sample` makes of each batch and what training's preview grids are; a fresh
+    scheduler each call, as multistep ones keep state.
+    """
+    sampler = make_scheduler(scheduler, scheduler_config, steps=steps, karras_sigmas=karras_sigmas, eta=eta,
+                             timestep_spacing=timestep_spacing)
+    generators = image_generators(seed, indices)
+    noise = initial_noise(generators, shape, device)
+    x = denoise(unet, sampler, noise, steps=steps, generators=generators, class_labels=labels, null_class=null_class,
+                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, on_step=on_step)
     return to_uint8(x)
+
+
+def grid_of(tiles: torch.Tensor, ncol: int | None = None) -> torch.Tensor:
+    """A grid of uint8 N×C×H×W tiles, enlarged (nearest-neighbour) to at least 64 px: smaller is too small to judge."""
+    return make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
 
 
 def _write_batch(output: Path, plan: _Plan, fmt: str, batch: list[int], images: torch.Tensor) -> None:
@@ -379,7 +400,7 @@ def _write_grid(output: Path, fmt: str, plan: _Plan, num_images: int) -> Path:
             tiles = torch.from_numpy(npz["arr_0"][:n])
     tiles = tiles.permute(0, 3, 1, 2)
     ncol = len(plan.class_ids) if plan.class_ids and 1 < len(plan.class_ids) <= 16 else None
-    grid = make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
+    grid = grid_of(tiles, ncol)
     path = output / GRID_FILE
     save_png(grid, path, {k: str(v) for k, v in plan.settings.items()})
     return path

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftool.sample import Predictor, denoise, initial_noise
+from difftool.sampling.loop import Predictor, denoise, initial_noise
 
 METHODS = ("repaint", "blend")
 

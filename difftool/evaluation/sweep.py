@@ -15,20 +15,18 @@ import json
 from pathlib import Path
 
 from difftool.errors import UserError
-from difftool.evaluate import (
+from difftool.evaluation.evaluate import (
     MetricOptions,
     distance_key,
     evaluation_folder,
-    main_process,
-    model_resolution,
-    resolve_reference,
-    score,
+    load_checked,
+    prepare_scorer,
+    sample_and_score,
 )
-from difftool.features import load_extractor
-from difftool.generate import SampleRequest, generate
-from difftool.imagesets import is_image_source, open_images
+from difftool.evaluation.imagesets import is_image_source
 from difftool.rundir import atomic_path, write_text
-from difftool.schedulers import get_spec
+from difftool.sampling.job import SampleRequest
+from difftool.sampling.schedulers import get_spec
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -72,29 +70,26 @@ def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptio
 
 def _sweep_into(output: Path, source: str, settings: list[tuple[str, int]], reference: str, options: MetricOptions,
                 request: SampleRequest, overwrite: bool, resume: bool, show_progress: bool) -> list[dict] | None:
-    resolution = model_resolution(source, [dataclasses.replace(request, scheduler=scheduler, steps=steps)
-                                           for scheduler, steps in settings])
-    main = main_process()
-    extractor = load_extractor(options.features, inception_weights=options.inception_weights) if main else None
-    ref = resolve_reference(reference, extractor, resolution, options, show_progress) if main else None
+    requests = [dataclasses.replace(request, scheduler=scheduler, steps=steps) for scheduler, steps in settings]
+    model = load_checked(source, requests)
+    scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
     rows = []
-    for scheduler, steps in settings:
+    for (scheduler, steps), setting in zip(settings, requests, strict=True):
         folder = output / "samples" / f"{scheduler}-{steps}"
-        sampled = generate(source, dataclasses.replace(request, scheduler=scheduler, steps=steps, format="npz"),
-                           folder, overwrite=overwrite, resume=resume, show_progress=show_progress)
-        if not main:
+        done = sample_and_score(source, model, setting, folder, scorer, overwrite=overwrite, resume=resume,
+                                show_progress=show_progress)
+        if done is None:  # a process that only samples
             continue
+        sampled, record = done
         seconds, made = _timing(folder, sampled.seconds, sampled.made)
-        images = open_images(folder / "samples.npz")
-        record = score(images, ref, extractor, options, show_progress=show_progress)
         rows.append({"scheduler": scheduler, "steps": steps, "nfe": sampled.model_calls,
-                     "fd": record[distance_key(extractor)], **{k: record.get(k) for k in COLUMNS[4:10]},
+                     "fd": record[distance_key(scorer.extractor)], **{k: record.get(k) for k in COLUMNS[4:10]},
                      "num_images": record["num_images"], "seconds": seconds,
-                     "img_per_s": made / seconds if seconds else None, "distance": extractor.distance_name})
-    if not main:
+                     "img_per_s": made / seconds if seconds else None, "distance": scorer.extractor.distance_name})
+    if scorer is None:
         return None
-    _write_results(output, rows, extractor.distance_name, {"source": source, "reference": ref.source,
-                                                           "features": extractor.name})
+    _write_results(output, rows, scorer.extractor.distance_name,
+                   {"source": source, "reference": scorer.reference.source, "features": scorer.extractor.name})
     return rows
 
 

@@ -1,6 +1,6 @@
 """Writing the model a run produces, and loading a model from any source for the later commands.
 
-`load_model` accepts a run folder, one of its checkpoints, a diffusers pipeline folder, a
+`load_native` accepts a run folder, one of its checkpoints, a diffusers pipeline folder, a
 unet/ folder, a single-file .safetensors (see `save_single_file`) or a Hub id, and always
 returns the same thing: a UNet, its training scheduler config and what difftool knows about it.
 """
@@ -15,63 +15,27 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import huggingface_hub
 import safetensors
 import safetensors.torch
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from diffusers import DDPMScheduler, UNet2DModel
 
 from difftool import __version__
 from difftool.config import read_config
 from difftool.errors import UserError, first_line
-from difftool.models import build_noise_scheduler, build_unet
+from difftool.models.build import build_noise_scheduler, build_unet
+from difftool.models.export import INFO_FILE, SINGLE_FILE_FORMAT
+from difftool.models.hub import WEIGHT_FILES, download_unet
 from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
-    atomic_dir,
-    atomic_path,
     read_progress,
 )
 
-INFO_FILE = "difftool.json"
-SINGLE_FILE_FORMAT = "unet/1"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the raw (non-EMA) weights
 # accelerate saves the prepared model's keys: DDP adds `module.`, torch.compile `_orig_mod.`.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@\S+)?")
-HUB_CONFIGS = ["model_index.json", INFO_FILE, "config.json", "unet/config.json", "scheduler/scheduler_config.json"]
-
-
-def model_info(cfg, data, num_classes: int | None) -> dict:
-    """What a sampler needs beyond the diffusers configs: labels for `--class`, the null class for CFG."""
-    return {
-        "difftool_version": __version__,
-        "recipe": cfg.recipe,
-        "dataset": cfg.data.dataset,
-        "resolution": cfg.data.resolution,
-        "channels": data.channels,
-        "num_classes": num_classes,
-        "label_names": data.label_names if num_classes else None,
-        "null_class": num_classes,
-    }
-
-
-def export_pipeline(dest: Path, *, unet: UNet2DModel, raw_state: dict | None, scheduler: DDPMScheduler, info: dict) -> None:
-    """A plain diffusers pipeline folder that `DDPMPipeline.from_pretrained` loads as it is.
-
-    `unet/` holds the weights to sample with (EMA when there is one); `unet_raw/` the raw
-    training weights, which diffusers ignores as it is not listed in model_index.json.
-    """
-    with atomic_dir(Path(dest)) as tmp:
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        if raw_state is not None:
-            raw = UNet2DModel.from_config(unet.config)
-            raw.load_state_dict(raw_state)
-            raw.save_pretrained(tmp / "unet_raw", safe_serialization=True)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
 # ---------------------------------------------------------------- loading
@@ -103,8 +67,11 @@ class _Found:
     notes: list[str] = field(default_factory=list)
 
 
-def load_model(source: str | Path, *, weights: str | None = None) -> LoadedModel:
-    """The model at `source`; `weights` None means EMA where there is a separate EMA copy."""
+def load_native(source: str | Path, *, weights: str | None = None) -> LoadedModel:
+    """A model in one of difftool's own forms; `weights` None means EMA where there is a separate EMA copy.
+
+    Callers use `difftool.models.load.load_model`, which adds the importers of other toolkits' pickles.
+    """
     if weights not in (None, "ema", "raw"):
         raise UserError(f"--weights must be 'ema' or 'raw', not '{weights}'")
     found = _find(str(source), weights)
@@ -132,7 +99,7 @@ def _find(source: str, weights: str | None) -> _Found:
     owner = source.split("/")[0]
     if Path(owner).is_dir():  # `runs/typo` is a mistyped path, not a repository of user "runs"
         raise UserError(f"{source} does not exist (./{owner} is a local folder, so it is not taken for a Hub id)")
-    return _find_local(_download(source), weights, source)
+    return _find_local(download_unet(source), weights, source)
 
 
 def _find_local(path: Path, weights: str | None, where: str) -> _Found:
@@ -379,21 +346,6 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------- single file
 
 
-def save_single_file(path: Path, unet: UNet2DModel, scheduler_config: dict, info: dict) -> None:
-    """One .safetensors file that `load_model` reads on its own: the configs travel in its metadata."""
-    accepted = inspect.signature(UNet2DModel.__init__).parameters
-    metadata = {
-        "format": "pt",
-        "difftool_format": SINGLE_FILE_FORMAT,
-        "unet_config": json.dumps({k: v for k, v in unet.config.items() if k in accepted}),
-        "scheduler_config": json.dumps(scheduler_config),
-        "difftool": json.dumps(info),
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    with atomic_path(Path(path)) as tmp:
-        safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-
-
 def read_single_file_metadata(path: Path) -> dict:
     """{"unet_config", "scheduler_config", "info"} from a file written by `save_single_file`."""
     try:
@@ -416,52 +368,6 @@ def read_single_file_metadata(path: Path) -> dict:
     if not_objects:
         raise UserError(f"{path} has damaged difftool metadata ({', '.join(not_objects)}: not a JSON object)")
     return found
-
-
-# ---------------------------------------------------------------- hub
-
-
-def _download(ref: str) -> Path:
-    """`owner/name[@revision]` -> a local snapshot holding only what a UNet needs.
-
-    A pipeline's other parts (VAE, text encoder) stay on the Hub, and so do .bin weights
-    where there are safetensors.
-    """
-    repo_id, _, revision = ref.partition("@")
-
-    def snapshot(weights_format: str) -> Path:
-        weights = [f"{sub}diffusion_pytorch_model.{weights_format}" for sub in ("", "unet/")]
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None,
-                                                      allow_patterns=HUB_CONFIGS + weights))
-
-    try:
-        folder = snapshot("safetensors")
-        if not any((folder / sub / WEIGHT_FILES[0]).is_file() for sub in ("", "unet")):
-            folder = snapshot("bin")
-    except (OSError, ValueError) as err:
-        if hub_constants.is_offline_mode():
-            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-        elif isinstance(err, RevisionNotFoundError):
-            reason = f"no revision '{revision}'"
-        elif isinstance(err, RepositoryNotFoundError):
-            reason = "no such repository, or it is private or gated: log in with `hf auth login`"
-        else:
-            reason = first_line(err)
-        raise UserError(f"cannot download '{ref}' from the Hugging Face Hub ({reason}); "
-                        f"check the id and your connection, or give a local path") from err
-    return folder
-
-
-def sampling_defaults(source: str | Path):
-    """The recipe's `sample` settings (SampleConfig) when `source` is a run folder or inside one, else None."""
-    path = Path(source)
-    for folder in (path, path.parent, path.parent.parent):
-        if RunDir(folder).is_run():
-            try:
-                return read_config(RunDir(folder).config).sample
-            except UserError:
-                return None
-    return None
 
 
 def place(unet: UNet2DModel, device=None, dtype: torch.dtype | None = None) -> UNet2DModel:

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from difftool import __version__
-from difftool.checkpoints import LoadedModel, load_model, sampling_defaults
-from difftool.conditions import resolve_classes, resolve_guidance
+from difftool.models.checkpoints import LoadedModel
+from difftool.models.load import load_model
+from difftool.sampling.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import first_frame_note, save_png
-from difftool.inpaint import METHODS, RepaintSchedule, blend, repaint
-from difftool.masks import Pair, comparison, find_pairs, load_pair, paste_back
+from difftool.inpainting.repaint import METHODS, RepaintSchedule, blend, repaint
+from difftool.inpainting.masks import Pair, comparison, find_pairs, load_pair, paste_back
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import refuse_inputs_as_output
+from difftool.rundir import refuse_inputs_as_output, sampling_defaults
 from difftool.runlock import run_lock
-from difftool.sample import Predictor, image_generators, initial_noise, to_uint8
-from difftool.schedulers import SCHEDULERS, choose, make_scheduler
+from difftool.sampling.record import image_metadata, model_settings
+from difftool.sampling.loop import Predictor, image_generators, initial_noise, to_uint8
+from difftool.sampling.schedulers import SCHEDULERS, choose, make_scheduler
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 
@@ -98,9 +99,8 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = model.unet.to(device).eval()
     settings = {
-        "difftool_version": __version__, "model": model.source, "model_hash": model.model_hash, "method": request.method,
-        **method.settings, "seed": request.seed, "guidance_scale": guidance, "invert": request.invert,
-        "grow": request.grow, "crop": request.crop,
+        **model_settings(model), "method": request.method, **method.settings, "seed": request.seed,
+        "guidance_scale": guidance, "invert": request.invert, "grow": request.grow, "crop": request.crop,
     }
     # Every file is checked before anything is written.
     several_frames = [name for job in jobs for name in _load(job, model, request).several_frames]
@@ -126,12 +126,10 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
                                 on_step)
                 for index, result in zip(indices, results, strict=True):
                     filled = paste_back(pair, result) if pair.coverage > 0 else pair.original
-                    meta = {**settings, "index": index, "image": job.image.name, "mask": job.mask.name}
-                    if class_ids:
-                        meta.update(class_id=class_ids[index % len(class_ids)])
-                        names = model.info.get("label_names") or []
-                        meta["class"] = names[meta["class_id"]] if meta["class_id"] < len(names) else "none"
-                    save_png(filled, job.outputs[index], {k: str(v) for k, v in meta.items()})
+                    label = class_ids[index % len(class_ids)] if class_ids else None
+                    meta = image_metadata(settings, index, label, model.info.get("label_names"),
+                                          image=job.image.name, mask=job.mask.name)
+                    save_png(filled, job.outputs[index], meta)
                     written.append(job.outputs[index])
                     if request.comparison:
                         save_png(comparison(pair, filled), job.comparison_path(job.outputs[index]))

@@ -25,14 +25,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from difftool.data import IMAGE_SUFFIXES, center_crops, load_dataset, rgb_or_gray
+from difftool.training.data import center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
-from difftool.generate import NPZ_FILE, SETTINGS_FILE
+from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (
+    IMAGE_SUFFIXES,
     first_frame_note,
+    image_files,
     open_image,
     printable,
     several_frames,
+    visible_files,
     why_unreadable,
 )
 
@@ -140,8 +143,8 @@ def _from_npz(path: Path) -> ImageSet:
 
 def _from_folder(root: Path) -> ImageSet:
     """Every image file under `root`; the other files are named in a note (hidden ones are not looked at)."""
-    found = _visible_files(root)
-    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    found = visible_files(root)
+    images = image_files(root)
     kinds = "/".join(IMAGE_SUFFIXES)
     return _from_files(root, images, _left_out(root, found, images, f"not {kinds} images"))
 
@@ -156,7 +159,7 @@ def _from_sample_folder(root: Path) -> ImageSet:
         raise UserError(f"{printable(root)} was written by difftool sample and its {SETTINGS_FILE} lists {count} "
                         f"samples, but {which} missing; finish it with difftool sample MODEL --resume --output "
                         f"{printable(root)} (the same options)")
-    notes = _left_out(root, _visible_files(root), [*listed, root / SETTINGS_FILE],
+    notes = _left_out(root, visible_files(root), [*listed, root / SETTINGS_FILE],
                       f"not among the samples its {SETTINGS_FILE} lists")
     if fmt == "npz":
         images = _from_npz(root / NPZ_FILE)
@@ -178,12 +181,6 @@ def _sample_record(root: Path) -> tuple[int, str]:
         raise UserError(f"{printable(path)} is damaged (num_images {count}, format {fmt!r}); sample the folder again, "
                         f"or remove {SETTINGS_FILE} to score the image files in it as they are")
     return count, fmt
-
-
-def _visible_files(root: Path) -> list[Path]:
-    """The files under `root`, hidden files and folders aside (macOS "._x.jpg" files are not images)."""
-    return sorted(p for p in root.rglob("*")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
 
 
 def _left_out(root: Path, found: list[Path], used: list[Path], why: str) -> list[str]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
-from difftool.config import PREDICTION_TYPES, did_you_mean
+from difftool.config import PREDICTION_TYPES
+from difftool.errors import did_you_mean
 from difftool.errors import UserError
 
 SPACINGS = ("leading", "trailing", "linspace")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difftool.convert import read_source
+from difftool.models.load import load_model
 
 
 def describe(source: str | Path, *, source_format: str = "auto", weights: str | None = None) -> dict:
     """A JSON-ready summary of the model at `source` (loaded the way `sample` and `convert` load it)."""
-    model = read_source(source, source_format=source_format, weights=weights)
+    model = load_model(source, source_format=source_format, weights=weights)
     unet, info, schedule = model.unet.config, model.info, model.scheduler_config
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.unet.parameters()})
     trained_betas = schedule.get("trained_betas") is not None

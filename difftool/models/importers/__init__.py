@@ -5,6 +5,6 @@ Each module has NAME, `detect(checkpoint) -> bool` and `convert(checkpoint, *, w
 
 from __future__ import annotations
 
-from difftool.importers import ddpm_original, lucidrains
+from difftool.models.importers import ddpm_original, lucidrains
 
 IMPORTERS = {module.NAME: module for module in (ddpm_original, lucidrains)}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from difftool.errors import UserError
-from difftool.importers.base import Imported
+from difftool.models.importers.base import Imported
 
 NAME = "lucidrains"
 DIFFUSION_BUFFERS = ("betas", "alphas_cumprod")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from difftool.config import did_you_mean
+from difftool.errors import did_you_mean
 from difftool.errors import UserError
 
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from difftool.errors import UserError
-from difftool.importers.base import Imported
+from difftool.models.importers.base import Imported
 
 NAME = "ddpm-original"
 SIGNATURE_KEYS = ("temb.dense.0.weight", "conv_in.weight", "mid.attn_1.q.weight")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from difftool import __version__
-from difftool.data import default_cache_dir
+from difftool.training.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
-from difftool.features import Extractor, extract
-from difftool.imagesets import ImageSet, from_data_source, is_sample_folder, open_images, open_npz
-from difftool.metrics import GaussianStats, gaussian_stats
+from difftool.evaluation.features import Extractor, extract
+from difftool.evaluation.imagesets import ImageSet, from_data_source, is_sample_folder, open_images, open_npz
+from difftool.evaluation.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
 from difftool.rundir import atomic_path
 
@@ -73,7 +73,7 @@ def load(path: Path) -> Reference:
         with open_npz(path, "statistics .npz") as npz:
             if "mu" not in npz or "sigma" not in npz:
                 raise UserError(f"{path} holds no reference statistics (mu, sigma); make them with "
-                                f"difftool evaluate stats DATA --output {path.name}")
+                                f"difftool stats DATA --output {path.name}")
             stats = GaussianStats(npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64),
                                   int(npz["count"]) if "count" in npz else 0)
             features = npz["features"].astype(np.float32) if "features" in npz else np.zeros((0, len(stats.mu)), np.float32)
@@ -82,7 +82,7 @@ def load(path: Path) -> Reference:
             source = str(npz["source"]) if "source" in npz else str(path)
     except (KeyError, TypeError) as err:  # arrays of the wrong kind or shape
         raise UserError(f"{path} is not a readable statistics .npz ({first_line(err, 120)}); "
-                        f"make it again with difftool evaluate stats") from err
+                        f"make it again with difftool stats") from err
     return Reference(stats, features, extractor, resolution, source)
 
 
@@ -95,7 +95,7 @@ def check_compatible(reference: Reference, extractor: Extractor, resolution: int
     if reference.resolution and reference.resolution != resolution:
         raise UserError(f"{where} was made from {reference.resolution}-px images, these are {resolution} px: FID "
                         f"depends on the resolution; make the statistics at {resolution} px "
-                        f"(difftool evaluate stats DATA --resolution {resolution})")
+                        f"(difftool stats DATA --resolution {resolution})")
 
 
 def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size: int, split: str = "train",
@@ -110,7 +110,7 @@ def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size
         images = images_of(reference, resolution=resolution, split=split, max_images=max_images)
     except UserError as err:
         raise UserError(f"--reference {reference}: {err}; a reference is a data set name (cifar10, mnist, shapes, a "
-                        f"hub id), a folder of real images, or an .npz from difftool evaluate stats") from None
+                        f"hub id), a folder of real images, or an .npz from difftool stats") from None
     digest = _fingerprint(images, batch_size, extractor.name, split, max_images)
     cache = default_cache_dir() / "stats" / f"{_slug(reference)}-{resolution}px-{_slug(extractor.name)}-{digest[:16]}.npz"
     with contextlib.suppress(UserError):  # an unreadable cache file is rebuilt

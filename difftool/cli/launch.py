@@ -9,10 +9,17 @@ traceback on top of it would only bury that message.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
+import click
+
+from difftool.cli.errors import debug_enabled
 from difftool.errors import UserError
+
+LAUNCH_OPTIONS = ("--num-processes", "--main-process-port")  # the launcher's; a worker runs alone
+COMMAND_ARGS = "difftool.command_args"  # key in click's shared context meta: the arguments after the command name
 
 
 def launch_arguments(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None) -> list[str]:
@@ -29,18 +36,24 @@ def launch_arguments(module: str, args: list[str], *, num_processes: int, main_p
     return cmd + ["-m", module, *args]
 
 
-def forward_options(pairs: list[tuple[str, object]]) -> list[str]:
-    """Options as the workers' command line: None dropped, True as a bare flag, lists repeated."""
+def worker_arguments(pinned: list[str] | None = None) -> list[str]:
+    """The running command's arguments as the user typed them, for its workers: less the launcher's own
+    options and --debug (which travels as DIFFTOOL_DEBUG), plus `pinned`, choices made here that every
+    worker must share (given last, so they win over what was typed)."""
+    typed = click.get_current_context().meta.get(COMMAND_ARGS, [])
     args: list[str] = []
-    for flag, value in pairs:
-        if value is None or value is False:
-            continue
-        if value is True:
-            args.append(flag)
-        else:
-            for item in value if isinstance(value, list) else [value]:
-                args += [flag, str(item)]
-    return args
+    skip_value = False
+    for index, arg in enumerate(typed):
+        if skip_value:
+            skip_value = False
+        elif arg == "--":
+            args += typed[index:]
+            break
+        elif arg.split("=", 1)[0] in LAUNCH_OPTIONS:
+            skip_value = "=" not in arg
+        elif arg != "--debug":
+            args.append(arg)
+    return args + (pinned or [])
 
 
 def _has_accelerate_config() -> bool:
@@ -57,6 +70,8 @@ def launch(module: str, args: list[str], *, num_processes: int, main_process_por
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if debug_enabled():
+        os.environ["DIFFTOOL_DEBUG"] = "1"  # the workers' environment is this process's
     parsed = launch_command_parser().parse_args(
         launch_arguments(module, args, num_processes=num_processes, main_process_port=main_process_port))
     try:

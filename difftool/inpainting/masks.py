@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 
 from difftool.errors import UserError
 from difftool.images import (
+    IMAGE_SUFFIXES,
+    image_files,
     make_grid,
     open_image,
     printable,
@@ -27,7 +29,6 @@ from difftool.images import (
     why_unreadable,
 )
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _ASPECT_TOLERANCE = 0.01  # a mask this close to the image's aspect ratio is resized to fit it
 _STRIP_HEIGHT = (128, 512)  # comparison images are scaled to a height in this range
 
@@ -84,7 +85,7 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
                      "and is kept")
     model_view = original.crop(box).convert("L" if channels == 1 else "RGB")
     if model_view.size != (resolution, resolution):
-        # Lanczos, as training images are resized in difftool.data: the model sees what it learned from.
+        # Lanczos, as training images are resized in difftool.training.data: the model sees what it learned from.
         model_view = model_view.resize((resolution, resolution), Image.Resampling.LANCZOS)
     # A model pixel is generated if any pixel it covers is, so thin strokes survive downscaling.
     mask = F.adaptive_max_pool2d(torch.from_numpy(_within(generate, box)).float()[None, None], resolution)
@@ -156,12 +157,11 @@ def _by_stem(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"folder of {what} not found: {folder}; check the path")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file():
-            if path.stem in found:
-                raise UserError(f"{found[path.stem]} and {path.name} have the same name; keep one of them "
-                                "(files are matched by name without extension)")
-            found[path.stem] = path
+    for path in image_files(folder, recursive=False):
+        if path.stem in found:
+            raise UserError(f"{found[path.stem]} and {path.name} have the same name; keep one of them "
+                            "(files are matched by name without extension)")
+        found[path.stem] = path
     if not found:
         raise UserError(f"no {what} found in {folder} (looked for {'/'.join(IMAGE_SUFFIXES)}); "
                         f"point it at a folder of {what}")

@@ -14,7 +14,7 @@ import torch
 from difftool import config as config_mod
 from difftool.config import Config
 from difftool.errors import UserError
-from difftool.rundir import RunDir, file_in_the_way, resolve_resume, resumable
+from difftool.rundir import RunDir, file_in_the_way, new_run_folder, resolve_resume, resumable
 
 # Config fields a resumed run may change: how long to train, what to write along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
@@ -50,7 +50,7 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
     if recipe is None:
         recipe, why = config_mod.recipe_for_dataset(dataset, gpu=torch.cuda.is_available())
     cfg = config_mod.load_config(recipe, overrides, values)
-    return TrainPlan(cfg, Path(output) if output else config_mod.default_output(cfg), None, why)
+    return TrainPlan(cfg, Path(output) if output else new_run_folder(cfg.recipe, cfg.data.dataset), None, why)
 
 
 def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:

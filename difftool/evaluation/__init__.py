@@ -1,0 +1,1 @@
+"""Evaluation: evaluate (a sweep is a loop over it), features, metrics, references, image sets."""

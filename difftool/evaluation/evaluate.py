@@ -1,0 +1,271 @@
+"""`difftool evaluate` as library calls: images (or a model's samples) -> features -> metrics -> files.
+
+One pass of the feature extractor over the images gives every metric: the Fréchet distance (FID with
+Inception features) and KID against the reference's statistics and features, precision/recall against
+its features, and the Inception Score from the same pass's class probabilities. A model is sampled
+first with `difftool.sampling.job` (the same seeds, files and resume rules as `difftool sample`); under
+`accelerate launch -m difftool.evaluate` the sampling is split over the processes and the main
+process scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from difftool.errors import UserError
+from difftool.evaluation.features import Extractor, extract, load_extractor
+from difftool.models.checkpoints import LoadedModel
+from difftool.sampling.job import (
+    SampleRequest,
+    SampleResult,
+    check_output_folder,
+    check_request,
+    generate,
+    load_shared,
+)
+from difftool.evaluation.imagesets import ImageSet, is_image_source, open_images
+from difftool.evaluation.metrics import (
+    frechet_distance,
+    gaussian_stats,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
+from difftool.progress import SamplingProgress
+from difftool.evaluation.reference import (
+    Reference,
+    check_compatible,
+    from_images,
+    images_of,
+    resolve,
+    save,
+)
+from difftool.rundir import (
+    lock_name,
+    refuse_inputs_as_output,
+    refuse_overwrite_with_resume,
+    source_name,
+    write_text,
+)
+from difftool.runlock import main_process_lock
+
+METRICS_FILE = "metrics.json"
+COMPARABLE_N = 10_000  # below this FID is biased upwards and only comparable at equal N
+PR_MAX = 10_000  # precision/recall compares at most this many features of each set (k-NN is quadratic)
+PR_SEED = 0
+
+
+@dataclass
+class MetricOptions:
+    """How features are made and scored; the defaults are the literature's."""
+
+    features: str = "inception"
+    inception_weights: Path | None = None
+    batch_size: int = 100
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    is_splits: int = 10
+    split: str = "train"  # of a reference data set
+    reference_images: int | None = None  # at most this many reference images (all by default)
+
+
+@dataclass
+class Evaluation:
+    output: Path
+    record: dict  # what metrics.json holds
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate(source: str, *, reference: str | None, options: MetricOptions, request: SampleRequest | None = None,
+             output: Path | None = None, overwrite: bool = False, resume: bool = False,
+             show_progress: bool = True) -> Evaluation | None:
+    """Score the images at `source` (a folder or .npz), or `request.num_images` samples of the model at `source`.
+
+    Returns None in the non-main processes of a multi-process run, which only sample.
+    """
+    output = Path(output) if output else default_output(source)
+    what = "the image set" if is_image_source(source) else "the model"
+    with evaluation_folder(output, {what: source, "the reference": reference}, overwrite=overwrite, resume=resume):
+        return _evaluate_into(output, source, reference, options, request, overwrite, resume, show_progress)
+
+
+def _evaluate_into(output: Path, source: str, reference: str | None, options: MetricOptions,
+                   request: SampleRequest | None, overwrite: bool, resume: bool,
+                   show_progress: bool) -> Evaluation | None:
+    if is_image_source(source):
+        if not main_process():  # other processes have nothing to sample; one scores
+            return None
+        images = open_images(source)
+        scorer = prepare_scorer(reference, options, images.resolution, show_progress)
+        record, notes = scorer.score(images, show_progress), images.notes
+    else:
+        request = request or SampleRequest()
+        model = load_checked(source, [request])
+        scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
+        done = sample_and_score(source, model, request, output / "samples", scorer, overwrite=overwrite,
+                                resume=resume, show_progress=show_progress)
+        if done is None:
+            return None
+        record, notes = done[1], []
+    write_text(output / METRICS_FILE, json.dumps(record, indent=2) + "\n")
+    return Evaluation(output, record, notes + record["warnings"])
+
+
+@dataclass
+class Scorer:
+    """What every score of one evaluation or sweep shares: the feature network and the reference."""
+
+    extractor: Extractor
+    reference: Reference | None
+    options: MetricOptions
+
+    def score(self, images: ImageSet, show_progress: bool = True) -> dict:
+        return score(images, self.reference, self.extractor, self.options, show_progress=show_progress)
+
+
+def prepare_scorer(reference: str | None, options: MetricOptions, resolution: int,
+                   show_progress: bool) -> Scorer | None:
+    """The main process's Scorer (None elsewhere), made before any sampling: missing weights or statistics of
+    another resolution should stop a run before an hour of sampling, not after it."""
+    if not main_process():
+        return None
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
+    return Scorer(extractor, resolve_reference(reference, extractor, resolution, options, show_progress), options)
+
+
+def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
+                     *, overwrite: bool, resume: bool, show_progress: bool) -> tuple[SampleResult, dict] | None:
+    """One setting: sample `model` into `folder` (as `difftool sample --format npz` would) and score the samples.
+
+    `evaluate` of a model is one call, a sweep one call per setting. None in the processes that only sample.
+    """
+    sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=overwrite,
+                       resume=resume, show_progress=show_progress, model=model)
+    if scorer is None:
+        return None
+    record = scorer.score(open_images(folder / "samples.npz"), show_progress)
+    record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
+    return sampled, record
+
+
+def score(images: ImageSet, reference: Reference | None, extractor: Extractor, options: MetricOptions, *,
+          show_progress: bool = True) -> dict:
+    """Every metric the reference allows, from one pass of `extractor` over `images`."""
+    with SamplingProgress(images.count, enabled=show_progress, label="features") as progress:
+        found = extract(extractor, images.batches(options.batch_size), on_batch=progress.advance)
+    n = len(found)
+    record: dict = {"num_images": n, "images": images.description, "resolution": images.resolution,
+                    "features": extractor.name}
+    warnings = []
+    if n < COMPARABLE_N:
+        warnings.append(f"N = {n} images: FID is biased upwards below {COMPARABLE_N:,} images and only comparable "
+                        f"between evaluations with the same N")
+    if reference is not None:
+        record.update(reference=reference.source, reference_images=reference.count)
+        record[distance_key(extractor)] = frechet_distance(gaussian_stats(found.features), reference.stats)
+        if len(reference.features) >= 2:
+            kid = kernel_inception_distance(reference.features, found.features, subsets=options.kid_subsets,
+                                            subset_size=options.kid_subset_size)
+            record.update(kid_mean=kid.mean, kid_std=kid.std)
+            real, fake = _subset(reference.features, PR_MAX), _subset(found.features, PR_MAX)
+            if min(len(real), len(fake)) > options.pr_k:
+                pr = precision_recall(real, fake, k=options.pr_k)
+                record.update(precision=pr.precision, recall=pr.recall)
+    else:
+        warnings.append("no --reference: only the Inception Score, which needs no real images")
+    if found.probs is not None:
+        inception = inception_score(found.probs, splits=options.is_splits)
+        record.update(is_mean=inception.mean, is_std=inception.std)
+    record["warnings"] = warnings
+    return record
+
+
+def build_stats(data: str, output: Path, *, resolution: int, options: MetricOptions, overwrite: bool = False,
+                show_progress: bool = True) -> Reference:
+    """`difftool stats`: reference statistics of any data source `train` reads, or an .npz of images."""
+    output = Path(output)
+    if output.suffix != ".npz":
+        raise UserError(f"--output {output} must end in .npz")
+    refuse_inputs_as_output(output, {"the data": data})
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the .npz file to write")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+    check_output_folder(output.parent)
+    # The extractor first: a wrong --features should not wait for a data set to be read.
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
+    images = images_of(data, resolution=resolution, split=options.split, max_images=options.reference_images)
+    reference = from_images(images, extractor, batch_size=options.batch_size, show_progress=show_progress)
+    save(reference, output)
+    return reference
+
+
+def distance_key(extractor: Extractor) -> str:
+    """fid for Inception features, fd_dinov2 for DINOv2, fd otherwise."""
+    return extractor.distance_name.lower()
+
+
+def default_output(source: str) -> Path:
+    """evaluations/NAME (NAME: `rundir.source_name` of the run, folder or file evaluated)."""
+    return Path("evaluations") / source_name(source)
+
+
+def resolve_reference(reference: str | None, extractor: Extractor, resolution: int, options: MetricOptions,
+                      show_progress: bool) -> Reference | None:
+    """The reference statistics for images of `resolution`, built (and cached) if they are not a file."""
+    if reference is None:
+        return None
+    ref = resolve(reference, extractor, resolution=resolution, batch_size=options.batch_size,
+                  split=options.split, max_images=options.reference_images, show_progress=show_progress)
+    check_compatible(ref, extractor, resolution, reference)
+    return ref
+
+
+def load_checked(source: str, requests: list[SampleRequest]) -> LoadedModel:
+    """The model, loaded once for all `requests`, which are checked against it: a bad --steps stops a run
+    before reference statistics are built, not after."""
+    model = load_shared(source, requests[0].weights, process_state())
+    for request in requests:
+        check_request(model, request, source)
+    return model
+
+
+@contextlib.contextmanager
+def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
+    refuse_overwrite_with_resume(overwrite, resume)
+    check_output_folder(output)
+    refuse_inputs_as_output(output, inputs)
+    with main_process_lock(process_state(), output, "evaluate"):
+        held = [p for p in output.iterdir() if p.name != lock_name("evaluate")]
+        if held and not (overwrite or resume):
+            raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse "
+                            f"the samples made there, or choose another --output")
+        yield
+
+
+def _subset(features: np.ndarray, limit: int) -> np.ndarray:
+    if len(features) <= limit:
+        return features
+    return features[np.sort(np.random.default_rng(PR_SEED).choice(len(features), limit, replace=False))]
+
+
+def process_state():
+    """The processes of this run; the state is the one `generate` uses (gloo on CPU-only machines)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def main_process() -> bool:
+    """Rank 0 scores."""
+    return process_state().is_main_process

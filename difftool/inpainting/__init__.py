@@ -1,0 +1,1 @@
+"""Inpainting: RePaint, masks, and the inpainting job."""

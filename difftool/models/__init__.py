@@ -1,0 +1,1 @@
+"""Models: build, the one loading door (importers included), export, conversion, description."""

@@ -1,0 +1,81 @@
+"""The built-in recipes: where they are, their YAML (1.2 booleans), and which one a data set gets."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from difftool.errors import UserError, did_you_mean, first_line
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def recipe_dir():
+    """The built-in recipes: the package `difftool.recipes` once installed, else `recipes/` of a source tree on
+    PYTHONPATH (as on a machine where nothing can be installed, such as the GPU check's)."""
+    try:
+        return resources.files("difftool.recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str) -> str:
+    """The YAML text of a built-in recipe name or a path to a recipe file."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {name_or_path}")
+        try:
+            return path.read_text()
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8
+            raise UserError(f"cannot read recipe {name_or_path}: {first_line(err)}") from err
+    names = recipe_names()
+    if name_or_path not in names:
+        raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} (difftool recipes list shows them)")
+    return (recipe_dir() / f"{name_or_path}.yaml").read_text()
+
+
+def recipe_summary(name: str) -> str:
+    """First comment line of a recipe after its launch command: what the recipe is for."""
+    lines = [ln[1:].strip() for ln in recipe_text(name).splitlines() if ln.startswith("#")]
+    return next((ln for ln in lines if ln and not ln.startswith(("difftool ", "accelerate "))), "")
+
+
+def recipe_for_dataset(dataset: str | None, *, gpu: bool = True) -> tuple[str, str]:
+    """The recipe `difftool train --dataset X` uses when no --recipe is given, and why.
+
+    A data set that has a recipe of its own (cifar10, mnist) gets it; no data set at all means the
+    quickstart. Other hub data sets and local folders get the 64-px recipe on a GPU, and on a CPU the
+    32-px one: folder64's 150k steps of a 5-level UNet would take a CPU weeks.
+    """
+    if dataset is None:
+        return "quickstart", "the built-in shapes (no --dataset)"
+    for name in recipe_names():
+        raw = parse_yaml(recipe_text(name)) or {}
+        if (raw.get("data") or {}).get("dataset") == dataset:
+            return name, f"the recipe made for {dataset}"
+    if gpu:
+        return "folder64", "a GPU is present: 64 px"
+    return "folder32", "no GPU here: 32 px and a small UNet, 20-40 minutes on 2 cores (--recipe folder64 for 64 px)"

@@ -1,0 +1,1 @@
+"""Sampling: the scheduler registry, the denoising loop, conditions, and the sampling job."""

@@ -1,0 +1,119 @@
+"""What a training run writes besides its metrics: checkpoints, preview grids and the exported model.
+
+Each is written under a temporary name and renamed when complete (see rundir.py); previews and the
+export use the EMA weights, swapped in and back out around the write.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from difftool.errors import os_errors_of_writers
+from difftool.images import save_png
+from difftool.models.export import export_pipeline
+from difftool.rundir import PROGRESS_FILE, fsync_tree, made_by, remove_tree
+from difftool.sampling.conditions import resolve_guidance_rescale
+from difftool.sampling.job import grid_of, sample_batch
+
+
+class RunWriter:
+    """Writes the run folder's checkpoints, previews and model/ from the training state of a `Stepper`."""
+
+    def __init__(self, cfg, run, stepper, info):
+        self.cfg, self.run, self.stepper, self.info = cfg, run, stepper, info
+        self.accelerator, self.ema, self.device = stepper.accelerator, stepper.ema, stepper.device
+
+    def save_checkpoint(self, step: int) -> Path:
+        """accelerate state in a temporary folder, renamed to step-NNNNNN when complete."""
+        acc, run = self.accelerator, self.run
+        final = run.checkpoint(step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        try:
+            with os_errors_of_writers(final):
+                acc.save_state(str(tmp))
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    if self.ema is not None:
+                        self.ema.save_pretrained(str(tmp / "unet_ema"))
+                    progress = {"step": step, "epoch": step / self.stepper.steps_per_epoch, **self.stepper.nonfinite.state(),
+                                **made_by(), **self.info}
+                    (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+                    fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
+            if acc.is_main_process:
+                remove_tree(final)  # only there when a resumed run passes a step it had saved before
+                tmp.rename(final)
+                fsync_tree(final.parent, files=False)
+                run.rotate(self.cfg.checkpoint.total_limit)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial checkpoint behind
+            raise
+        acc.wait_for_everyone()
+        return final
+
+    def bare_unet(self) -> UNet2DModel:
+        """The UNet without DDP or torch.compile wrappers: what gets sampled and saved."""
+        return self.accelerator.unwrap_model(self.stepper.unet, keep_torch_compile=False)
+
+    def eval_unet(self):
+        """The bare model with EMA weights swapped in; call `restore_weights` afterwards."""
+        unet = self.bare_unet()
+        if self.ema is not None:
+            self.ema.store(unet.parameters())
+            self.ema.copy_to(unet.parameters())
+        return unet.eval()
+
+    def restore_weights(self, unet) -> None:
+        if self.ema is not None:
+            self.ema.restore(unet.parameters())
+
+    def save_preview(self, step: int) -> None:
+        """A grid of samples from fixed seeds; class-conditional models get one column per class."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            cfg = self.cfg.sample
+            unet = self.eval_unet()
+            try:
+                n = cfg.num_images
+                num_classes = self.info["num_classes"]
+                labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
+                res = self.cfg.data.resolution
+                guidance = cfg.guidance_scale if labels is not None else 1.0
+                rescale = resolve_guidance_rescale(None, cfg.guidance_rescale, guidance)
+                with acc.autocast():
+                    images = sample_batch(unet, self.stepper.noise_scheduler.config, list(range(n)),
+                                          (self.stepper.data.channels, res, res), self.device, scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed,
+                                          labels=labels, null_class=self.info["null_class"], guidance_scale=guidance,
+                                          guidance_rescale=rescale)
+                grid = grid_of(images, ncol=num_classes or None)
+                settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
+                            "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
+                save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
+            finally:
+                self.restore_weights(unet)
+        acc.wait_for_everyone()
+
+    def export(self) -> Path:
+        """The final diffusers pipeline folder: EMA weights in unet/, raw weights in unet_raw/."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet = self.bare_unet()
+            raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if self.ema else None
+            ema_unet = self.eval_unet()
+            try:
+                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.stepper.noise_scheduler,
+                                info={**self.info, "step": self.cfg.train.max_steps, **made_by()})
+            finally:
+                self.restore_weights(unet)
+        acc.wait_for_everyone()
+        return self.run.model_dir
