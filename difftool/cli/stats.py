@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool.cli import options
-from difftool.cli.errors import rank_zero, user_errors
+from difftool.cli.errors import user_errors
 from difftool.progress import console
 
 EXAMPLES = """
@@ -41,9 +41,8 @@ def stats(
                                    batch_size=feature_batch_size, split=split, reference_images=reference_images)
     reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite,
                             show_progress=not quiet)
-    if rank_zero():
-        console.print(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
-                      f"{reference.resolution} px, {reference.extractor}) in {output}")
+    console.print(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
+                  f"{reference.resolution} px, {reference.extractor}) in {output}")
 
 
 stats.__doc__ = (stats.__doc__ or "") + EXAMPLES
