@@ -106,6 +106,10 @@ class TrainConfig:
     compile: bool = False
     allow_tf32: bool = True
     min_snr_gamma: float | None = None
+    # v-prediction only: weight the loss by alpha_bar_t, floored at this value, which is the epsilon loss
+    # where the signal is strong (sharper detail) without dropping the pure-noise steps that set the
+    # brightness (those keep this floor's weight). None: the plain v loss.
+    epsilon_weighting: float | None = None
     seed: int = 0
     skip_nonfinite: int = 0  # skip up to N steps in a row whose gradients are NaN/inf (0: stop at the first)
     # Start from these weights (any model `difftool sample` takes) at step 0 with a new optimiser: fine-tune
@@ -423,6 +427,14 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"sample.guidance_rescale must be in [0, 1] (0 = off), got {cfg.sample.guidance_rescale}")
     if not 0 < cfg.ema.max_decay < 1:
         e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
+    if t.epsilon_weighting is not None:
+        if not 0 < t.epsilon_weighting <= 1:
+            e.append(f"train.epsilon_weighting must be in (0, 1] (the least weight of a step), got {t.epsilon_weighting}")
+        if s.prediction_type != "v_prediction":
+            e.append("train.epsilon_weighting weights a v-prediction loss; set scheduler.prediction_type=v_prediction "
+                     "or leave it unset")
+        if t.min_snr_gamma:
+            e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them")
     if s.rescale_betas_zero_snr and s.prediction_type == "epsilon":
         e.append("scheduler.rescale_betas_zero_snr needs scheduler.prediction_type=v_prediction (or sample): at "
                  "zero terminal SNR the last timestep holds no signal to recover from a noise prediction")

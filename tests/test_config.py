@@ -294,6 +294,19 @@ def test_zero_terminal_snr_needs_a_prediction_that_survives_it():
     assert cfg.scheduler.rescale_betas_zero_snr
 
 
+def test_epsilon_weighting_is_a_floor_for_a_v_loss_alone():
+    assert config_mod.load_config("quickstart", ["train.epsilon_weighting=0.1"]).train.epsilon_weighting == 0.1
+    for overrides, message in [
+        (["train.epsilon_weighting=0"], r"train.epsilon_weighting must be in \(0, 1\]"),
+        (["train.epsilon_weighting=1.5"], r"train.epsilon_weighting must be in \(0, 1\]"),
+        (["train.epsilon_weighting=0.1", "scheduler.prediction_type=epsilon", "scheduler.rescale_betas_zero_snr=false"],
+         "weights a v-prediction loss"),
+        (["train.epsilon_weighting=0.1", "train.min_snr_gamma=5"], "set one of them"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            config_mod.load_config("quickstart", overrides)
+
+
 def test_guidance_rescale_is_a_fraction():
     with pytest.raises(UserError, match=r"sample.guidance_rescale must be in \[0, 1\]"):
         config_mod.load_config("quickstart", ["sample.guidance_rescale=1.5"])

@@ -141,6 +141,34 @@ def test_prediction_types_and_min_snr_train(tmp_path, prediction):
     assert DDPMPipeline.from_pretrained(result.run / "model").scheduler.config.prediction_type == prediction
 
 
+def test_epsilon_weighting_is_the_epsilon_loss_where_the_signal_is_strong():
+    """v loss x max(alpha_bar, floor): the epsilon loss where alpha_bar >= floor, floor x the v loss below it."""
+    from diffusers import DDPMScheduler
+
+    cfg = tiny_config("scheduler.prediction_type=v_prediction", "train.epsilon_weighting=0.2")
+    schedule = DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                             rescale_betas_zero_snr=True)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
+    prediction = torch.randn(2, 3, 8, 8, generator=g)
+
+    class Fixed(torch.nn.Module):  # the same v prediction, whatever the input
+        def forward(self, noisy, t, class_labels=None):
+            return type("Output", (), {"sample": prediction})()
+
+    stepper = step_mod.Stepper.__new__(step_mod.Stepper)
+    stepper.cfg, stepper.unet, stepper.noise_scheduler = cfg, Fixed(), schedule
+    for t in (3, 48):  # alpha_bar about 0.99 (above the floor) and 0.0003 (below it)
+        ts = torch.full((2,), t)
+        noisy = schedule.add_noise(x0, noise, ts)
+        a = schedule.alphas_cumprod[t]
+        implied_noise = a.sqrt() * prediction + (1 - a).sqrt() * noisy
+        eps_loss = torch.nn.functional.mse_loss(implied_noise, noise)
+        v_loss = torch.nn.functional.mse_loss(prediction, schedule.get_velocity(x0, noise, ts))
+        expected = eps_loss if a >= 0.2 else 0.2 * v_loss
+        assert stepper.loss(x0, None, noise, ts).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
     result = train(tiny_config("model.class_conditional=false", "train.max_steps=2"), tmp_path / "u", show_progress=False)
     assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds is None

@@ -60,6 +60,10 @@ class Stepper:
             clipped = snr.clamp(max=cfg.train.min_snr_gamma)
             weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
             per_image = per_image * weight
+        elif cfg.train.epsilon_weighting:
+            # The epsilon error is sqrt(alpha_bar) times the v error: this weight is the epsilon loss, floored.
+            alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+            per_image = per_image * alpha_bar.clamp(min=cfg.train.epsilon_weighting)
         return per_image.mean()
 
     def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
