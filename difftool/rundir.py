@@ -263,6 +263,10 @@ class RunDir:
     samples_dir = property(lambda self: self.root / "samples")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     logs_dir = property(lambda self: self.root / "logs")
+    # The checkpoint with the best score of the evaluations during training; rotation never removes it.
+    best_checkpoint = property(lambda self: self.checkpoints_dir / "best")
+    eval_dir = property(lambda self: self.root / "eval")
+    report = property(lambda self: self.root / "report.html")
 
     def is_run(self) -> bool:
         return self.config.is_file()
