@@ -7,7 +7,8 @@
       model/                      diffusers pipeline: model_index.json, unet/ (EMA weights),
                                   unet_raw/ (raw weights), scheduler/, difftool.json
       samples/step-NNNNNN.png     sample grids (EMA weights, fixed seeds)
-      metrics.jsonl               one JSON record per logged step
+      metrics.jsonl               one JSON record per logged step (and per evaluation during training)
+      sessions.jsonl              when each `difftool train` into the run started and ended, on what
       logs/                       tracker output (tensorboard, ...)
       train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
@@ -251,6 +252,29 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The JSON objects of a file written by `append_jsonl`, and how many lines were not one.
+
+    A file another process is appending to may end in half a line, and a killed one may have left one:
+    those are counted, never fatal. A missing file has no records.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return [], 0
+    records, damaged = [], 0
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged += 1
+    return records, damaged
+
+
 class RunDir:
     """Paths of one run folder, and the few operations on it that need care."""
 
@@ -262,6 +286,7 @@ class RunDir:
     model_dir = property(lambda self: self.root / "model")
     samples_dir = property(lambda self: self.root / "samples")
     metrics = property(lambda self: self.root / "metrics.jsonl")
+    sessions = property(lambda self: self.root / "sessions.jsonl")
     logs_dir = property(lambda self: self.root / "logs")
     # The checkpoint with the best score of the evaluations during training; rotation never removes it.
     best_checkpoint = property(lambda self: self.checkpoints_dir / "best")

@@ -86,6 +86,28 @@ def on_main_process(state, action: Callable[[], T]) -> T | None:
     return result
 
 
+def holder(root: Path, command: str = "train") -> dict | None:
+    """The live owner named in `root/COMMAND.lock` (pid, host, since), read without taking the lock.
+
+    For readers that must not get in a writer's way (`difftool report` of a run still training). A lock
+    file left by a killed process on this host names a pid that is gone: nobody holds the folder then.
+    """
+    try:
+        owner = json.loads((root / lock_name(command)).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return owner
+
+
 def _acquire(path: Path, command: str) -> int:
     """An open descriptor holding the lock on `path` (the file as it is on disk now)."""
     while True:

@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, evaluate, inpaint, recipes, sample, schedulers, stats, train
+from difftool.cli import convert, evaluate, inpaint, recipes, report, sample, schedulers, stats, train
 from difftool.cli.errors import (
     DEBUG_HELP,
     OneLineUsageErrors,
     debug_enabled,
-    report,
+    report as report_error,
     set_debug,
 )
 from difftool.cli.launch import COMMAND_ARGS
@@ -48,6 +48,7 @@ app.command("convert")(convert.convert)
 app.command("inspect")(convert.inspect)
 app.command("evaluate")(evaluate.evaluate)
 app.command("stats")(stats.stats)
+app.command("report")(report.report)
 app.add_typer(recipes.app, name="recipes")
 
 
@@ -82,7 +83,7 @@ def _run(typer_app: typer.Typer) -> None:
     except Exception as err:
         if debug_enabled():
             raise
-        report(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")
+        report_error(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

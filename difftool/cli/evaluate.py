@@ -106,7 +106,8 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
 
 def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
     from difftool.evaluation.evaluate import COMPARABLE_N
-    from difftool.evaluation.sweep import PLOT_FILE, RESULTS_CSV, sweep
+    from difftool.evaluation.files import PLOT_FILE, RESULTS_CSV
+    from difftool.evaluation.sweep import sweep
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
                  overwrite=overwrite, resume=resume, show_progress=not quiet)

@@ -21,6 +21,7 @@ import numpy as np
 
 from difftool.errors import UserError
 from difftool.evaluation.features import Extractor, extract, load_extractor
+from difftool.evaluation.files import METRICS_FILE
 from difftool.models.checkpoints import LoadedModel
 from difftool.sampling.job import (
     SampleRequest,
@@ -56,7 +57,6 @@ from difftool.rundir import (
 )
 from difftool.runlock import main_process_lock
 
-METRICS_FILE = "metrics.json"
 COMPARABLE_N = 10_000  # below this FID is biased upwards and only comparable at equal N
 PR_MAX = 10_000  # precision/recall compares at most this many features of each set (k-NN is quadratic)
 PR_SEED = 0

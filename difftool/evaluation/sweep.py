@@ -23,15 +23,13 @@ from difftool.evaluation.evaluate import (
     prepare_scorer,
     sample_and_score,
 )
+from difftool.evaluation.files import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, TIMING_FILE
 from difftool.evaluation.imagesets import is_image_source
+from difftool.evaluation.plots import fd_vs_nfe_figure
 from difftool.rundir import atomic_path, write_text
 from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import get_spec
 
-RESULTS_CSV = "results.csv"
-RESULTS_JSON = "results.json"
-PLOT_FILE = "fid_vs_nfe.png"
-TIMING_FILE = "timing.json"
 COLUMNS = ("scheduler", "steps", "nfe", "fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
            "num_images", "seconds", "img_per_s")
 
@@ -113,25 +111,6 @@ def _write_results(output: Path, rows: list[dict], distance_name: str, about: di
 
 
 def plot_fd_vs_nfe(rows: list[dict], path: Path, distance_name: str = "FID") -> None:
-    """One line per scheduler: distance against model calls, on a log axis ticked at the NFEs measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and none is there on a cluster node
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for scheduler in dict.fromkeys(row["scheduler"] for row in rows):
-        points = sorted((row["nfe"], row["fd"]) for row in rows if row["scheduler"] == scheduler)
-        axes.plot(*zip(*points, strict=True), marker="o", label=scheduler)
-    axes.set_xscale("log")
-    nfes = sorted({row["nfe"] for row in rows})
-    axes.set_xticks(nfes, [str(n) for n in nfes])
-    axes.minorticks_off()
-    axes.set_xlabel("model calls per image (NFE)")
-    axes.set_ylabel(f"{distance_name} (lower is better)")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
+    """The sweep's figure (`fd_vs_nfe_figure`) as a PNG file at `path`."""
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
+        fd_vs_nfe_figure(rows, distance_name).savefig(tmp, format="png")

@@ -43,10 +43,12 @@ from difftool.rundir import (
     write_text,
 )
 from difftool.runlock import main_process_lock
+from difftool.sessions import FINISHED, STOPPED, training_session
 from difftool.training.guards import StopOnSignal, Window
 from difftool.training.setup import (
     exported_step,
     flat_config,
+    hardware,
     load_data,
     load_start_weights,
     load_state,
@@ -166,7 +168,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         trainer.steps.nonfinite.restore(progress)
     if accelerator.is_main_process:
         trainer.log_start(start_step, max_steps, count_parameters(unet), why_recipe)
-    return trainer.run_loop(start_step, max_steps, show_progress)
+    return trainer.run_session(start_step, max_steps, show_progress, resume)
 
 
 class _Trainer:
@@ -182,6 +184,17 @@ class _Trainer:
         self.stop_requested = False
 
     # ------------------------------------------------------------ loop
+
+    def run_session(self, start_step: int, max_steps: int, show_progress: bool, resume: Path | None) -> TrainResult:
+        """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
+        from which step to which, and on what (`difftool report` shows them)."""
+        acc = self.accelerator
+        with training_session(self.run.sessions if acc.is_main_process else None, step=start_step,
+                              max_steps=max_steps, resumed_from=resume.name if resume else None,
+                              **hardware(acc)) as end:
+            result = self.run_loop(start_step, max_steps, show_progress)
+            end.update(step=result.step, outcome=FINISHED if result.finished else STOPPED)
+        return result
 
     def run_loop(self, start_step: int, max_steps: int, show_progress: bool) -> TrainResult:
         cfg, acc, run = self.cfg, self.accelerator, self.run

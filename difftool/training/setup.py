@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import platform
+import socket
 from pathlib import Path
 
 import torch
@@ -54,6 +57,24 @@ def make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs_dir)),
         dynamo_backend="inductor" if cfg.train.compile else None,
     )
+
+
+def hardware(accelerator: Accelerator) -> dict:
+    """What a run trains on, for its sessions.jsonl: processes, device and its name, precision, host, CPU."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"processes": accelerator.num_processes, "device": device.type, "device_name": name,
+            "mixed_precision": accelerator.mixed_precision, "host": socket.gethostname(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux says it in /proc/cpuinfo; platform.processor() is often empty there)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 def flat_config(cfg: Config) -> dict:

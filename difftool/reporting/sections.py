@@ -1,0 +1,232 @@
+"""The sections of the report page, each as HTML: every string from the run or the user goes through `esc`."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+
+import yaml
+
+from difftool.reporting import charts
+from difftool.reporting.evaluations import Evaluation, Sweep
+from difftool.reporting.facts import NOT_RECORDED, RunFacts
+from difftool.reporting.history import DISTANCE_NAMES, EVAL_PREFIX, SMOOTH_SPAN, EvalHistory, History
+from difftool.reporting.timeline import Timeline
+from difftool.evaluation.plots import fd_vs_nfe_figure
+
+CURVES = (  # metrics.jsonl key, title, axis label, smoothed (lr follows its schedule: nothing to smooth)
+    ("loss", "Training loss", "loss (mean over the logged steps)", True),
+    ("lr", "Learning rate", "learning rate", False),
+    ("img_per_s", "Training speed", "images per second", True),
+)
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def table(header: list[str], rows: list[list], css: str = "") -> str:
+    """An HTML table; cells are escaped, except those given as `Raw`."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else esc(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f'<table class="{esc(css)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class Raw(str):
+    """HTML made here (never from user data), placed into a table as it is."""
+
+
+def image(uri: str, alt: str, css: str = "chart") -> str:
+    return f'<img class="{css}" src="{esc(uri)}" alt="{esc(alt)}">'
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def when(seconds: float | None) -> str:
+    if seconds is None:
+        return NOT_RECORDED
+    return datetime.datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return NOT_RECORDED
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def number(value, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def summary(facts: RunFacts) -> str:
+    rows = [
+        ["run folder", str(facts.root)],
+        ["state", facts.state],
+        ["steps", f"{number(facts.step) if facts.step is not None else 'none logged'}"
+                  + (f" of {facts.max_steps:,}" if facts.max_steps else "")],
+        ["recipe", facts.recipe],
+        ["wall time", duration(facts.wall_seconds) + (f" over {len(facts.sessions)} sessions"
+                                                      if len(facts.sessions) > 1 else "")],
+        ["hardware", "; ".join(facts.hardware)],
+        ["versions", "; ".join(facts.versions)],
+    ]
+    return section("run", "The run", table(["", ""], rows, "facts") + _sessions(facts))
+
+
+def _sessions(facts: RunFacts) -> str:
+    if not facts.sessions:
+        return note(f"Sessions (start, end, hardware of each `difftool train`): {NOT_RECORDED}. Runs trained "
+                    f"before sessions.jsonl existed have none; every training from now on records one.")
+    rows = []
+    for i, session in enumerate(facts.sessions, 1):
+        start, end = session.start, session.end or {}
+        outcome = end.get("outcome") or ("running" if facts.state.startswith("training now") and
+                                         session is facts.sessions[-1] else "killed (no end recorded)")
+        rows.append([i, when(session.started), when(end.get("time")) if end else "-",
+                     f"{number(start.get('step'))} → {number(end.get('step')) if end else '?'}",
+                     start.get("resumed_from") or "-", outcome,
+                     f"{start.get('processes', '?')} × {start.get('device_name') or start.get('device', '?')}"])
+    return "<h3>Sessions</h3>" + table(["#", "started", "ended", "steps", "resumed from", "outcome", "on"], rows)
+
+
+def recipe(facts: RunFacts) -> str:
+    if facts.overrides is None:
+        changes = note(f"The recipe {facts.recipe} is not one of the built-in recipes: the whole config is below.")
+    elif not facts.overrides:
+        changes = note(f"No changes to the built-in recipe {facts.recipe}.")
+    else:
+        rows = [[o.key, _yaml_value(o.recipe), _yaml_value(o.run)] for o in facts.overrides]
+        changes = (f"<p>Changes to the built-in recipe <code>{esc(facts.recipe)}</code> (as this difftool ships "
+                   f"it):</p>" + table(["key", "recipe", "this run"], rows))
+    config = yaml.safe_dump(facts.config, sort_keys=False)
+    return section("recipe", "Recipe and overrides",
+                   changes + f"<details><summary>config.yaml</summary><pre>{esc(config)}</pre></details>")
+
+
+def _yaml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- history
+
+
+def curves(history: History, resumed_at: list[int]) -> str:
+    parts = []
+    for key, title, label, smoothed in CURVES:
+        series = history.series(key)
+        if len(series):
+            figure = charts.curve_figure(series, title=title, label=label, smoothed=smoothed, resumed_at=resumed_at)
+            parts.append(image(charts.data_uri(figure), f"{title} over steps"))
+    if not parts:
+        parts.append(note("No training step has been logged yet (metrics.jsonl is empty or missing)."))
+    if history.damaged_lines:
+        parts.append(note(f"{history.damaged_lines} line(s) of metrics.jsonl could not be read (half-written "
+                          f"while training, or damaged) and are left out."))
+    return section("curves", "Training curves", '<div class="charts">' + "".join(parts) + "</div>"
+                   + note(f"Pale: the values as logged; dark: an exponential moving average over about "
+                          f"1/{SMOOTH_SPAN} of the points (drawn from {SMOOTH_SPAN + 1} points on). x: optimizer "
+                          f"step; dashed: where a resumed session began."))
+
+
+def evaluation_curves(evals: EvalHistory | None) -> str:
+    if evals is None:
+        return section("eval", "FID and KID during training", note(
+            "No evaluation during training was recorded. Turn it on with an `eval:` section in the recipe "
+            "(for example --set eval.every=1000 with a reference data set), or score the finished model with "
+            "difftool evaluate RUN --reference DATA."))
+    figure = charts.eval_figure(evals)
+    kid_std = dict(zip(evals.kid_std.steps, evals.kid_std.values, strict=True))
+    kid = dict(zip(evals.kid.steps, evals.kid.values, strict=True))
+    rows = [[Raw("<b>★</b>") if s == evals.best_step else "", number(s), number(v),
+             number(kid.get(s)) + (f" ± {number(kid_std[s], 2)}" if s in kid_std else "")]
+            for s, v in zip(evals.distance.steps, evals.distance.values, strict=True)]
+    last = evals.last
+    about = (f"Best step {evals.best_step:,}: {evals.name} {evals.best_value:.4g}"
+             + (f". Each evaluation: {number(last.get(EVAL_PREFIX + 'num_samples'))} samples"
+                if last.get(EVAL_PREFIX + "num_samples") else "")
+             + (f", {duration(last[EVAL_PREFIX + 'seconds'])}" if isinstance(last.get(EVAL_PREFIX + "seconds"),
+                                                                          (int, float)) else "") + ".")
+    return section("eval", "FID and KID during training",
+                   image(charts.data_uri(figure), f"{evals.name} and KID over steps", "chart wide")
+                   + f"<p>{esc(about)}</p>" + table(["best", "step", evals.name, "KID"], rows))
+
+
+def previews(timeline: Timeline) -> str:
+    if not timeline.total:
+        return section("previews", "Preview grids", note("No preview grid yet (samples/step-NNNNNN.png)."))
+    figures = "".join(f'<figure>{image(uri, f"preview grid at step {step}", "grid")}'
+                      f"<figcaption>step {step:,}</figcaption></figure>" for step, uri in timeline.shown)
+    shown = (f"All {timeline.total} grids" if len(timeline.shown) == timeline.total else
+             f"{len(timeline.shown)} of {timeline.total} grids, evenly spaced (--max-grids shows more)")
+    return section("previews", "Preview grids",
+                   note(f"{shown}: samples of the EMA weights from fixed seeds, oldest first.")
+                   + f'<div class="timeline">{figures}</div>')
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+def evaluations(found: list[Evaluation], sweeps: list[Sweep], searched: list[str]) -> str:
+    if not found and not sweeps:
+        return section("evaluations", "Evaluations and sweeps", note(
+            f"No evaluation of this run found in {', '.join(searched)}. Make one with difftool evaluate RUN "
+            f"--reference DATA (a sweep: add --sweep \"ddim:10,20,50;dpm-solver:10,20\"); --evaluations DIR "
+            f"looks elsewhere."))
+    parts = []
+    if found:
+        parts.append("<h3>Evaluations</h3>" + table(
+            ["folder", "model", "distance", "KID", "IS", "precision / recall", "N", "sampler", "reference"],
+            [_evaluation_row(e) for e in found]))
+    for sweep in sweeps:
+        parts.append(_sweep(sweep))
+    return section("evaluations", "Evaluations and sweeps", "".join(parts))
+
+
+def _evaluation_row(found: Evaluation) -> list:
+    r, sampling = found.record, found.record.get("sampling", {})
+    key = next((k for k in DISTANCE_NAMES if k in r), None)
+    pr = f"{number(r['precision'], 3)} / {number(r['recall'], 3)}" if "precision" in r else "-"
+    return [found.folder.name, found.model, f"{DISTANCE_NAMES[key]} {number(r[key])}" if key else "-",
+            _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")), pr,
+            number(r.get("num_images")), f"{sampling.get('scheduler', '?')} × {sampling.get('steps', '?')}",
+            r.get("reference", "-")]
+
+
+def _sweep(sweep: Sweep) -> str:
+    results = sweep.results
+    distance = str(results.get("distance", "FID"))
+    rows = [r for r in results["rows"] if isinstance(r, dict)]
+    plotted = [r for r in rows if isinstance(r.get("nfe"), (int, float)) and isinstance(r.get("fd"), (int, float))]
+    figure = image(charts.data_uri(fd_vs_nfe_figure(plotted, distance)), f"{distance} against NFE") if plotted else ""
+    body = table(["scheduler", "steps", "NFE", distance, "KID", "IS", "img/s", "N"],
+                 [[r.get("scheduler"), number(r.get("steps")), number(r.get("nfe")), number(r.get("fd")),
+                   _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")),
+                   number(r.get("img_per_s"), 3), number(r.get("num_images"))] for r in rows])
+    about = (f"Model {sweep.model}, reference {results.get('reference', '?')}, features "
+             f"{results.get('features', '?')}.")
+    return (f"<h3>Sweep {esc(sweep.folder.name)}</h3><p>{esc(about)}</p>"
+            f'<div class="sweep">{body}{figure}</div>')
+
+
+def _pm(mean, std) -> str:
+    if not isinstance(mean, (int, float)):
+        return "-"
+    return number(mean) + (f" ± {number(std, 2)}" if isinstance(std, (int, float)) else "")
