@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from difftool.cli.errors import user_errors
 from difftool.progress import console
@@ -34,8 +35,9 @@ def report(
     made = make_report(run, output, places=evaluations, max_grids=max_grids, overwrite=overwrite)
     grids = (f"{made.grids_total} preview grids" if made.grids_shown == made.grids_total
              else f"{made.grids_shown} of {made.grids_total} preview grids")
-    console.print(f"[green]done[/]: {made.path} ({grids}, {made.evaluations} evaluation(s) and sweep(s) found); "
-                  f"open it in a browser: {made.path.resolve().as_uri()}")
+    # soft_wrap: a long path stays whole, to be copied or clicked
+    console.print(f"[green]done[/]: {escape(str(made.path))} ({grids}, {made.evaluations} evaluation(s) and sweep(s) "
+                  f"found); open it in a browser: {escape(made.path.resolve().as_uri())}", soft_wrap=True)
 
 
 report.__doc__ = (report.__doc__ or "") + EXAMPLES

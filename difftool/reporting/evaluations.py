@@ -10,6 +10,7 @@ exists (the run was moved), the name decides.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,15 @@ from difftool.evaluation.files import METRICS_FILE, RESULTS_JSON
 from difftool.rundir import source_name
 
 
+# A model's source as its samples record it: the path as typed, then which weights ("runs/x/model (EMA weights)").
+THE_RUN = "the run"
+WEIGHTS_NOTE = re.compile(r" \((?:EMA|raw) weights\)$")
+
+
 @dataclass
 class Evaluation:
     folder: Path
-    model: str  # what was scored, relative to the run: "." for the run, "model", "checkpoints/step-000300"
+    model: str  # what was scored: "the run", or a path in it ("model", "checkpoints/step-000300")
     record: dict  # metrics.json
 
 
@@ -68,6 +74,7 @@ def _model_of(run: Path, source: str, folder: Path) -> str | None:
     A relative `source` was typed where `evaluate` ran: the folder above evaluations/ for a default output,
     else perhaps here.
     """
+    source = WEIGHTS_NOTE.sub("", source)
     if not source:
         return None
     typed = Path(source.split("@")[0]).expanduser()
@@ -76,10 +83,12 @@ def _model_of(run: Path, source: str, folder: Path) -> str | None:
     root = run.resolve()
     if existing:
         inside = [c for c in existing if c.is_relative_to(root)]
-        return str(inside[0].relative_to(root)) if inside else None
+        if not inside:
+            return None
+        return THE_RUN if inside[0] == root else str(inside[0].relative_to(root))
     name = source_name(run)
     if source_name(source) == name:
-        return "model" if typed.name == "model" else "."
+        return "model" if typed.name == "model" else THE_RUN
     if source_name(source).startswith(f"{name}-step-"):
         return f"checkpoints/{typed.name}"
     return None

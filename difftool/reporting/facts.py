@@ -47,6 +47,12 @@ class RunFacts:
     wall_seconds: float | None  # summed over sessions; None when no session was recorded
 
     @property
+    def untimed_steps(self) -> int:
+        """Steps trained before the first recorded session (a run of 0.1.0 resumed since): not in the wall time."""
+        first = self.sessions[0].start.get("step") if self.sessions else 0
+        return first if isinstance(first, int) else 0
+
+    @property
     def name(self) -> str:
         return self.root.resolve().name
 

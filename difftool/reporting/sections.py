@@ -83,8 +83,9 @@ def summary(facts: RunFacts) -> str:
         ["steps", f"{number(facts.step) if facts.step is not None else 'none logged'}"
                   + (f" of {facts.max_steps:,}" if facts.max_steps else "")],
         ["recipe", facts.recipe],
-        ["wall time", duration(facts.wall_seconds) + (f" over {len(facts.sessions)} sessions"
-                                                      if len(facts.sessions) > 1 else "")],
+        ["wall time", duration(facts.wall_seconds)
+         + (f" over {len(facts.sessions)} sessions" if len(facts.sessions) > 1 else "")
+         + (f" (the first {facts.untimed_steps:,} steps: {NOT_RECORDED})" if facts.untimed_steps else "")],
         ["hardware", "; ".join(facts.hardware)],
         ["versions", "; ".join(facts.versions)],
     ]
@@ -204,7 +205,8 @@ def _evaluation_row(found: Evaluation) -> list:
     r, sampling = found.record, found.record.get("sampling", {})
     key = next((k for k in DISTANCE_NAMES if k in r), None)
     pr = f"{number(r['precision'], 3)} / {number(r['recall'], 3)}" if "precision" in r else "-"
-    return [found.folder.name, found.model, f"{DISTANCE_NAMES[key]} {number(r[key])}" if key else "-",
+    model = found.model + (f" ({sampling['weights']} weights)" if sampling.get("weights") else "")
+    return [found.folder.name, model, f"{DISTANCE_NAMES[key]} {number(r[key])}" if key else "-",
             _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")), pr,
             number(r.get("num_images")), f"{sampling.get('scheduler', '?')} × {sampling.get('steps', '?')}",
             r.get("reference", "-")]
