@@ -57,7 +57,7 @@ class TrainingProgress:
         else:
             console.print(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
                           f"difftool train --resume {run}")
-        console.print(f"curves, sample grids and evaluations on one page: difftool report {run}")
+        console.print(f"curves, sample grids and evaluations on one page: difftool report {run}", soft_wrap=True)
 
 
 class SamplingProgress:

@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+from difftool.reporting.page import make_report
 from difftool.rundir import RunDir
+from difftool.sessions import read_sessions
 from difftool.training.loop import train
 from tests.conftest import difftool_cmd, free_port, tiny_config
 
@@ -35,6 +37,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_recipe):
     assert (run.checkpoints()[-1] / "random_states_1.pkl").is_file(), "each rank saves its RNG state"
     torch.testing.assert_close(losses(run.root), losses(reference.run), rtol=1e-4, atol=1e-5)
     assert len(losses(run.root)) == 6, "only the main process writes metrics"
+    sessions = read_sessions(run.sessions)
+    assert len(sessions) == 1 and sessions[0].start["processes"] == 2 and sessions[0].end["outcome"] == "finished"
+    assert " ".join(proc.stderr.split()).count(f"difftool report {run.root}") == 1
+    page = make_report(run.root, places=[]).path.read_text()
+    assert "2 process(es) on cpu" in page and "finished at step 6" in page
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,8 +134,23 @@ def test_a_run_still_training_is_reported_without_its_lock(tiny_run, tmp_path):
     start = run.sessions.read_text().splitlines()[0]
     run.sessions.write_text(start + "\n")  # the session has not ended
     page = make_report(run.root, places=[]).path.read_text()
-    assert "training now (step 6 of 6; pid" in page and "running" in page
+    assert "training now (at step 6 of 6; pid" in page and "running" in page
     assert lock.read_text() == owner, "the report leaves the training's lock alone"
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(owner.replace(str(os.getpid()), str(dead.pid)))  # left by a training that was killed
+    run.trim_metrics(4)
+    page = make_report(run.root, places=[]).path.read_text()
+    assert "killed (its last session recorded no end) at step 4 of 6; continue with" in page
+
+
+def test_what_the_run_says_is_escaped(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    hostile = "<script>alert(1)</script>"
+    run.config.write_text(run.config.read_text().replace("recipe: quickstart", f"recipe: '{hostile}'"))
+    page = make_report(run.root, places=[]).path.read_text()
+    assert hostile not in page and html.escape(hostile) in page
 
 
 def test_a_run_of_difftool_0_1_0_and_its_resumed_session(tmp_path):
@@ -150,10 +167,11 @@ def test_a_run_of_difftool_0_1_0_and_its_resumed_session(tmp_path):
     assert "step-000002" in page  # resumed from
 
 
-def test_a_resumed_run_shows_both_sessions(tmp_path, monkeypatch):
+def test_a_resumed_run_shows_both_sessions(tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 4)
     stopped = train(tiny_config("train.max_steps=8"), tmp_path / "run", show_progress=False)
     monkeypatch.undo()
+    assert "difftool report" in " ".join(capsys.readouterr().err.split()), "train says where the report is made"
     page = make_report(stopped.run, places=[]).path.read_text()
     assert "stopped (Ctrl-C or a signal) at step 4 of 8; continue with difftool train --resume" in page
     plan = plan_training(resume=str(stopped.run))

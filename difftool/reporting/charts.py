@@ -10,6 +10,7 @@ import base64
 import io
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from difftool.reporting.history import SMOOTH_SPAN, EvalHistory, Series, smooth
 
@@ -27,9 +28,10 @@ def data_uri(figure: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def curve_figure(series: Series, *, title: str, label: str, smoothed: bool, resumed_at: list[int]) -> Figure:
+def curve_figure(series: Series, *, title: str, label: str, smoothed: bool, resumed_at: list[int],
+                 log_scale: bool = False) -> Figure:
     """`series` over steps: with `smoothed`, raw values pale and an EMA over them; dashed lines where a
-    resumed session began."""
+    resumed session began. With `log_scale`, a positive curve spanning a wide range gets a log axis."""
     figure = Figure(figsize=SIZE, dpi=DPI)
     axes = figure.subplots()
     few = len(series) <= SMOOTH_SPAN
@@ -40,7 +42,7 @@ def curve_figure(series: Series, *, title: str, label: str, smoothed: bool, resu
     else:
         axes.plot(series.steps, series.values, color=COLOUR, linewidth=1.5, marker="o" if few else None)
     positive = [v for v in series.values if v > 0]
-    if len(positive) == len(series) and max(positive) > LOG_RANGE * min(positive):
+    if log_scale and len(positive) == len(series) and max(positive) > LOG_RANGE * min(positive):
         axes.set_yscale("log")
     for step in resumed_at:
         axes.axvline(step, color="grey", linestyle="--", linewidth=1, label=f"resumed at {step:,}")
@@ -76,6 +78,7 @@ def eval_figure(evals: EvalHistory) -> Figure:
 def _finish(axes, title: str, label: str) -> None:
     axes.set_title(title, fontsize=11)
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(label)
     axes.grid(True, alpha=0.3)
     if axes.get_legend_handles_labels()[0]:

@@ -41,7 +41,7 @@ def default_places(run: Path) -> list[Path]:
     """Where evaluations of `run` are looked for: ./evaluations, and evaluations/ beside the folder of runs
     (runs/x -> evaluations/), where `difftool evaluate runs/x` run from the project's folder writes."""
     places = [Path("evaluations"), run.resolve().parent.parent / "evaluations"]
-    return list({p.resolve(): p for p in places}.values())
+    return [p for i, p in enumerate(places) if p.resolve() not in {q.resolve() for q in places[:i]}]
 
 
 def find_evaluations(run: Path, places: list[Path]) -> tuple[list[Evaluation], list[Sweep]]:

@@ -19,7 +19,7 @@ from difftool.errors import UserError
 from difftool.recipebook import parse_yaml, recipe_dir, recipe_names
 from difftool.rundir import PROGRESS_FILE, RunDir, describe_versions
 from difftool.runlock import holder
-from difftool.sessions import FINISHED, Session, read_sessions
+from difftool.sessions import FAILED, FINISHED, STOPPED, Session, read_sessions
 
 NOT_RECORDED = "not recorded"
 HARDWARE_KEYS = ("processes", "device", "device_name", "mixed_precision", "host")
@@ -42,6 +42,7 @@ class RunFacts:
     hardware: list[str]  # one line per distinct machine set-up, or [NOT_RECORDED]
     sessions: list[Session]
     state: str  # training now / finished / stopped, with what to do next
+    training: dict | None  # the live `train` holding the run (pid, host, since), if any
     step: int | None  # the last step in metrics.jsonl
     max_steps: int | None
     wall_seconds: float | None  # summed over sessions; None when no session was recorded
@@ -67,9 +68,11 @@ def read_facts(run: RunDir, last_step: int | None) -> RunFacts:
     sessions = read_sessions(run.sessions)
     max_steps = _max_steps(config, sessions)
     training = holder(run.root)
-    return RunFacts(run.root, config, recipe, _overrides(config, recipe), _versions(run, config, sessions),
-                    _hardware(sessions), sessions, _state(run, training, sessions, last_step, max_steps), last_step,
-                    max_steps, _wall_seconds(run, sessions, training is not None))
+    return RunFacts(root=run.root, config=config, recipe=recipe, overrides=_overrides(config, recipe),
+                    versions=_versions(run, config, sessions), hardware=_hardware(sessions), sessions=sessions,
+                    state=_state(run, training, sessions, last_step, max_steps), training=training,
+                    step=last_step, max_steps=max_steps,
+                    wall_seconds=_wall_seconds(run, sessions, training is not None))
 
 
 def _max_steps(config: dict, sessions: list[Session]) -> int | None:
@@ -152,20 +155,19 @@ def _hardware(sessions: list[Session]) -> list[str]:
 
 def _state(run: RunDir, training: dict | None, sessions: list[Session], step: int | None,
            max_steps: int | None) -> str:
-    at = f"step {step:,}" if step is not None else "no step logged yet"
-    total = f" of {max_steps:,}" if max_steps else ""
+    """training now / finished / stopped (and how), with where it is and what to do next."""
+    at = f"at step {step:,}{f' of {max_steps:,}' if max_steps else ''}" if step is not None else "before its first log"
     if training is not None:
-        return (f"training now ({at}{total}; pid {training.get('pid')} on {training.get('host', '?')} since "
+        return (f"training now ({at}; pid {training.get('pid')} on {training.get('host', '?')} since "
                 f"{training.get('since', '?')}): make the report again for the newest curves")
     last = sessions[-1] if sessions else None
-    if (last is not None and last.end and last.end.get("outcome") == FINISHED) or (
-            step is not None and max_steps and step >= max_steps):
-        return f"finished at {at}"
-    why = {"stopped": "stopped (Ctrl-C or a signal)", "failed": "stopped by an error"}.get(
-        (last.end or {}).get("outcome") if last else None, "stopped")
-    newest = run.latest_checkpoint()
-    resume = f"; continue with difftool train --resume {run.root}" if newest else ""
-    return f"{why} at {at}{total}{resume}"
+    outcome = last.end.get("outcome") if last and last.end else None
+    if outcome == FINISHED or (step is not None and max_steps and step >= max_steps):
+        return f"finished at step {step:,}" if step is not None else "finished"
+    why = {STOPPED: "stopped (Ctrl-C or a signal)", FAILED: "stopped by an error"}.get(
+        outcome, "killed (its last session recorded no end)" if last else "stopped")
+    resume = f"; continue with difftool train --resume {run.root}" if run.latest_checkpoint() else ""
+    return f"{why} {at}{resume}"
 
 
 def _wall_seconds(run: RunDir, sessions: list[Session], training: bool) -> float | None:

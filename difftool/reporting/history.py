@@ -87,7 +87,7 @@ def eval_history(history: History) -> EvalHistory | None:
     best = recorded[-1] if recorded and recorded[-1] in distance.steps else None
     if best is None:  # not recorded: the lowest distance, the earliest of ties
         best = distance.steps[min(range(len(distance)), key=lambda i: (distance.values[i], i))]
-    last = max(history.evaluations, key=lambda r: r.get("step", -1) if isinstance(r.get("step"), int) else -1)
+    last = max((r for r in history.evaluations if isinstance(r.get("step"), int)), key=lambda r: r["step"])
     return EvalHistory(key, distance, history.series(EVAL_PREFIX + "kid", history.evaluations),
                        history.series(EVAL_PREFIX + "kid_std", history.evaluations), best,
                        distance.values[distance.steps.index(best)], last)

@@ -16,10 +16,10 @@ from difftool.reporting.history import DISTANCE_NAMES, EVAL_PREFIX, SMOOTH_SPAN,
 from difftool.reporting.timeline import Timeline
 from difftool.evaluation.plots import fd_vs_nfe_figure
 
-CURVES = (  # metrics.jsonl key, title, axis label, smoothed (lr follows its schedule: nothing to smooth)
-    ("loss", "Training loss", "loss (mean over the logged steps)", True),
-    ("lr", "Learning rate", "learning rate", False),
-    ("img_per_s", "Training speed", "images per second", True),
+CURVES = (  # metrics.jsonl key, title, axis label, smoothed (lr follows its schedule: nothing to smooth), log axis
+    ("loss", "Training loss", "loss (mean over the logged steps)", True, True),
+    ("lr", "Learning rate", "learning rate", False, False),
+    ("img_per_s", "Training speed", "images per second", True, False),
 )
 
 
@@ -99,8 +99,8 @@ def _sessions(facts: RunFacts) -> str:
     rows = []
     for i, session in enumerate(facts.sessions, 1):
         start, end = session.start, session.end or {}
-        outcome = end.get("outcome") or ("running" if facts.state.startswith("training now") and
-                                         session is facts.sessions[-1] else "killed (no end recorded)")
+        running = facts.training is not None and session is facts.sessions[-1]
+        outcome = end.get("outcome") or ("running" if running else "killed (no end recorded)")
         rows.append([i, when(session.started), when(end.get("time")) if end else "-",
                      f"{number(start.get('step'))} → {number(end.get('step')) if end else '?'}",
                      start.get("resumed_from") or "-", outcome,
@@ -131,10 +131,11 @@ def _yaml_value(value) -> str:
 
 def curves(history: History, resumed_at: list[int]) -> str:
     parts = []
-    for key, title, label, smoothed in CURVES:
+    for key, title, label, smoothed, log_scale in CURVES:
         series = history.series(key)
         if len(series):
-            figure = charts.curve_figure(series, title=title, label=label, smoothed=smoothed, resumed_at=resumed_at)
+            figure = charts.curve_figure(series, title=title, label=label, smoothed=smoothed, resumed_at=resumed_at,
+                                         log_scale=log_scale)
             parts.append(image(charts.data_uri(figure), f"{title} over steps"))
     if not parts:
         parts.append(note("No training step has been logged yet (metrics.jsonl is empty or missing)."))
