@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
-from quality_data import SETS, make_set, write_set  # noqa: E402
+from quality_data import SETS, make_set, missing_module, write_set  # noqa: E402
 
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
@@ -224,6 +224,8 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant or []]
     if not variants and not args.probe_judge:
         parser.error("give at least one --variant (or --probe-judge)")
+    if problem := missing_module(args.sets.split(",")):
+        parser.error(problem)
     samplings = [("run defaults", [])] + [(s.partition("=")[0], s.partition("=")[2].split()) for s in args.sampling]
     args.work.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(exist_ok=True)

@@ -13,14 +13,26 @@ Every image comes from a generator seeded by (set, index), so the sets are the s
 from __future__ import annotations
 
 import colorsys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 SETS = ("dark-shapes", "light-shapes", "digits")
+NEEDS = {"digits": "sklearn"}  # the module a set's data comes from, where it is not numpy
 SHAPES = ("circle", "square", "triangle", "cross")
 _SUPERSAMPLE = 4  # render at 4x and average: anti-aliased edges at any rotation
+
+
+def missing_module(names: list[str]) -> str | None:
+    """The error to stop on before any training, where a set's module is not installed."""
+    for name in names:
+        if name not in SETS:
+            return f"unknown set '{name}': choose from {', '.join(SETS)}"
+        if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+            return f"the {name} set needs scikit-learn: pip install -e '.[bench]'"
+    return None
 
 
 def write_set(name: str, root: Path, *, resolution: int, num_images: int) -> Path:
