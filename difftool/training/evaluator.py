@@ -122,6 +122,7 @@ class Evaluator:
                 reference_mod.check_compatible(cached, scorer.extractor, self.cfg.data.resolution, str(path))
                 scorer.reference = cached
                 return
+        start = time.perf_counter()
         images = center_crops(data, self.cfg.data.resolution)
         count = self._reference_count(data)
         if count < len(images):
@@ -132,6 +133,8 @@ class Evaluator:
                                           show_progress=self.show_progress)
         reference_mod.save(built, path)
         scorer.reference = built
+        console.print(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
+                      f"({time.perf_counter() - start:.0f} s)", highlight=False)
 
     def _reference_count(self, data) -> int:
         return min(len(data), self.cfg.eval.reference_images or len(data))
