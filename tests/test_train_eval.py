@@ -188,3 +188,28 @@ def test_the_quickstart_trains_offline_without_its_evaluation(tmp_path, offline,
     assert said.count("evaluation during training off: the FID Inception weights are not in") == 1, said
     assert records(tmp_path / "run")[1] == [] and not RunDir(tmp_path / "run").best_checkpoint.exists()
     assert "every: 0" in RunDir(tmp_path / "run").config.read_text().split("eval:")[1]
+
+
+def test_eval_settings_are_checked_with_the_config():
+    with pytest.raises(UserError) as err:
+        tiny_config("eval.every=-1", "eval.num_samples=1", "eval.steps=0", "eval.guidance_scale=0.5",
+                    "eval.reference= ", "eval.reference_images=0")
+    for fragment in ("eval.every must be >= 0", "eval.num_samples must be >= 2", "eval.steps must be > 0",
+                     "eval.guidance_scale must be >= 1", "eval.reference must not be empty",
+                     "eval.reference_images must be > 0"):
+        assert fragment in str(err.value)
+    assert tiny_config().eval.every == 0 and config_defaults().every == 0, "off unless asked for"
+
+
+def config_defaults():
+    from difftool.config import EvalConfig
+
+    return EvalConfig()
+
+
+def test_only_a_built_in_recipe_s_evaluation_is_optional(tmp_path, tiny_recipe):
+    assert plan_training().optional_eval, "the quickstart's own evaluation"
+    assert not plan_training(overrides=["eval.num_samples=50"]).optional_eval, "asked for on the command line"
+    assert not plan_training(recipe=str(tiny_recipe)).optional_eval, "the user's own recipe"
+    run = train(tiny_config("train.max_steps=1"), tmp_path / "run", show_progress=False).run
+    assert not plan_training(resume=str(run), values={"train.max_steps": 2}).optional_eval, "a run's own config"

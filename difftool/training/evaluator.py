@@ -14,6 +14,7 @@ not an hour into it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -41,7 +42,7 @@ SAMPLES_DIR = "samples"  # in RUN/eval: the latest evaluation's samples
 REFERENCE_SEED = 0  # which images of the data make the reference when eval.reference_images is fewer
 
 
-def check_evaluation(cfg, accelerator, *, optional: bool) -> Scorer | None:
+def check_evaluation(cfg, accelerator, *, optional: bool, show_progress: bool = True) -> Scorer | None:
     """The feature network and (unless it is the run's data) the reference, loaded on the main process before
     anything is written; None elsewhere, and when evaluation is off.
 
@@ -53,7 +54,7 @@ def check_evaluation(cfg, accelerator, *, optional: bool) -> Scorer | None:
         return None
     try:
         _check_sampler(cfg)
-        return on_main_process(accelerator, lambda: _load_scorer(cfg))
+        return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress))
     except UserError as err:
         if not optional:
             raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
@@ -65,7 +66,7 @@ def check_evaluation(cfg, accelerator, *, optional: bool) -> Scorer | None:
 
 
 def _check_sampler(cfg) -> None:
-    spec, steps = choose(*_sampler(cfg), None, cfg.scheduler.num_train_timesteps)
+    _, steps = choose(*_sampler(cfg), None, cfg.scheduler.num_train_timesteps)  # an unknown name is refused here
     if not 1 <= steps <= cfg.scheduler.num_train_timesteps:
         raise UserError(f"eval.steps must lie between 1 and {cfg.scheduler.num_train_timesteps} (the training "
                         f"timesteps), got {steps}")
@@ -83,14 +84,14 @@ def _metric_options(cfg) -> MetricOptions:
                          reference_images=cfg.eval.reference_images)
 
 
-def _load_scorer(cfg) -> Scorer:
+def _load_scorer(cfg, show_progress: bool) -> Scorer:
     options = _metric_options(cfg)
     extractor = load_extractor(options.features, inception_weights=options.inception_weights,
                                weights_option="eval.inception_weights")
     extractor.probs = False  # no Inception Score during training: half the feature network's time
     reference = None
     if cfg.eval.reference != RUN_DATA:
-        reference = resolve_reference(cfg.eval.reference, extractor, cfg.data.resolution, options, show_progress=True)
+        reference = resolve_reference(cfg.eval.reference, extractor, cfg.data.resolution, options, show_progress)
     return Scorer(extractor, reference, options)
 
 
@@ -116,15 +117,15 @@ class Evaluator:
 
     def _run_data_reference(self, data) -> None:
         scorer, path = self.scorer, self.run.eval_dir / REFERENCE_FILE
-        if path.is_file():
+        count = min(len(data), self.cfg.eval.reference_images or len(data))
+        with contextlib.suppress(UserError):  # none yet, or unreadable: made again
             cached = reference_mod.load(path)
-            if cached.extractor == scorer.extractor.name and cached.count == self._reference_count(data):
-                reference_mod.check_compatible(cached, scorer.extractor, self.cfg.data.resolution, str(path))
+            if (cached.extractor, cached.resolution, cached.count) == (scorer.extractor.name, self.cfg.data.resolution,
+                                                                       count):
                 scorer.reference = cached
                 return
         start = time.perf_counter()
         images = center_crops(data, self.cfg.data.resolution)
-        count = self._reference_count(data)
         if count < len(images):
             rows = np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(images), count, replace=False))
             images = images[torch.from_numpy(rows)]
@@ -135,9 +136,6 @@ class Evaluator:
         scorer.reference = built
         console.print(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
                       f"({time.perf_counter() - start:.0f} s)", highlight=False)
-
-    def _reference_count(self, data) -> int:
-        return min(len(data), self.cfg.eval.reference_images or len(data))
 
     def _restore_best(self) -> None:
         """The best step and score of checkpoints/best, if it was scored with the settings of this run's
