@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from difftool.config import EvalConfig
 from difftool.errors import UserError
 from difftool.evaluation import features as features_mod
 from difftool.models.load import load_model
@@ -193,18 +194,12 @@ def test_the_quickstart_trains_offline_without_its_evaluation(tmp_path, offline,
 def test_eval_settings_are_checked_with_the_config():
     with pytest.raises(UserError) as err:
         tiny_config("eval.every=-1", "eval.num_samples=1", "eval.steps=0", "eval.guidance_scale=0.5",
-                    "eval.reference= ", "eval.reference_images=0")
+                    'eval.reference=""', "eval.reference_images=0")
     for fragment in ("eval.every must be >= 0", "eval.num_samples must be >= 2", "eval.steps must be > 0",
                      "eval.guidance_scale must be >= 1", "eval.reference must not be empty",
                      "eval.reference_images must be > 0"):
         assert fragment in str(err.value)
-    assert tiny_config().eval.every == 0 and config_defaults().every == 0, "off unless asked for"
-
-
-def config_defaults():
-    from difftool.config import EvalConfig
-
-    return EvalConfig()
+    assert EvalConfig().every == 0, "off unless asked for"
 
 
 def test_only_a_built_in_recipe_s_evaluation_is_optional(tmp_path, tiny_recipe):
