@@ -152,6 +152,29 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training, off while `every` is 0: every `every` steps (and at the last) the EMA weights
+    make `num_samples` images, image i from seed (seed, i), scored as `difftool evaluate` scores them; the best
+    by FID is kept in checkpoints/best. The sampler settings left null are the `sample:` section's.
+
+    `reference` is what `evaluate --reference` takes (a data set, a folder, an .npz of images or statistics), or
+    `data`: the run's own training data, at most `reference_images` of it, its statistics cached in RUN/eval/.
+    `features` is what `evaluate --features` takes; `inception_weights` a local copy of the FID Inception file.
+    """
+
+    every: int = 0
+    num_samples: int = 10000
+    reference: str = "data"
+    reference_images: int | None = None
+    features: str = "inception"
+    inception_weights: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+
+
+@dataclass
 class LogConfig:
     every: int = 50
     trackers: list[str] = field(default_factory=list)
@@ -167,6 +190,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -425,6 +449,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"sample.guidance_scale must be >= 1 (1 = no guidance), got {cfg.sample.guidance_scale}")
     if not 0 <= cfg.sample.guidance_rescale <= 1:
         e.append(f"sample.guidance_rescale must be in [0, 1] (0 = off), got {cfg.sample.guidance_rescale}")
+    e += _eval_problems(cfg.eval)
     if not 0 < cfg.ema.max_decay < 1:
         e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
     if t.epsilon_weighting is not None:
@@ -459,3 +484,15 @@ def validate(cfg: Config) -> list[str]:
     if unused and not d.resolution % factor:
         e.append(f"model.attention_resolutions {unused} match no level of this UNet (its feature sizes are {sizes})")
     return e
+
+
+def _eval_problems(ev: EvalConfig) -> list[str]:
+    e = [f"eval.{name} must be > 0, got {value}" for name, value in
+         [("steps", ev.steps), ("reference_images", ev.reference_images)] if value is not None and value <= 0]
+    if ev.every < 0:
+        e.append(f"eval.every must be >= 0 (0 = off), got {ev.every}")
+    if ev.num_samples < 2:
+        e.append(f"eval.num_samples must be >= 2 (FID needs a covariance), got {ev.num_samples}")
+    if ev.guidance_scale is not None and ev.guidance_scale < 1:
+        e.append(f"eval.guidance_scale must be >= 1 (1 = no guidance) or null, got {ev.guidance_scale}")
+    return e + [f"eval.{name} must not be empty" for name in ("reference", "features") if not getattr(ev, name).strip()]

@@ -209,7 +209,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     so there is always one complete copy on disk.
     """
     make_folder(path.parent, output=path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    tmp = temporary_dir(path)
     old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with creating(path):
@@ -224,6 +224,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temporary_dir(path: Path) -> Path:
+    """The folder `atomic_dir(path)` fills before it takes the place of `path`."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}")
 
 
 def file_in_the_way(folder: Path) -> Path | None:

@@ -44,6 +44,25 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_recipe):
     assert "2 process(es) on cpu" in page and "finished at step 6" in page
 
 
+def test_two_processes_evaluate_during_training(tmp_path, tiny_recipe, extractor_file):
+    """Each rank samples its share of the seeds; the main process scores, writes each record once and keeps the
+    best checkpoint, which both ranks save their part of."""
+    evaluation = ["eval.every=3", "eval.num_samples=10", f"eval.features={extractor_file}", "eval.scheduler=ddim",
+                  "eval.steps=2", "sample.every=100", "checkpoint.total_limit=1"]
+    cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(tmp_path / "two"),
+                            *[arg for item in evaluation for arg in ("--set", item)],
+                            "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunDir(tmp_path / "two")
+    evals = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "eval/fd" in r]
+    assert [(r["step"], r["eval/num_samples"]) for r in evals] == [(3, 10), (6, 10)]
+    best = json.loads((run.best_checkpoint / "progress.json").read_text())
+    assert best["step"] == evals[-1]["eval/best_step"] == min(evals, key=lambda r: r["eval/fd"])["step"]
+    assert (run.best_checkpoint / "random_states_1.pkl").is_file(), "each rank saves its part of the best state"
+    assert [p.name for p in run.checkpoints()] == ["step-000006"]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):
     out = tmp_path / "run"
     cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(out), "--max-steps", "100000",

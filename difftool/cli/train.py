@@ -75,7 +75,7 @@ def train(
     from difftool.training.loop import train as run_training
 
     result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
-                          why_recipe=plan.why)
+                          why_recipe=plan.why, optional_eval=plan.optional_eval)
     if result.last_loss is not None and rank_zero():
         console.print(f"final loss {result.last_loss:.4f} at step {result.step}")
 

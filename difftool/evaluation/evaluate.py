@@ -142,13 +142,17 @@ def prepare_scorer(reference: str | None, options: MetricOptions, resolution: in
 
 
 def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
-                     *, overwrite: bool, resume: bool, show_progress: bool) -> tuple[SampleResult, dict] | None:
+                     *, overwrite: bool, resume: bool, show_progress: bool,
+                     sampling_precision=contextlib.nullcontext) -> tuple[SampleResult, dict] | None:
     """One setting: sample `model` into `folder` (as `difftool sample --format npz` would) and score the samples.
 
-    `evaluate` of a model is one call, a sweep one call per setting. None in the processes that only sample.
+    `evaluate` of a model is one call, a sweep one call per setting, training one per evaluation (sampling under
+    its `sampling_precision`, its autocast: the features are always computed in fp32). None in the processes
+    that only sample.
     """
-    sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=overwrite,
-                       resume=resume, show_progress=show_progress, model=model)
+    with sampling_precision():
+        sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=overwrite,
+                           resume=resume, show_progress=show_progress, model=model)
     if scorer is None:
         return None
     record = scorer.score(open_images(folder / "samples.npz"), show_progress)

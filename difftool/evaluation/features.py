@@ -49,6 +49,9 @@ class Extractor:
 
     name: str  # names the network and its weights: statistics with another name are not comparable
     distance_name: str = "FD"  # what the Fréchet distance on these features is called
+    # Class probabilities (the Inception Score) cost Inception a second call per batch: a caller that needs no
+    # Inception Score (statistics, evaluation during training) turns them off.
+    probs: bool = True
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         # TorchScript files load onto the CPU: the network goes where the images will go.
@@ -82,8 +85,7 @@ class InceptionExtractor(Extractor):
 
     def _run(self, images):
         features = self.module(images, return_features=True)
-        probs = self.module(images, no_output_bias=True)
-        return features, probs
+        return features, self.module(images, no_output_bias=True) if self.probs else None
 
 
 class TorchScriptExtractor(Extractor):
@@ -123,15 +125,19 @@ class Dinov2Extractor(Extractor):
 
 
 def load_extractor(spec: str = "inception", *, inception_weights: Path | None = None,
-                   device: torch.device | str | None = None) -> Extractor:
-    """`inception` (default), `dinov2`, `dinov2:MODEL` (hub id or folder), or a TorchScript file path."""
+                   device: torch.device | str | None = None, weights_option: str = "--inception-weights") -> Extractor:
+    """`inception` (default), `dinov2`, `dinov2:MODEL` (hub id or folder), or a TorchScript file path.
+
+    `weights_option` names where the caller's user gives `inception_weights` (an option, or a config key), for
+    the messages.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec == "inception":
-        path = Path(inception_weights) if inception_weights else inception_path()
+        path = Path(inception_weights) if inception_weights else inception_path(weights_option)
         module = _load_torchscript(path, "the Inception weights")
         return InceptionExtractor(module, device, _sha256(path))
     if inception_weights is not None:
-        raise UserError(f"--inception-weights applies to --features inception, not {spec}")
+        raise UserError(f"{weights_option} applies to inception features, not {spec}")
     if spec == "dinov2" or spec.startswith("dinov2:"):
         model_id = spec.partition(":")[2] or DINOV2_DEFAULT
         return Dinov2Extractor(_load_dinov2(model_id), device, model_id)
@@ -157,7 +163,7 @@ def extract(extractor: Extractor, batches: Iterable[torch.Tensor], *, on_batch=N
     return Features(np.concatenate(features), np.concatenate(probs) if len(probs) == len(features) else None)
 
 
-def inception_path() -> Path:
+def inception_path(weights_option: str = "--inception-weights") -> Path:
     """The cached Inception file, downloaded into torch's hub cache the first time."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if path.is_file():
@@ -168,8 +174,13 @@ def inception_path() -> Path:
     except Exception as err:  # no network, a proxy, a full disk: the remedy is the same
         reason = first_line(err, 120)
         raise UserError(f"the FID Inception weights are not in {path.parent} and could not be downloaded ({reason}); "
-                        f"download {INCEPTION_URL} and place it at {path}, or pass --inception-weights FILE") from err
+                        f"download {INCEPTION_URL} and place it at {path}, or {_give(weights_option)}") from err
     return path
+
+
+def _give(option: str) -> str:
+    """How to give a file to `option`: `pass --inception-weights FILE`, `set eval.inception_weights=FILE`."""
+    return f"pass {option} FILE" if option.startswith("-") else f"set {option}=FILE"
 
 
 def _load_torchscript(path: Path, what: str) -> torch.nn.Module:

@@ -33,6 +33,7 @@ from difftool.errors import (
 from difftool.models.build import build_noise_scheduler, build_unet, count_parameters
 from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_folder_path, check_output
+from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.step import Stepper
 from difftool.progress import TrainingProgress, console
 from difftool.rundir import (
@@ -69,10 +70,12 @@ class TrainResult:
 
 
 def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
-          show_progress: bool = True, why_recipe: str | None = None) -> TrainResult:
+          show_progress: bool = True, why_recipe: str | None = None, optional_eval: bool = False) -> TrainResult:
     """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run.
 
-    `why_recipe`, when difftool chose the recipe, goes into the first line printed.
+    `why_recipe`, when difftool chose the recipe, goes into the first line printed. `optional_eval`: the
+    evaluation during training comes from a built-in recipe, not from the user, so a feature network that
+    cannot be had turns it off (with one line saying why) instead of refusing the run.
 
     The main process holds the run folder's lock throughout, so a second `train` into the same
     folder is refused instead of interleaving checkpoints with this one.
@@ -85,7 +88,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     accelerator = make_accelerator(cfg, run)
     try:
         with main_process_lock(accelerator, run.root, "train"):
-            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe)
+            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval)
     except OSError as err:
         if not is_storage_error(err):
             raise
@@ -95,7 +98,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
 
 
 def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
-                  show_progress: bool, why_recipe: str | None) -> TrainResult:
+                  show_progress: bool, why_recipe: str | None, optional_eval: bool) -> TrainResult:
     micro_batch = micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
@@ -108,17 +111,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if overwrite and run.is_run() and resume is None:
-            run.clear()
-        run.clean_temporaries()
-        if resume is None:
-            write_text(run.config, config_mod.dump_yaml(cfg))
-        else:
-            run.trim_metrics(read_progress(resume)["step"])
-    accelerator.wait_for_everyone()
+    scorer = check_evaluation(cfg, accelerator, optional=optional_eval, show_progress=show_progress)
+    _prepare_folder(cfg, run, accelerator, resume, overwrite)
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=flat_config(cfg))
 
@@ -168,7 +162,25 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         trainer.steps.nonfinite.restore(progress)
     if accelerator.is_main_process:
         trainer.log_start(start_step, max_steps, count_parameters(unet), why_recipe)
-    return trainer.run_session(start_step, max_steps, show_progress, resume)
+    evaluator = Evaluator(cfg, run, trainer.outputs, scorer, show_progress) if cfg.eval.every else None
+    if evaluator is not None:
+        evaluator.prepare(data, resumed=resume is not None)
+    return trainer.run_session(start_step, max_steps, show_progress, resume, evaluator)
+
+
+def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool) -> None:
+    """The run folder as the run starts: replaced (--overwrite), its config written, or (--resume) its
+    temporaries cleared and its metrics cut back to the checkpoint's step, evaluations included."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite and run.is_run() and resume is None:
+            run.clear()
+        run.clean_temporaries()
+        if resume is None:
+            write_text(run.config, config_mod.dump_yaml(cfg))
+        else:
+            run.trim_metrics(read_progress(resume)["step"])
+    accelerator.wait_for_everyone()
 
 
 class _Trainer:
@@ -185,18 +197,19 @@ class _Trainer:
 
     # ------------------------------------------------------------ loop
 
-    def run_session(self, start_step: int, max_steps: int, show_progress: bool, resume: Path | None) -> TrainResult:
+    def run_session(self, start_step: int, max_steps: int, show_progress: bool, resume: Path | None,
+                    evaluator: Evaluator | None) -> TrainResult:
         """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
         from which step to which, and on what (`difftool report` shows them)."""
         acc = self.accelerator
         with training_session(self.run.sessions if acc.is_main_process else None, step=start_step,
                               max_steps=max_steps, resumed_from=resume.name if resume else None,
                               **hardware(acc)) as end:
-            result = self.run_loop(start_step, max_steps, show_progress)
+            result = self.run_loop(start_step, max_steps, show_progress, evaluator)
             end.update(step=result.step, outcome=FINISHED if result.finished else STOPPED)
         return result
 
-    def run_loop(self, start_step: int, max_steps: int, show_progress: bool) -> TrainResult:
+    def run_loop(self, start_step: int, max_steps: int, show_progress: bool, evaluator: Evaluator | None) -> TrainResult:
         cfg, acc, run = self.cfg, self.accelerator, self.run
         progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
         window = Window(self.device)
@@ -209,15 +222,18 @@ class _Trainer:
                 logging = step % cfg.log.every == 0 or step == max_steps
                 saving = step % cfg.checkpoint.every == 0 or step == max_steps
                 previewing = step % cfg.sample.every == 0 or step == max_steps
+                evaluating = evaluator is not None and evaluator.due(step, max_steps)
                 stop = self._agree_to_stop(step)
-                if logging or saving or previewing or stop:
+                if logging or saving or previewing or evaluating or stop:
                     reported = self.report(step, window, progress)
                     last_loss = last_loss if reported is None else reported
                     if previewing and not stop:
                         self.outputs.save_preview(step)
                     if saving or stop:
                         self.outputs.save_checkpoint(step)
-                    window.reset()  # img/s measures training steps, not previews and checkpoints
+                    if evaluating and not stop:
+                        self._log_evaluation(evaluator.evaluate(step))
+                    window.reset()  # img/s measures training steps, not previews, checkpoints and evaluations
                 if stop:
                     break
         finished = step >= max_steps
@@ -251,6 +267,11 @@ class _Trainer:
             progress.show_metrics(record)
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return loss
+
+    def _log_evaluation(self, record: dict | None) -> None:
+        """An evaluation's scores to the trackers (tensorboard, ...), beside the training metrics."""
+        if record is not None:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def last_checkpoint(self) -> str:
         return str(self.run.latest_checkpoint() or "none yet")

@@ -6,8 +6,8 @@ export use the EMA weights, swapped in and back out around the write.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from difftool.errors import os_errors_of_writers
 from difftool.images import save_png
 from difftool.models.export import export_pipeline
-from difftool.rundir import PROGRESS_FILE, fsync_tree, made_by, remove_tree
+from difftool.rundir import PROGRESS_FILE, atomic_dir, fsync_tree, made_by, temporary_dir
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.sampling.job import grid_of, sample_batch
 
@@ -29,34 +29,37 @@ class RunWriter:
         self.accelerator, self.ema, self.device = stepper.accelerator, stepper.ema, stepper.device
 
     def save_checkpoint(self, step: int) -> Path:
-        """accelerate state in a temporary folder, renamed to step-NNNNNN when complete."""
-        acc, run = self.accelerator, self.run
-        final = run.checkpoint(step)
-        tmp = final.with_name(f".tmp-{final.name}")
+        """The training state as checkpoints/step-NNNNNN; the oldest beyond checkpoint.total_limit are removed."""
+        final = self.run.checkpoint(step)
+        self._save_state(final, step, {})
+        if self.accelerator.is_main_process:
+            self.run.rotate(self.cfg.checkpoint.total_limit)
+        return final
+
+    def save_best(self, step: int, scores: dict) -> Path:
+        """The training state as checkpoints/best, `scores` (the evaluation that made it best) in its progress
+        record; a folder like any step-NNNNNN, which rotation and --resume pass over."""
+        return self._save_state(self.run.best_checkpoint, step, {"eval": scores})
+
+    def _save_state(self, final: Path, step: int, extra: dict) -> Path:
+        """accelerate state (every process saves its part) in a temporary folder that takes the place of `final`
+        when complete (rundir.atomic_dir: an older `final` is replaced only then)."""
+        acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        try:
-            with os_errors_of_writers(final):
-                acc.save_state(str(tmp))
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    if self.ema is not None:
-                        self.ema.save_pretrained(str(tmp / "unet_ema"))
-                    progress = {"step": step, "epoch": step / self.stepper.steps_per_epoch, **self.stepper.nonfinite.state(),
-                                **made_by(), **self.info}
-                    (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-                    fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
+        folder = atomic_dir(final) if acc.is_main_process else contextlib.nullcontext(temporary_dir(final))
+        with folder as tmp, os_errors_of_writers(final):  # a full disk leaves no partial checkpoint behind
+            acc.wait_for_everyone()  # the main process has made `tmp`
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
             if acc.is_main_process:
-                remove_tree(final)  # only there when a resumed run passes a step it had saved before
-                tmp.rename(final)
-                fsync_tree(final.parent, files=False)
-                run.rotate(self.cfg.checkpoint.total_limit)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial checkpoint behind
-            raise
+                if self.ema is not None:
+                    self.ema.save_pretrained(str(tmp / "unet_ema"))
+                progress = {"step": step, "epoch": step / self.stepper.steps_per_epoch, **self.stepper.nonfinite.state(),
+                            **made_by(), **self.info, **extra}
+                (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+                fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
+        if acc.is_main_process:
+            fsync_tree(final.parent, files=False)
         acc.wait_for_everyone()
         return final
 

@@ -16,10 +16,10 @@ from difftool.config import Config
 from difftool.errors import UserError
 from difftool.rundir import RunDir, file_in_the_way, new_run_folder, resolve_resume, resumable
 
-# Config fields a resumed run may change: how long to train, what to write along the way, and
+# Config fields a resumed run may change: how long to train, what to write and measure along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
 RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "train.skip_nonfinite", "checkpoint.", "sample.",
-                     "log.")
+                     "eval.", "log.")
 
 
 @dataclass
@@ -30,6 +30,9 @@ class TrainPlan:
     output: Path
     resume: Path | None
     why: str | None = None  # why this recipe, when difftool chose it
+    # The evaluation during training is a built-in recipe's, not asked for (no eval.* flag, not the user's recipe
+    # file or run): one that cannot run (no feature network offline) is turned off rather than refused.
+    optional_eval: bool = False
 
 
 def plan_training(*, recipe: str | None = None, dataset: str | None = None, overrides: list[str] | None = None,
@@ -50,7 +53,10 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
     if recipe is None:
         recipe, why = config_mod.recipe_for_dataset(dataset, gpu=torch.cuda.is_available())
     cfg = config_mod.load_config(recipe, overrides, values)
-    return TrainPlan(cfg, Path(output) if output else new_run_folder(cfg.recipe, cfg.data.dataset), None, why)
+    asked = [key for key in [*values, *(o.partition("=")[0].strip() for o in overrides or [])] if key.startswith("eval.")]
+    built_in = recipe in config_mod.recipe_names() and not Path(recipe).is_file()
+    return TrainPlan(cfg, Path(output) if output else new_run_folder(cfg.recipe, cfg.data.dataset), None, why,
+                     optional_eval=built_in and not asked)
 
 
 def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:

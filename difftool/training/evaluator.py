@@ -1,0 +1,222 @@
+"""Evaluation during training (the recipe's `eval:` section): sample the EMA weights, score, keep the best.
+
+Every `eval.every` steps the EMA weights make `eval.num_samples` images, image i from the seed (eval.seed, i),
+so that every evaluation of a run scores the same noise. They are made by the sampling job of `difftool sample`
+(whole batches dealt out to the processes, gathered on the main process) into RUN/eval/samples/, and scored there
+by `difftool evaluate`'s own `sample_and_score`, with its feature networks and reference statistics. Each
+evaluation appends one record to metrics.jsonl (`eval/fid` or `eval/fd...`, `eval/kid`, `eval/kid_std`,
+`eval/num_samples`, `eval/seconds`, `eval/best_step`) and goes to the trackers; the state of the best score so
+far is kept in checkpoints/best.
+
+The feature network and the reference are checked before the first step: a missing file stops a run then,
+not an hour into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+
+from difftool.errors import UserError
+from difftool.evaluation import reference as reference_mod
+from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, resolve_reference, sample_and_score
+from difftool.evaluation.features import load_extractor
+from difftool.evaluation.imagesets import from_tensor
+from difftool.models.checkpoints import LoadedModel, state_dict_hash
+from difftool.progress import console
+from difftool.rundir import append_jsonl, progress_problem, read_progress
+from difftool.runlock import on_main_process
+from difftool.sampling.job import SampleRequest
+from difftool.sampling.schedulers import choose
+from difftool.training.data import center_crops
+
+RUN_DATA = "data"  # eval.reference: the run's own training data
+REFERENCE_FILE = "reference.npz"  # in RUN/eval: the statistics of the run's data
+SAMPLES_DIR = "samples"  # in RUN/eval: the latest evaluation's samples
+REFERENCE_SEED = 0  # which images of the data make the reference when eval.reference_images is fewer
+
+
+def check_evaluation(cfg, accelerator, *, optional: bool, show_progress: bool = True) -> Scorer | None:
+    """The feature network and (unless it is the run's data) the reference, loaded on the main process before
+    anything is written; None elsewhere, and when evaluation is off.
+
+    A failure stops the run with the remedy, or, when the evaluation is `optional` (a built-in recipe's, not
+    asked for by the user), turns evaluation off with one line saying why, and the run trains without it
+    (its config.yaml then says eval.every: 0).
+    """
+    if not cfg.eval.every:
+        return None
+    try:
+        _check_sampler(cfg)
+        return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress))
+    except UserError as err:
+        if not optional:
+            raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
+                            f"--set eval.every=0") from None
+        if accelerator.is_main_process:
+            console.print(f"[yellow]evaluation during training off:[/] {err}", highlight=False)
+        cfg.eval.every = 0
+        return None
+
+
+def _check_sampler(cfg) -> None:
+    _, steps = choose(*_sampler(cfg), None, cfg.scheduler.num_train_timesteps)  # an unknown name is refused here
+    if not 1 <= steps <= cfg.scheduler.num_train_timesteps:
+        raise UserError(f"eval.steps must lie between 1 and {cfg.scheduler.num_train_timesteps} (the training "
+                        f"timesteps), got {steps}")
+
+
+def _sampler(cfg) -> tuple[str, int | None]:
+    """The eval sampler and step count; null ones are the `sample:` section's."""
+    if cfg.eval.scheduler is None:
+        return cfg.sample.scheduler, cfg.eval.steps or cfg.sample.steps
+    return cfg.eval.scheduler, cfg.eval.steps
+
+
+def _metric_options(cfg) -> MetricOptions:
+    return MetricOptions(features=cfg.eval.features, inception_weights=cfg.eval.inception_weights,
+                         reference_images=cfg.eval.reference_images)
+
+
+def _load_scorer(cfg, show_progress: bool) -> Scorer:
+    options = _metric_options(cfg)
+    extractor = load_extractor(options.features, inception_weights=options.inception_weights,
+                               weights_option="eval.inception_weights")
+    extractor.probs = False  # no Inception Score during training: half the feature network's time
+    reference = None
+    if cfg.eval.reference != RUN_DATA:
+        reference = resolve_reference(cfg.eval.reference, extractor, cfg.data.resolution, options, show_progress)
+    return Scorer(extractor, reference, options)
+
+
+class Evaluator:
+    """The evaluations of one run: when, with what, and the best score so far (restored on --resume)."""
+
+    def __init__(self, cfg, run, writer, scorer: Scorer | None, show_progress: bool):
+        self.cfg, self.run, self.writer, self.scorer = cfg, run, writer, scorer
+        self.accelerator = writer.accelerator
+        self.show_progress = show_progress and self.accelerator.is_main_process
+        self.best_step, self.best_score = None, math.inf
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.cfg.eval.every == 0 or step == max_steps
+
+    def prepare(self, data, resumed: bool) -> None:
+        """Before the first step: the statistics of the run's data (once: RUN/eval/reference.npz), and on resume
+        the best score so far, from checkpoints/best."""
+        if self.cfg.eval.reference == RUN_DATA:
+            on_main_process(self.accelerator, lambda: self._run_data_reference(data))
+        if resumed:
+            self._restore_best()
+
+    def _run_data_reference(self, data) -> None:
+        scorer, path = self.scorer, self.run.eval_dir / REFERENCE_FILE
+        count = min(len(data), self.cfg.eval.reference_images or len(data))
+        with contextlib.suppress(UserError):  # none yet, or unreadable: made again
+            cached = reference_mod.load(path)
+            if (cached.extractor, cached.resolution, cached.count) == (scorer.extractor.name, self.cfg.data.resolution,
+                                                                       count):
+                scorer.reference = cached
+                return
+        start = time.perf_counter()
+        images = center_crops(data, self.cfg.data.resolution)
+        if count < len(images):
+            rows = np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(images), count, replace=False))
+            images = images[torch.from_numpy(rows)]
+        built = reference_mod.from_images(from_tensor(images, f"{data.source} ({count} training images)"),
+                                          scorer.extractor, batch_size=scorer.options.batch_size,
+                                          show_progress=self.show_progress)
+        reference_mod.save(built, path)
+        scorer.reference = built
+        console.print(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
+                      f"({time.perf_counter() - start:.0f} s)", highlight=False)
+
+    def _restore_best(self) -> None:
+        """The best step and score of checkpoints/best, if it was scored with the settings of this run's
+        evaluations (else a note: the next evaluation starts a new best)."""
+        best = self.run.best_checkpoint
+        if progress_problem(best) is not None:  # none yet (or a damaged one, which the next evaluation replaces)
+            return
+        progress = read_progress(best)
+        scores = progress.get("eval", {})
+        if scores.get("settings") != self.settings():
+            if self.accelerator.is_main_process:
+                console.print(f"[yellow]note:[/] {self.run.best_checkpoint} was scored with other eval settings; "
+                              f"the next evaluation replaces it", highlight=False)
+            return
+        self.best_step, self.best_score = progress["step"], scores[self.key()]
+
+    def settings(self) -> dict:
+        """What decides a score (everything of eval: but how often): scores are compared only within them."""
+        return {k: v for k, v in dataclasses.asdict(self.cfg.eval).items() if k != "every"}
+
+    def key(self) -> str:
+        """eval/fid (Inception), eval/fd_dinov2, eval/fd: the name `difftool evaluate` gives the distance."""
+        name = distance_key(self.scorer.extractor) if self.scorer else "fd"
+        return f"eval/{name}"
+
+    # ------------------------------------------------------------ one evaluation
+
+    def evaluate(self, step: int) -> dict | None:
+        """Sample and score the EMA weights at `step` (every process samples its share); the record on the
+        main process, None elsewhere. checkpoints/best is replaced when the score is the best so far."""
+        start = time.perf_counter()
+        unet = self.writer.eval_unet()
+        try:
+            done = sample_and_score(str(self.run.model_dir), self._model(unet, step), self._request(),
+                                    self.run.eval_dir / SAMPLES_DIR, self.scorer, overwrite=True, resume=False,
+                                    show_progress=self.show_progress, sampling_precision=self.accelerator.autocast)
+        finally:
+            self.writer.restore_weights(unet)
+        record = None if done is None else self._record(step, done[1], time.perf_counter() - start)
+        if self._on_every_process(record is not None and record["eval/best_step"] == step):
+            self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
+        if record is not None:
+            append_jsonl(self.run.metrics, record)
+            console.print(f"eval step {step}: {self.key()[5:].upper()} {record[self.key()]:.4g} "
+                          f"({record['eval/num_samples']} samples, {record['eval/seconds']:.0f} s); best at step "
+                          f"{self.best_step}", highlight=False)
+        return record
+
+    def _record(self, step: int, scores: dict, seconds: float) -> dict:
+        """The metrics.jsonl record of an evaluation (the main process's scores), the best so far updated."""
+        score = scores[distance_key(self.scorer.extractor)]
+        if score < self.best_score:
+            self.best_step, self.best_score = step, score
+        record = {"step": step, self.key(): score}
+        if "kid_mean" in scores:
+            record.update({"eval/kid": scores["kid_mean"], "eval/kid_std": scores["kid_std"]})
+        return {**record, "eval/num_samples": scores["num_images"], "eval/seconds": seconds,
+                "eval/best_step": self.best_step}
+
+    def _on_every_process(self, decision: bool) -> bool:
+        """The main process's `decision`, on every process."""
+        if self.accelerator.num_processes == 1:
+            return decision
+        message = [decision]
+        broadcast_object_list(message)
+        return message[0]
+
+    def _request(self) -> SampleRequest:
+        cfg = self.cfg
+        scheduler, steps = _sampler(cfg)
+        conditional = cfg.model.class_conditional
+        guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
+        return SampleRequest(num_images=cfg.eval.num_samples, scheduler=scheduler, steps=steps, seed=cfg.eval.seed,
+                             batch_size=cfg.train.batch_size, guidance_scale=guidance if conditional else None,
+                             guidance_rescale=cfg.sample.guidance_rescale if conditional and guidance != 1 else None,
+                             format="npz")
+
+    def _model(self, unet, step: int) -> LoadedModel:
+        """The model being trained, in the form every sampler takes."""
+        writer = self.writer
+        weights = "ema" if writer.ema is not None else "raw"
+        return LoadedModel(unet=unet, scheduler_config=dict(writer.stepper.noise_scheduler.config), info=writer.info,
+                           source=f"{self.run.root} at step {step} ({weights} weights)", weights=weights,
+                           model_hash=state_dict_hash(unet.state_dict()), notes=[])
