@@ -164,7 +164,8 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
     overrides = [o.replace("{set}", data.name) for o in overrides]
     own_steps = any(o.startswith("train.max_steps=") for o in overrides)  # e.g. half the batch, twice the steps
     args = ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
-            "--resolution", str(resolution), "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
+            "--resolution", str(resolution), "--output", str(run), "--set", "eval.every=0",  # timed: training alone
+            *[a for o in overrides for a in ("--set", o)]]
     timing = run / "benchmark-train.json"
     if timing.is_file() and json.loads(timing.read_text())["args"] == args:
         return run, json.loads(timing.read_text())["seconds"]

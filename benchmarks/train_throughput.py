@@ -200,8 +200,8 @@ def difftool_worker(args) -> dict:
     cfg = config_mod.apply_changes(cfg, [f"train.max_steps={total}", f"log.every={args.warmup}",
                                          f"checkpoint.every={10 * total}", f"sample.every={10 * total}",
                                          "checkpoint.total_limit=1", "sample.num_images=1", "sample.steps=1",
-                                         *args.set, *DIFFTOOL[args.worker]])
-    # the final preview and checkpoint come after the timed windows
+                                         "eval.every=0", *args.set, *DIFFTOOL[args.worker]])
+    # the final preview and checkpoint come after the timed windows; no evaluation (the quickstart's) at all
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run", show_progress=False)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

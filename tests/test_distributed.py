@@ -62,6 +62,14 @@ def test_two_processes_evaluate_during_training(tmp_path, tiny_recipe, extractor
     assert (run.best_checkpoint / "random_states_1.pkl").is_file(), "each rank saves its part of the best state"
     assert [p.name for p in run.checkpoints()] == ["step-000006"]
 
+    resumed = subprocess.run(difftool_cmd() + ["train", "--resume", str(run.root), "--max-steps", "9", "--num-processes",
+                                               "2", "--main-process-port", str(free_port()), "--quiet"],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "eval/fd" in r]
+    assert after[:2] == evals and [r["step"] for r in after] == [3, 6, 9], "the history goes on, the best is kept"
+    assert after[-1]["eval/best_step"] == min(after, key=lambda r: r["eval/fd"])["step"]
+
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):
     out = tmp_path / "run"

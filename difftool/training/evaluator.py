@@ -139,16 +139,15 @@ class Evaluator:
 
     def _restore_best(self) -> None:
         """The best step and score of checkpoints/best, if it was scored with the settings of this run's
-        evaluations (else a note: the next evaluation starts a new best)."""
+        evaluations (else a note: the next evaluation starts a new best). The main process alone keeps it."""
         best = self.run.best_checkpoint
-        if progress_problem(best) is not None:  # none yet (or a damaged one, which the next evaluation replaces)
+        if not self.accelerator.is_main_process or progress_problem(best) is not None:  # none (or damaged: replaced)
             return
         progress = read_progress(best)
         scores = progress.get("eval", {})
         if scores.get("settings") != self.settings():
-            if self.accelerator.is_main_process:
-                console.print(f"[yellow]note:[/] {self.run.best_checkpoint} was scored with other eval settings; "
-                              f"the next evaluation replaces it", highlight=False)
+            console.print(f"[yellow]note:[/] {best} was scored with other eval settings; the next evaluation "
+                          f"replaces it", highlight=False)
             return
         self.best_step, self.best_score = progress["step"], scores[self.key()]
 
