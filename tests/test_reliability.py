@@ -220,9 +220,11 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
         mid_write += bool(leftovers(run))
         for checkpoint in RunDir(run).checkpoints():
             check_loads(checkpoint)
-    # The last run is completed without interruption.
-    proc = launch(recipe, chains[-1], tmp_path / "log-last.txt")
-    assert proc.wait(timeout=300) == 0, (tmp_path / "log-last.txt").read_text()[-2000:]
+    # The last run is completed without interruption (unless the last kill came once it had exported its
+    # model, while it was recording the end of its session: then it is finished, and a resume is refused).
+    if not (chains[-1] / "model" / "difftool.json").is_file():
+        proc = launch(recipe, chains[-1], tmp_path / "log-last.txt")
+        assert proc.wait(timeout=300) == 0, (tmp_path / "log-last.txt").read_text()[-2000:]
 
     assert mid_write >= 5, f"only {mid_write} of 20 kills landed while a checkpoint was being written"
     for run in chains:
