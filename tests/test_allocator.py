@@ -30,4 +30,6 @@ def step_faults(cycles: int = 5) -> int:
 def test_freed_activations_are_reused_without_page_faults():
     fresh_pages = 8 * BLOCK // resource.getpagesize()
     assert keep_freed_memory()
-    assert step_faults() < fresh_pages / 20
+    # The least of three measurements: the kernel's own reclaim (DAMON, khugepaged) can fault a page of a
+    # warm heap back in now and then; without the tuning every cycle faults in all `fresh_pages`.
+    assert min(step_faults() for _ in range(3)) < fresh_pages / 20
