@@ -79,3 +79,14 @@ def recipe_for_dataset(dataset: str | None, *, gpu: bool = True) -> tuple[str, s
     if gpu:
         return "folder64", "a GPU is present: 64 px"
     return "folder32", "no GPU here: 32 px and a small UNet, 20-40 minutes on 2 cores (--recipe folder64 for 64 px)"
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys (`train.lr`), tuples as lists: two configs compared key by key."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = list(v) if isinstance(v, tuple) else v
+    return out

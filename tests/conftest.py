@@ -189,3 +189,16 @@ def fake_inception(tmp_path: Path) -> Path:
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(_FakeInception()), str(path))
     return path
+
+
+@pytest.fixture
+def hub_inception(tmp_path, monkeypatch, fake_inception) -> Path:
+    """The stand-in Inception file where `load_extractor("inception")` looks (torch's hub cache); no download."""
+    from difftool.evaluation.features import INCEPTION_FILE
+
+    cached = tmp_path / "hub" / "checkpoints" / INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    shutil.copy(fake_inception, cached)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    return cached

@@ -145,12 +145,7 @@ def test_missing_inception_weights_say_which_file_to_place_where(tmp_path, monke
     assert "--inception-weights" in message and "\n" not in message
 
 
-def test_inception_weights_found_in_the_hub_cache(tmp_path, monkeypatch, fake_inception):
-    cached = tmp_path / "hub" / "checkpoints" / features_mod.INCEPTION_FILE
-    cached.parent.mkdir(parents=True)
-    shutil.copy(fake_inception, cached)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
+def test_inception_weights_found_in_the_hub_cache(hub_inception, fake_inception):
     assert load_extractor("inception", device="cpu").name == load_extractor(
         "inception", inception_weights=fake_inception, device="cpu").name
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 
 from difftool.config import EvalConfig
 from difftool.errors import UserError
-from difftool.evaluation import features as features_mod
 from difftool.models.load import load_model
 from difftool.rundir import RunDir
 from difftool.training import evaluator as evaluator_mod
@@ -37,16 +35,6 @@ def records(run) -> tuple[list[dict], list[dict]]:
 
 def best_progress(run) -> dict:
     return json.loads((RunDir(run).best_checkpoint / "progress.json").read_text())
-
-
-@pytest.fixture
-def hub_inception(tmp_path, monkeypatch, fake_inception):
-    """A stand-in FID Inception file where `load_extractor("inception")` looks (torch's hub cache); no download."""
-    cached = tmp_path / "hub" / "checkpoints" / features_mod.INCEPTION_FILE
-    cached.parent.mkdir(parents=True)
-    shutil.copy(fake_inception, cached)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import yaml
 
 from difftool.config import config_from_dict, to_dict
 from difftool.errors import UserError
-from difftool.recipebook import parse_yaml, recipe_dir, recipe_names
+from difftool.recipebook import flatten, parse_yaml, recipe_dir, recipe_names
 from difftool.rundir import PROGRESS_FILE, RunDir, describe_versions
 from difftool.runlock import holder
 from difftool.sessions import FAILED, FINISHED, STOPPED, Session, read_sessions
@@ -103,20 +103,11 @@ def _overrides(config: dict, recipe: str) -> list[Override] | None:
                                              "recipe": recipe}))
     except (UserError, OSError, yaml.YAMLError):
         return None
-    ours, theirs = _flatten(config), _flatten(built_in)
+    ours, theirs = flatten(config), flatten(built_in)
     skip = {"recipe", "difftool_version"}
     return [Override(k, theirs.get(k), ours.get(k)) for k in sorted(ours.keys() | theirs.keys())
             if k not in skip and ours.get(k) != theirs.get(k) and k in ours]
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + str(k)] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _versions(run: RunDir, config: dict, sessions: list[Session]) -> list[str]:

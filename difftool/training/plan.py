@@ -13,6 +13,7 @@ import torch
 
 from difftool import config as config_mod
 from difftool.config import Config
+from difftool.recipebook import flatten
 from difftool.errors import UserError
 from difftool.rundir import RunDir, file_in_the_way, new_run_folder, resolve_resume, resumable
 
@@ -90,16 +91,7 @@ def check_folder_path(root: Path) -> None:
 
 def config_diff(saved: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ, ignoring the ones a resumed run may change."""
-    a, b = _flatten(config_mod.to_dict(saved)), _flatten(config_mod.to_dict(new))
+    a, b = flatten(config_mod.to_dict(saved)), flatten(config_mod.to_dict(new))
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
             and k != "difftool_version" and not k.startswith(RESUMABLE_CHANGES)]
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
