@@ -208,7 +208,8 @@ def figure(path: Path, real: torch.Tensor, rows: list[tuple[str, torch.Tensor]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--sets", default="dark-shapes,light-shapes,digits",
+                        help=f"comma-separated, of {', '.join(SETS)} (shapes: the built-in set, as a no-regression check)")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--num-images", type=int, default=8000, help="images per shapes set (digits has 1,797)")
     parser.add_argument("--steps", type=int, default=600,

@@ -210,7 +210,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     make_folder(path.parent, output=path)
     tmp = temporary_dir(path)
-    old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+    old = _set_aside(path)
+    restore_set_aside(path)
     shutil.rmtree(tmp, ignore_errors=True)
     with creating(path):
         tmp.mkdir()
@@ -224,6 +225,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_aside(path: Path) -> Path:
+    """Where `atomic_dir` moves the complete old copy of `path` while the new one takes its place."""
+    return path.with_name(f"{TMP_PREFIX}old-{path.name}")
+
+
+def restore_set_aside(path: Path) -> None:
+    """Put back the old copy of `path` that a replacement killed between its two renames left aside.
+
+    The set-aside copy is complete (it was `path`); the new one beside it may not be. Where `path`
+    exists, the set-aside copy is a leftover of the final deletion and is left to the cleaners.
+    """
+    old = _set_aside(path)
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
 
 
 def temporary_dir(path: Path) -> Path:
@@ -357,6 +374,8 @@ class RunDir:
         """Remove what an interrupted write left behind (never a complete file or folder)."""
         for folder in (self.root, self.checkpoints_dir, self.samples_dir):
             if folder.is_dir():
+                for old in folder.glob(f"{TMP_PREFIX}old-*"):
+                    restore_set_aside(folder / old.name.removeprefix(f"{TMP_PREFIX}old-"))
                 for p in folder.glob(f"{TMP_PREFIX}*"):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 

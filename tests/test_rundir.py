@@ -131,6 +131,23 @@ def test_atomic_dir_survives_leftovers_of_an_interrupted_write(tmp_path):
     assert temporaries(tmp_path) == []
 
 
+def _killed_between_the_renames(target: Path) -> None:
+    """The state a kill between atomic_dir's two renames leaves: the old copy set aside, the new one
+    beside it, nothing under the name."""
+    for name, text in ((f"{TMP_PREFIX}old-{target.name}", "old, complete"), (f"{TMP_PREFIX}{target.name}", "new")):
+        (target.parent / name).mkdir(parents=True)
+        (target.parent / name / "weights").write_text(text)
+
+
+def test_atomic_dir_puts_back_the_copy_a_kill_between_its_renames_set_aside(tmp_path):
+    target = tmp_path / "best"
+    _killed_between_the_renames(target)
+    with pytest.raises(Boom), atomic_dir(target):
+        raise Boom  # the next replacement fails too: the old copy must still be there
+    assert (target / "weights").read_text() == "old, complete"
+    assert temporaries(tmp_path) == []
+
+
 # ---------------------------------------------------------------- RunDir
 
 
@@ -202,6 +219,16 @@ def test_clean_temporaries_removes_only_leftovers(tmp_path):
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in keep)
     assert run.checkpoints() == [run.checkpoint(10)]
+
+
+def test_clean_temporaries_puts_back_a_folder_set_aside_by_an_interrupted_replacement(tmp_path):
+    # Regression: a kill between the renames that replace checkpoints/best left it only as
+    # `.tmp-old-best`, and the next start's cleanup deleted it with the partial new one.
+    run = make_run(tmp_path / "run", 10)
+    _killed_between_the_renames(run.checkpoints_dir / "best")
+    run.clean_temporaries()
+    assert (run.checkpoints_dir / "best" / "weights").read_text() == "old, complete"
+    assert temporaries(run.checkpoints_dir) == []
 
 
 def test_clean_temporaries_on_a_fresh_folder_is_harmless(tmp_path):
