@@ -21,14 +21,7 @@ import yaml
 from difftool import __version__
 from difftool.errors import UserError, did_you_mean, first_line
 # The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
-from difftool.recipebook import (  # noqa: F401
-    parse_yaml,
-    recipe_dir,
-    recipe_for_dataset,
-    recipe_names,
-    recipe_summary,
-    recipe_text,
-)
+from difftool.recipebook import parse_yaml, recipe_dir, recipe_for_dataset, recipe_names, recipe_summary, recipe_text  # noqa: F401,E501
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -50,7 +43,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_num_groups: int = 32
     resnet_time_scale_shift: str = "default"
-    class_conditional: bool = False
+    class_conditional: bool | str = False  # or "auto": when the data has classes (class subfolders, a label column)
     class_dropout: float = 0.1
 
 
@@ -443,6 +436,8 @@ def validate(cfg: Config) -> list[str]:
     e += [f"{path} must be a finite number, got {value}" for path, value in _numbers(cfg) if not math.isfinite(value)]
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if isinstance(m.class_conditional, str) and m.class_conditional != "auto":
+        e.append(f"model.class_conditional must be true, false or auto, got {m.class_conditional!r}")
     if not 0 <= m.class_dropout < 1:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
     if cfg.sample.guidance_scale < 1:
@@ -456,10 +451,11 @@ def validate(cfg: Config) -> list[str]:
         if not 0 < t.epsilon_weighting <= 1:
             e.append(f"train.epsilon_weighting must be in (0, 1] (the least weight of a step), got {t.epsilon_weighting}")
         if s.prediction_type != "v_prediction":
-            e.append("train.epsilon_weighting weights a v-prediction loss; set scheduler.prediction_type=v_prediction "
-                     "or leave it unset")
+            e.append(f"train.epsilon_weighting weights a v-prediction loss; with scheduler.prediction_type="
+                     f"{s.prediction_type} drop it (--set train.epsilon_weighting=null)")
         if t.min_snr_gamma:
-            e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them")
+            e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them "
+                     "(--set train.epsilon_weighting=null for min-SNR)")
     if s.rescale_betas_zero_snr and s.prediction_type == "epsilon":
         e.append("scheduler.rescale_betas_zero_snr needs scheduler.prediction_type=v_prediction (or sample): at "
                  "zero terminal SNR the last timestep holds no signal to recover from a noise prediction")

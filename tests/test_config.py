@@ -104,7 +104,9 @@ def test_recipe_summary_skips_the_launch_command():
         ("checkpoint.total_limit=null", "checkpoint.total_limit", None),
         ("data.image_column=", "data.image_column", None),
         ("data.image_column=img", "data.image_column", "img"),
-        ("train.min_snr_gamma=5", "train.min_snr_gamma", 5.0),
+        ("train.epsilon_weighting=1", "train.epsilon_weighting", 1.0),
+        ("model.class_conditional=auto", "model.class_conditional", "auto"),
+        ("model.class_conditional=false", "model.class_conditional", False),
         ("train.mixed_precision=no", "train.mixed_precision", "no"),
         ("log.trackers=[tensorboard]", "log.trackers", ["tensorboard"]),
         ("data.dataset=./my photos", "data.dataset", "./my photos"),
@@ -277,7 +279,7 @@ def test_a_folder_without_a_gpu_gets_the_32_px_recipe_and_is_told_why(tmp_path):
     name, why = config_mod.recipe_for_dataset(str(tmp_path / "imgs"), gpu=False)
     assert name == "folder32" and "no GPU" in why and "--recipe folder64" in why
     cfg = config_mod.load_config(name)
-    assert cfg.data.resolution == 32 and not cfg.model.class_conditional
+    assert cfg.data.resolution == 32 and cfg.model.class_conditional == "auto"  # as the folder has class subfolders or not
 
 
 @pytest.mark.parametrize("recipe", ["quickstart", "mnist", "folder32", "folder64"])
@@ -305,6 +307,18 @@ def test_epsilon_weighting_is_a_floor_for_a_v_loss_alone():
     ]:
         with pytest.raises(UserError, match=message):
             config_mod.load_config("quickstart", overrides)
+
+
+def test_class_conditional_is_true_false_or_auto():
+    for value in ("maybe", "5", "Auto"):
+        with pytest.raises(UserError, match=f"model.class_conditional must be true, false or auto, got '{value}'"):
+            config_mod.load_config("folder32", [f"model.class_conditional={value}"])
+
+
+def test_epsilon_weighting_beside_another_loss_says_how_to_drop_it():
+    for overrides in (["scheduler.prediction_type=sample"], ["train.min_snr_gamma=5"]):
+        with pytest.raises(UserError, match="--set train.epsilon_weighting=null"):
+            config_mod.load_config("quickstart", ["train.epsilon_weighting=0.3", *overrides])
 
 
 def test_guidance_rescale_is_a_fraction():

@@ -229,3 +229,11 @@ def test_refusals(tiny_run, tmp_path, scratch_cwd):
     assert invoke("report", run.root, "-o", notes).exit_code == 0, "a report is replaced"
     assert_user_error(invoke("report", run.root, "-o", run.config, "--overwrite"), "never writes over")
     assert_user_error(invoke("report", run.root, "-o", tmp_path), "is a folder")
+
+
+def test_what_auto_became_is_not_an_override():
+    from difftool.config import load_config, to_dict
+    from difftool.reporting.facts import _overrides
+
+    config = to_dict(load_config("folder32", ["model.class_conditional=true", "train.lr=0.002"]))
+    assert [o.key for o in _overrides(config, "folder32")] == ["train.lr"]

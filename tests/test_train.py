@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from difftool.errors import UserError
 from difftool.training.plan import plan_training
 from difftool.rundir import RunDir
 from difftool.training.loop import train
+from difftool import config as config_mod
 from tests.conftest import tiny_config
 
 
@@ -172,6 +174,29 @@ def test_epsilon_weighting_is_the_epsilon_loss_where_the_signal_is_strong():
 def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
     result = train(tiny_config("model.class_conditional=false", "train.max_steps=2"), tmp_path / "u", show_progress=False)
     assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds is None
+
+
+def _folder(root: Path, classes: list[str]) -> Path:
+    """8 tiny PNGs, in one subfolder per class (a flat folder where `classes` is empty)."""
+    from PIL import Image
+
+    for i in range(8):
+        sub = root / classes[i % len(classes)] if classes else root
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(sub / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("classes, conditional", [(["cat", "dog"], True), ([], False), (["only"], False)])
+def test_auto_class_conditioning_follows_the_folder(tmp_path, capsys, classes, conditional):
+    folder = _folder(tmp_path / "data", classes)
+    result = train(tiny_config(f"data.dataset={folder}", "model.class_conditional=auto", "train.max_steps=1"),
+                   tmp_path / "run", show_progress=False)
+    embeds = UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds
+    assert embeds == (3 if conditional else None)  # two classes and the null class of guidance
+    saved = config_mod.read_config(result.run / "config.yaml")
+    assert saved.model.class_conditional is conditional  # the run records what "auto" became
+    assert ("conditioned on 2 classes" in capsys.readouterr().err) is conditional
 
 
 def poison_steps(monkeypatch, *steps: int) -> None:

@@ -105,8 +105,9 @@ def _overrides(config: dict, recipe: str) -> list[Override] | None:
         return None
     ours, theirs = flatten(config), flatten(built_in)
     skip = {"recipe", "difftool_version"}
+    decided = {k for k, v in theirs.items() if v == "auto" and isinstance(ours.get(k), bool)}  # what "auto" became
     return [Override(k, theirs.get(k), ours.get(k)) for k in sorted(ours.keys() | theirs.keys())
-            if k not in skip and ours.get(k) != theirs.get(k) and k in ours]
+            if k not in skip | decided and ours.get(k) != theirs.get(k) and k in ours]
 
 
 

@@ -104,6 +104,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
     start_weights = load_model(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     data = load_data(accelerator, cfg)
+    if cfg.model.class_conditional == "auto":  # decided here, so the run's config.yaml records true or false
+        cfg.model.class_conditional = data.labels is not None and len(data.label_names) > 1
     labels_used = cfg.model.class_conditional
     if labels_used and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
@@ -292,7 +294,8 @@ class _Trainer:
         console.print(
             f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}"
             f"{start}: "
-            f"{params / 1e6:.2f}M-parameter UNet at "
+            f"{params / 1e6:.2f}M-parameter UNet"
+            f"{f' conditioned on {len(self.data.label_names)} classes' if cfg.model.class_conditional else ''} at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")
