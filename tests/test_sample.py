@@ -295,3 +295,13 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tiny_run):
         result = invoke(tiny_run, "-n", "2", "--compile", "-o", "out")
     assert_user_error(result, "--compile needs a working C++ compiler", "set CXX")
     assert not Path("out").exists()
+
+
+def test_a_grid_of_two_classes_is_near_square_with_one_class_per_column():
+    from difftool.sampling.job import grid_of
+
+    tiles = torch.stack([torch.full((3, 8, 8), 255 * (i % 2), dtype=torch.uint8) for i in range(64)])
+    grid = grid_of(tiles, 2)
+    assert grid.shape[1:] == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 tiles of 64 px (8 px enlarged), 2 px apart
+    centres = grid[0, 2 + 32 :: 66, 2 + 32 :: 66]
+    assert centres.shape == (8, 8) and (centres == torch.tensor([0, 255] * 4, dtype=torch.uint8)).all()

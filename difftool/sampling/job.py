@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import shutil
 import time
@@ -349,8 +350,13 @@ def sample_batch(unet, scheduler_config: dict, indices: list[int], shape: tuple[
     return to_uint8(x)
 
 
-def grid_of(tiles: torch.Tensor, ncol: int | None = None) -> torch.Tensor:
-    """A grid of uint8 N×C×H×W tiles, enlarged (nearest-neighbour) to at least 64 px: smaller is too small to judge."""
+def grid_of(tiles: torch.Tensor, classes: int | None = None) -> torch.Tensor:
+    """A grid of uint8 N×C×H×W tiles, enlarged (nearest-neighbour) to at least 64 px: smaller is too small to judge.
+
+    Tiles that cycle through `classes` classes get a multiple of that many columns, so each column holds one
+    class, as near a square as that allows (2 classes: not 2 columns of 32 rows).
+    """
+    ncol = classes * max(1, round(math.sqrt(len(tiles)) / classes)) if classes else None
     return make_grid(enlarge(tiles, max(1, 64 // tiles.shape[-1])), ncol=ncol)
 
 
@@ -399,8 +405,7 @@ def _write_grid(output: Path, fmt: str, plan: _Plan, num_images: int) -> Path:
         with np.load(output / NPZ_FILE) as npz:
             tiles = torch.from_numpy(npz["arr_0"][:n])
     tiles = tiles.permute(0, 3, 1, 2)
-    ncol = len(plan.class_ids) if plan.class_ids and 1 < len(plan.class_ids) <= 16 else None
-    grid = grid_of(tiles, ncol)
+    grid = grid_of(tiles, len(plan.class_ids) if plan.class_ids and 1 < len(plan.class_ids) <= 16 else None)
     path = output / GRID_FILE
     save_png(grid, path, {k: str(v) for k, v in plan.settings.items()})
     return path

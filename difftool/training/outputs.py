@@ -97,7 +97,7 @@ class RunWriter:
                                           (self.stepper.data.channels, res, res), self.device, scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed,
                                           labels=labels, null_class=self.info["null_class"], guidance_scale=guidance,
                                           guidance_rescale=rescale)
-                grid = grid_of(images, ncol=num_classes or None)
+                grid = grid_of(images, num_classes or None)
                 settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
                             "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
                 save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
