@@ -447,15 +447,7 @@ def validate(cfg: Config) -> list[str]:
     e += _eval_problems(cfg.eval)
     if not 0 < cfg.ema.max_decay < 1:
         e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
-    if t.epsilon_weighting is not None:
-        if not 0 < t.epsilon_weighting <= 1:
-            e.append(f"train.epsilon_weighting must be in (0, 1] (the least weight of a step), got {t.epsilon_weighting}")
-        if s.prediction_type != "v_prediction":
-            e.append(f"train.epsilon_weighting weights a v-prediction loss; with scheduler.prediction_type="
-                     f"{s.prediction_type} drop it (--set train.epsilon_weighting=null)")
-        if t.min_snr_gamma:
-            e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them "
-                     "(--set train.epsilon_weighting=null for min-SNR)")
+    e += _weighting_problems(t, s.prediction_type)
     if s.rescale_betas_zero_snr and s.prediction_type == "epsilon":
         e.append("scheduler.rescale_betas_zero_snr needs scheduler.prediction_type=v_prediction (or sample): at "
                  "zero terminal SNR the last timestep holds no signal to recover from a noise prediction")
@@ -471,14 +463,27 @@ def validate(cfg: Config) -> list[str]:
             break
     factor = 2 ** (len(m.block_out_channels) - 1)
     if d.resolution % factor:
-        e.append(
-            f"data.resolution {d.resolution} must be divisible by {factor} for a UNet with "
-            f"{len(m.block_out_channels)} levels; use e.g. {max(factor, round(d.resolution / factor) * factor)}"
-        )
+        e.append(f"data.resolution {d.resolution} must be divisible by {factor} for a UNet with "
+                 f"{len(m.block_out_channels)} levels; use e.g. {max(factor, round(d.resolution / factor) * factor)}")
     sizes = [d.resolution // 2**i for i in range(len(m.block_out_channels))]
     unused = [r for r in m.attention_resolutions if r not in sizes]
     if unused and not d.resolution % factor:
         e.append(f"model.attention_resolutions {unused} match no level of this UNet (its feature sizes are {sizes})")
+    return e
+
+
+def _weighting_problems(t: TrainConfig, prediction_type: str) -> list[str]:
+    if t.epsilon_weighting is None:
+        return []
+    e = []
+    if not 0 < t.epsilon_weighting <= 1:
+        e.append(f"train.epsilon_weighting must be in (0, 1] (the least weight of a step), got {t.epsilon_weighting}")
+    if prediction_type != "v_prediction":
+        e.append(f"train.epsilon_weighting weights a v-prediction loss; with scheduler.prediction_type="
+                 f"{prediction_type} drop it (--set train.epsilon_weighting=null)")
+    if t.min_snr_gamma:
+        e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them "
+                 "(--set train.epsilon_weighting=null for min-SNR)")
     return e
 
 
