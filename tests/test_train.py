@@ -309,12 +309,7 @@ def test_epochs_set_the_number_of_steps(tmp_path):
 
 
 def test_class_conditional_needs_labels(tmp_path):
-    folder = tmp_path / "flat"
-    folder.mkdir()
-    from PIL import Image
-
-    for i in range(8):
-        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    folder = _folder(tmp_path / "flat", [])
     with pytest.raises(UserError, match="has no labels"):
         train(tiny_config(f"data.dataset={folder}"), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists(), "nothing is written before the inputs are known to be good"
