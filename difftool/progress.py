@@ -18,6 +18,17 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+class _Bar(Progress):
+    """rich's Progress, less the empty line its stop prints when stderr is not a terminal.
+
+    In a log file that line came once per bar: one per evaluation of a training run.
+    """
+
+    def stop(self) -> None:
+        if not self.disable:
+            self.live.stop()
+
+
 def show_notes(notes) -> None:
     """Things assumed or chosen for the user, one line each (escaped: paths may hold [brackets])."""
     for note in notes:
@@ -29,7 +40,7 @@ class TrainingProgress:
 
     def __init__(self, total: int, done: int, enabled: bool = True):
         self.enabled = enabled
-        self.progress = Progress(
+        self.progress = _Bar(
             TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -64,7 +75,7 @@ class SamplingProgress:
     """Images done / total with img/s and ETA, advanced in fractions of a batch per model step."""
 
     def __init__(self, total: int, enabled: bool = True, label: str = "sample"):
-        self.progress = Progress(
+        self.progress = _Bar(
             TextColumn(f"[bold blue]{label}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} images"),
             TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=console, disable=not enabled,
