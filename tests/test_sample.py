@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
@@ -68,7 +69,9 @@ def test_defaults_come_from_the_training_recipe(tiny_run):
     assert result.exit_code == 0, result.output
     out = Path("samples") / f"{tiny_run.name}-ddim-3"
     meta = Image.open(out / "000000.png").text
-    assert (meta["scheduler"], meta["steps"], meta["guidance_scale"]) == ("ddim", "3", "3.0")
+    recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())["sample"]
+    assert recipe["guidance_scale"] != 1.0, "the check needs a guidance scale other than sample's own default"
+    assert (meta["scheduler"], meta["steps"], meta["guidance_scale"]) == ("ddim", "3", str(recipe["guidance_scale"]))
 
 
 def test_image_depends_only_on_seed_and_index(tiny_run):
