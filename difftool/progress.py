@@ -19,14 +19,24 @@ console = Console(stderr=True)
 
 
 class _Bar(Progress):
-    """rich's Progress, less the empty line its stop prints when stderr is not a terminal.
+    """rich's Progress, less the empty line a bar inside another prints on stop when stderr is not a
+    terminal (in a training log, one per evaluation). The outermost bar still ends its line."""
 
-    In a log file that line came once per bar: one per evaluation of a training run.
-    """
+    _open = 0  # bars started and not yet stopped
+
+    def start(self) -> None:
+        super().start()
+        if not self.disable:
+            _Bar._open += 1
 
     def stop(self) -> None:
-        if not self.disable:
+        if self.disable:
+            return
+        _Bar._open -= 1
+        if _Bar._open:
             self.live.stop()
+        else:
+            super().stop()
 
 
 def show_notes(notes) -> None:

@@ -17,6 +17,7 @@ def test_bars_in_a_log_leave_no_empty_lines(monkeypatch):
             if step % 2:
                 with progress.SamplingProgress(3, label="sample") as bar:
                     bar.advance(3)
+    progress.console.print("done")
     lines = log.getvalue().splitlines()
-    assert [line.split()[0] for line in lines] == ["sample", "sample", "train"], lines
+    assert [line.split()[0] for line in lines] == ["sample", "sample", "train", "done"], lines
     assert "3/3 images" in lines[0] and "4/4" in lines[2]
