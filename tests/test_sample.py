@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from difftool.config import read_config
 from difftool.errors import UserError
 from difftool.models.load import load_model
 from difftool.sampling.job import SampleRequest, generate
@@ -69,9 +69,9 @@ def test_defaults_come_from_the_training_recipe(tiny_run):
     assert result.exit_code == 0, result.output
     out = Path("samples") / f"{tiny_run.name}-ddim-3"
     meta = Image.open(out / "000000.png").text
-    recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())["sample"]
-    assert recipe["guidance_scale"] != 1.0, "the check needs a guidance scale other than sample's own default"
-    assert (meta["scheduler"], meta["steps"], meta["guidance_scale"]) == ("ddim", "3", str(recipe["guidance_scale"]))
+    guidance = read_config(tiny_run / "config.yaml").sample.guidance_scale
+    assert guidance != 1.0, "the check needs a guidance scale other than sample's own default"
+    assert (meta["scheduler"], meta["steps"], meta["guidance_scale"]) == ("ddim", "3", str(guidance))
 
 
 def test_image_depends_only_on_seed_and_index(tiny_run):
