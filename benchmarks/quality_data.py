@@ -38,8 +38,12 @@ def missing_module(names: list[str]) -> str | None:
 
 
 def write_set(name: str, root: Path, *, resolution: int, num_images: int) -> Path:
-    """Write set `name` under root/name-RES/<class>/NNNNN.png once; returns that folder."""
-    folder = root / f"{name}-{resolution}"
+    """Write set `name` under root/NAME-RES[-COUNT]/<class>/NNNNN.png once; returns that folder.
+
+    The count is in the name (digits has its own 1,797): a folder, and the runs the benchmark trains
+    on it, are reused only for the same images.
+    """
+    folder = root / (f"{name}-{resolution}" if name == "digits" else f"{name}-{resolution}-{num_images}")
     done = folder / ".complete"
     if done.exists():
         return folder
