@@ -13,7 +13,12 @@ from quality_data import make_set, write_set  # noqa: E402
 
 
 def read_folder(folder: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*/*.png"), key=lambda p: p.name)]
+    """The folder's images in the order they were written (file names number them across classes)."""
+    images = []
+    for path in sorted(folder.glob("*/*.png"), key=lambda p: p.name):
+        with Image.open(path) as image:
+            images.append(np.asarray(image))
+    return images
 
 
 def test_a_folder_written_for_one_count_is_not_reused_for_another(tmp_path):
