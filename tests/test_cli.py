@@ -56,6 +56,15 @@ def test_help_lists_the_commands():
     assert "Examples" not in train_line
 
 
+def test_help_version_and_usage_errors_do_not_import_the_model_stack():
+    """torch and diffusers take seconds to import; --help, --version and a mistyped option must not wait for them."""
+    code = ("import sys; from difftool.cli.app import app; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_train_help_ends_with_examples():
     result = invoke("train", "--help")
     assert result.exit_code == 0

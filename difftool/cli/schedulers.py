@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from difftool.cli.errors import user_errors
-from difftool.sampling.schedulers import SCHEDULERS, describe
 
 stdout = Console()
 
@@ -30,6 +29,8 @@ def schedulers(
     Examples:  difftool schedulers
                difftool schedulers --json
     """
+    from difftool.sampling.schedulers import SCHEDULERS, describe  # diffusers: seconds to import, so not for --help
+
     rows = [describe(spec) for spec in SCHEDULERS]
     if json_output:
         typer.echo(json.dumps(rows, indent=2))
