@@ -587,7 +587,7 @@ def test_cli_evaluate_compile_samples_as_eager_does(tiny_run, tmp_path, extracto
 
     torch._dynamo.reset()
     counters.clear()
-    base = ["evaluate", str(tiny_run), "-r", "shapes", "-n", "4", "--batch-size", "4", "--steps", "2",
+    base = ["evaluate", str(tiny_run), "-r", "shapes", "-n", "4", "--batch-size", "2", "--steps", "2",
             "--features", str(extractor_file), "--kid-subset-size", "2", "-q"]
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         result = runner.invoke(app, [*base, *extra, "-o", str(tmp_path / name)])

@@ -188,9 +188,15 @@ def wait_for_checkpoint_writes(run: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.002)
 
 
+KILLS = 12
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
-    """20 SIGKILLs at random moments of a run that checkpoints (and rotates) every step."""
+    """12 SIGKILLs at random moments of a run that checkpoints (and rotates) every step.
+
+    Each kill costs a start-up (about 10 s on 2 cores, importing the model stack); about half land
+    while a checkpoint is being written, so 12 give at least 3 of those with near certainty."""
     recipe = write_recipe(tmp_path / "tiny.yaml", "train.max_steps=30", "checkpoint.every=1",
                           "checkpoint.total_limit=2", "sample.every=10", "log.every=1")
     reference = tmp_path / "reference"
@@ -198,7 +204,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
                    check=True, capture_output=True, timeout=300)
     rng = random.Random(20261130)
     chains, kills, mid_write = [tmp_path / "chain-0"], 0, 0
-    while kills < 20:
+    while kills < KILLS:
         run = chains[-1]
         if (run / "model" / "difftool.json").is_file():  # finished, though killed before the process ended
             chains.append(tmp_path / f"chain-{len(chains)}")
@@ -226,7 +232,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
         proc = launch(recipe, chains[-1], tmp_path / "log-last.txt")
         assert proc.wait(timeout=300) == 0, (tmp_path / "log-last.txt").read_text()[-2000:]
 
-    assert mid_write >= 5, f"only {mid_write} of 20 kills landed while a checkpoint was being written"
+    assert mid_write >= 3, f"only {mid_write} of {KILLS} kills landed while a checkpoint was being written"
     for run in chains:
         assert_same_weights(model_weights(run), model_weights(reference))
         assert logged(run) == logged(reference)
