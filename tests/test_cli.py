@@ -278,6 +278,22 @@ def test_num_processes_hands_over_to_accelerate_launch(tmp_path, monkeypatch):
     assert not out.exists()  # the launched processes write the run, not this one
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_ctrl_c_the_launcher_did_not_expect_shows_where_under_debug(monkeypatch, capsys, debug):
+    """Exit 130 either way; the traceback only with --debug, so a stray interrupt can be traced."""
+    import accelerate.commands.launch as accelerate_launch
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", interrupted)
+    monkeypatch.setenv("DIFFTOOL_DEBUG", "1" if debug else "0")
+    with pytest.raises(KeyboardInterrupt):
+        launch_mod.launch("difftool.train", [], num_processes=2)
+    err = capsys.readouterr().err
+    assert ("Traceback" in err and "in interrupted" in err) if debug else err == ""
+
+
 def test_workers_get_the_typed_arguments_and_the_plans_choices(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("difftool.cli.train.launch", lambda module, args, **kw: calls.append(args) or 0)

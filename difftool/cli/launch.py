@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import traceback
 from pathlib import Path
 
 import click
@@ -76,6 +77,12 @@ def launch(module: str, args: list[str], *, num_processes: int, main_process_por
         launch_arguments(module, args, num_processes=num_processes, main_process_port=main_process_port))
     try:
         launch_command(parsed)
+    except KeyboardInterrupt:
+        # While the workers run, torch's agent turns SIGINT into SignalException (below); a KeyboardInterrupt
+        # means Python's own handler was in place when the signal landed. --debug shows where (exit 130 either way).
+        if debug_enabled():
+            traceback.print_exc()
+        raise
     except ChildFailedError as err:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
         return 2 if codes == [2] else 1
