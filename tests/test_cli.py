@@ -278,20 +278,42 @@ def test_num_processes_hands_over_to_accelerate_launch(tmp_path, monkeypatch):
     assert not out.exists()  # the launched processes write the run, not this one
 
 
-@pytest.mark.parametrize("debug", [False, True])
-def test_a_ctrl_c_the_launcher_did_not_expect_shows_where_under_debug(monkeypatch, capsys, debug):
-    """Exit 130 either way; the traceback only with --debug, so a stray interrupt can be traced."""
+def _launcher_that_ends_with(error: BaseException, *, accelerate_1_16: bool):
+    """`launch_command` whose run ends in `error`, as accelerate before 1.16 lets it out or as 1.16 exits on it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def launch_command(args):
+        if not accelerate_1_16:
+            raise error
+        try:
+            raise error
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except SignalException as signalled:
+            sys.exit(128 + signalled.sigval)
+
+    return launch_command
+
+
+@pytest.mark.parametrize("accelerate_1_16", [False, True])
+def test_a_signal_the_agent_passed_on_exits_as_one_process_would(monkeypatch, accelerate_1_16):
+    """`train`'s workers saved a checkpoint and stopped: 0, as one process exits on Ctrl-C (`sample` 130).
+    A Ctrl-C before the agent ran (a plain KeyboardInterrupt) stays 130."""
+    import signal
+
     import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    def interrupted(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(accelerate_launch, "launch_command", interrupted)
-    monkeypatch.setenv("DIFFTOOL_DEBUG", "1" if debug else "0")
-    with pytest.raises(KeyboardInterrupt):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        stopped = _launcher_that_ends_with(SignalException("stop", sigval=sig), accelerate_1_16=accelerate_1_16)
+        monkeypatch.setattr(accelerate_launch, "launch_command", stopped)
+        assert launch_mod.launch("difftool.train", [], num_processes=2) == 0
+        assert launch_mod.launch("difftool.sample", [], num_processes=2, stopped_code=130) == 130
+    early = _launcher_that_ends_with(KeyboardInterrupt(), accelerate_1_16=accelerate_1_16)
+    monkeypatch.setattr(accelerate_launch, "launch_command", early)
+    with pytest.raises(SystemExit if accelerate_1_16 else KeyboardInterrupt) as raised:
         launch_mod.launch("difftool.train", [], num_processes=2)
-    err = capsys.readouterr().err
-    assert ("Traceback" in err and "in interrupted" in err) if debug else err == ""
+    assert not accelerate_1_16 or raised.value.code == 130
 
 
 def test_workers_get_the_typed_arguments_and_the_plans_choices(tmp_path, monkeypatch):

@@ -111,21 +111,21 @@ def test_ddp_data_error_ends_every_process(tmp_path, tiny_recipe):
 
 def test_ctrl_c_under_ddp_saves_one_checkpoint_and_exits_0(tmp_path, tiny_recipe):
     """Ctrl-C in a terminal signals the launcher's process group; torch's agent starts each worker in a
-    session of its own and passes the signal on. DIFFTOOL_DEBUG makes a stray KeyboardInterrupt in the
-    launcher (exit 130, seen twice in CI, never reproduced here) print where it landed."""
+    session of its own and passes the signal on. Exit 0 with accelerate before 1.16 and from 1.16 on
+    (which turns the agent's exception into exit 130)."""
     out = tmp_path / "run"
     cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(out), "--max-steps", "100000",
                             "--set", "checkpoint.every=100000", "--set", "sample.every=100000", "--num-processes", "2",
                             "--main-process-port", str(free_port()), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "DIFFTOOL_DEBUG": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 180
     while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 12:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0, err[-2000:]
     assert "internal error" not in err and "Traceback" not in err
     assert err.count("stopped at step") == 1
     (checkpoint,) = RunDir(out).checkpoints()

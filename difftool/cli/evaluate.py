@@ -69,7 +69,7 @@ def evaluate(
                                    split=split, reference_images=reference_images)
     if num_processes > 1:
         raise typer.Exit(launch("difftool.evaluate", worker_arguments(), num_processes=num_processes,
-                                main_process_port=main_process_port))
+                                main_process_port=main_process_port, stopped_code=130))
 
     from difftool.evaluation.evaluate import default_output
     from difftool.sampling.job import SampleRequest

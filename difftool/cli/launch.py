@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import traceback
 from pathlib import Path
 
 import click
@@ -63,8 +62,13 @@ def _has_accelerate_config() -> bool:
     return Path(default_config_file).is_file()
 
 
-def launch(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None) -> int:
-    """Run `accelerate launch ... -m module args`; returns the exit code (2 if a worker said 2)."""
+def launch(module: str, args: list[str], *, num_processes: int, main_process_port: int | None = None,
+           stopped_code: int = 0) -> int:
+    """Run `accelerate launch ... -m module args`; returns the exit code (2 if a worker said 2).
+
+    Ctrl-C or SIGTERM that reaches the launcher once the workers run is passed on by torch's agent, and the
+    workers stop as one process would (`train` saves a checkpoint); `stopped_code` is then the exit code,
+    the one the command exits with alone: 0 for `train`, 130 for `sample` and `evaluate`."""
     if num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {num_processes}")
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -77,19 +81,16 @@ def launch(module: str, args: list[str], *, num_processes: int, main_process_por
         launch_arguments(module, args, num_processes=num_processes, main_process_port=main_process_port))
     try:
         launch_command(parsed)
-    except KeyboardInterrupt:
-        # While the workers run, torch's agent turns SIGINT into SignalException (below); a KeyboardInterrupt
-        # means Python's own handler was in place when the signal landed. --debug shows where (exit 130 either way).
-        if debug_enabled():
-            traceback.print_exc()
-        raise
     except ChildFailedError as err:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
         return 2 if codes == [2] else 1
     except subprocess.CalledProcessError as err:
         return err.returncode
     except SignalException:
-        # Ctrl-C / SIGTERM reached the launcher, which passed it on: the workers have saved a
-        # checkpoint and stopped, as a single process would have.
-        return 0
+        return stopped_code  # accelerate < 1.16 lets the agent's exception through
+    except SystemExit as exit_:
+        # accelerate >= 1.16 turns the agent's SignalException into exit 128 + signal number.
+        if isinstance(exit_.__context__, SignalException):
+            return stopped_code
+        raise
     return 0

@@ -55,7 +55,8 @@ def sample(
     from difftool.sampling.job import SampleRequest, generate
 
     if num_processes > 1:
-        raise typer.Exit(launch("difftool.sample", worker_arguments(), num_processes=num_processes, main_process_port=main_process_port))
+        raise typer.Exit(launch("difftool.sample", worker_arguments(), num_processes=num_processes,
+                                main_process_port=main_process_port, stopped_code=130))
 
     request = SampleRequest(
         num_images=num_images, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, eta=eta,
