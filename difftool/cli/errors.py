@@ -15,6 +15,7 @@ from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import console
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # the shell's code for a Ctrl-C (128 + SIGINT)
 _debug = False
 
 

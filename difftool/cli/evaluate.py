@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftool.cli import options
-from difftool.cli.errors import user_errors
+from difftool.cli.errors import INTERRUPTED_EXIT, user_errors
 from difftool.errors import UserError
 from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import console, show_notes
@@ -69,7 +69,7 @@ def evaluate(
                                    split=split, reference_images=reference_images)
     if num_processes > 1:
         raise typer.Exit(launch("difftool.evaluate", worker_arguments(), num_processes=num_processes,
-                                main_process_port=main_process_port, stopped_code=130))
+                                main_process_port=main_process_port, stopped_code=INTERRUPTED_EXIT))
 
     from difftool.evaluation.evaluate import default_output
     from difftool.sampling.job import SampleRequest

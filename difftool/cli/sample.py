@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool.cli import options
-from difftool.cli.errors import rank_zero, user_errors
+from difftool.cli.errors import INTERRUPTED_EXIT, rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import console
 
@@ -56,7 +56,7 @@ def sample(
 
     if num_processes > 1:
         raise typer.Exit(launch("difftool.sample", worker_arguments(), num_processes=num_processes,
-                                main_process_port=main_process_port, stopped_code=130))
+                                main_process_port=main_process_port, stopped_code=INTERRUPTED_EXIT))
 
     request = SampleRequest(
         num_images=num_images, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, eta=eta,
@@ -69,7 +69,7 @@ def sample(
         if rank_zero():
             console.print("[yellow]stopped[/]: the finished images are kept; run the same command with --resume "
                           "to make the rest")
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     if rank_zero():
         rate = f" in {result.seconds:.1f} s ({result.made / result.seconds:.2f} img/s)" if result.made else ""
         console.print(f"[green]done[/]: {result.made} new of {result.total} images{rate} in {result.output}"
