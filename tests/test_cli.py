@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,26 @@ def test_help_version_and_usage_errors_do_not_import_the_model_stack():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_missing_model_path_is_refused_before_the_model_stack_is_imported(tmp_path):
+    """A mistyped path should not wait 10 seconds for torch and diffusers to say that it does not exist."""
+    missing = tmp_path / "runs" / "typo"
+    code = textwrap.dedent(f"""
+        import sys
+        from difftool.cli.app import app
+        for argv in (["sample", "{missing}"], ["inspect", "{missing}"], ["convert", "{missing}", "out"],
+                     ["evaluate", "{missing}"], ["inpaint", "a.png", "m.png", "--model", "{missing}"]):
+            try:
+                app(argv)
+            except SystemExit as stop:
+                print(argv[0], stop.code, sorted(m for m in ("torch", "diffusers") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.splitlines() == [f"{command} 2 []" for command in ("sample", "inspect", "convert", "evaluate",
+                                                                           "inpaint")], proc.stderr
+    assert proc.stderr.count(f"{missing} does not exist") == 5
+    assert "give a folder of images, a samples .npz or a model" in proc.stderr  # evaluate's remedy
 
 
 def test_train_help_ends_with_examples():

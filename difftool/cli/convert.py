@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftool.cli.errors import user_errors
+from difftool.models.sources import locate
 from difftool.progress import console, show_notes
 
 stdout = Console()
@@ -41,6 +42,7 @@ def convert(
 
       difftool convert ddpm-cifar10.ckpt out/model --from ddpm-original
     """
+    locate(source)  # a mistyped path is refused before the model stack is imported
     from difftool.models.convert import convert as run
 
     result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype,
@@ -60,6 +62,7 @@ def inspect(
 
     Examples:  difftool inspect runs/photos          difftool inspect model.safetensors --json
     """
+    locate(source)  # a mistyped path is refused before the model stack is imported
     from difftool.models.describe import describe
 
     report = describe(source, source_format=source_format, weights=weights)

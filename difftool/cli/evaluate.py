@@ -14,6 +14,7 @@ from difftool.cli import options
 from difftool.cli.errors import INTERRUPTED_EXIT, user_errors
 from difftool.errors import UserError
 from difftool.cli.launch import launch, worker_arguments
+from difftool.models.sources import locate
 from difftool.progress import console, show_notes
 
 stdout = Console()
@@ -62,6 +63,7 @@ def evaluate(
     quiet: options.Quiet = False,
 ) -> None:
     """Score images or a model: FID, KID, Inception Score, precision/recall; sweeps over schedulers and steps."""
+    locate(source, give="a folder of images, a samples .npz or a model")  # before the model stack is imported
     from difftool.evaluation.evaluate import MetricOptions
 
     metric_options = MetricOptions(features=features, inception_weights=inception_weights,

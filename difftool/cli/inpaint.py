@@ -9,6 +9,7 @@ import typer
 
 from difftool.cli import options
 from difftool.cli.errors import user_errors
+from difftool.models.sources import locate
 from difftool.progress import console
 
 EXAMPLES = """
@@ -51,6 +52,7 @@ def inpaint(
     quiet: options.Quiet = False,
 ) -> None:
     """Fill the masked region of an image (or a folder of images) with a trained model."""
+    locate(model)  # a mistyped path is refused before the model stack is imported
     from difftool.inpainting.job import InpaintRequest, inpaint_files
 
     request = InpaintRequest(

@@ -10,6 +10,7 @@ import typer
 from difftool.cli import options
 from difftool.cli.errors import INTERRUPTED_EXIT, rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
+from difftool.models.sources import locate
 from difftool.progress import console
 
 EXAMPLES = """
@@ -52,6 +53,7 @@ def sample(
     quiet: options.Quiet = False,
 ) -> None:
     """Sample images from a trained model with any scheduler; PNGs carry their settings."""
+    locate(model)  # a mistyped path is refused before the model stack is imported
     from difftool.sampling.job import SampleRequest, generate
 
     if num_processes > 1:

@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import json
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from difftool.errors import UserError, first_line
 from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.models.export import INFO_FILE, SINGLE_FILE_FORMAT
 from difftool.models.hub import WEIGHT_FILES, download_unet
+from difftool.models.sources import locate
 from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
@@ -35,7 +35,6 @@ from difftool.rundir import (
 CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the raw (non-EMA) weights
 # accelerate saves the prepared model's keys: DDP adds `module.`, torch.compile `_orig_mod.`.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@\S+)?")
 
 
 # ---------------------------------------------------------------- loading
@@ -91,15 +90,8 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def _find(source: str, weights: str | None) -> _Found:
-    path = Path(source).expanduser()
-    if path.exists():
-        return _find_local(path, weights, source)
-    if not HUB_ID.fullmatch(source):
-        raise UserError(f"{source} does not exist")
-    owner = source.split("/")[0]
-    if Path(owner).is_dir():  # `runs/typo` is a mistyped path, not a repository of user "runs"
-        raise UserError(f"{source} does not exist (./{owner} is a local folder, so it is not taken for a Hub id)")
-    return _find_local(download_unet(source), weights, source)
+    path = locate(source)
+    return _find_local(path if path is not None else download_unet(source), weights, source)
 
 
 def _find_local(path: Path, weights: str | None, where: str) -> _Found:
