@@ -18,6 +18,12 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+def say(message: str, **options) -> None:
+    """A message on stderr, one line however long: rich would break it at the width (80 in a log), a path
+    in it too, which could then not be copied. The terminal still wraps it for the eye."""
+    console.print(message, soft_wrap=True, **options)
+
+
 class _Bar(Progress):
     """rich's Progress, less the empty line a bar inside another prints on stop when stderr is not a
     terminal (in a training log, one per evaluation). The outermost bar still ends its line."""
@@ -42,7 +48,7 @@ class _Bar(Progress):
 def show_notes(notes) -> None:
     """Things assumed or chosen for the user, one line each (escaped: paths may hold [brackets])."""
     for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        say(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 class TrainingProgress:
@@ -74,11 +80,11 @@ class TrainingProgress:
 
     def finish(self, step: int, total: int, run: Path, finished: bool) -> None:
         if finished:
-            console.print(f"[green]done[/]: {total} steps; model in {run / 'model'}, sample grids in {run / 'samples'}")
+            say(f"[green]done[/]: {total} steps; model in {run / 'model'}, sample grids in {run / 'samples'}")
         else:
-            console.print(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
-                          f"difftool train --resume {run}")
-        console.print(f"curves, sample grids and evaluations on one page: difftool report {run}", soft_wrap=True)
+            say(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
+                f"difftool train --resume {run}")
+        say(f"curves, sample grids and evaluations on one page: difftool report {run}")
 
 
 class SamplingProgress:

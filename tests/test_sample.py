@@ -64,6 +64,15 @@ def test_writes_images_grid_and_settings(tiny_run):
     assert settings["num_images"] == 5 and settings["format"] == "png" and settings["weights"] == "ema"
 
 
+def test_a_long_output_path_stays_whole_on_one_line(tiny_run):
+    """In a log (80 columns) rich broke messages at the width, inside a path too: it could not be copied."""
+    out = Path("a-folder-with-a-name-long-enough-that-the-message-goes-past-eighty-columns") / "samples"
+    result = invoke(tiny_run, "-n", "1", "--steps", "2", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    done = [line for line in result.stderr.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and done[0].endswith(f"in {out}; grid: {out / 'grid.png'}"), result.stderr
+
+
 def test_defaults_come_from_the_training_recipe(tiny_run):
     result = invoke(tiny_run, "-n", "2", "-q")
     assert result.exit_code == 0, result.output

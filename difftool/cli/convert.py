@@ -12,7 +12,7 @@ from rich.table import Table
 
 from difftool.cli.errors import user_errors
 from difftool.models.sources import locate
-from difftool.progress import console, show_notes
+from difftool.progress import say, show_notes
 
 stdout = Console()
 From = Annotated[str, typer.Option("--from", help="Source format: auto (detect), difftool (run, checkpoint, diffusers folder, single file), ddpm-original, lucidrains.")]
@@ -48,7 +48,7 @@ def convert(
     result = run(source, target, source_format=source_format, to=to, weights=weights, dtype=dtype,
                  resolution=resolution, overwrite=overwrite)
     show_notes(result.model.notes)
-    console.print(f"[green]done[/]: {result.model.source} -> {result.target} ({result.kind})")
+    say(f"[green]done[/]: {result.model.source} -> {result.target} ({result.kind})")
 
 
 @user_errors

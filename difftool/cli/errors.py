@@ -12,7 +12,7 @@ from rich.markup import escape
 from typer.core import TyperGroup, TyperOption
 
 from difftool.errors import UserError, is_storage_error, storage_problem
-from difftool.progress import console
+from difftool.progress import say
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # the shell's code for a Ctrl-C (128 + SIGINT)
@@ -38,8 +38,7 @@ def report(message: str) -> None:
     if not rank_zero():
         return
     # escape: a message quoting a path or key with [brackets] must print as written, not as markup
-    console.print(f"[red]difftool: error:[/] {escape(_one_line(message))}", highlight=False, markup=True,
-                  soft_wrap=True)
+    say(f"[red]difftool: error:[/] {escape(_one_line(message))}", highlight=False, markup=True)
 
 
 def _one_line(message: str) -> str:

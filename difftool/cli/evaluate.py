@@ -15,7 +15,7 @@ from difftool.cli.errors import INTERRUPTED_EXIT, user_errors
 from difftool.errors import UserError
 from difftool.cli.launch import launch, worker_arguments
 from difftool.models.sources import locate
-from difftool.progress import console, show_notes
+from difftool.progress import say, show_notes
 
 stdout = Console()
 EXAMPLES = """
@@ -103,7 +103,7 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
         typer.echo(json.dumps(result.record, indent=2))
     else:
         _show_record(result.record)
-    console.print(f"[green]done[/]: N = {result.record['num_images']} images; results in {result.output / 'metrics.json'}")
+    say(f"[green]done[/]: N = {result.record['num_images']} images; results in {result.output / 'metrics.json'}")
 
 
 def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
@@ -129,7 +129,7 @@ def _sweep(source, spec, reference, metric_options, request, output, overwrite, 
     if n < COMPARABLE_N:
         note = f"N = {n} samples per setting: FID is biased upwards below {COMPARABLE_N:,} and only comparable at equal N"
         show_notes([note])
-    console.print(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
+    say(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
 
 
 def _show_record(record: dict) -> None:

@@ -10,7 +10,7 @@ import typer
 from difftool.cli import options
 from difftool.cli.errors import user_errors
 from difftool.models.sources import locate
-from difftool.progress import console
+from difftool.progress import say
 
 EXAMPLES = """
 
@@ -64,8 +64,8 @@ def inpaint(
     result = inpaint_files(model, image, mask, output, request, overwrite=overwrite, show_progress=not quiet)
     first = result.outputs[0]
     more = f" (+{len(result.outputs) - 1} more)" if len(result.outputs) > 1 else ""
-    console.print(f"[green]done[/]: {first}{more} in {result.seconds:.1f} s"
-                  + (f"; comparison: {result.comparisons[0]}" if result.comparisons else ""))
+    say(f"[green]done[/]: {first}{more} in {result.seconds:.1f} s"
+        + (f"; comparison: {result.comparisons[0]}" if result.comparisons else ""))
 
 
 inpaint.__doc__ = (inpaint.__doc__ or "") + EXAMPLES

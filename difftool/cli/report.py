@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from difftool.cli.errors import user_errors
-from difftool.progress import console
+from difftool.progress import say
 
 EXAMPLES = """
 
@@ -35,9 +35,9 @@ def report(
     made = make_report(run, output, places=evaluations, max_grids=max_grids, overwrite=overwrite)
     grids = (f"{made.grids_total} preview grids" if made.grids_shown == made.grids_total
              else f"{made.grids_shown} of {made.grids_total} preview grids")
-    # soft_wrap: a long path stays whole, to be copied or clicked
-    console.print(f"[green]done[/]: {escape(str(made.path))} ({grids}, {made.evaluations} evaluation(s) and sweep(s) "
-                  f"found); open it in a browser: {escape(made.path.resolve().as_uri())}", soft_wrap=True)
+    # one line: a long path stays whole, to be copied or clicked
+    say(f"[green]done[/]: {escape(str(made.path))} ({grids}, {made.evaluations} evaluation(s) and sweep(s) "
+        f"found); open it in a browser: {escape(made.path.resolve().as_uri())}")
 
 
 report.__doc__ = (report.__doc__ or "") + EXAMPLES

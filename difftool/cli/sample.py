@@ -11,7 +11,7 @@ from difftool.cli import options
 from difftool.cli.errors import INTERRUPTED_EXIT, rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
 from difftool.models.sources import locate
-from difftool.progress import console
+from difftool.progress import say
 
 EXAMPLES = """
 
@@ -69,13 +69,13 @@ def sample(
         result = generate(model, request, output, overwrite=overwrite, resume=resume, show_progress=not quiet)
     except KeyboardInterrupt:
         if rank_zero():
-            console.print("[yellow]stopped[/]: the finished images are kept; run the same command with --resume "
-                          "to make the rest")
+            say("[yellow]stopped[/]: the finished images are kept; run the same command with --resume "
+                "to make the rest")
         raise typer.Exit(INTERRUPTED_EXIT) from None
     if rank_zero():
         rate = f" in {result.seconds:.1f} s ({result.made / result.seconds:.2f} img/s)" if result.made else ""
-        console.print(f"[green]done[/]: {result.made} new of {result.total} images{rate} in {result.output}"
-                      + (f"; grid: {result.grid}" if result.grid else ""))
+        say(f"[green]done[/]: {result.made} new of {result.total} images{rate} in {result.output}"
+            + (f"; grid: {result.grid}" if result.grid else ""))
 
 
 sample.__doc__ = (sample.__doc__ or "") + EXAMPLES

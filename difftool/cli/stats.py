@@ -9,7 +9,7 @@ import typer
 
 from difftool.cli import options
 from difftool.cli.errors import user_errors
-from difftool.progress import console
+from difftool.progress import say
 
 EXAMPLES = """
 
@@ -41,8 +41,8 @@ def stats(
                                    batch_size=feature_batch_size, split=split, reference_images=reference_images)
     reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite,
                             show_progress=not quiet)
-    console.print(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
-                  f"{reference.resolution} px, {reference.extractor}) in {output}")
+    say(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
+        f"{reference.resolution} px, {reference.extractor}) in {output}")
 
 
 stats.__doc__ = (stats.__doc__ or "") + EXAMPLES

@@ -10,7 +10,7 @@ from difftool import config as config_mod
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
-from difftool.progress import console
+from difftool.progress import say
 
 EXAMPLES = """
 
@@ -77,7 +77,7 @@ def train(
     result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
                           why_recipe=plan.why, optional_eval=plan.optional_eval)
     if result.last_loss is not None and rank_zero():
-        console.print(f"final loss {result.last_loss:.4f} at step {result.step}")
+        say(f"final loss {result.last_loss:.4f} at step {result.step}")
 
 
 train.__doc__ = (train.__doc__ or "") + EXAMPLES

@@ -29,7 +29,7 @@ from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, re
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
-from difftool.progress import console
+from difftool.progress import say
 from difftool.rundir import append_jsonl, progress_problem, read_progress
 from difftool.runlock import on_main_process
 from difftool.sampling.job import SampleRequest
@@ -60,7 +60,7 @@ def check_evaluation(cfg, accelerator, *, optional: bool, show_progress: bool = 
             raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
                             f"--set eval.every=0") from None
         if accelerator.is_main_process:
-            console.print(f"[yellow]evaluation during training off:[/] {err}", highlight=False)
+            say(f"[yellow]evaluation during training off:[/] {err}", highlight=False)
         cfg.eval.every = 0
         return None
 
@@ -134,8 +134,8 @@ class Evaluator:
                                           show_progress=self.show_progress)
         reference_mod.save(built, path)
         scorer.reference = built
-        console.print(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
-                      f"({time.perf_counter() - start:.0f} s)", highlight=False)
+        say(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
+            f"({time.perf_counter() - start:.0f} s)", highlight=False)
 
     def _restore_best(self) -> None:
         """The best step and score of checkpoints/best, if it was scored with the settings of this run's
@@ -146,8 +146,8 @@ class Evaluator:
         progress = read_progress(best)
         scores = progress.get("eval", {})
         if scores.get("settings") != self.settings():
-            console.print(f"[yellow]note:[/] {best} was scored with other eval settings; the next evaluation "
-                          f"replaces it", highlight=False)
+            say(f"[yellow]note:[/] {best} was scored with other eval settings; the next evaluation "
+                f"replaces it", highlight=False)
             return
         self.best_step, self.best_score = progress["step"], scores[self.key()]
 
@@ -178,9 +178,9 @@ class Evaluator:
             self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
         if record is not None:
             append_jsonl(self.run.metrics, record)
-            console.print(f"eval step {step}: {self.key()[5:].upper()} {record[self.key()]:.4g} "
-                          f"({record['eval/num_samples']} samples, {record['eval/seconds']:.0f} s); best at step "
-                          f"{self.best_step}", highlight=False)
+            say(f"eval step {step}: {self.key()[5:].upper()} {record[self.key()]:.4g} "
+                f"({record['eval/num_samples']} samples, {record['eval/seconds']:.0f} s); best at step "
+                f"{self.best_step}", highlight=False)
         return record
 
     def _record(self, step: int, scores: dict, seconds: float) -> dict:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from difftool.errors import UserError
-from difftool.progress import console
+from difftool.progress import say
 
 
 class Window:
@@ -67,8 +67,8 @@ class NonFiniteSteps:
                 f"train.mixed_precision=no or set train.grad_clip, and resume from the last good checkpoint: "
                 f"{last_checkpoint}")
         if self.announce:
-            console.print(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
-                          f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
+            say(f"[yellow]warning:[/] step {step + 1}: non-finite gradients (loss {loss.item():.4g}); "
+                f"update skipped ({self.streak} in a row, at most {self.limit})", highlight=False)
         return True
 
 

@@ -35,7 +35,7 @@ from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_folder_path, check_output
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.step import Stepper
-from difftool.progress import TrainingProgress, console
+from difftool.progress import TrainingProgress, say
 from difftool.rundir import (
     RunDir,
     append_jsonl,
@@ -291,7 +291,7 @@ class _Trainer:
         acc, cfg = self.accelerator, self.cfg
         what = "resuming" if start_step else "training"
         start = f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else ""
-        console.print(
+        say(
             f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}"
             f"{start}: "
             f"{params / 1e6:.2f}M-parameter UNet"
