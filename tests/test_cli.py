@@ -66,14 +66,15 @@ def test_help_version_and_usage_errors_do_not_import_the_model_stack():
     assert proc.stdout.strip() == "[]"
 
 
-def test_a_missing_model_path_is_refused_before_the_model_stack_is_imported(tmp_path):
-    """A mistyped path should not wait 10 seconds for torch and diffusers to say that it does not exist."""
+def test_a_missing_model_path_or_a_mistyped_setting_is_refused_before_the_model_stack_is_imported(tmp_path):
+    """A mistyped path or --set should not wait 4-10 seconds for torch and diffusers to be refused."""
     missing = tmp_path / "runs" / "typo"
     code = textwrap.dedent(f"""
         import sys
         from difftool.cli.app import app
         for argv in (["sample", "{missing}"], ["inspect", "{missing}"], ["convert", "{missing}", "out"],
-                     ["evaluate", "{missing}"], ["inpaint", "a.png", "m.png", "--model", "{missing}"]):
+                     ["evaluate", "{missing}"], ["inpaint", "a.png", "m.png", "--model", "{missing}"],
+                     ["train", "--set", "train.batchsize=3", "--dry-run"]):
             try:
                 app(argv)
             except SystemExit as stop:
@@ -81,9 +82,10 @@ def test_a_missing_model_path_is_refused_before_the_model_stack_is_imported(tmp_
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.stdout.splitlines() == [f"{command} 2 []" for command in ("sample", "inspect", "convert", "evaluate",
-                                                                           "inpaint")], proc.stderr
+                                                                           "inpaint", "train")], proc.stderr
     assert proc.stderr.count(f"{missing} does not exist") == 5
     assert "give a folder of images, a samples .npz or a model" in proc.stderr  # evaluate's remedy
+    assert "unknown config key 'train.batchsize'; did you mean 'train.batch_size'?" in proc.stderr
 
 
 def test_train_help_ends_with_examples():

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from difftool import config as config_mod
 from difftool.config import Config
 from difftool.recipebook import flatten
@@ -52,12 +50,18 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
         return TrainPlan(cfg, run_root, checkpoint)
     why = None
     if recipe is None:
-        recipe, why = config_mod.recipe_for_dataset(dataset, gpu=torch.cuda.is_available())
+        recipe, why = config_mod.recipe_for_dataset(dataset, gpu=dataset is not None and _gpu_present())
     cfg = config_mod.load_config(recipe, overrides, values)
     asked = [key for key in [*values, *(o.partition("=")[0].strip() for o in overrides or [])] if key.startswith("eval.")]
     built_in = recipe in config_mod.recipe_names() and not Path(recipe).is_file()
     return TrainPlan(cfg, Path(output) if output else new_run_folder(cfg.recipe, cfg.data.dataset), None, why,
                      optional_eval=built_in and not asked)
+
+
+def _gpu_present() -> bool:
+    import torch  # here, not at the top: without --dataset, a mistyped --set is refused before torch's 4 s import
+
+    return torch.cuda.is_available()
 
 
 def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:
