@@ -7,7 +7,7 @@ import difflib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Full disk or quota, read-only file system, permissions: fixed outside difftool, not a bug in it.
@@ -68,7 +68,7 @@ def _os_error_code(err: Exception, path: Path) -> int | None:
     return None
 
 
-def did_you_mean(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """'; did you mean X?' for an error message, or '' when nothing is close."""
     match = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     # Among near ties, a transposition ('ddmi' -> 'ddim') beats a substitution ('ddpm').
