@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 
 from difftool import __version__
 from difftool.errors import UserError, did_you_mean, first_line
+from difftool.hints import coerce, field_types, type_name
 # The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
 from difftool.recipebook import parse_yaml, recipe_dir, recipe_for_dataset, recipe_names, recipe_summary, recipe_text  # noqa: F401,E501
 
@@ -265,18 +264,11 @@ def dump_yaml(cfg: Config) -> str:
 
 
 @functools.cache
-def _hints(cls) -> dict[str, Any]:
-    """A section's field types, resolved once: the annotations are strings (`from __future__ import
-    annotations`), and resolving them for every field of every --set took a second per 20 overrides."""
-    return typing.get_type_hints(cls)
-
-
-@functools.cache
 def field_paths(cls=Config, prefix: str = "") -> tuple[str, ...]:
     """Every settable key, dotted (`train.lr`)."""
     paths = []
     for f in dataclasses.fields(cls):
-        hint = _hints(cls)[f.name]
+        hint = field_types(cls)[f.name]
         if dataclasses.is_dataclass(hint):
             paths += field_paths(hint, f"{prefix}{f.name}.")
         else:
@@ -303,10 +295,10 @@ def _assign(cfg: Config, path: str, value: Any, errors: list[str]) -> None:
         return
     section_name, _, name = path.rpartition(".")
     owner = getattr(cfg, section_name) if section_name else cfg
-    hint = _hints(type(owner))[name]
-    ok, coerced = _coerce(value, hint)
+    hint = field_types(type(owner))[name]
+    ok, coerced = coerce(value, hint)
     if not ok:
-        errors.append(f"{path} must be {_type_name(hint)}, got {value!r}")
+        errors.append(f"{path} must be {type_name(hint)}, got {value!r}")
         return
     setattr(owner, name, coerced)
 
@@ -318,7 +310,7 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
     if not isinstance(raw, dict):
         errors.append(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
         return obj
-    hints = _hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in raw.items():
         path = f"{prefix}{key}"
@@ -329,68 +321,12 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
         if dataclasses.is_dataclass(hint):
             setattr(obj, key, _build(hint, value, f"{path}.", errors))
             continue
-        ok, coerced = _coerce(value, hint)
+        ok, coerced = coerce(value, hint)
         if ok:
             setattr(obj, key, coerced)
         else:
-            errors.append(f"{path} must be {_type_name(hint)}, got {value!r}")
+            errors.append(f"{path} must be {type_name(hint)}, got {value!r}")
     return obj
-
-
-def _coerce(value: Any, hint) -> tuple[bool, Any]:
-    """Check `value` against a type hint; ints pass as floats and lists as tuples."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return True, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, coerced = _coerce(value, arg)
-            if ok:
-                return True, coerced
-        return False, None
-    if origin in (tuple, list):
-        if value is None:
-            return False, None
-        if not isinstance(value, (list, tuple)):
-            value = [value]  # `--set model.attention_resolutions=16` means (16,)
-        (item_type, *_) = typing.get_args(hint)
-        items = []
-        for item in value:
-            ok, coerced = _coerce(item, item_type)
-            if not ok:
-                return False, None
-            items.append(coerced)
-        return True, origin(items)
-    if hint is bool:
-        return (True, value) if isinstance(value, bool) else (False, None)
-    if hint is int:
-        return (True, value) if isinstance(value, int) and not isinstance(value, bool) else (False, None)
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, None
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return False, None
-    return False, None
-
-
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin in (tuple, list):
-        return f"a list of ({_type_name(typing.get_args(hint)[0])})"
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _numbers(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
