@@ -235,5 +235,5 @@ def test_what_auto_became_is_not_an_override():
     from difftool.config import load_config, to_dict
     from difftool.reporting.facts import _overrides
 
-    config = to_dict(load_config("folder32", ["model.class_conditional=true", "train.lr=0.002"]))
+    config = to_dict(load_config("folder32", ["model.class_conditional=true", "train.lr=0.0005"]))
     assert [o.key for o in _overrides(config, "folder32")] == ["train.lr"]
