@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 console = Console(stderr=True)
 
@@ -56,9 +57,12 @@ class TrainingProgress:
 
     def __init__(self, total: int, done: int, enabled: bool = True):
         self.enabled = enabled
+        # The line is wider than a log's 80 columns: the numbers may not be cut (rich made 2000/2000 "2000/20…"),
+        # so where it is too narrow the bar shrinks instead.
         self.progress = _Bar(
-            TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s",
+                       table_column=Column(no_wrap=True)),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=console, disable=not enabled,
         )
