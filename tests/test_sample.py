@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from difftool.config import read_config
 from difftool.errors import UserError
@@ -198,11 +199,24 @@ def test_bf16_model_gives_close_images(tiny_run):
     (["--num-images", "0"], ["at least 1"]),
     (["--weights", "best"], ["ema"]),
     (["--eta", "0.5", "--scheduler", "euler"], ["ddim"]),
+    (["--eta", "1.5"], ["--eta must lie between 0", "got 1.5"]),
     (["--resume", "--overwrite"], ["exclude each other"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_run, args, fragments):
     assert_user_error(invoke(tiny_run, *args, "-o", "out"), *fragments)
     assert not list(Path(".").glob("out/0*.png")), "nothing is written"
+
+
+def test_nan_samples_are_refused_not_saved_black(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_out.bias"][0] = float("nan")  # a diverged model: the first channel turns NaN
+    save_file(state, weights)
+    assert_user_error(invoke(run, "-n", "3", "--steps", "2", "-o", "out", "-q"), "3 of 3 images came out NaN or infinite",
+                      "none of this batch was written")
+    assert not list(Path("out").glob("*.png"))
 
 
 def test_not_a_model_says_what_was_expected(tmp_path, tiny_run):

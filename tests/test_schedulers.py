@@ -326,6 +326,18 @@ def test_zero_terminal_snr_models_are_sampled_to_the_answer(spec):
     torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_samples_zero_terminal_snr_models_to_the_answer(eta):
+    """diffusers' DDIM at eta 1 takes the sqrt of a rounding error below zero at the zero-SNR start: every
+    image came out NaN, black once saved (diffusers issue 5969)."""
+    config = training_config(prediction_type="v_prediction", clip_sample=False, beta_start=1e-6,
+                             rescale_betas_zero_snr=True)
+    noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
+    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler("ddim", config, steps=STEPS, eta=eta), noise,
+                  steps=STEPS, generators=image_generators(0, [0, 1]), eta=eta)
+    torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
+
+
 @BY_NAME
 def test_every_scheduler_keeps_clip_sample(spec):
     """x0 beyond [-1, 1] is clipped by every sampler of a clip_sample model: natively, by thresholding,
@@ -346,8 +358,9 @@ def test_ddim_eta(unet):
     noisy = sample(unet, "ddim", [0, 1], eta=1.0)
     assert not torch.allclose(noisy, deterministic)
     assert not torch.allclose(noisy, sample(unet, "ddim", [0, 1], eta=1.0, sampler_seed=7))
-    with pytest.raises(UserError, match="--eta must be >= 0"):
-        make_scheduler("ddim", training_config(), steps=STEPS, eta=-0.5)
+    for bad in (-0.5, 1.5):  # above 1 diffusers samples NaN on any model
+        with pytest.raises(UserError, match=f"--eta must lie between 0 .* and 1 .*, got {bad}"):
+            make_scheduler("ddim", training_config(), steps=STEPS, eta=bad)
 
 
 @pytest.mark.parametrize("spec", [s for s in SCHEDULERS if s.name != "ddim"], ids=lambda spec: spec.name)

@@ -19,6 +19,7 @@ from difftool.errors import UserError
 from difftool.training.plan import plan_training
 from difftool.rundir import RunDir
 from difftool.training.loop import train
+from difftool.sampling.loop import to_uint8
 from difftool import config as config_mod
 from tests.conftest import tiny_config
 
@@ -241,6 +242,17 @@ def test_skip_nonfinite_skips_a_bad_step_and_finishes(tmp_path, monkeypatch, cap
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 4)
     assert "step 5: non-finite gradients" in capsys.readouterr().err
     assert json.loads((RunDir(result.run).checkpoints()[-1] / "progress.json").read_text())["skipped_steps"] == 1
+
+
+def test_a_nan_preview_is_a_warning_not_a_black_grid(tmp_path, monkeypatch, capsys):
+    def nan_samples(*args, **kwargs):
+        return to_uint8(torch.full((4, 3, 8, 8), float("nan")))
+
+    monkeypatch.setattr("difftool.training.outputs.sample_batch", nan_samples)
+    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    assert result.finished and (result.run / "model" / "unet").is_dir(), "the run trains on"
+    assert not list((result.run / "samples").glob("*.png"))
+    assert "step 3: no sample grid (ddim): 4 of 4 preview images came out NaN or infinite" in capsys.readouterr().err
 
 
 def test_skip_nonfinite_stops_when_too_many_in_a_row(tmp_path, monkeypatch):

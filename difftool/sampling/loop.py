@@ -13,7 +13,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from difftool.errors import UserError
 from difftool.sampling.schedulers import clip_denoised, renoise, step_options
+
+
+class NonFiniteSamples(UserError):
+    """Samples with NaN or inf in them: cast to uint8 they would be saved as black images without a word."""
+
+    def __init__(self, broken: int, total: int):
+        self.broken, self.total = broken, total
+        super().__init__(
+            f"{broken} of {total} images came out NaN or infinite, so none of this batch was written: the model's "
+            "weights may have diverged (see the run's loss), or this sampler fails on it; try another --scheduler")
 
 
 def image_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -109,5 +120,8 @@ def denoise(
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-space samples in [-1, 1] -> uint8 NCHW on the CPU."""
+    """Model-space samples in [-1, 1] -> uint8 NCHW on the CPU; NaN or inf raises NonFiniteSamples."""
+    broken = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    if broken:
+        raise NonFiniteSamples(broken, len(x))
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

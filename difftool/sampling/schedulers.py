@@ -40,7 +40,24 @@ class SchedulerSpec:
 
     @property
     def scheduler_class(self) -> type:
-        return getattr(diffusers, self.class_name)
+        return _MENDED.get(self.class_name) or getattr(diffusers, self.class_name)
+
+
+class FiniteDDIMScheduler(diffusers.DDIMScheduler):
+    """diffusers' DDIM, but finite with eta = 1 from a zero-terminal-SNR start (diffusers issue 5969).
+
+    There alpha_bar_t = 0 makes the variance exactly 1 - alpha_bar_prev, all that `step` can take away:
+    its square root, squared, can round above that, and the root of the negative rest is NaN, so every
+    image came out black. One part in a million less leaves the step as it was; elsewhere it is diffusers'.
+    """
+
+    def _get_variance(self, timestep, prev_timestep):
+        variance = super()._get_variance(timestep, prev_timestep)
+        return variance * (1 - 2**-20) if self.alphas_cumprod[timestep] == 0 else variance
+
+
+# Our own subclass where diffusers' class fails on models difftool trains; listed under diffusers' name.
+_MENDED = {"DDIMScheduler": FiniteDDIMScheduler}
 
 
 SCHEDULERS = [
@@ -185,8 +202,9 @@ def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bo
             raise UserError(f"--eta applies to {', '.join(s.name for s in SCHEDULERS if _takes_eta(s))} only")
         if not math.isfinite(eta):
             raise UserError(f"--eta must be a finite number, got {eta}")
-        if eta < 0:
-            raise UserError(f"--eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:
+            # Above 1 the noise added exceeds the step's whole variance: diffusers samples NaN (black images).
+            raise UserError(f"--eta must lie between 0 (deterministic) and 1 (as noisy as DDPM), got {eta}")
     if timestep_spacing is not None:
         if timestep_spacing not in SPACINGS:
             raise UserError(f"unknown --timestep-spacing '{timestep_spacing}'; choose one of: {', '.join(SPACINGS)}")

@@ -16,9 +16,11 @@ from diffusers import UNet2DModel
 from difftool.errors import os_errors_of_writers
 from difftool.images import save_png
 from difftool.models.export import export_pipeline
+from difftool.progress import say
 from difftool.rundir import PROGRESS_FILE, atomic_dir, fsync_tree, made_by, temporary_dir
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.sampling.job import grid_of, sample_batch
+from difftool.sampling.loop import NonFiniteSamples
 
 
 class RunWriter:
@@ -92,15 +94,21 @@ class RunWriter:
                 res = self.cfg.data.resolution
                 guidance = cfg.guidance_scale if labels is not None else 1.0
                 rescale = resolve_guidance_rescale(None, cfg.guidance_rescale, guidance)
-                with acc.autocast():
-                    images = sample_batch(unet, self.stepper.noise_scheduler.config, list(range(n)),
-                                          (self.stepper.data.channels, res, res), self.device, scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed,
-                                          labels=labels, null_class=self.info["null_class"], guidance_scale=guidance,
-                                          guidance_rescale=rescale)
-                grid = grid_of(images, num_classes or None)
-                settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
-                            "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
-                save_png(grid, self.run.sample_grid(step), {k: str(v) for k, v in settings.items()})
+                try:
+                    with acc.autocast():
+                        images = sample_batch(unet, self.stepper.noise_scheduler.config, list(range(n)),
+                                              (self.stepper.data.channels, res, res), self.device,
+                                              scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed, labels=labels,
+                                              null_class=self.info["null_class"], guidance_scale=guidance,
+                                              guidance_rescale=rescale)
+                except NonFiniteSamples as err:  # a preview is not worth the run: say so and train on
+                    say(f"[yellow]warning:[/] step {step}: no sample grid ({cfg.scheduler}): {err.broken} of "
+                        f"{err.total} preview images came out NaN or infinite")
+                else:
+                    settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
+                                "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
+                    save_png(grid_of(images, num_classes or None), self.run.sample_grid(step),
+                             {k: str(v) for k, v in settings.items()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()
