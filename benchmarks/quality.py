@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 from quality_data import SETS, make_set, missing_module, write_set  # noqa: E402
 
+from difftool.config import load_config  # noqa: E402
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 
@@ -155,17 +156,30 @@ def read_samples(folder: Path, classes: list[str]) -> tuple[torch.Tensor, np.nda
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(asked)
 
 
-def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, work: Path, *, steps: int,
+def variant_steps(recipe: str, overrides: list[str], steps: int | None) -> int:
+    """The steps a variant trains: its own train.max_steps, else --steps, else its recipe's."""
+    if steps is None or any(o.startswith("train.max_steps=") for o in overrides):
+        return load_config(recipe, [o for o in overrides if o.startswith("train.max_steps=")]).train.max_steps
+    return steps
+
+
+def train_args(recipe: str, overrides: list[str], data: Path, run: Path, *, steps: int | None,
+               resolution: int) -> list[str]:
+    """The `difftool train` arguments of one variant on one set; --max-steps only where --steps overrides the recipe."""
+    # `{set}` stands for the set's folder name, e.g. train.init_from=runs/quality/runs/{set}-eps
+    overrides = [o.replace("{set}", data.name) for o in overrides]
+    own_steps = steps is None or any(o.startswith("train.max_steps=") for o in overrides)
+    return ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
+            "--resolution", str(resolution), "--output", str(run), "--set", "eval.every=0",  # timed: training alone
+            *[a for o in overrides for a in ("--set", o)]]
+
+
+def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, work: Path, *, steps: int | None,
                   resolution: int) -> tuple[Path, float]:
     """Train one variant on one set (reusing a finished run of the same name); the run and its training seconds."""
     run = work / "runs" / f"{data.name}-{variant}"
     log = work / f"{data.name}-{variant}.log"
-    # `{set}` stands for the set's folder name, e.g. train.init_from=runs/quality/runs/{set}-eps
-    overrides = [o.replace("{set}", data.name) for o in overrides]
-    own_steps = any(o.startswith("train.max_steps=") for o in overrides)  # e.g. half the batch, twice the steps
-    args = ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
-            "--resolution", str(resolution), "--output", str(run), "--set", "eval.every=0",  # timed: training alone
-            *[a for o in overrides for a in ("--set", o)]]
+    args = train_args(recipe, overrides, data, run, steps=steps, resolution=resolution)
     timing = run / "benchmark-train.json"
     if timing.is_file() and json.loads(timing.read_text())["args"] == args:
         return run, json.loads(timing.read_text())["seconds"]
@@ -212,8 +226,9 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(SETS)} (shapes: the built-in set, as a no-regression check)")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--num-images", type=int, default=8000, help="images per shapes set (digits has 1,797)")
-    parser.add_argument("--steps", type=int, default=600,
-                        help="training steps of every variant without its own train.max_steps")
+    parser.add_argument("--steps", type=int,
+                        help="training steps of every variant without its own train.max_steps "
+                             "(default: each recipe's own)")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--variant", action="append", help="NAME=RECIPE[:key=value,...] (repeatable)")
     parser.add_argument("--sampling", action="append", default=[],
@@ -272,17 +287,19 @@ def main() -> None:
         figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[perm[:16]], rows)
     if args.probe_judge:
         return
+    steps = [variant_steps(r, s, args.steps) for _, r, s in variants]
     variant_text = "\n".join(f"- {v}: `{r}` recipe" + (f" with {', '.join(f'`{o}`' for o in s)}" if s else "")
-                             for v, r, s in variants)
+                             + f", {n} steps" for (v, r, s), n in zip(variants, steps))
     variant_text += "".join(f"\n- {name}: sampled with `{' '.join(opts)}`" for name, opts in samplings[1:])
     body = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n\nVariants:\n" + variant_text + (
-        f"\n\nEach variant trained {args.steps} steps at {args.resolution} px with `difftool train --dataset FOLDER`, "
+        f"\n\nEach variant trained at {args.resolution} px with `difftool train --dataset FOLDER`, "
         f"then `difftool sample RUN -n {args.num_samples}` with the run's own sampler settings (and the options named). "
         f"Figures: `benchmarks/figures/quality-SET-{args.resolution}.png` (top row real, then one row per variant).")
     print("\n" + body)
     if args.record:
         command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-        append_results(f"Sample quality on unseen data, {args.resolution} px, {args.steps} steps", command, body)
+        budget = f"{steps[0]} steps" if len(set(steps)) == 1 else "steps per variant"
+        append_results(f"Sample quality on unseen data, {args.resolution} px, {budget}", command, body)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_recipe_summary_skips_the_launch_command():
 @pytest.mark.parametrize(
     ("override", "path", "expected"),
     [
-        ("train.batch_size=32", "train.batch_size", 32),
+        ("train.batch_size=48", "train.batch_size", 48),
         ("train.lr=1e-4", "train.lr", 1e-4),  # YAML reads 1e-4 (no dot) as a string
         ("train.lr=3", "train.lr", 3.0),
         ("train.lr=0.0005", "train.lr", 5e-4),
@@ -121,8 +121,8 @@ def test_dotted_override_is_typed(override, path, expected):
 
 
 def test_typed_values_then_overrides_later_wins():
-    cfg = load_config("quickstart", ["train.batch_size=32"], {"train.batch_size": 16, "data.resolution": 16})
-    assert cfg.train.batch_size == 32
+    cfg = load_config("quickstart", ["train.batch_size=48"], {"train.batch_size": 16, "data.resolution": 16})
+    assert cfg.train.batch_size == 48
     assert cfg.data.resolution == 16
 
 
