@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -412,6 +413,22 @@ def test_installed_executable_version(tmp_path):
     proc = run_cli(difftool_exe() + ["--version"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"difftool {__version__}"
+
+
+def test_the_package_builds_without_deprecation_warnings(tmp_path):
+    # setuptools warns of what stops building on a date (a licence as a TOML table: 2027-02-18), and
+    # only in pip's build log, which a user never reads.
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(root)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "is deprecated" not in log and "SetuptoolsDeprecationWarning" not in log, [
+        line for line in log.splitlines() if "deprecat" in line.lower()]
+    (wheel,) = tmp_path.glob("difftool-*.whl")
+    with zipfile.ZipFile(wheel) as built:
+        metadata = next(built.read(n).decode() for n in built.namelist() if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
 
 
 def test_installed_executable_bad_input(tmp_path):
