@@ -156,10 +156,15 @@ def read_samples(folder: Path, classes: list[str]) -> tuple[torch.Tensor, np.nda
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(asked)
 
 
+def own_steps(overrides: list[str]) -> list[str]:
+    """A variant's own train.max_steps override (e.g. half the batch for twice the steps), if it has one."""
+    return [o for o in overrides if o.startswith("train.max_steps=")]
+
+
 def variant_steps(recipe: str, overrides: list[str], steps: int | None) -> int:
     """The steps a variant trains: its own train.max_steps, else --steps, else its recipe's."""
-    if steps is None or any(o.startswith("train.max_steps=") for o in overrides):
-        return load_config(recipe, [o for o in overrides if o.startswith("train.max_steps=")]).train.max_steps
+    if steps is None or own_steps(overrides):
+        return load_config(recipe, own_steps(overrides)).train.max_steps
     return steps
 
 
@@ -168,8 +173,8 @@ def train_args(recipe: str, overrides: list[str], data: Path, run: Path, *, step
     """The `difftool train` arguments of one variant on one set; --max-steps only where --steps overrides the recipe."""
     # `{set}` stands for the set's folder name, e.g. train.init_from=runs/quality/runs/{set}-eps
     overrides = [o.replace("{set}", data.name) for o in overrides]
-    own_steps = steps is None or any(o.startswith("train.max_steps=") for o in overrides)
-    return ["train", "--dataset", str(data), "--recipe", recipe, *([] if own_steps else ["--max-steps", str(steps)]),
+    keep = steps is None or own_steps(overrides)
+    return ["train", "--dataset", str(data), "--recipe", recipe, *([] if keep else ["--max-steps", str(steps)]),
             "--resolution", str(resolution), "--output", str(run), "--set", "eval.every=0",  # timed: training alone
             *[a for o in overrides for a in ("--set", o)]]
 
