@@ -419,8 +419,7 @@ def test_the_package_builds_without_deprecation_warnings(tmp_path):
     # setuptools warns of what stops building on a date (a licence as a TOML table: 2027-02-18), and
     # only in pip's build log, which a user never reads.
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(root)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(root)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr
     assert "is deprecated" not in log and "SetuptoolsDeprecationWarning" not in log, [

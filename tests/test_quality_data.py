@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from quality import train_args, variant_steps  # noqa: E402
 from quality_data import make_set, write_set  # noqa: E402
 
 from difftool.config import load_config  # noqa: E402
@@ -34,8 +35,6 @@ def test_a_folder_written_for_one_count_is_not_reused_for_another(tmp_path):
 
 
 def test_a_variant_trains_its_own_steps_then_steps_then_its_recipes(tmp_path):
-    from quality import train_args, variant_steps
-
     def max_steps(args: list[str]) -> str | None:
         return args[args.index("--max-steps") + 1] if "--max-steps" in args else None
 
