@@ -426,8 +426,13 @@ def test_the_package_builds_without_deprecation_warnings(tmp_path):
         line for line in log.splitlines() if "deprecat" in line.lower()]
     (wheel,) = tmp_path.glob("difftool-*.whl")
     with zipfile.ZipFile(wheel) as built:
-        metadata = next(built.read(n).decode() for n in built.namelist() if n.endswith(".dist-info/METADATA"))
+        names = built.namelist()
+        metadata = next(built.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+        licence = [built.read(n).decode() for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    # the expression names the licence; its text travels with the wheel, as Apache-2.0 asks
+    assert len(licence) == 1 and "Apache License" in licence[0] and "Version 2.0" in licence[0]
+    assert "License-File: LICENSE" in metadata.splitlines()
 
 
 def test_installed_executable_bad_input(tmp_path):
