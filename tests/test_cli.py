@@ -415,7 +415,7 @@ def test_installed_executable_version(tmp_path):
     assert proc.stdout.strip() == f"difftool {__version__}"
 
 
-def test_the_package_builds_without_deprecation_warnings(tmp_path):
+def test_the_package_builds_without_deprecation_warnings_and_carries_its_licence(tmp_path):
     # setuptools warns of what stops building on a date (a licence as a TOML table: 2027-02-18), and
     # only in pip's build log, which a user never reads.
     root = Path(__file__).resolve().parent.parent
