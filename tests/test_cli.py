@@ -169,6 +169,13 @@ def test_train_on_a_folder_without_a_gpu_chooses_folder32_and_says_why(tmp_path)
     assert (cfg.recipe, cfg.data.resolution, cfg.data.dataset) == ("folder32", 32, str(tmp_path / "photos"))
 
 
+def test_train_dry_run_refuses_a_dataset_folder_that_is_not_there(tmp_path):
+    result = invoke("train", "--dataset", tmp_path / "nowhere", "--dry-run")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"difftool: error: dataset folder not found: {tmp_path / 'nowhere'}; check the path, "
+                                      "or use --dataset shapes for the built-in data")
+
+
 def test_training_says_in_its_first_line_which_recipe_it_chose_and_why(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
