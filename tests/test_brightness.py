@@ -49,9 +49,13 @@ def test_samples_have_the_brightness_of_the_data(tmp_path, level):
     cfg = tiny_config(f"data.dataset={tmp_path / 'data'}", "train.max_steps=300", "train.lr=0.003",
                       "train.batch_size=16", "checkpoint.every=1000", "sample.every=1000", "log.every=100")
     train(cfg, tmp_path / "run", show_progress=False)
-    generate(tmp_path / "run", SampleRequest(num_images=32), tmp_path / "samples", show_progress=False)
-    samples = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "samples").glob("0*.png"))])
-    assert abs(samples.mean() - data_mean) < 5, f"samples' mean pixel {samples.mean():.1f}, the data's {data_mean:.1f}"
+    # The run's DDIM, and folder32's stochastic DPM-Solver++ SDE, whose first step is at infinite noise here.
+    for scheduler in (None, "dpm-solver-sde"):
+        out = tmp_path / f"samples-{scheduler}"
+        generate(tmp_path / "run", SampleRequest(num_images=32, scheduler=scheduler), out, show_progress=False)
+        samples = np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("0*.png"))])
+        assert abs(samples.mean() - data_mean) < 5, \
+            f"{scheduler or 'ddim'}: samples' mean pixel {samples.mean():.1f}, the data's {data_mean:.1f}"
 
 
 def test_an_epsilon_run_fine_tuned_into_v_takes_the_datas_brightness(tmp_path):

@@ -289,6 +289,16 @@ def test_recipes_for_data_of_any_brightness_predict_v_at_zero_terminal_snr(recip
     assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
 
 
+def test_folder32_samples_with_a_stochastic_sampler_at_the_same_model_calls_as_ddim():
+    """benchmarks/quality.py: DPM-Solver++ SDE-50 beat DDIM-50 on unseen data (dark 0.83 -> 0.57, light 0.34 -> 0.19)."""
+    from difftool.sampling.schedulers import get_spec, model_calls
+
+    sample = config_mod.load_config("folder32").sample
+    spec = get_spec(sample.scheduler)
+    assert spec.stochastic and spec.name == "dpm-solver-sde"
+    assert model_calls(spec, sample.steps) == model_calls(get_spec("ddim"), 50)
+
+
 def test_zero_terminal_snr_needs_a_prediction_that_survives_it():
     with pytest.raises(UserError, match="rescale_betas_zero_snr needs scheduler.prediction_type=v_prediction"):
         config_mod.load_config("cifar10", ["scheduler.rescale_betas_zero_snr=true"])
