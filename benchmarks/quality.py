@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -302,7 +303,7 @@ def main() -> None:
         f"Figures: `benchmarks/figures/quality-SET-{args.resolution}.png` (top row real, then one row per variant).")
     print("\n" + body)
     if args.record:
-        command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+        command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
         budget = f"{steps[0]} steps" if len(set(steps)) == 1 else "steps per variant"
         append_results(f"Sample quality on unseen data, {args.resolution} px, {budget}", command, body)
 
