@@ -7,11 +7,13 @@ import difflib
 import errno
 import os
 import re
+import resource
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-# Full disk or quota, read-only file system, permissions: fixed outside difftool, not a bug in it.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# Full disk or quota, read-only file system, permissions, a file size limit (ulimit -f): fixed outside difftool,
+# not a bug in it.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 class UserError(Exception):
@@ -24,7 +26,10 @@ def is_storage_error(err: BaseException) -> bool:
 
 def storage_problem(err: OSError) -> str:
     """`No space left on device: PATH`, naming the file when the OS says which."""
-    return f"{err.strerror or err}: {err.filename}" if err.filename else str(err.strerror or err)
+    problem = f"{err.strerror or err}: {err.filename}" if err.filename else str(err.strerror or err)
+    if err.errno == errno.EFBIG:
+        problem += " (beyond the file size limit of this process, `ulimit -f`)"
+    return problem
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:
@@ -65,6 +70,8 @@ def _os_error_code(err: Exception, path: Path) -> int | None:
                 return errno.EROFS
             if fs.f_bavail * fs.f_frsize < 16 * 2**20:
                 return errno.ENOSPC
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return errno.EFBIG  # Python ignores SIGXFSZ, so the write failed, and torch does not say why
     return None
 
 

@@ -37,6 +37,17 @@ from difftool.errors import (
     is_storage_error,
     os_errors_of_writers,
 )
+from difftool.safeio import (
+    JSONL_LIMIT,
+    UnsafeFile,
+    append_text,
+    create_new,
+    kind_of,
+    loads_json,
+    read_bounded,
+    read_json,
+    refuse_special,
+)
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
@@ -179,11 +190,15 @@ def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
+
+    A FIFO, device or socket at `path` is refused; a link there is replaced itself, never written through.
+    """
+    refuse_special(path)
     make_folder(path.parent, output=path)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     with creating(path):
-        tmp.open("wb").close()
+        create_new(tmp)
     try:
         with os_errors_of_writers(path):
             yield tmp
@@ -206,25 +221,36 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it takes the place of `path`.
 
     An existing `path` is moved aside first and deleted only after the new one is in place,
-    so there is always one complete copy on disk.
+    so there is always one complete copy on disk. A FIFO, device or socket at `path` is refused; a link
+    there is replaced itself, never followed.
     """
+    refuse_special(path)
     make_folder(path.parent, output=path)
     tmp = temporary_dir(path)
     old = _set_aside(path)
     restore_set_aside(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_entry(tmp)
     with creating(path):
         tmp.mkdir()
     try:
         with os_errors_of_writers(path):
             yield tmp
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier replacement
+        if os.path.lexists(path):
+            remove_entry(old)  # left by an interrupted earlier replacement
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_entry(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_entry(tmp)
+
+
+def remove_entry(path: Path) -> None:
+    """Delete what is at `path` if anything: a folder with what it holds, a file or a link (never what it points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _set_aside(path: Path) -> Path:
@@ -258,10 +284,10 @@ def remove_tree(path: Path) -> None:
     """Delete a folder by first renaming it to a temporary name: a kill halfway through the deletion
     leaves a leftover that `clean_temporaries` removes, never a half-deleted folder under its name."""
     doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    if path.exists():
+    remove_entry(doomed)
+    if os.path.lexists(path):
         os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_entry(doomed)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -270,24 +296,24 @@ def write_text(path: Path, text: str) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line appended to `path` (never through a link, never into a special file)."""
+    append_text(path, json.dumps(record) + "\n")
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """The JSON objects of a file written by `append_jsonl`, and how many lines were not one.
 
     A file another process is appending to may end in half a line, and a killed one may have left one:
-    those are counted, never fatal. A missing file has no records.
+    those are counted, never fatal. A missing file has no records; a link or a special file is an UnsafeFile.
     """
     try:
-        text = path.read_text(errors="replace")
+        text = read_bounded(path, JSONL_LIMIT).decode(errors="replace")
     except FileNotFoundError:
         return [], 0
     records, damaged = [], 0
     for line in filter(str.strip, text.splitlines()):
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except ValueError:
             record = None
         if isinstance(record, dict):
@@ -361,12 +387,12 @@ class RunDir:
     def trim_metrics(self, step: int) -> None:
         """Keep the records up to `step`, where a resumed run continues: a killed run may have logged
         steps past its last checkpoint, or died in the middle of a line."""
-        if not self.metrics.is_file():
+        if not os.path.lexists(self.metrics):
             return
         kept = []
-        for line in self.metrics.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                if json.loads(line)["step"] <= step:
+        for line in read_bounded(self.metrics, JSONL_LIMIT).decode(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
+                if loads_json(line)["step"] <= step:
                     kept.append(line + "\n")
         write_text(self.metrics, "".join(kept))
 
@@ -377,7 +403,7 @@ class RunDir:
                 for old in folder.glob(f"{TMP_PREFIX}old-*"):
                     restore_set_aside(folder / old.name.removeprefix(f"{TMP_PREFIX}old-"))
                 for p in folder.glob(f"{TMP_PREFIX}*"):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    remove_entry(p)
 
 
 def is_checkpoint_name(path: Path) -> bool:
@@ -405,9 +431,11 @@ def progress_problem(checkpoint: Path) -> str | None:
 def _parse_progress(checkpoint: Path) -> dict | str:
     """The progress record, or what is wrong with it."""
     try:
-        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        progress = read_json(checkpoint / PROGRESS_FILE)
     except FileNotFoundError:
         return f"{PROGRESS_FILE} is missing"
+    except UnsafeFile:
+        return f"{PROGRESS_FILE} is {kind_of(checkpoint / PROGRESS_FILE) or 'far too large'}, not a regular file"
     except (OSError, ValueError) as err:
         return f"{PROGRESS_FILE} is damaged ({first_line(err)})"
     if not isinstance(progress, dict):

@@ -25,6 +25,9 @@ from typing import TypeVar
 from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import show_notes
 from difftool.rundir import creating, lock_name, make_folder
+from difftool.safeio import UnsafeFile, loads_json, open_regular, read_json
+
+MAX_PID = 2**31 - 1  # a pid beyond it cannot be a process's: the lock file is damaged
 
 T = TypeVar("T")
 
@@ -93,10 +96,10 @@ def holder(root: Path, command: str = "train") -> dict | None:
     file left by a killed process on this host names a pid that is gone: nobody holds the folder then.
     """
     try:
-        owner = json.loads((root / lock_name(command)).read_text())
-    except (OSError, ValueError):
+        owner = read_json(root / lock_name(command))
+    except (OSError, ValueError, UnsafeFile):
         return None
-    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+    if not isinstance(owner, dict) or not _is_pid(owner.get("pid")):
         return None
     if owner.get("host") == socket.gethostname():
         try:
@@ -112,7 +115,7 @@ def _acquire(path: Path, command: str) -> int:
     """An open descriptor holding the lock on `path` (the file as it is on disk now)."""
     while True:
         with creating(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -124,7 +127,7 @@ def _acquire(path: Path, command: str) -> int:
             os.close(fd)
             continue
         previous = _owner(fd)
-        if previous.get("pid"):
+        if _is_pid(previous.get("pid")):
             host = previous.get("host", "?")
             show_notes([f"taking over {path} from pid {previous['pid']} on {host}, which is no longer running"])
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -136,15 +139,21 @@ def _acquire(path: Path, command: str) -> int:
 def _owner(fd: int) -> dict:
     """The owner recorded in the lock file ({} if none or unreadable: then nobody is named)."""
     try:
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        owner = loads_json(os.pread(fd, 4096, 0) or b"{}")
     except ValueError:
         return {}
     return owner if isinstance(owner, dict) else {}
 
 
+def _is_pid(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PID
+
+
 def _describe(path: Path) -> str:
     try:
-        owner = json.loads(path.read_text())
-        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}, per {path.name}"
-    except (OSError, ValueError, KeyError, TypeError):
+        owner = read_json(path, 4096)
+        if not _is_pid(owner["pid"]):
+            raise ValueError("no pid")
+        return f"pid {owner['pid']} on {str(owner['host'])[:100]} since {str(owner['since'])[:40]}, per {path.name}"
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return f"see {path}"

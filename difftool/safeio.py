@@ -1,0 +1,142 @@
+"""Files that difftool reads from a run folder, or writes anywhere: never through a link, never into a device,
+FIFO or socket, never unbounded.
+
+A run folder may come from someone else. Its files are data: a `train.lock` that is a symbolic link to one of
+the user's files must not be written through, a preview grid that links to a private picture must not be
+inlined into a page, a FIFO must not hang a reader, and a file of '[' * 5000 must give one line naming it,
+not a RecursionError. Links are checked on the last part of a path only: a run folder kept on another disk
+through a linked parent folder is the user's own doing, and works.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+from difftool.errors import UserError
+
+# Bounds on what difftool reads from files it wrote: far above anything it writes, far below a memory problem.
+JSON_LIMIT = 16 * 2**20  # progress.json, a lock, an evaluation's metrics.json
+JSONL_LIMIT = 512 * 2**20  # metrics.jsonl and sessions.jsonl of a very long run
+IMAGE_LIMIT = 64 * 2**20  # a preview grid
+
+_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+class UnsafeFile(UserError):
+    """A file difftool would read or write is a link, a special file, too large, or outside where it belongs."""
+
+
+def kind_of(path: Path) -> str | None:
+    """'a symbolic link', 'a FIFO (named pipe)', 'a folder', ... for what is at `path` (not followed); None for a
+    regular file or nothing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    return _KINDS.get(stat.S_IFMT(mode)) if not stat.S_ISREG(mode) else None
+
+
+def is_special(path: Path) -> bool:
+    """True for a FIFO, a device or a socket at `path` (not followed): no command may write into or replace one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
+def refuse_special(path: Path, option: str = "--output") -> None:
+    """Refuse an output that is a FIFO, a device or a socket: replacing one (/dev/null) is never what was meant."""
+    if is_special(path):
+        raise UserError(f"{option} {path} is {kind_of(path)}, not a file or folder; difftool writes only files and "
+                        f"folders, --overwrite or not: choose another {option}")
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """`os.open` of a regular file that never follows a link at `path` and never blocks on a FIFO.
+
+    A link, a FIFO, a device, a socket or a folder there is an UnsafeFile naming it; other OS errors pass through.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EOPNOTSUPP):
+            raise _unsafe(path, kind_of(path) or "not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _unsafe(path, kind_of(path) or "not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unsafe(path: Path, kind: str) -> UnsafeFile:
+    return UnsafeFile(f"{path} is {kind}, not a regular file; difftool never reads or writes through links or "
+                      f"into special files in its folders: remove it, or use a copy of the folder without it")
+
+
+def read_bounded(path: Path, limit: int, *, inside: Path | None = None) -> bytes:
+    """The bytes of the regular file `path` (not a link), at most `limit` of them, and, with `inside`, only if
+    the file really lies in that folder (no linked parent leads out of it)."""
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        if inside is not None and not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(inside)):
+            raise UnsafeFile(f"{path} lies outside {inside} (through a linked folder); difftool reads only "
+                             f"files inside the folder: remove the link")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(2**20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise UnsafeFile(f"{path} is larger than {limit // 2**20} MiB, far more than difftool writes there; "
+                         f"it is not a file difftool made: remove it or use another")
+    return b"".join(chunks)
+
+
+def loads_json(text: str | bytes):
+    """`json.loads` that reports nesting too deep for the parser ('[' * 5000) as the ValueError of bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a file difftool wrote") from None
+
+
+def read_json(path: Path, limit: int = JSON_LIMIT):
+    """The JSON value in the regular file `path`: ValueError if it is not JSON, UnsafeFile if it is not a file."""
+    return loads_json(read_bounded(path, limit))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to the regular file `path`, creating it; never through a link or into a special file."""
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def create_new(path: Path) -> None:
+    """Create the empty file `path`, replacing whatever a crash left under that name but never writing
+    through it (O_EXCL also refuses a link)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise _unsafe(path, "a folder") from None
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
