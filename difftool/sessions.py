@@ -59,10 +59,15 @@ def read_sessions(path: Path) -> list[Session]:
     """The sessions in `path`, oldest first; lines that are damaged or do not fit are passed over."""
     sessions: list[Session] = []
     for record in read_jsonl(path)[0]:
-        if not isinstance(record.get("time"), (int, float)):
+        if not _plausible_time(record.get("time")):
             continue
         if record.get("event") == "start":
             sessions.append(Session(record, None))
         elif record.get("event") == "end" and sessions and sessions[-1].end is None:
             sessions[-1].end = record
     return sessions
+
+
+def _plausible_time(value) -> bool:
+    """A Unix time a clock could have written (1970 to 2200): damaged lines (1e300, NaN) are passed over."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 7.3e9

@@ -26,6 +26,7 @@ from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.models.export import INFO_FILE, SINGLE_FILE_FORMAT
 from difftool.models.hub import WEIGHT_FILES, download_unet
 from difftool.models.sources import locate
+from difftool.safeio import loads_json, read_json
 from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
@@ -327,9 +328,9 @@ def _optional_json(path: Path) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = read_json(path)
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
-        raise UserError(f"cannot read {path} ({err})") from err
+        raise UserError(f"cannot read {path} ({first_line(err)})") from err
     if not isinstance(value, dict):
         raise UserError(f"cannot read {path}: it holds a JSON {type(value).__name__}, not an object of settings")
     return value
@@ -352,9 +353,9 @@ def read_single_file_metadata(path: Path) -> dict:
         raise UserError(f"{path} is in single-file format {meta['difftool_format']}, which this difftool "
                         f"({__version__}) does not read; upgrade difftool")
     try:
-        found = {"unet_config": json.loads(meta["unet_config"]),
-                 "scheduler_config": json.loads(meta["scheduler_config"]), "info": json.loads(meta["difftool"])}
-    except (KeyError, json.JSONDecodeError) as err:
+        found = {"unet_config": loads_json(meta["unet_config"]),
+                 "scheduler_config": loads_json(meta["scheduler_config"]), "info": loads_json(meta["difftool"])}
+    except (KeyError, ValueError) as err:
         raise UserError(f"{path} has damaged difftool metadata ({err!r})") from err
     not_objects = [key for key, value in found.items() if not isinstance(value, dict)]
     if not_objects:
