@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from difftool import __version__
-from difftool.errors import UserError, did_you_mean, first_line
+from difftool.errors import UserError, did_you_mean, first_line, shown
 from difftool.hints import coerce, field_types, type_name
 # The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
 from difftool.recipebook import parse_yaml, recipe_dir, recipe_for_dataset, recipe_names, recipe_summary, recipe_text  # noqa: F401,E501
@@ -187,6 +187,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# Image i's generator is seeded with seed * 1_000_003 + i (training's with more factors), which must fit torch's 64 bits.
+SEED_MAX = 2**32 - 1
+
 # ---------------------------------------------------------------- loading
 
 
@@ -298,7 +301,7 @@ def _assign(cfg: Config, path: str, value: Any, errors: list[str]) -> None:
     hint = field_types(type(owner))[name]
     ok, coerced = coerce(value, hint)
     if not ok:
-        errors.append(f"{path} must be {type_name(hint)}, got {value!r}")
+        errors.append(f"{path} must be {type_name(hint)}, got {shown(value)}")
         return
     setattr(owner, name, coerced)
 
@@ -308,11 +311,14 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
     if raw is None:
         return obj
     if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
+        errors.append(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {shown(raw)}")
         return obj
     hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in raw.items():
+        if not isinstance(key, str):
+            errors.append(f"{prefix.rstrip('.') or 'recipe'} has a key that is not a name: {shown(key)}")
+            continue
         path = f"{prefix}{key}"
         if key not in names:
             errors.append(f"unknown config key '{path}'{did_you_mean(path, [prefix + n for n in names])}")
@@ -325,7 +331,7 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
         if ok:
             setattr(obj, key, coerced)
         else:
-            errors.append(f"{path} must be {type_name(hint)}, got {value!r}")
+            errors.append(f"{path} must be {type_name(hint)}, got {shown(value)}")
     return obj
 
 
@@ -383,7 +389,7 @@ def validate(cfg: Config) -> list[str]:
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if isinstance(m.class_conditional, str) and m.class_conditional != "auto":
-        e.append(f"model.class_conditional must be true, false or auto, got {m.class_conditional!r}")
+        e.append(f"model.class_conditional must be true, false or auto, got {shown(m.class_conditional)}")
     if not 0 <= m.class_dropout < 1:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
     if cfg.sample.guidance_scale < 1:
@@ -391,6 +397,9 @@ def validate(cfg: Config) -> list[str]:
     if not 0 <= cfg.sample.guidance_rescale <= 1:
         e.append(f"sample.guidance_rescale must be in [0, 1] (0 = off), got {cfg.sample.guidance_rescale}")
     e += _eval_problems(cfg.eval)
+    e += [f"{path} must be in [0, {SEED_MAX}], got {shown(seed)}" for path, seed in
+          [("train.seed", t.seed), ("sample.seed", cfg.sample.seed), ("eval.seed", cfg.eval.seed)]
+          if not 0 <= seed <= SEED_MAX]
     if not 0 < cfg.ema.max_decay < 1:
         e.append(f"ema.max_decay must be in (0, 1), got {cfg.ema.max_decay}")
     e += _weighting_problems(t, s.prediction_type)

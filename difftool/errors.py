@@ -7,6 +7,7 @@ import difflib
 import errno
 import os
 import re
+import reprlib
 import resource
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +31,18 @@ def storage_problem(err: OSError) -> str:
     if err.errno == errno.EFBIG:
         problem += " (beyond the file size limit of this process, `ulimit -f`)"
     return problem
+
+
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict, _SHOWN.maxset = 3, 6, 6, 6, 6
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 80, 80, 40
+
+
+def shown(value) -> str:
+    """`repr(value)` cut short for an error message: a recipe's nested aliases (a 'billion laughs') expand to
+    billions of items in a plain repr, and a 400-digit number is not worth quoting whole."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:

@@ -25,7 +25,11 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """YAML 1.2 booleans, plain types only; nesting too deep for the parser is a YAMLError like any bad YAML."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to be a recipe") from None
 
 
 def recipe_dir():

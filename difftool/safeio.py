@@ -78,6 +78,14 @@ def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
     return fd
 
 
+def check_regular(*paths: Path) -> None:
+    """Refuse, before any work, a file that a command will read or append to and that is not a regular file."""
+    for path in paths:
+        kind = kind_of(path)
+        if kind is not None:
+            raise _unsafe(path, kind)
+
+
 def _unsafe(path: Path, kind: str) -> UnsafeFile:
     return UnsafeFile(f"{path} is {kind}, not a regular file; difftool never reads or writes through links or "
                       f"into special files in its folders: remove it, or use a copy of the folder without it")

@@ -7,15 +7,16 @@ from typing import Annotated
 
 import typer
 
+from difftool.config import SEED_MAX
+
 # Checked at parse time, as EDM does: past these bounds a request fails, or runs out of memory, only later.
-SEED_MAX = 2**32 - 1  # image i's generator is seeded with seed * 1_000_003 + i, which must fit torch's 64 bits
 IMAGES_MAX = 10_000_000  # image indices are listed before the first is made; FID papers use 50,000
 
 Recipe = Annotated[str | None, typer.Option("--recipe", "-r", help="Built-in recipe name or a recipe YAML file (difftool recipes list). Default: chosen from --dataset, else quickstart.")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override any config field: --set train.batch_size=64 (repeatable).")]
 Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="shapes (built-in, offline), a hub data set (cifar10, mnist, ..., or any name), or a local image folder.")]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="Run folder. Default: runs/RECIPE-DATASET.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default from the recipe).")]
+Seed = Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed (default from the recipe).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]

@@ -14,6 +14,7 @@ from difftool.config import Config
 from difftool.recipebook import flatten
 from difftool.errors import UserError
 from difftool.rundir import RunDir, file_in_the_way, new_run_folder, resolve_resume, resumable
+from difftool.safeio import check_regular
 
 # Config fields a resumed run may change: how long to train, what to write and measure along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
@@ -84,6 +85,7 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
             raise UserError(f"cannot resume {run.root} with a different config ({', '.join(changed)}); "
                             f"start a new run with --output, or keep those settings")
         resumable(resume)
+        check_regular(run.metrics, run.sessions)  # appended to: never through a link, never into a FIFO
         return
     if not run.contents():
         return
