@@ -16,7 +16,7 @@ from pathlib import Path
 
 from difftool.rundir import append_jsonl, made_by, read_jsonl
 
-FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"  # reached max_steps; Ctrl-C with a checkpoint; error
+FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"  # reached max_steps; Ctrl-C or a signal; error
 
 
 @contextlib.contextmanager
@@ -24,7 +24,8 @@ def training_session(path: Path | None, *, step: int, **facts) -> Iterator[dict]
     """Record the block as one session in `path` (None: this process records nothing, as in non-main ranks).
 
     `facts` (max_steps, resumed_from, hardware) go into the start line with the versions. The caller sets
-    `step` and `outcome` in the dict it is given; a block left by an exception is recorded as failed.
+    `step` and `outcome` in the dict it is given; a block left by an exception is recorded as failed, one left
+    by KeyboardInterrupt (a second Ctrl-C, SIGTERM outside the loop) as stopped: nothing went wrong.
     """
     end = {"step": None, "outcome": FAILED}
     if path is None:
@@ -33,6 +34,9 @@ def training_session(path: Path | None, *, step: int, **facts) -> Iterator[dict]
     append_jsonl(path, {"event": "start", "time": time.time(), "step": step, **facts, **made_by()})
     try:
         yield end
+    except KeyboardInterrupt:
+        end["outcome"] = STOPPED
+        raise
     finally:
         with contextlib.suppress(OSError):  # a full disk must not hide the error that ended the session
             append_jsonl(path, {"event": "end", "time": time.time(), **end})

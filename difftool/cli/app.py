@@ -76,6 +76,8 @@ def _run(typer_app: typer.Typer) -> None:
 
     SIGTERM (`kill`, `docker stop`, a batch scheduler's time limit) is handled like Ctrl-C:
     `train` saves a checkpoint, `sample` keeps its finished images, temporary files are removed.
+    Once the command has ended, both are ignored: all that is left is the interpreter's shutdown (torch's
+    exit hooks among it), which a Ctrl-C would only cut short with a traceback, under the command's exit code.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -85,6 +87,9 @@ def _run(typer_app: typer.Typer) -> None:
             raise
         report_error(f"internal error: {type(err).__name__}: {err} (run with --debug or DIFFTOOL_DEBUG=1 for the traceback)")
         sys.exit(1)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _interrupt(signum, frame):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from difftool import __version__
 from difftool.config import read_config
-from difftool.errors import UserError, first_line
+from difftool.errors import UserError, first_line, shown
 from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.models.export import INFO_FILE, SINGLE_FILE_FORMAT
 from difftool.models.hub import WEIGHT_FILES, download_unet
@@ -36,6 +37,8 @@ from difftool.rundir import (
 CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the raw (non-EMA) weights
 # accelerate saves the prepared model's keys: DDP adds `module.`, torch.compile `_orig_mod.`.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# Reads of a run started again after its newest checkpoint was rotated away mid-read, before giving up.
+ROTATION_RETRIES = 10
 
 
 # ---------------------------------------------------------------- loading
@@ -74,10 +77,35 @@ def load_native(source: str | Path, *, weights: str | None = None) -> LoadedMode
     """
     if weights not in (None, "ema", "raw"):
         raise UserError(f"--weights must be 'ema' or 'raw', not '{weights}'")
-    found = _find(str(source), weights)
+    path = locate(str(source))
+    if path is not None and RunDir(path).is_run():
+        return _load_run(RunDir(path), weights)
+    return _loaded(_find_local(path if path is not None else download_unet(str(source)), weights, str(source)))
+
+
+def _loaded(found: _Found) -> LoadedModel:
     unet = _load_unet(found.unet_config, found.weights_file)
     return LoadedModel(unet, found.scheduler_config, found.info, found.source, found.weights,
                        state_dict_hash(unet.state_dict()), found.notes)
+
+
+def _load_run(run: RunDir, weights: str | None) -> LoadedModel:
+    """A run's model (`_from_run`), read safely while the run trains and rotates its checkpoints.
+
+    With checkpoint.total_limit, the newest checkpoint can be rotated away (renamed, then deleted) after it was
+    chosen and before all its files were read. Its read then starts again from the run's newest complete
+    checkpoint: only a checkpoint still in place when reading it fails is reported as damaged.
+    """
+    for _ in range(ROTATION_RETRIES):
+        checkpoint = run.latest_checkpoint()
+        try:
+            return _loaded(_from_run(run, checkpoint, weights))
+        except (UserError, OSError):
+            if checkpoint is None or os.path.lexists(checkpoint):
+                raise
+    raise UserError(f"the newest checkpoint of {run.root} was rotated away while it was read, {ROTATION_RETRIES} "
+                    f"times in a row: training replaces them faster than they are read. Try again, or train with a "
+                    f"higher checkpoint.total_limit")
 
 
 def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
@@ -90,16 +118,9 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _find(source: str, weights: str | None) -> _Found:
-    path = locate(source)
-    return _find_local(path if path is not None else download_unet(source), weights, source)
-
-
 def _find_local(path: Path, weights: str | None, where: str) -> _Found:
     if path.is_file() and path.suffix == ".safetensors":
         return _from_single_file(path, weights)
-    if RunDir(path).is_run():
-        return _from_run(RunDir(path), weights)
     if (path / "progress.json").is_file() and RunDir(path.parent.parent).is_run():
         return _from_checkpoint(path, weights)
     if (path / "model_index.json").is_file() and (path / "unet").is_dir():
@@ -122,9 +143,8 @@ def _choose(where: str, held: tuple[str, ...], weights: str | None) -> str:
                     f"difftool run folders, their checkpoints and model/ folders of runs trained with EMA")
 
 
-def _from_run(run: RunDir, weights: str | None) -> _Found:
-    """model/ once training has finished, else the latest checkpoint (with a note saying so)."""
-    checkpoint = run.latest_checkpoint()
+def _from_run(run: RunDir, checkpoint: Path | None, weights: str | None) -> _Found:
+    """model/ once training has finished, else `checkpoint`, the latest one (with a note saying so)."""
     if (run.model_dir / "model_index.json").is_file():
         model_step = _optional_json(run.model_dir / INFO_FILE).get("step")
         if checkpoint is None or model_step is None or model_step >= read_progress(checkpoint)["step"]:
@@ -227,7 +247,7 @@ def _check_record(record: dict, where: Path) -> dict:
     if not isinstance(record, dict):
         raise UserError(f"{where} is damaged: it holds a JSON {type(record).__name__}, not an object; "
                         f"use an intact copy of the model")
-    damaged = [f"{key}={record[key]!r}" for key, usable in _RECORD_CHECKS.items() if key in record and not usable(record[key])]
+    damaged = [f"{key}={shown(record[key])}" for key, usable in _RECORD_CHECKS.items() if key in record and not usable(record[key])]
     if damaged:
         raise UserError(f"{where} is damaged: it records {', '.join(damaged)}; use an intact copy of the model")
     return record

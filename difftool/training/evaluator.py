@@ -162,20 +162,27 @@ class Evaluator:
 
     # ------------------------------------------------------------ one evaluation
 
-    def evaluate(self, step: int) -> dict | None:
+    def evaluate(self, step: int, abandonable=contextlib.nullcontext) -> dict | None:
         """Sample and score the EMA weights at `step` (every process samples its share); the record on the
-        main process, None elsewhere. checkpoints/best is replaced when the score is the best so far."""
+        main process, None elsewhere. checkpoints/best is replaced when the score is the best so far.
+
+        `abandonable` (the loop's StopOnSignal.abandonable) wraps what Ctrl-C may cut short: sampling, scoring
+        and saving checkpoints/best, all written under temporary names; never swapping the training weights
+        back, which the checkpoint saved next relies on.
+        """
         start = time.perf_counter()
         unet = self.writer.eval_unet()
         try:
-            done = sample_and_score(str(self.run.model_dir), self._model(unet, step), self._request(),
-                                    self.run.eval_dir / SAMPLES_DIR, self.scorer, overwrite=True, resume=False,
-                                    show_progress=self.show_progress, sampling_precision=self.accelerator.autocast)
+            with abandonable():
+                done = sample_and_score(str(self.run.model_dir), self._model(unet, step), self._request(),
+                                        self.run.eval_dir / SAMPLES_DIR, self.scorer, overwrite=True, resume=False,
+                                        show_progress=self.show_progress, sampling_precision=self.accelerator.autocast)
         finally:
             self.writer.restore_weights(unet)
         record = None if done is None else self._record(step, done[1], time.perf_counter() - start)
-        if self._on_every_process(record is not None and record["eval/best_step"] == step):
-            self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
+        with abandonable():
+            if self._on_every_process(record is not None and record["eval/best_step"] == step):
+                self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
         if record is not None:
             append_jsonl(self.run.metrics, record)
             say(f"eval step {step}: {self.key()[5:].upper()} {record[self.key()]:.4g} "

@@ -72,18 +72,34 @@ class NonFiniteSteps:
         return True
 
 
-class StopOnSignal:
-    """Ctrl-C and SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+class EvaluationStopped(KeyboardInterrupt):
+    """The first Ctrl-C/SIGTERM during an evaluation: it is abandoned, and the run stops as after any step.
 
-    def __init__(self, trainer):  # the loop's trainer: reads and sets stop_requested
+    A KeyboardInterrupt, so that no `except Exception` on the way (an image decoder's, a loader's) swallows it,
+    and so that anything that cleans up after Ctrl-C (temporary files, locks) does so for this too.
+    """
+
+
+class StopOnSignal:
+    """Ctrl-C and SIGTERM ask the loop to save a checkpoint and stop after the current step.
+
+    A step takes seconds, an evaluation (sampling, scoring, saving checkpoints/best) can take an hour: inside
+    `abandonable()` the first signal also raises EvaluationStopped, which ends the evaluation at once. A second
+    signal raises KeyboardInterrupt anywhere: stop now, keeping the newest complete checkpoint.
+    """
+
+    def __init__(self, trainer):  # the loop's trainer: reads and sets stop_requested; its accelerator
         self.trainer = trainer
         self.previous = {}
+        self.abandoning = False
 
     def __enter__(self):
         def handler(signum, frame):
             if self.trainer.stop_requested:  # a second Ctrl-C means now
                 raise KeyboardInterrupt
             self.trainer.stop_requested = True
+            if self.abandoning:
+                raise EvaluationStopped
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -93,3 +109,22 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, previous in self.previous.items():
             signal.signal(sig, previous)
+
+    @contextlib.contextmanager
+    def abandonable(self):
+        """A block the first signal cuts short with EvaluationStopped (also raised on entry when a stop is
+        already asked for). Keep out of it what must not stop halfway, such as swapping the EMA weights back.
+
+        One process only: under DDP a process that left an evaluation early would leave the others waiting in
+        its collectives, so there the evaluation ends first, and a second Ctrl-C stops at once.
+        """
+        if self.trainer.accelerator.num_processes > 1 or not self.previous:
+            yield
+            return
+        if self.trainer.stop_requested:
+            raise EvaluationStopped
+        self.abandoning = True
+        try:
+            yield
+        finally:
+            self.abandoning = False

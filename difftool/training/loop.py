@@ -45,7 +45,7 @@ from difftool.rundir import (
 )
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
-from difftool.training.guards import StopOnSignal, Window
+from difftool.training.guards import EvaluationStopped, StopOnSignal, Window
 from difftool.training.setup import (
     exported_step,
     flat_config,
@@ -82,8 +82,11 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     """
     run = RunDir(output)
     check_folder_path(run.root)
-    # replaces: --overwrite clears the run folder, and a data folder inside it with it
-    refuse_inputs_as_output(run.root, {"the data": data_folder(cfg.data.dataset)}, replaces=True)
+    # replaces: --overwrite clears the run folder, and a data folder or start weights inside it with it
+    inputs = {"the data": data_folder(cfg.data.dataset)}
+    if resume is None:  # a resumed run keeps its folder: its own weights may well be the start weights
+        inputs["train.init_from"] = cfg.train.init_from
+    refuse_inputs_as_output(run.root, inputs, replaces=True)
     keep_freed_memory()
     accelerator = make_accelerator(cfg, run)
     try:
@@ -196,18 +199,25 @@ class _Trainer:
         self.outputs = RunWriter(cfg, run, self.steps, info)
         self.device = accelerator.device
         self.stop_requested = False
+        self.step = 0  # the step reached, for the record of a session a second Ctrl-C ends
 
     # ------------------------------------------------------------ loop
 
     def run_session(self, start_step: int, max_steps: int, show_progress: bool, resume: Path | None,
                     evaluator: Evaluator | None) -> TrainResult:
         """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
-        from which step to which, and on what (`difftool report` shows them)."""
+        from which step to which, and on what (`difftool report` shows them). A second Ctrl-C (KeyboardInterrupt)
+        ends it as stopped too, at the step reached."""
         acc = self.accelerator
+        self.step = start_step
         with training_session(self.run.sessions if acc.is_main_process else None, step=start_step,
                               max_steps=max_steps, resumed_from=resume.name if resume else None,
                               **hardware(acc)) as end:
-            result = self.run_loop(start_step, max_steps, show_progress, evaluator)
+            try:
+                result = self.run_loop(start_step, max_steps, show_progress, evaluator)
+            except KeyboardInterrupt:
+                end["step"] = self.step
+                raise
             end.update(step=result.step, outcome=FINISHED if result.finished else STOPPED)
         return result
 
@@ -216,10 +226,10 @@ class _Trainer:
         progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
         window = Window(self.device)
         step, last_loss = start_step, None
-        with StopOnSignal(self), progress:
+        with StopOnSignal(self) as guard, progress:
             while step < max_steps:
                 window.add(self.steps.step(step), step)
-                step += 1
+                step = self.step = step + 1
                 progress.advance()
                 logging = step % cfg.log.every == 0 or step == max_steps
                 saving = step % cfg.checkpoint.every == 0 or step == max_steps
@@ -234,7 +244,7 @@ class _Trainer:
                     if saving or stop:
                         self.outputs.save_checkpoint(step)
                     if evaluating and not stop:
-                        self._log_evaluation(evaluator.evaluate(step))
+                        stop = self._evaluate(evaluator, step, guard, saved=saving)
                     window.reset()  # img/s measures training steps, not previews, checkpoints and evaluations
                 if stop:
                     break
@@ -270,10 +280,22 @@ class _Trainer:
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return loss
 
-    def _log_evaluation(self, record: dict | None) -> None:
-        """An evaluation's scores to the trackers (tensorboard, ...), beside the training metrics."""
+    def _evaluate(self, evaluator: Evaluator, step: int, guard: StopOnSignal, saved: bool) -> bool:
+        """Evaluate at `step`, its scores to the trackers (tensorboard, ...) beside the training metrics.
+
+        True when Ctrl-C/SIGTERM cut the evaluation short: the run then stops as after any step, with the
+        checkpoint of `step` saved here unless it was already (`saved`).
+        """
+        try:
+            record = evaluator.evaluate(step, abandonable=guard.abandonable)
+        except EvaluationStopped:
+            say(f"evaluation at step {step} abandoned (Ctrl-C or a signal)", highlight=False)
+            if not saved:
+                self.outputs.save_checkpoint(step)
+            return True
         if record is not None:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        return False
 
     def last_checkpoint(self) -> str:
         return str(self.run.latest_checkpoint() or "none yet")
