@@ -115,9 +115,12 @@ def read_bounded(path: Path, limit: int, *, inside: Path | None = None) -> bytes
 
 
 def loads_json(text: str | bytes):
-    """`json.loads` that reports nesting too deep for the parser ('[' * 5000) as the ValueError of bad JSON."""
+    """`json.loads` that reports nesting too deep for the parser ('[' * 5000) as the ValueError of bad JSON.
+
+    Bytes must be UTF-8, as difftool writes them (json.loads would guess UTF-16 from a byte-order mark).
+    """
     try:
-        return json.loads(text)
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     except RecursionError:
         raise ValueError("nested too deeply to be a file difftool wrote") from None
 
