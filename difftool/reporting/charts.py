@@ -2,6 +2,9 @@
 
 Bare `Figure`s on the Agg canvas (no pyplot): no display is needed and no global state is left behind. PNG
 rather than SVG keeps every image of the page one kind, which a test decodes one by one.
+
+Text drawn from the run's files (a distance's name, a sweep's schedulers) goes through `literal`: matplotlib
+reads "$...$" as math text, and a metrics key such as `eval/$\\foo$` would otherwise fail the whole page.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ DPI = 120
 COLOUR = "tab:blue"
 BEST = "tab:red"
 LOG_RANGE = 30  # a positive curve spanning more than this factor gets a log axis (losses that fall fast)
+LABEL_CHARS = 60  # text from the run's files is cut to this on a chart (the tables show it whole)
+
+
+def literal(text) -> str:
+    """`text` as matplotlib shows it literally: every `$` escaped (no math text), cut to LABEL_CHARS, and
+    bytes of undecodable names as escapes."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
+    return text.replace("$", r"\$")
 
 
 def data_uri(figure: Figure) -> str:
@@ -55,10 +67,11 @@ def eval_figure(evals: EvalHistory) -> Figure:
     figure = Figure(figsize=(SIZE[0] * 2, SIZE[1]), dpi=DPI)
     left, right = figure.subplots(1, 2)
     left.plot(evals.distance.steps, evals.distance.values, color=COLOUR, marker="o", linewidth=1.5)
+    name = literal(evals.name)
     left.plot([evals.best_step], [evals.best_value], linestyle="none", marker="*", markersize=16, color=BEST,
-              label=f"best: step {evals.best_step:,}, {evals.name} {evals.best_value:.4g}")
+              label=f"best: step {evals.best_step:,}, {name} {evals.best_value:.4g}")
     left.axvline(evals.best_step, color=BEST, linestyle=":", linewidth=1)
-    _finish(left, f"{evals.name} during training (lower is better)", evals.name)
+    _finish(left, f"{name} during training (lower is better)", name)
     if len(evals.kid):
         right.plot(evals.kid.steps, evals.kid.values, color=COLOUR, marker="o", linewidth=1.5)
         std = dict(zip(evals.kid_std.steps, evals.kid_std.values, strict=True))
@@ -66,7 +79,7 @@ def eval_figure(evals: EvalHistory) -> Figure:
             low = [v - std.get(s, 0.0) for s, v in zip(evals.kid.steps, evals.kid.values, strict=True)]
             high = [v + std.get(s, 0.0) for s, v in zip(evals.kid.steps, evals.kid.values, strict=True)]
             right.fill_between(evals.kid.steps, low, high, color=COLOUR, alpha=0.2, label="± std over subsets")
-        right.axvline(evals.best_step, color=BEST, linestyle=":", linewidth=1, label=f"best {evals.name} step")
+        right.axvline(evals.best_step, color=BEST, linestyle=":", linewidth=1, label=f"best {name} step")
         _finish(right, "KID during training (lower is better)", "KID")
     else:
         right.set_axis_off()

@@ -2,12 +2,16 @@
 
 Read from config.yaml, sessions.jsonl, the run's lock and the newest checkpoint. A run written before a
 file existed (0.1.0 has no sessions.jsonl) gets "not recorded" for what that file would have said.
+
+Every file is read through `difftool.safeio` (regular files only, never through a link, bounded): the run may
+come from someone else. config.yaml is the one the report cannot do without; the others, when damaged, are
+left out with a note.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +19,16 @@ from pathlib import Path
 import yaml
 
 from difftool.config import config_from_dict, to_dict
-from difftool.errors import UserError
+from difftool.errors import UserError, first_line
 from difftool.recipebook import flatten, parse_yaml, recipe_dir, recipe_names
 from difftool.rundir import PROGRESS_FILE, RunDir, describe_versions
 from difftool.runlock import holder
+from difftool.safeio import JSON_LIMIT, UnsafeFile, read_bounded, read_json
 from difftool.sessions import FAILED, FINISHED, STOPPED, Session, read_sessions
 
 NOT_RECORDED = "not recorded"
 HARDWARE_KEYS = ("processes", "device", "device_name", "mixed_precision", "host")
+CONFIG_DEPTH, CONFIG_NODES = 32, 100_000  # far beyond any config difftool writes; beyond them, a YAML bomb
 
 
 @dataclass
@@ -46,6 +52,7 @@ class RunFacts:
     step: int | None  # the last step in metrics.jsonl
     max_steps: int | None
     wall_seconds: float | None  # summed over sessions; None when no session was recorded
+    notes: list[str]  # files left out (a sessions.jsonl that is a folder or a link), each with why
 
     @property
     def untimed_steps(self) -> int:
@@ -60,19 +67,24 @@ class RunFacts:
 
 def read_facts(run: RunDir, last_step: int | None) -> RunFacts:
     """The facts of `run`; `last_step` is the newest step of its metrics (the history knows it)."""
-    if not run.is_run():
+    if not run.is_run() and not os.path.lexists(run.config):  # a FIFO or link there: _read_config names it
         raise UserError(f"{run.root} is not a difftool run folder (no {run.config.name}); give the folder "
                         f"`difftool train` wrote, e.g. runs/quickstart-shapes")
     config = _read_config(run)
     recipe = str(config.get("recipe", "custom"))
-    sessions = read_sessions(run.sessions)
+    notes = []
+    try:
+        sessions = read_sessions(run.sessions)
+    except UnsafeFile as err:
+        sessions = []
+        notes.append(str(err))
     max_steps = _max_steps(config, sessions)
     training = holder(run.root)
     return RunFacts(root=run.root, config=config, recipe=recipe, overrides=_overrides(config, recipe),
                     versions=_versions(run, config, sessions), hardware=_hardware(sessions), sessions=sessions,
                     state=_state(run, training, sessions, last_step, max_steps), training=training,
                     step=last_step, max_steps=max_steps,
-                    wall_seconds=_wall_seconds(run, sessions, training is not None))
+                    wall_seconds=_wall_seconds(run, sessions, training is not None), notes=notes)
 
 
 def _max_steps(config: dict, sessions: list[Session]) -> int | None:
@@ -85,13 +97,34 @@ def _max_steps(config: dict, sessions: list[Session]) -> int | None:
 
 
 def _read_config(run: RunDir) -> dict:
+    """config.yaml, or one line naming it: a link, a FIFO, nesting deeper than a parser takes, an alias bomb."""
     try:
-        config = parse_yaml(run.config.read_text())
+        config = parse_yaml(read_bounded(run.config, JSON_LIMIT).decode())
+    except RecursionError:
+        raise UserError(f"cannot read {run.config}: it is nested too deeply to be a config difftool wrote; the "
+                        f"report needs the run's config: restore it") from None
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read {run.config}: {err}; the report needs the run's config") from err
+        raise UserError(f"cannot read {run.config}: {first_line(err)}; the report needs the run's config") from err
     if not isinstance(config, dict):
         raise UserError(f"{run.config} is not a YAML mapping of sections; the report needs the run's config")
+    if not _small(config):
+        raise UserError(f"{run.config} is nested deeper than {CONFIG_DEPTH} or holds more than {CONFIG_NODES:,} "
+                        f"values (YAML aliases can multiply them); it is not a config difftool wrote: restore it")
     return config
+
+
+def _small(value) -> bool:
+    """Whether `value` (parsed YAML, where aliases may repeat one list many times over) stays within
+    CONFIG_DEPTH levels and CONFIG_NODES values, counted without recursion."""
+    stack, seen = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > CONFIG_DEPTH or seen > CONFIG_NODES:
+            return False
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _overrides(config: dict, recipe: str) -> list[Override] | None:
@@ -125,8 +158,8 @@ def _versions(run: RunDir, config: dict, sessions: list[Session]) -> list[str]:
 
 def _newest_progress(run: RunDir) -> dict:
     for checkpoint in reversed(run.checkpoints()):
-        with contextlib.suppress(OSError, ValueError):
-            progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        with contextlib.suppress(OSError, ValueError, UnsafeFile):
+            progress = read_json(checkpoint / PROGRESS_FILE)
             if isinstance(progress, dict):
                 return progress
     return {}

@@ -3,12 +3,18 @@
 Charts and grids are inline PNGs, the style sheet is inline, and there is no script at all; the page's
 Content-Security-Policy forbids anything else, so a browser refuses (and reports) any stray network access.
 The page is written atomically: a browser reloading it while a report is made sees the old page or the new.
+
+Where it goes: the default, RUN/report.html, lies inside the run, so the run folder may take a report, but
+inside it only a new file or a page difftool report wrote itself (it carries the GENERATOR meta tag) is ever
+replaced, and never a file of the run's layout (`RUN/train.lock` replaced under a running `train` would let a
+second one start beside it), --overwrite or not. Outside the run, --overwrite replaces another file.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from difftool import __version__
@@ -16,9 +22,10 @@ from difftool.errors import UserError
 from difftool.reporting import sections
 from difftool.reporting.evaluations import default_places, find_evaluations
 from difftool.reporting.facts import read_facts
-from difftool.reporting.history import eval_history, read_history
+from difftool.reporting.history import eval_history, plausible_step, read_history
 from difftool.reporting.timeline import preview_timeline
-from difftool.rundir import RunDir, refuse_inputs_as_output, write_text
+from difftool.rundir import LOCK_FILE, TMP_PREFIX, RunDir, refuse_inputs_as_output, write_text
+from difftool.safeio import open_regular, refuse_special
 
 GENERATOR = "difftool report"  # marks a file as a report, which a new report may replace
 MAX_GRIDS = 24
@@ -55,6 +62,7 @@ class Report:
     grids_total: int
     evaluations: int  # evaluations and sweeps of the run found
     has_eval_history: bool
+    notes: list[str] = field(default_factory=list)  # files left out (links, special files, damage), with why
 
 
 def make_report(run_folder: Path, output: Path | None = None, *, places: list[Path] | None = None,
@@ -70,41 +78,75 @@ def make_report(run_folder: Path, output: Path | None = None, *, places: list[Pa
     output = Path(output) if output is not None else run.report
     check_output(output, run, overwrite)
     places = default_places(run.root) if places is None else list(places)
-    found, sweeps = find_evaluations(run.root, places)
+    found = find_evaluations(run.root, places)
     evals = eval_history(history)
     timeline = preview_timeline(run, max_grids)
     resumed_at = [s.start["step"] for s in facts.sessions if s.start.get("resumed_from")
-                  and isinstance(s.start.get("step"), int)]
+                  and plausible_step(s.start.get("step"))]
     body = "".join([
         sections.summary(facts),
         sections.curves(history, resumed_at),
         sections.evaluation_curves(evals),
         sections.previews(timeline),
-        sections.evaluations(found, sweeps, [str(p) for p in places]),
+        sections.evaluations(found, [str(p) for p in places]),
         sections.recipe(facts),
     ])
     write_text(output, document(facts.name, facts.state, body))
-    return Report(output, len(timeline.shown), timeline.total, len(found) + len(sweeps), evals is not None)
+    notes = [*facts.notes, *([history.unreadable] if history.unreadable else [])]
+    if timeline.skipped:
+        notes.append(f"left out {len(timeline.skipped)} preview grid(s), not read: {'; '.join(timeline.skipped)}")
+    notes += [f"left out a damaged evaluation file: {d}" for d in found.damaged]
+    return Report(output, len(timeline.shown), timeline.total, len(found.evaluations) + len(found.sweeps),
+                  evals is not None, notes)
 
 
 def check_output(output: Path, run: RunDir, overwrite: bool) -> None:
-    """The report may replace an earlier report, never the run's own files or another file unasked."""
+    """The report may replace an earlier report; inside the run nothing else, outside another file only with
+    `overwrite`; never the run's own files. A link at `output` is replaced itself, never written through."""
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give the .html file to write")
-    refuse_inputs_as_output(output, {"the run's config": run.config, "its metrics": run.metrics,
-                                     "its sessions": run.sessions, "its preview grids": run.samples_dir,
-                                     "its checkpoints": run.checkpoints_dir, "its model": run.model_dir})
-    if output.exists() and not overwrite and not is_report(output):
+    refuse_special(output)  # before is_report looks into it
+    where = Path(os.path.realpath(output.parent)) / output.name  # the entry the page will take
+    root = Path(os.path.realpath(run.root))
+    if where.is_relative_to(root) and where != root:
+        _check_inside_run(output, where.relative_to(root), run)
+    elif not os.path.islink(output):  # a hard link to a run's file is that file
+        refuse_inputs_as_output(where, {"the run's config": run.config, "its metrics": run.metrics,
+                                        "its sessions": run.sessions, "its preview grids": run.samples_dir,
+                                        "its checkpoints": run.checkpoints_dir, "its model": run.model_dir,
+                                        "its lock": run.root / LOCK_FILE, "its evaluation data": run.eval_dir})
+    if os.path.lexists(output) and not overwrite and not is_report(output):
         raise UserError(f"{output} exists and is not a difftool report; pass --overwrite to replace it or choose "
                         f"another --output")
 
 
+def _check_inside_run(output: Path, inside: Path, run: RunDir) -> None:
+    """In the run folder: a new file or an earlier report, never a name of the run's layout."""
+    layout = {p.name for p in (run.config, run.metrics, run.sessions, run.checkpoints_dir, run.model_dir,
+                               run.samples_dir, run.logs_dir, run.eval_dir)} | {LOCK_FILE}
+    first = inside.parts[0]
+    if first in layout or first.startswith(TMP_PREFIX) or first.endswith(".lock"):
+        raise UserError(f"--output {output} is {'' if len(inside.parts) == 1 else 'inside '}the run's own "
+                        f"{first}; difftool report never writes over the run's files, --overwrite or not: choose "
+                        f"another --output (the default {run.report}, or a path outside the run)")
+    if os.path.lexists(output) and not is_report(output):
+        raise UserError(f"--output {output} is in the run folder and is not a page difftool report wrote; inside "
+                        f"a run it replaces only its own pages, --overwrite or not: remove it, or choose an "
+                        f"--output outside the run")
+
+
 def is_report(path: Path) -> bool:
+    """Whether `path` is a regular file (not a link) that starts as a page of difftool report does."""
     try:
-        with path.open("rb") as f:
-            return f'<meta name="generator" content="{GENERATOR}">'.encode() in f.read(4096)
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, UserError):
+        return False
+    try:
+        return f'<meta name="generator" content="{GENERATOR}">'.encode() in os.read(fd, 4096)
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def document(name: str, state: str, body: str) -> str:

@@ -1,4 +1,5 @@
-"""The sections of the report page, each as HTML: every string from the run or the user goes through `esc`."""
+"""The sections of the report page, each as HTML: every string from the run or the user goes through `esc`, and
+every one drawn on a chart through `charts.literal`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ import math
 import yaml
 
 from difftool.reporting import charts
-from difftool.reporting.evaluations import Evaluation, Sweep
+from difftool.reporting.evaluations import Evaluation, Found, Sweep
 from difftool.reporting.facts import NOT_RECORDED, RunFacts
-from difftool.reporting.history import DISTANCE_NAMES, EVAL_PREFIX, SMOOTH_SPAN, EvalHistory, History
+from difftool.reporting.history import (
+    DISTANCE_NAMES,
+    EVAL_PREFIX,
+    MAX_STEP,
+    SMOOTH_SPAN,
+    EvalHistory,
+    History,
+    finite,
+)
 from difftool.reporting.timeline import Timeline
 from difftool.evaluation.plots import fd_vs_nfe_figure
 
@@ -24,7 +33,8 @@ CURVES = (  # metrics.jsonl key, title, axis label, smoothed (lr follows its sch
 
 
 def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    """`value` as HTML text; bytes of undecodable file names as escapes (\\udcff), which UTF-8 can write."""
+    return html.escape(str(value).encode("utf-8", "backslashreplace").decode("utf-8"), quote=True)
 
 
 def table(header: list[str], rows: list[list], css: str = "") -> str:
@@ -58,7 +68,7 @@ def when(seconds: float | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not finite(seconds) or seconds < 0:  # NaN or 1e300 in a damaged line
         return NOT_RECORDED
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -89,7 +99,8 @@ def summary(facts: RunFacts) -> str:
         ["hardware", "; ".join(facts.hardware)],
         ["versions", "; ".join(facts.versions)],
     ]
-    return section("run", "The run", table(["", ""], rows, "facts") + _sessions(facts))
+    left_out = "".join(note(f"Left out: {n}") for n in facts.notes)
+    return section("run", "The run", table(["", ""], rows, "facts") + left_out + _sessions(facts))
 
 
 def _sessions(facts: RunFacts) -> str:
@@ -139,9 +150,11 @@ def curves(history: History, resumed_at: list[int]) -> str:
             parts.append(image(charts.data_uri(figure), f"{title} over steps"))
     if not parts:
         parts.append(note("No training step has been logged yet (metrics.jsonl is empty or missing)."))
+    if history.unreadable:
+        parts.append(note(f"Left out: {history.unreadable}"))
     if history.damaged_lines:
         parts.append(note(f"{history.damaged_lines} line(s) of metrics.jsonl could not be read (half-written "
-                          f"while training, or damaged) and are left out."))
+                          f"while training, or damaged: not JSON, or no usable step) and are left out."))
     return section("curves", "Training curves", '<div class="charts">' + "".join(parts) + "</div>"
                    + note(f"Pale: the values as logged; dark: an exponential moving average over about "
                           f"1/{SMOOTH_SPAN} of the points (drawn from {SMOOTH_SPAN + 1} points on). x: optimizer "
@@ -176,36 +189,41 @@ def previews(timeline: Timeline) -> str:
         return section("previews", "Preview grids", note("No preview grid yet (samples/step-NNNNNN.png)."))
     figures = "".join(f'<figure>{image(uri, f"preview grid at step {step}", "grid")}'
                       f"<figcaption>step {step:,}</figcaption></figure>" for step, uri in timeline.shown)
+    thinned = len(timeline.shown) + len(timeline.skipped) < timeline.total
     shown = (f"All {timeline.total} grids" if len(timeline.shown) == timeline.total else
-             f"{len(timeline.shown)} of {timeline.total} grids, evenly spaced (--max-grids shows more)")
+             f"{len(timeline.shown)} of {timeline.total} grids"
+             + (", evenly spaced (--max-grids shows more)" if thinned else ""))
+    skipped = note(f"Left out, not read: {'; '.join(timeline.skipped)} (difftool reads only regular files inside "
+                   f"the run that decode as PNG).") if timeline.skipped else ""
     return section("previews", "Preview grids",
-                   note(f"{shown}: samples of the EMA weights from fixed seeds, oldest first.")
+                   note(f"{shown}: samples of the EMA weights from fixed seeds, oldest first.") + skipped
                    + f'<div class="timeline">{figures}</div>')
 
 
 # ---------------------------------------------------------------- evaluations
 
 
-def evaluations(found: list[Evaluation], sweeps: list[Sweep], searched: list[str]) -> str:
-    if not found and not sweeps:
+def evaluations(found: Found, searched: list[str]) -> str:
+    damaged = "".join(note(f"Left out, damaged: {d}") for d in found.damaged)
+    if not found.evaluations and not found.sweeps:
         return section("evaluations", "Evaluations and sweeps", note(
             f"No evaluation of this run found in {', '.join(searched)}. Make one with difftool evaluate RUN "
             f"--reference DATA (a sweep: add --sweep \"ddim:10,20,50;dpm-solver:10,20\"); --evaluations DIR "
-            f"looks elsewhere."))
+            f"looks elsewhere.") + damaged)
     parts = []
-    if found:
+    if found.evaluations:
         parts.append("<h3>Evaluations</h3>" + table(
             ["folder", "model", "distance", "KID", "IS", "precision / recall", "N", "sampler", "reference"],
-            [_evaluation_row(e) for e in found]))
-    for sweep in sweeps:
+            [_evaluation_row(e) for e in found.evaluations]))
+    for sweep in found.sweeps:
         parts.append(_sweep(sweep))
-    return section("evaluations", "Evaluations and sweeps", "".join(parts))
+    return section("evaluations", "Evaluations and sweeps", "".join(parts) + damaged)
 
 
 def _evaluation_row(found: Evaluation) -> list:
     r, sampling = found.record, found.record.get("sampling", {})
     key = next((k for k in DISTANCE_NAMES if k in r), None)
-    pr = f"{number(r['precision'], 3)} / {number(r['recall'], 3)}" if "precision" in r else "-"
+    pr = f"{number(r['precision'], 3)} / {number(r.get('recall'), 3)}" if "precision" in r else "-"
     model = found.model + (f" ({sampling['weights']} weights)" if sampling.get("weights") else "")
     return [found.folder.name, model, f"{DISTANCE_NAMES[key]} {number(r[key])}" if key else "-",
             _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")), pr,
@@ -217,8 +235,11 @@ def _sweep(sweep: Sweep) -> str:
     results = sweep.results
     distance = str(results.get("distance", "FID"))
     rows = [r for r in results["rows"] if isinstance(r, dict)]
-    plotted = [r for r in rows if isinstance(r.get("nfe"), (int, float)) and isinstance(r.get("fd"), (int, float))]
-    figure = image(charts.data_uri(fd_vs_nfe_figure(plotted, distance)), f"{distance} against NFE") if plotted else ""
+    # drawn: what a log axis can take (an NFE from 1 to MAX_STEP, a finite distance), names as literal text
+    plotted = [{"scheduler": charts.literal(r.get("scheduler")), "nfe": r["nfe"], "fd": r["fd"]} for r in rows
+               if finite(r.get("nfe")) and 1 <= r["nfe"] <= MAX_STEP and finite(r.get("fd"))]
+    figure = image(charts.data_uri(fd_vs_nfe_figure(plotted, charts.literal(distance))),
+                   f"{distance} against NFE") if plotted else ""
     body = table(["scheduler", "steps", "NFE", distance, "KID", "IS", "img/s", "N"],
                  [[r.get("scheduler"), number(r.get("steps")), number(r.get("nfe")), number(r.get("fd")),
                    _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")),
