@@ -83,8 +83,8 @@ def test_inception_file_gives_features_and_probabilities(fake_inception):
 def test_the_network_is_moved_to_the_extractor_device(spec, extractor_file, fake_inception):
     """TorchScript loads onto the CPU; on a GPU the images go to CUDA, so the network must follow them
     (the meta device stands in for CUDA here; tests/test_gpu.py runs the real pass)."""
-    extractor = (load_extractor("inception", inception_weights=fake_inception, device="meta") if spec == "inception"
-                 else load_extractor(str(extractor_file), device="meta"))
+    extractor = (load_extractor("inception", inception_weights=fake_inception, device="meta", probe_resolution=None)
+                 if spec == "inception" else load_extractor(str(extractor_file), device="meta", probe_resolution=None))
     assert {b.device.type for b in extractor.module.buffers()} == {"meta"}
 
 
@@ -117,8 +117,10 @@ def test_extractor_with_wrong_output_is_refused(tmp_path):
 
     path = tmp_path / "flat.pt"
     torch.jit.save(torch.jit.script(Flat()), str(path))
-    with pytest.raises(UserError, match="must return an N×D tensor"):
-        load_extractor(str(path), device="cpu")(shapes(2))
+    with pytest.raises(UserError, match="returned features of shape .384,. for 2 images .an N×D tensor is needed"):
+        load_extractor(str(path), device="cpu", probe_resolution=None)(shapes(2))
+    with pytest.raises(UserError, match="shape .6144,. for 2 images"):
+        load_extractor(str(path), device="cpu")  # the check pass, at 32 px
 
 
 def test_not_a_torchscript_file_is_refused(tmp_path):
@@ -324,7 +326,7 @@ def test_statistics_file_round_trip_and_refusals(tmp_path, extractor_file, fake_
     with pytest.raises(UserError, match="made from 8-px images, these are 16 px"):
         reference_mod.check_compatible(loaded, extractor, 16, "ref.npz")
     inception = load_extractor("inception", inception_weights=fake_inception, device="cpu")
-    with pytest.raises(UserError, match="made with the feature extractor torchscript:pooled"):
+    with pytest.raises(UserError, match=f"made with the feature extractor {extractor.name}"):
         reference_mod.check_compatible(loaded, inception, 8, "ref.npz")
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable"):

@@ -25,7 +25,7 @@ Examples:
 def stats(
     data: Annotated[str, typer.Argument(help="The real images: any --dataset of train (shapes, a hub data set, a folder), or an .npz of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The statistics .npz to write.")],
-    resolution: Annotated[int, typer.Option(min=1, help="Image size the data is resized and centre-cropped to (the models' resolution).")] = 32,
+    resolution: Annotated[int | None, typer.Option(min=1, help="Image size a data set is resized and centre-cropped to (the models' resolution). Default: 32; an .npz or a folder from difftool sample is taken at its own size.")] = None,
     features: options.Features = "inception",
     inception_weights: options.InceptionWeights = None,
     feature_batch_size: options.FeatureBatchSize = 100,

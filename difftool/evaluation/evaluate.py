@@ -57,6 +57,7 @@ from difftool.rundir import (
 )
 from difftool.runlock import main_process_lock
 
+DEFAULT_RESOLUTION = 32  # of statistics made from a data set, when no resolution is given
 COMPARABLE_N = 10_000  # below this FID is biased upwards and only comparable at equal N
 PR_MAX = 10_000  # precision/recall compares at most this many features of each set (k-NN is quadratic)
 PR_SEED = 0
@@ -115,7 +116,7 @@ def _evaluate_into(output: Path, source: str, reference: str | None, options: Me
         if done is None:
             return None
         record, notes = done[1], []
-    write_text(output / METRICS_FILE, json.dumps(record, indent=2) + "\n")
+    write_text(output / METRICS_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")  # `score` checked
     return Evaluation(output, record, notes + record["warnings"])
 
 
@@ -137,8 +138,14 @@ def prepare_scorer(reference: str | None, options: MetricOptions, resolution: in
     another resolution should stop a run before an hour of sampling, not after it."""
     if not main_process():
         return None
-    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
+    extractor = checked_extractor(options, resolution)
     return Scorer(extractor, resolve_reference(reference, extractor, resolution, options, show_progress), options)
+
+
+def checked_extractor(options: MetricOptions, resolution: int) -> Extractor:
+    """The feature network of `options`, after one pass over a few images of `resolution` (`features.probe`): one
+    that fails or returns no features is refused before anything is sampled, trained or written."""
+    return load_extractor(options.features, inception_weights=options.inception_weights, probe_resolution=resolution)
 
 
 def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
@@ -174,7 +181,7 @@ def score(images: ImageSet, reference: Reference | None, extractor: Extractor, o
                         f"between evaluations with the same N")
     if reference is not None:
         record.update(reference=reference.source, reference_images=reference.count)
-        record[distance_key(extractor)] = frechet_distance(gaussian_stats(found.features), reference.stats)
+        record[distance_key(extractor)] = _distance(found.features, reference)
         if len(reference.features) >= 2:
             kid = kernel_inception_distance(reference.features, found.features, subsets=options.kid_subsets,
                                             subset_size=options.kid_subset_size)
@@ -189,12 +196,34 @@ def score(images: ImageSet, reference: Reference | None, extractor: Extractor, o
         inception = inception_score(found.probs, splits=options.is_splits)
         record.update(is_mean=inception.mean, is_std=inception.std)
     record["warnings"] = warnings
+    _check_finite(record, reference)
     return record
 
 
-def build_stats(data: str, output: Path, *, resolution: int, options: MetricOptions, overwrite: bool = False,
+def _distance(features: np.ndarray, reference: Reference) -> float:
+    """The Fréchet distance of `features` to the reference; statistics that cannot be compared are the user's."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by `_check_finite`
+            return frechet_distance(gaussian_stats(features), reference.stats)
+    except ValueError as err:  # sizes that differ, or a covariance product with no real square root
+        raise UserError(f"the images cannot be compared with the reference {reference.source} ({err}); make the "
+                        f"statistics again with difftool stats and the same --features") from err
+
+
+def _check_finite(record: dict, reference: Reference | None) -> None:
+    """A score that is NaN or infinite is an error, never a number written as NaN (which is not JSON)."""
+    bad = [key for key, value in record.items() if isinstance(value, float) and not np.isfinite(value)]
+    if bad:
+        against = f" against {reference.source}" if reference is not None else ""
+        raise UserError(f"{', '.join(bad)} came out {record[bad[0]]}{against}: the features or the statistics hold "
+                        f"values too large to compute with; check the feature network and make the statistics "
+                        f"again with difftool stats")
+
+
+def build_stats(data: str, output: Path, *, resolution: int | None, options: MetricOptions, overwrite: bool = False,
                 show_progress: bool = True) -> Reference:
-    """`difftool stats`: reference statistics of any data source `train` reads, or an .npz of images."""
+    """`difftool stats`: reference statistics of any data source `train` reads (at `resolution`, by default
+    DEFAULT_RESOLUTION), or of an .npz of images or a folder `difftool sample` wrote (at their own size)."""
     output = Path(output)
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
@@ -205,8 +234,13 @@ def build_stats(data: str, output: Path, *, resolution: int, options: MetricOpti
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
     check_output_folder(output.parent)
     # The extractor first: a wrong --features should not wait for a data set to be read.
-    extractor = load_extractor(options.features, inception_weights=options.inception_weights)
-    images = images_of(data, resolution=resolution, split=options.split, max_images=options.reference_images)
+    extractor = checked_extractor(options, resolution or DEFAULT_RESOLUTION)
+    images = images_of(data, resolution=resolution or DEFAULT_RESOLUTION, split=options.split,
+                       max_images=options.reference_images)
+    if resolution is not None and images.resolution != resolution:  # samples are never resized: see images_of
+        raise UserError(f"{data} holds {images.resolution}-px images, not {resolution} px: the statistics of "
+                        f"generated images are made at their own size, and only they compare with images of it; "
+                        f"drop --resolution (or give --resolution {images.resolution}), or sample at {resolution} px")
     reference = from_images(images, extractor, batch_size=options.batch_size, show_progress=show_progress)
     save(reference, output)
     return reference

@@ -14,6 +14,8 @@ does not install beside every torch build (and not beside the CPU build we test 
 from __future__ import annotations
 
 import hashlib
+import io
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from difftool.errors import UserError, first_line
+from difftool.evaluation.metrics import PROB_ATOL
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -31,6 +34,13 @@ DINOV2_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILT_IN = ("inception", "dinov2")
+# Features per image: Inception gives 2048, DINOv2-L 1024. Far wider, a covariance matrix passes 2 GB (float64),
+# so a network that returns more is refused rather than let run the machine out of memory. Classes too.
+MAX_WIDTH = 16_384
+PROBE_IMAGES, PROBE_SEED, PROBE_RESOLUTION = 2, 0, 32  # the images of the check pass before any work (`probe`)
+# The line of a TorchScript error that says what went wrong ("builtins.RuntimeError: ..."); the lines before it
+# are the network's source code.
+_SCRIPT_ERROR = re.compile(r"^(?:builtins\.)?([\w.]*(?:Error|Exception)): (.+)$")
 
 
 @dataclass
@@ -47,11 +57,14 @@ class Features:
 class Extractor:
     """An image network turned into features; subclasses implement `_run` on a batch already on `device`."""
 
-    name: str  # names the network and its weights: statistics with another name are not comparable
+    name: str  # names the network by its content: statistics with another name are not comparable
+    label: str  # names it for a person: the file, or the model id
     distance_name: str = "FD"  # what the Fréchet distance on these features is called
     # Class probabilities (the Inception Score) cost Inception a second call per batch: a caller that needs no
     # Inception Score (statistics, evaluation during training) turns them off.
     probs: bool = True
+    width: int | None = None  # features per image, fixed by the first batch (see `probe`)
+    classes: int | None = None  # class probabilities per image, likewise
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         # TorchScript files load onto the CPU: the network goes where the images will go.
@@ -63,8 +76,42 @@ class Extractor:
             raise ValueError(f"feature extractors take uint8 N×C×H×W images, got {images.dtype} {tuple(images.shape)}")
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)  # grayscale is seen as gray RGB, as every FID tool does
-        features, probs = self._run(images.to(self.device))
-        return features.float().cpu(), None if probs is None else probs.float().cpu()
+        try:
+            features, probs = self._run(images.to(self.device))
+        except (UserError, MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a network from a file fails in whatever way its code does
+            raise UserError(f"the feature extractor {self.label} failed on {len(images)} uint8 images of "
+                            f"{images.shape[2]}×{images.shape[3]} px ({script_error(err)}); it must take uint8 "
+                            f"N×3×H×W images of any size: fix it, or use --features inception") from err
+        features = self._checked("features", features, len(images), "width")
+        probs = None if probs is None else self._checked("probabilities", probs, len(images), "classes")
+        if probs is not None and ((probs < 0).any() or not torch.allclose(probs.sum(1), torch.ones(()),
+                                                                          atol=PROB_ATOL)):
+            raise self._refusal("probabilities whose rows are not each non-negative and summing to 1 (softmax "
+                                "outputs, not logits)")
+        return features, probs
+
+    def _checked(self, what: str, value, count: int, attribute: str) -> torch.Tensor:
+        """`value` as float32 on the CPU if it is a finite count×D tensor, D no wider than MAX_WIDTH and the same
+        in every batch (kept in `attribute`); else a UserError saying what the network returned."""
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or len(value) != count or value.is_complex():
+            raise self._refusal(f"{what} of {_shape_of(value)} for {count} images (an N×D tensor is needed)")
+        if not 1 <= value.shape[1] <= MAX_WIDTH:
+            raise self._refusal(f"{value.shape[1]:,} {what} per image (at most {MAX_WIDTH:,} are taken)")
+        if getattr(self, attribute) not in (None, value.shape[1]):
+            raise self._refusal(f"{value.shape[1]} {what} per image for one batch and {getattr(self, attribute)} "
+                                f"for another")
+        value = value.float().cpu()
+        if not torch.isfinite(value).all():
+            raise self._refusal(f"{what} that are NaN or infinite")
+        setattr(self, attribute, value.shape[1])
+        return value
+
+    def _refusal(self, returned: str) -> UserError:
+        return UserError(f"the feature extractor {self.label} returned {returned}; it must return N×D features, "
+                         f"or a tuple of N×D features and N×K class probabilities, all finite: fix it, or use "
+                         f"--features inception")
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -79,9 +126,10 @@ class InceptionExtractor(Extractor):
 
     distance_name = "FID"
 
-    def __init__(self, module, device, digest: str):
+    def __init__(self, module, digest: str, device):
         super().__init__(module, device)
         self.name = f"inception-2015-12-05:{digest[:12]}"
+        self.label = f"inception-2015-12-05 ({digest[:12]})"
 
     def _run(self, images):
         features = self.module(images, return_features=True)
@@ -91,20 +139,16 @@ class InceptionExtractor(Extractor):
 class TorchScriptExtractor(Extractor):
     """A user's TorchScript file: uint8 N×3×H×W in, features (or a (features, probs) tuple) out."""
 
-    def __init__(self, module, device, path: Path, digest: str):
+    def __init__(self, module, digest: str, device, path: Path):
         super().__init__(module, device)
-        self.name = f"torchscript:{path.stem}:{digest[:12]}"
+        # By content alone: a copy of the file under another name is the same network.
+        self.name, self.label = f"torchscript:{digest[:12]}", str(path)
 
     def _run(self, images):
         out = self.module(images)
-        if isinstance(out, (tuple, list)):
-            features, probs = out[0], out[1] if len(out) > 1 else None
-        else:
-            features, probs = out, None
-        if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) != len(images):
-            raise UserError(f"the feature extractor {self.name} must return an N×D tensor (or a tuple of features "
-                            f"and N×K probabilities) for N images; it returned {_shape_of(features)}")
-        return features, probs
+        if isinstance(out, (tuple, list)) and len(out) in (1, 2):
+            return out[0], out[1] if len(out) > 1 else None
+        return out, None
 
 
 class Dinov2Extractor(Extractor):
@@ -114,7 +158,7 @@ class Dinov2Extractor(Extractor):
 
     def __init__(self, module, device, model_id: str):
         super().__init__(module, device)
-        self.name = f"dinov2:{model_id}"
+        self.name = self.label = f"dinov2:{model_id}"
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -125,17 +169,25 @@ class Dinov2Extractor(Extractor):
 
 
 def load_extractor(spec: str = "inception", *, inception_weights: Path | None = None,
-                   device: torch.device | str | None = None, weights_option: str = "--inception-weights") -> Extractor:
-    """`inception` (default), `dinov2`, `dinov2:MODEL` (hub id or folder), or a TorchScript file path.
+                   device: torch.device | str | None = None, weights_option: str = "--inception-weights",
+                   probe_resolution: int | None = PROBE_RESOLUTION) -> Extractor:
+    """`inception` (default), `dinov2`, `dinov2:MODEL` (hub id or folder), or a TorchScript file path, checked by
+    one pass over a few images of `probe_resolution` px (`probe`; None: not checked).
 
     `weights_option` names where the caller's user gives `inception_weights` (an option, or a config key), for
     the messages.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extractor = _load(spec, inception_weights, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                      weights_option)
+    if probe_resolution is not None:
+        probe(extractor, probe_resolution)
+    return extractor
+
+
+def _load(spec: str, inception_weights: Path | None, device: torch.device, weights_option: str) -> Extractor:
     if spec == "inception":
         path = Path(inception_weights) if inception_weights else inception_path(weights_option)
-        module = _load_torchscript(path, "the Inception weights")
-        return InceptionExtractor(module, device, _sha256(path))
+        return InceptionExtractor(*_load_torchscript(path, "the Inception weights"), device)
     if inception_weights is not None:
         raise UserError(f"{weights_option} applies to inception features, not {spec}")
     if spec == "dinov2" or spec.startswith("dinov2:"):
@@ -143,8 +195,7 @@ def load_extractor(spec: str = "inception", *, inception_weights: Path | None = 
         return Dinov2Extractor(_load_dinov2(model_id), device, model_id)
     path = Path(spec).expanduser()
     if spec and (path.suffix in (".pt", ".pth", ".ts", ".jit") or path.exists()):  # Path("") exists: it is "."
-        module = _load_torchscript(path, "the feature extractor")
-        return TorchScriptExtractor(module, device, path, _sha256(path))
+        return TorchScriptExtractor(*_load_torchscript(path, "the feature extractor"), device, path)
     raise UserError(f"unknown --features '{spec}': use inception, dinov2, dinov2:MODEL or a TorchScript file (.pt)")
 
 
@@ -161,6 +212,35 @@ def extract(extractor: Extractor, batches: Iterable[torch.Tensor], *, on_batch=N
     if not features:
         raise ValueError("no images to extract features from")
     return Features(np.concatenate(features), np.concatenate(probs) if len(probs) == len(features) else None)
+
+
+def probe(extractor: Extractor, resolution: int) -> int:
+    """One pass over PROBE_IMAGES images of `resolution` px (seeded noise), before any work: a network that fails,
+    or returns what is not features, stops a command then, not after an hour of sampling or training. Returns the
+    number of features per image."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    extractor(torch.randint(0, 256, (PROBE_IMAGES, 3, resolution, resolution), generator=generator,
+                            dtype=torch.uint8))
+    return extractor.width
+
+
+def same_network(a: str, b: str) -> bool:
+    """Whether two extractor names are the same network. Names that 0.1.0 wrote carried the TorchScript file's
+    name (`torchscript:FILE:HASH`); the network is its content, so only the hash counts."""
+    return _identity(a) == _identity(b)
+
+
+def _identity(name: str) -> str:
+    kind, _, rest = name.partition(":")
+    return f"{kind}:{rest.rpartition(':')[2]}" if kind == "torchscript" else name
+
+
+def script_error(err: BaseException, limit: int = 160) -> str:
+    """What went wrong, in one line: for a TorchScript error the `SomeError: message` line that follows the
+    network's source code, for others their first line."""
+    lines = str(err).strip().splitlines()
+    said = [m for m in map(_SCRIPT_ERROR.match, reversed(lines)) if m] if len(lines) > 1 else []
+    return f"{said[0].group(1)}: {said[0].group(2)}"[:limit] if said else first_line(err, limit)
 
 
 def inception_path(weights_option: str = "--inception-weights") -> Path:
@@ -183,13 +263,16 @@ def _give(option: str) -> str:
     return f"pass {option} FILE" if option.startswith("-") else f"set {option}=FILE"
 
 
-def _load_torchscript(path: Path, what: str) -> torch.nn.Module:
+def _load_torchscript(path: Path, what: str) -> tuple[torch.nn.Module, str]:
+    """The network in `path` and the sha256 of the very bytes it was loaded from (its name)."""
     if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist")
+        raise UserError(f"{what} file {path} does not exist" if not path.exists() else
+                        f"{what} {path} is not a file; give a TorchScript file saved with torch.jit.save")
+    data = path.read_bytes()
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the published networks are in it
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            return torch.jit.load(io.BytesIO(data), map_location="cpu").eval(), hashlib.sha256(data).hexdigest()
     except Exception as err:  # a state dict, a pickle, a truncated download: none is a TorchScript archive
         raise UserError(f"{path} is not a TorchScript file ({first_line(err, 120)}); "
                         f"{what} must be saved with torch.jit.save") from err
@@ -204,14 +287,6 @@ def _load_dinov2(model_id: str) -> torch.nn.Module:
         raise UserError(f"could not load DINOv2 weights '{model_id}' ({first_line(err)}); "
                         f"give a folder saved with save_pretrained (--features dinov2:PATH) or connect to the hub "
                         f"once so the weights are cached") from err
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _shape_of(value) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
+import os
+import stat
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps
 
 from difftool.training.data import center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
+from difftool.safeio import UnsafeFile, read_json
 from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (
     IMAGE_SUFFIXES,
@@ -47,9 +49,10 @@ NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 @contextlib.contextmanager
 def open_npz(path: Path, what: str = ".npz file") -> Iterator[np.lib.npyio.NpzFile]:
     """An .npz archive of arrays, or one UserError: np.load would also return a bare .npy array, or
-    bytes for a zip member that is not an array. Errors reading its members inside the block count too."""
+    bytes for a zip member that is not an array. Errors reading its members inside the block count too.
+    A FIFO or a device is refused, never waited on."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with _open_regular(Path(path)) as file, np.load(file, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise UserError(f"{path} is a single .npy array, not an .npz archive of named arrays")
             others = [name for name in npz.zip.namelist() if not name.endswith(".npy")]
@@ -58,6 +61,25 @@ def open_npz(path: Path, what: str = ".npz file") -> Iterator[np.lib.npyio.NpzFi
             yield npz
     except NPZ_ERRORS as err:
         raise UserError(f"{path} is not a readable {what} ({first_line(err, 120)})") from err
+
+
+def _open_regular(path: Path):
+    """The regular file `path` (a link to one is the user's own doing) opened for reading, without blocking on a
+    FIFO: np.load of a FIFO waits forever for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeFile(f"{path} is not a regular file (a FIFO, a device or a folder); give an .npz file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def npy_shape(npz: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
+    """The shape of the array `name` of `npz`, from its header alone (the array may unpack to gigabytes)."""
+    with npz.zip.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(member)[0]
 
 
 @dataclass
@@ -172,7 +194,7 @@ def _sample_record(root: Path) -> tuple[int, str]:
     """The number of samples and their format, from the sample.json of a folder `difftool sample` wrote."""
     path = root / SETTINGS_FILE
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path)
         count, fmt = int(record["num_images"]), record.get("format", "png")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{printable(path)} is damaged ({first_line(err, 120)}); sample the folder again, or remove "
