@@ -57,20 +57,25 @@ def refuse_special(path: Path, option: str = "--output") -> None:
                         f"folders, --overwrite or not: choose another {option}")
 
 
-def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
-    """`os.open` of a regular file that never follows a link at `path` and never blocks on a FIFO.
+def open_regular(path: Path, flags: int, mode: int = 0o644, *, follow: bool = False) -> int:
+    """`os.open` of a regular file that never follows a link at `path` (unless `follow`) and never blocks on a FIFO.
 
-    A link, a FIFO, a device, a socket or a folder there is an UnsafeFile naming it; other OS errors pass through.
+    A link (unless followed), a FIFO, a device, a socket or a folder there is an UnsafeFile naming it; other OS
+    errors pass through. `follow` is for reading model folders, whose files are links in the Hugging Face cache:
+    the file reached must still be a regular file.
     """
+    nofollow = 0 if follow else os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EOPNOTSUPP):
             raise _unsafe(path, kind_of(path) or "not a regular file") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _unsafe(path, kind_of(path) or "not a regular file")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _unsafe(path, _KINDS.get(stat.S_IFMT(mode), "not a regular file") if follow else
+                          kind_of(path) or "not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -91,10 +96,10 @@ def _unsafe(path: Path, kind: str) -> UnsafeFile:
                       f"into special files in its folders: remove it, or use a copy of the folder without it")
 
 
-def read_bounded(path: Path, limit: int, *, inside: Path | None = None) -> bytes:
-    """The bytes of the regular file `path` (not a link), at most `limit` of them, and, with `inside`, only if
-    the file really lies in that folder (no linked parent leads out of it)."""
-    fd = open_regular(path, os.O_RDONLY)
+def read_bounded(path: Path, limit: int, *, inside: Path | None = None, follow: bool = False) -> bytes:
+    """The bytes of the regular file `path` (not a link, unless `follow`), at most `limit` of them, and, with
+    `inside`, only if the file really lies in that folder (no linked parent leads out of it)."""
+    fd = open_regular(path, os.O_RDONLY, follow=follow)
     try:
         if inside is not None and not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(inside)):
             raise UnsafeFile(f"{path} lies outside {inside} (through a linked folder); difftool reads only "
@@ -125,9 +130,9 @@ def loads_json(text: str | bytes):
         raise ValueError("nested too deeply to be a file difftool wrote") from None
 
 
-def read_json(path: Path, limit: int = JSON_LIMIT):
+def read_json(path: Path, limit: int = JSON_LIMIT, *, follow: bool = False):
     """The JSON value in the regular file `path`: ValueError if it is not JSON, UnsafeFile if it is not a file."""
-    return loads_json(read_bounded(path, limit))
+    return loads_json(read_bounded(path, limit, follow=follow))
 
 
 def append_text(path: Path, text: str) -> None:

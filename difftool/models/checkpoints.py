@@ -348,7 +348,7 @@ def _optional_json(path: Path) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        value = read_json(path)
+        value = read_json(path, follow=True)  # the Hugging Face cache links a snapshot's files to its blobs
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise UserError(f"cannot read {path} ({first_line(err)})") from err
     if not isinstance(value, dict):
