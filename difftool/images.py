@@ -11,7 +11,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from difftool.errors import first_line
-from difftool.rundir import atomic_path
+from difftool.safeio import atomic_path
 
 _OPEN_LOCK = threading.Lock()
 

@@ -12,46 +12,39 @@
       logs/                       tracker output (tensorboard, ...)
       train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
-Everything is written through a temporary name and renamed into place, so a folder or file
-that exists under its final name is complete. Every output of every command is created here
-(`make_folder`, `atomic_path`, `atomic_dir`), so a path that cannot be created is one clear error,
-and `refuse_inputs_as_output` keeps each command from writing over or into what it reads.
+Everything is written through a temporary name and renamed into place (safeio.py), so a folder or file
+that exists under its final name is complete; `refuse_inputs_as_output` keeps each command from writing
+over or into what it reads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from difftool import __version__
 from difftool.config import read_config
-from difftool.errors import (
-    UserError,
-    first_line,
-    is_storage_error,
-    os_errors_of_writers,
-)
+from difftool.errors import UserError, first_line
 from difftool.safeio import (
     JSONL_LIMIT,
+    TMP_PREFIX,
     UnsafeFile,
-    append_text,
-    create_new,
     kind_of,
     loads_json,
     read_bounded,
     read_json,
-    refuse_special,
+    remove_entry,
+    remove_tree,
+    restore_set_aside,
+    write_text,
 )
 
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.json"
-TMP_PREFIX = ".tmp-"
 
 
 def lock_name(command: str) -> str:
@@ -113,47 +106,6 @@ def refuse_overwrite_with_resume(overwrite: bool, resume: bool) -> None:
 # ---------------------------------------------------------------- creating outputs
 
 
-@contextlib.contextmanager
-def creating(path: Path) -> Iterator[None]:
-    """Creating the output `path`: whatever the OS says, one clear line, never an internal error.
-
-    ENOENT (/proc), ENOTDIR and EEXIST (a file on the way, perhaps one made since it was checked),
-    ENAMETOOLONG and the rest become a UserError naming `path` and what to do. A full disk, a read-only
-    file system or missing permissions stay OSErrors: every command already reports those in one line,
-    and `train` and `sample` add where to resume.
-    """
-    try:
-        yield
-    except OSError as err:
-        if is_storage_error(err):
-            raise
-        raise UserError(f"cannot create {path}: {_why_uncreatable(err, Path(path))}") from err
-
-
-def _why_uncreatable(err: OSError, path: Path) -> str:
-    reason = err.strerror or type(err).__name__
-    if err.errno == errno.ENAMETOOLONG:
-        return f"{reason}; shorten it"
-    with contextlib.suppress(OSError):
-        blocking = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
-        if blocking is not None:
-            return f"{blocking} is a file, not a folder; choose another output path"
-        if err.errno == errno.ENOENT and path.parent.is_dir():  # /proc, /sys: folders that take no new entries
-            return f"{reason} ({path.parent} takes no new files or folders); choose another output path"
-    return f"{reason}; choose another output path"
-
-
-def make_folder(path: Path, *, output: Path | None = None) -> bool:
-    """Create the folder `path` and the folders above it, for `output` (default: the folder itself; see `creating`).
-
-    True if it was not there.
-    """
-    with creating(output or path):
-        created = not path.is_dir()
-        path.mkdir(parents=True, exist_ok=True)
-    return created
-
-
 def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,
                             option: str = "--output") -> None:
     """Refuse an `output` that is one of the `inputs` (what the command reads, by description) or lies inside one.
@@ -186,141 +138,6 @@ def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
     except OSError:  # a name too long to exist, say: nothing there to overlap with
         return None
     return None
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
-
-    A FIFO, device or socket at `path` is refused; a link there is replaced itself, never written through.
-    """
-    refuse_special(path)
-    make_folder(path.parent, output=path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    with creating(path):
-        create_new(tmp)
-    try:
-        with os_errors_of_writers(path):
-            yield tmp
-        # Some writers (safetensors) create private 0600 files; the result gets the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it takes the place of `path`.
-
-    An existing `path` is moved aside first and deleted only after the new one is in place,
-    so there is always one complete copy on disk. A FIFO, device or socket at `path` is refused; a link
-    there is replaced itself, never followed.
-    """
-    refuse_special(path)
-    make_folder(path.parent, output=path)
-    tmp = temporary_dir(path)
-    old = _set_aside(path)
-    restore_set_aside(path)
-    remove_entry(tmp)
-    with creating(path):
-        tmp.mkdir()
-    try:
-        with os_errors_of_writers(path):
-            yield tmp
-        if os.path.lexists(path):
-            remove_entry(old)  # left by an interrupted earlier replacement
-            os.replace(path, old)
-        os.replace(tmp, path)
-        remove_entry(old)
-    finally:
-        remove_entry(tmp)
-
-
-def remove_entry(path: Path) -> None:
-    """Delete what is at `path` if anything: a folder with what it holds, a file or a link (never what it points to)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _set_aside(path: Path) -> Path:
-    """Where `atomic_dir` moves the complete old copy of `path` while the new one takes its place."""
-    return path.with_name(f"{TMP_PREFIX}old-{path.name}")
-
-
-def restore_set_aside(path: Path) -> None:
-    """Put back the old copy of `path` that a replacement killed between its two renames left aside.
-
-    The set-aside copy is complete (it was `path`); the new one beside it may not be. Where `path`
-    exists, the set-aside copy is a leftover of the final deletion and is left to the cleaners.
-    """
-    old = _set_aside(path)
-    if old.is_dir() and not path.exists():
-        os.replace(old, path)
-
-
-def temporary_dir(path: Path) -> Path:
-    """The folder `atomic_dir(path)` fills before it takes the place of `path`."""
-    return path.with_name(f"{TMP_PREFIX}{path.name}")
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file that stands where `folder`, or one of the folders above it, would have to be."""
-    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    return nearest if nearest is not None and not nearest.is_dir() else None
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder by first renaming it to a temporary name: a kill halfway through the deletion
-    leaves a leftover that `clean_temporaries` removes, never a half-deleted folder under its name."""
-    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
-    remove_entry(doomed)
-    if os.path.lexists(path):
-        os.replace(path, doomed)
-    remove_entry(doomed)
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """One line appended to `path` (never through a link, never into a special file)."""
-    append_text(path, json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """The JSON objects of a file written by `append_jsonl`, and how many lines were not one.
-
-    A file another process is appending to may end in half a line, and a killed one may have left one:
-    those are counted, never fatal. A missing file has no records; a link or a special file is an UnsafeFile.
-    """
-    try:
-        text = read_bounded(path, JSONL_LIMIT).decode(errors="replace")
-    except FileNotFoundError:
-        return [], 0
-    records, damaged = [], 0
-    for line in filter(str.strip, text.splitlines()):
-        try:
-            record = loads_json(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            damaged += 1
-    return records, damaged
 
 
 class RunDir:
@@ -470,17 +287,6 @@ def describe_versions(recorded: dict) -> str:
     names = [n for n in ("diffusers", "accelerate", "torch") if recorded.get(f"{n}_version")]
     extra = ", ".join(f"{n} {recorded[f'{n}_version']}" for n in names)
     return f"difftool {recorded.get('difftool_version', '(unrecorded)')}" + (f" ({extra})" if extra else "")
-
-
-def fsync_tree(folder: Path, files: bool = True) -> None:
-    """Flush `folder` (and the files in it, recursively) to disk, so a rename after it is durable."""
-    paths = [p for p in folder.rglob("*") if p.is_file()] if files else []
-    for path in [*paths, *({p.parent for p in paths} | {folder})]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from difftool import config as config_mod
-from difftool import rundir
+from difftool import safeio
 from difftool.cli.errors import _user_message
 from difftool.errors import UserError
 from difftool.runlock import run_lock
@@ -159,7 +159,7 @@ def test_whatever_the_os_says_creating_an_output_is_one_line(tmp_path, monkeypat
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises((UserError, OSError)) as err:
-        rundir.make_folder(tmp_path / "out")
+        safeio.make_folder(tmp_path / "out")
     assert _user_message(err.value).startswith(says.format(out=tmp_path / "out"))
 
 
@@ -168,7 +168,7 @@ def test_a_file_made_where_the_output_folder_goes_is_a_user_error(tmp_path):
     (tmp_path / "taken").write_text("")
     for out, blocking in ((tmp_path / "taken", tmp_path / "taken"), (tmp_path / "taken" / "below", tmp_path / "taken")):
         with pytest.raises(UserError, match=f"cannot create {out}: {blocking} is a file, not a folder; choose another"):
-            rundir.make_folder(out)
+            safeio.make_folder(out)
 
 
 # ---------------------------------------------------------------- one writer per output folder

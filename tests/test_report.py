@@ -13,7 +13,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from difftool.evaluation.evaluate import MetricOptions, evaluate

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from difftool.errors import UserError
-from difftool.rundir import (
-    PROGRESS_FILE,
-    TMP_PREFIX,
-    RunDir,
-    atomic_dir,
-    atomic_path,
-    read_progress,
-    resolve_resume,
-    write_text,
-)
+from difftool.rundir import PROGRESS_FILE, RunDir, read_progress, resolve_resume
+from difftool.safeio import TMP_PREFIX, atomic_dir, atomic_path, write_text
 
 
 class Boom(Exception):

@@ -55,7 +55,7 @@ def copy(
     """
     if dest.exists():
         raise UserError(f"{dest} already exists; choose another name or remove it first")
-    from difftool.rundir import write_text
+    from difftool.safeio import write_text
 
     write_text(dest, config_mod.recipe_text(name))
     typer.echo(f"wrote {dest}")

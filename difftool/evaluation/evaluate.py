@@ -48,13 +48,8 @@ from difftool.evaluation.reference import (
     resolve,
     save,
 )
-from difftool.rundir import (
-    lock_name,
-    refuse_inputs_as_output,
-    refuse_overwrite_with_resume,
-    source_name,
-    write_text,
-)
+from difftool.rundir import lock_name, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.safeio import write_text
 from difftool.runlock import main_process_lock
 
 DEFAULT_RESOLUTION = 32  # of statistics made from a data set, when no resolution is given

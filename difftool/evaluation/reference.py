@@ -34,7 +34,7 @@ from difftool.evaluation.imagesets import (
 )
 from difftool.evaluation.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
-from difftool.rundir import atomic_path
+from difftool.safeio import atomic_path
 
 FORMAT = 1
 MAX_STORED_FEATURES = 50_000

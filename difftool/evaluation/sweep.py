@@ -26,7 +26,7 @@ from difftool.evaluation.evaluate import (
 from difftool.evaluation.files import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, TIMING_FILE
 from difftool.evaluation.imagesets import is_image_source
 from difftool.evaluation.plots import fd_vs_nfe_figure
-from difftool.rundir import atomic_path, write_text
+from difftool.safeio import atomic_path, write_text
 from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import get_spec
 

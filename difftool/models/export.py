@@ -10,7 +10,7 @@ import safetensors.torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from difftool import __version__
-from difftool.rundir import atomic_dir, atomic_path
+from difftool.safeio import atomic_dir, atomic_path
 
 INFO_FILE = "difftool.json"  # beside model_index.json: labels, null class, recipe, step
 SINGLE_FILE_FORMAT = "unet/1"

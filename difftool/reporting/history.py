@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difftool.rundir import RunDir, read_jsonl
+from difftool.rundir import RunDir
+from difftool.safeio import read_jsonl
 from difftool.safeio import UnsafeFile
 
 EVAL_PREFIX = "eval/"

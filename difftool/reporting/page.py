@@ -24,7 +24,8 @@ from difftool.reporting.evaluations import default_places, find_evaluations
 from difftool.reporting.facts import read_facts
 from difftool.reporting.history import eval_history, plausible_step, read_history
 from difftool.reporting.timeline import preview_timeline
-from difftool.rundir import LOCK_FILE, TMP_PREFIX, RunDir, refuse_inputs_as_output, write_text
+from difftool.rundir import LOCK_FILE, RunDir, refuse_inputs_as_output
+from difftool.safeio import TMP_PREFIX, write_text
 from difftool.safeio import open_regular, refuse_special
 
 GENERATOR = "difftool report"  # marks a file as a report, which a new report may replace

@@ -34,17 +34,8 @@ from difftool.sampling.conditions import (
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import (
-    TMP_PREFIX,
-    atomic_path,
-    file_in_the_way,
-    make_folder,
-    refuse_inputs_as_output,
-    refuse_overwrite_with_resume,
-    sampling_defaults,
-    source_name,
-    write_text,
-)
+from difftool.rundir import refuse_inputs_as_output, refuse_overwrite_with_resume, sampling_defaults, source_name
+from difftool.safeio import TMP_PREFIX, atomic_path, file_in_the_way, make_folder, write_text
 from difftool.runlock import main_process_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8

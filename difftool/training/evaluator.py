@@ -30,7 +30,8 @@ from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
-from difftool.rundir import append_jsonl, progress_problem, read_progress
+from difftool.rundir import progress_problem, read_progress
+from difftool.safeio import append_jsonl
 from difftool.runlock import on_main_process
 from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import choose

@@ -36,13 +36,8 @@ from difftool.training.plan import check_folder_path, check_output
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.step import Stepper
 from difftool.progress import TrainingProgress, say
-from difftool.rundir import (
-    RunDir,
-    append_jsonl,
-    read_progress,
-    refuse_inputs_as_output,
-    write_text,
-)
+from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
+from difftool.safeio import append_jsonl, write_text
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
 from difftool.training.guards import EvaluationStopped, StopOnSignal, Window

@@ -17,7 +17,8 @@ from difftool.errors import os_errors_of_writers
 from difftool.images import save_png
 from difftool.models.export import export_pipeline
 from difftool.progress import say
-from difftool.rundir import PROGRESS_FILE, atomic_dir, fsync_tree, made_by, temporary_dir
+from difftool.rundir import PROGRESS_FILE, made_by
+from difftool.safeio import atomic_dir, fsync_tree, temporary_dir
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.sampling.job import grid_of, sample_batch
 from difftool.sampling.loop import NonFiniteSamples
@@ -45,7 +46,7 @@ class RunWriter:
 
     def _save_state(self, final: Path, step: int, extra: dict) -> Path:
         """accelerate state (every process saves its part) in a temporary folder that takes the place of `final`
-        when complete (rundir.atomic_dir: an older `final` is replaced only then)."""
+        when complete (safeio.atomic_dir: an older `final` is replaced only then)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = atomic_dir(final) if acc.is_main_process else contextlib.nullcontext(temporary_dir(final))

@@ -13,7 +13,8 @@ from difftool import config as config_mod
 from difftool.config import Config
 from difftool.recipebook import flatten
 from difftool.errors import UserError
-from difftool.rundir import RunDir, file_in_the_way, new_run_folder, resolve_resume, resumable
+from difftool.rundir import RunDir, new_run_folder, resolve_resume, resumable
+from difftool.safeio import file_in_the_way
 from difftool.safeio import check_regular
 
 # Config fields a resumed run may change: how long to train, what to write and measure along the way, and
