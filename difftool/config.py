@@ -22,6 +22,7 @@ from difftool.errors import UserError, did_you_mean, first_line, shown
 from difftool.hints import coerce, field_types, type_name
 # The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
 from difftool.recipebook import parse_yaml, recipe_dir, recipe_for_dataset, recipe_names, recipe_summary, recipe_text  # noqa: F401,E501
+from difftool.safeio import JSON_LIMIT, UnsafeFile, read_bounded
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -235,11 +236,17 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def read_config_yaml(path: Path):
+    """The parsed YAML of a run's config.yaml: a regular file (never through a link), bounded; every way it can
+    fail is a ValueError, an OSError or a YAMLError."""
+    return parse_yaml(read_bounded(Path(path), JSON_LIMIT).decode())
+
+
 def read_config(path: Path) -> Config:
     """The config a run folder was trained with."""
     try:
-        raw = parse_yaml(Path(path).read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: not UTF-8
+        raw = read_config_yaml(path) or {}
+    except (OSError, ValueError, yaml.YAMLError, UnsafeFile) as err:  # ValueError: not UTF-8
         raise UserError(f"cannot read run config {path}: {first_line(err)}") from err
     written_by = raw.get("difftool_version") if isinstance(raw, dict) else None
     try:

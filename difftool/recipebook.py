@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from difftool.errors import UserError, did_you_mean, first_line
+from difftool.safeio import JSON_LIMIT, read_bounded
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -24,12 +25,34 @@ _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+# Far beyond any recipe or config.yaml; beyond them, a YAML bomb (aliases can repeat one list billions of times).
+YAML_DEPTH, YAML_VALUES = 32, 100_000
+
+
 def parse_yaml(text: str):
-    """YAML 1.2 booleans, plain types only; nesting too deep for the parser is a YAMLError like any bad YAML."""
+    """YAML 1.2 booleans, plain types only; nesting too deep for the parser, or more than YAML_DEPTH levels or
+    YAML_VALUES values, is a YAMLError like any bad YAML."""
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)
+        value = yaml.load(text, Loader=_Yaml12Loader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply to be a recipe") from None
+    if not _within_limits(value):
+        raise yaml.YAMLError(f"nested deeper than {YAML_DEPTH} levels or holding more than {YAML_VALUES:,} values "
+                             f"(YAML aliases can multiply them): not a recipe")
+    return value
+
+
+def _within_limits(value) -> bool:
+    """Whether `value` stays within YAML_DEPTH levels and YAML_VALUES values, counted without recursion."""
+    stack, seen = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > YAML_DEPTH or seen > YAML_VALUES:
+            return False
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def recipe_dir():
@@ -52,8 +75,8 @@ def recipe_text(name_or_path: str) -> str:
         if not path.is_file():
             raise UserError(f"recipe file not found: {name_or_path}")
         try:
-            return path.read_text()
-        except (OSError, ValueError) as err:  # ValueError: not UTF-8
+            return read_bounded(path, JSON_LIMIT, follow=True).decode()
+        except (OSError, ValueError, UserError) as err:  # ValueError: not UTF-8; UserError: a FIFO, far too large
             raise UserError(f"cannot read recipe {name_or_path}: {first_line(err)}") from err
     names = recipe_names()
     if name_or_path not in names:

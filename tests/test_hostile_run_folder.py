@@ -151,8 +151,15 @@ def test_a_billion_laughs_recipe_is_one_short_line(tmp_path):
     rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
     recipe = tmp_path / "laughs.yaml"
     recipe.write_text("\n".join(rows) + "\ntrain:\n  lr: *a9\n")
-    line = assert_user_error(invoke("train", "--recipe", recipe, "--dry-run"), "train.lr must be a number")
+    line = assert_user_error(invoke("train", "--recipe", recipe, "--dry-run"), "not valid YAML", "aliases")
     assert len(line) < 1000
+
+
+def test_a_billion_laughs_config_in_a_run_is_one_line_on_resume(run):
+    rows = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (run / "config.yaml").write_text("\n".join(rows) + "\n")
+    assert_user_error(invoke("train", "--resume", run, "--max-steps", 7), "config.yaml", "aliases")
 
 
 def test_a_recipe_nested_too_deeply_is_one_line(tmp_path):

@@ -23,6 +23,7 @@ from difftool.errors import UserError
 from difftool.evaluation.features import Extractor, extract, load_extractor
 from difftool.evaluation.files import METRICS_FILE
 from difftool.models.checkpoints import LoadedModel
+from difftool.safeio import write_text
 from difftool.sampling.job import (
     SampleRequest,
     SampleResult,
@@ -49,7 +50,6 @@ from difftool.evaluation.reference import (
     save,
 )
 from difftool.rundir import lock_name, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
-from difftool.safeio import write_text
 from difftool.runlock import main_process_lock
 
 DEFAULT_RESOLUTION = 32  # of statistics made from a data set, when no resolution is given

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from difftool.safeio import UnsafeFile, read_json
 from difftool.training.data import center_crops, load_dataset, rgb_or_gray
 from difftool.errors import UserError, first_line
-from difftool.safeio import UnsafeFile, read_json
 from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (
     IMAGE_SUFFIXES,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from difftool import __version__
+from difftool.safeio import atomic_path
 from difftool.training.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.evaluation.features import MAX_WIDTH, Extractor, extract, same_network
@@ -34,7 +35,6 @@ from difftool.evaluation.imagesets import (
 )
 from difftool.evaluation.metrics import GaussianStats, gaussian_stats
 from difftool.progress import SamplingProgress
-from difftool.safeio import atomic_path
 
 FORMAT = 1
 MAX_STORED_FEATURES = 50_000

@@ -26,12 +26,12 @@ from difftool.models.build import build_noise_scheduler, build_unet
 from difftool.models.export import INFO_FILE, SINGLE_FILE_FORMAT
 from difftool.models.hub import WEIGHT_FILES, download_unet
 from difftool.models.sources import locate
-from difftool.safeio import loads_json, read_json
 from difftool.rundir import (
     PROGRESS_FILE,
     RunDir,
     read_progress,
 )
+from difftool.safeio import loads_json, read_json
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the raw (non-EMA) weights
 # accelerate saves the prepared model's keys: DDP adds `module.`, torch.compile `_orig_mod.`.

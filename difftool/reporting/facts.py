@@ -18,17 +18,16 @@ from pathlib import Path
 
 import yaml
 
-from difftool.config import config_from_dict, to_dict
+from difftool.config import config_from_dict, read_config_yaml, to_dict
 from difftool.errors import UserError, first_line
 from difftool.recipebook import flatten, parse_yaml, recipe_dir, recipe_names
 from difftool.rundir import PROGRESS_FILE, RunDir, describe_versions
 from difftool.runlock import holder
-from difftool.safeio import JSON_LIMIT, UnsafeFile, read_bounded, read_json
+from difftool.safeio import UnsafeFile, read_json
 from difftool.sessions import FAILED, FINISHED, STOPPED, Session, read_sessions
 
 NOT_RECORDED = "not recorded"
 HARDWARE_KEYS = ("processes", "device", "device_name", "mixed_precision", "host")
-CONFIG_DEPTH, CONFIG_NODES = 32, 100_000  # far beyond any config difftool writes; beyond them, a YAML bomb
 
 
 @dataclass
@@ -99,32 +98,12 @@ def _max_steps(config: dict, sessions: list[Session]) -> int | None:
 def _read_config(run: RunDir) -> dict:
     """config.yaml, or one line naming it: a link, a FIFO, nesting deeper than a parser takes, an alias bomb."""
     try:
-        config = parse_yaml(read_bounded(run.config, JSON_LIMIT).decode())
-    except RecursionError:
-        raise UserError(f"cannot read {run.config}: it is nested too deeply to be a config difftool wrote; the "
-                        f"report needs the run's config: restore it") from None
-    except (OSError, ValueError, yaml.YAMLError) as err:
+        config = read_config_yaml(run.config)
+    except (OSError, ValueError, yaml.YAMLError, UnsafeFile) as err:
         raise UserError(f"cannot read {run.config}: {first_line(err)}; the report needs the run's config") from err
     if not isinstance(config, dict):
         raise UserError(f"{run.config} is not a YAML mapping of sections; the report needs the run's config")
-    if not _small(config):
-        raise UserError(f"{run.config} is nested deeper than {CONFIG_DEPTH} or holds more than {CONFIG_NODES:,} "
-                        f"values (YAML aliases can multiply them); it is not a config difftool wrote: restore it")
     return config
-
-
-def _small(value) -> bool:
-    """Whether `value` (parsed YAML, where aliases may repeat one list many times over) stays within
-    CONFIG_DEPTH levels and CONFIG_NODES values, counted without recursion."""
-    stack, seen = [(value, 0)], 0
-    while stack:
-        item, depth = stack.pop()
-        seen += 1
-        if depth > CONFIG_DEPTH or seen > CONFIG_NODES:
-            return False
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return True
 
 
 def _overrides(config: dict, recipe: str) -> list[Override] | None:

@@ -26,6 +26,7 @@ from difftool.allocator import keep_freed_memory
 from difftool.models.checkpoints import LoadedModel, place
 from difftool.models.load import DTYPES, load_model
 from difftool.compiling import check_can_compile
+from difftool.safeio import TMP_PREFIX, atomic_path, file_in_the_way, make_folder, write_text
 from difftool.sampling.conditions import (
     resolve_classes,
     resolve_guidance,
@@ -35,7 +36,6 @@ from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
 from difftool.rundir import refuse_inputs_as_output, refuse_overwrite_with_resume, sampling_defaults, source_name
-from difftool.safeio import TMP_PREFIX, atomic_path, file_in_the_way, make_folder, write_text
 from difftool.runlock import main_process_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8

@@ -31,8 +31,8 @@ from difftool.evaluation.imagesets import from_tensor
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
 from difftool.rundir import progress_problem, read_progress
-from difftool.safeio import append_jsonl
 from difftool.runlock import on_main_process
+from difftool.safeio import append_jsonl, check_regular
 from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.training.data import center_crops
@@ -119,7 +119,8 @@ class Evaluator:
     def _run_data_reference(self, data) -> None:
         scorer, path = self.scorer, self.run.eval_dir / REFERENCE_FILE
         count = min(len(data), self.cfg.eval.reference_images or len(data))
-        with contextlib.suppress(UserError):  # none yet, or unreadable: made again
+        with contextlib.suppress(UserError):  # none yet, unreadable, or a link (never read through): made again
+            check_regular(path)
             cached = reference_mod.load(path)
             if (cached.extractor, cached.resolution, cached.count) == (scorer.extractor.name, self.cfg.data.resolution,
                                                                        count):

@@ -24,6 +24,7 @@ from difftool.allocator import keep_freed_memory
 from difftool.models.export import model_info
 from difftool.models.load import load_model
 from difftool.config import Config
+from difftool.safeio import append_jsonl, write_text
 from difftool.training.data import data_folder
 from difftool.errors import (
     UserError,
@@ -37,7 +38,6 @@ from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.step import Stepper
 from difftool.progress import TrainingProgress, say
 from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
-from difftool.safeio import append_jsonl, write_text
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
 from difftool.training.guards import EvaluationStopped, StopOnSignal, Window
