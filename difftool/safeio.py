@@ -54,11 +54,11 @@ def is_special(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
 
 
-def refuse_special(path: Path, option: str = "--output") -> None:
+def refuse_special(path: Path) -> None:
     """Refuse an output that is a FIFO, a device or a socket: replacing one (/dev/null) is never what was meant."""
     if is_special(path):
-        raise UserError(f"{option} {path} is {kind_of(path)}, not a file or folder; difftool writes only files and "
-                        f"folders, --overwrite or not: choose another {option}")
+        raise UserError(f"the output {path} is {kind_of(path)}, not a file or folder; difftool writes only files "
+                        f"and folders, --overwrite or not: choose another output path")
 
 
 def open_regular(path: Path, flags: int, mode: int = 0o644, *, follow: bool = False) -> int:
