@@ -17,6 +17,7 @@ import click
 
 from difftool.cli.errors import debug_enabled
 from difftool.errors import UserError
+from difftool.threads import ceiling, usable_cores
 
 LAUNCH_OPTIONS = ("--num-processes", "--main-process-port")  # the launcher's; a worker runs alone
 COMMAND_ARGS = "difftool.command_args"  # key in click's shared context meta: the arguments after the command name
@@ -31,6 +32,10 @@ def launch_arguments(module: str, args: list[str], *, num_processes: int, main_p
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
         cmd.append("--multi_gpu")  # with Accelerator(cpu=True) on a CPU machine this means gloo ranks
+    if ceiling() is None:
+        # accelerate would give each process 1 thread (its OMP_NUM_THREADS) whatever the cores: the processes
+        # divide them instead, and each takes its fair share up to that (difftool/threads.py)
+        cmd += ["--num_cpu_threads_per_process", str(max(1, usable_cores() // num_processes))]
     if main_process_port:
         cmd += ["--main_process_port", str(main_process_port)]
     return cmd + ["-m", module, *args]

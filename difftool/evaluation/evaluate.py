@@ -51,6 +51,7 @@ from difftool.evaluation.reference import (
 )
 from difftool.rundir import lock_name, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
 from difftool.runlock import main_process_lock
+from difftool.threads import sharing_cores
 
 DEFAULT_RESOLUTION = 32  # of statistics made from a data set, when no resolution is given
 COMPARABLE_N = 10_000  # below this FID is biased upwards and only comparable at equal N
@@ -80,6 +81,7 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
+@sharing_cores
 def evaluate(source: str, *, reference: str | None, options: MetricOptions, request: SampleRequest | None = None,
              output: Path | None = None, overwrite: bool = False, resume: bool = False,
              show_progress: bool = True) -> Evaluation | None:
@@ -215,6 +217,7 @@ def _check_finite(record: dict, reference: Reference | None) -> None:
                         f"again with difftool stats")
 
 
+@sharing_cores
 def build_stats(data: str, output: Path, *, resolution: int | None, options: MetricOptions, overwrite: bool = False,
                 show_progress: bool = True) -> Reference:
     """`difftool stats`: reference statistics of any data source `train` reads (at `resolution`, by default

@@ -26,6 +26,7 @@ import torch
 
 from difftool.errors import UserError, first_line
 from difftool.evaluation.metrics import PROB_ATOL
+from difftool.threads import rebalance
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -203,6 +204,7 @@ def extract(extractor: Extractor, batches: Iterable[torch.Tensor], *, on_batch=N
     """Run `extractor` over uint8 batches and concatenate; `on_batch(n)` reports progress."""
     features, probs = [], []
     for batch in batches:
+        rebalance()
         f, p = extractor(batch)
         features.append(f.numpy())
         if p is not None:

@@ -29,6 +29,7 @@ from difftool.evaluation.plots import fd_vs_nfe_figure
 from difftool.safeio import atomic_path, write_text
 from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import get_spec
+from difftool.threads import sharing_cores
 
 COLUMNS = ("scheduler", "steps", "nfe", "fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
            "num_images", "seconds", "img_per_s")
@@ -53,6 +54,7 @@ def parse_sweep(spec: str) -> list[tuple[str, int]]:
     return settings
 
 
+@sharing_cores
 def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptions, request: SampleRequest,
           output: Path, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> list[dict] | None:
     """Sample and score every setting of `spec`; returns the rows (None in non-main processes)."""

@@ -28,6 +28,7 @@ from difftool.runlock import run_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import Predictor, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import SCHEDULERS, choose, make_scheduler
+from difftool.threads import sharing_cores
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 
@@ -71,6 +72,7 @@ class _Job:
         return output.with_name(f"{output.stem}-comparison.png")
 
 
+@sharing_cores
 def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: Path | None, request: InpaintRequest,
                   *, overwrite: bool = False, show_progress: bool = True) -> InpaintResult:
     """Fill the white region of each mask in its image; returns the files written."""

@@ -40,6 +40,7 @@ from difftool.runlock import main_process_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import choose, make_scheduler
+from difftool.threads import sharing_cores
 
 SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"
@@ -105,6 +106,7 @@ class _Plan:
         return image_metadata(self.settings, index, self.label(index), self.label_names)
 
 
+@sharing_cores
 def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *, overwrite: bool = False,
              resume: bool = False, show_progress: bool = True, model: LoadedModel | None = None) -> SampleResult:
     """Make `request.num_images` images from the model at `source` into the folder `output`.

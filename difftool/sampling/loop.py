@@ -15,6 +15,7 @@ import torch
 
 from difftool.errors import UserError
 from difftool.sampling.schedulers import clip_denoised, renoise, step_options
+from difftool.threads import rebalance
 
 
 class NonFiniteSamples(UserError):
@@ -105,6 +106,7 @@ def denoise(
             if replace_known is not None:
                 x = replace_known(scheduler, x, t)
             before = copy.deepcopy(scheduler) if round_ + 1 < rounds else None
+            rebalance()
             model_in = scheduler.scale_model_input(x, t)
             out = predict(model_in, t)
             if clip:

@@ -128,3 +128,27 @@ class StopOnSignal:
             yield
         finally:
             self.abandoning = False
+
+
+class Slowdown:
+    """Notices, once, a training whose speed has fallen far below its own earlier speed: something else took
+    the machine (another program; difftool's own jobs share the cores, see difftool/threads.py)."""
+
+    FACTOR = 4  # under a quarter of the best rate: far beyond noise, or a second difftool job (a half)
+    MIN_STEPS = 3  # windows of fewer steps time too little to compare
+
+    def __init__(self):
+        self.best = 0.0
+        self.said = False
+
+    def observe(self, rate: float, steps: int) -> str | None:
+        """The warning to print for a window of `steps` steps at `rate` img/s, or None."""
+        if steps < self.MIN_STEPS or self.said:
+            return None
+        if self.best and rate * self.FACTOR < self.best:
+            self.said = True
+            return (f"training now runs at {rate:.3g} img/s, under a quarter of its earlier {self.best:.3g} img/s: "
+                    f"another program is using the machine's cores or memory bandwidth (difftool's own jobs share the "
+                    f"cores between them; DIFFTOOL_THREADS=N fixes this job's thread count)")
+        self.best = max(self.best, rate)
+        return None

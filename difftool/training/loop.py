@@ -20,6 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difftool import config as config_mod
+from difftool import threads
 from difftool.allocator import keep_freed_memory
 from difftool.models.export import model_info
 from difftool.models.load import load_model
@@ -40,7 +41,8 @@ from difftool.progress import TrainingProgress, say
 from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
-from difftool.training.guards import EvaluationStopped, StopOnSignal, Window
+from difftool.threads import cpu_share, rebalance
+from difftool.training.guards import EvaluationStopped, Slowdown, StopOnSignal, Window
 from difftool.training.setup import (
     exported_step,
     flat_config,
@@ -85,7 +87,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     keep_freed_memory()
     accelerator = make_accelerator(cfg, run)
     try:
-        with main_process_lock(accelerator, run.root, "train"):
+        with main_process_lock(accelerator, run.root, "train"), cpu_share(note=False):
             return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval)
     except OSError as err:
         if not is_storage_error(err):
@@ -195,6 +197,7 @@ class _Trainer:
         self.device = accelerator.device
         self.stop_requested = False
         self.step = 0  # the step reached, for the record of a session a second Ctrl-C ends
+        self.slowdown = Slowdown()
 
     # ------------------------------------------------------------ loop
 
@@ -223,6 +226,7 @@ class _Trainer:
         step, last_loss = start_step, None
         with StopOnSignal(self) as guard, progress:
             while step < max_steps:
+                rebalance()
                 window.add(self.steps.step(step), step)
                 step = self.step = step + 1
                 progress.advance()
@@ -272,6 +276,9 @@ class _Trainer:
         if acc.is_main_process:
             append_jsonl(self.run.metrics, record)
             progress.show_metrics(record)
+            slower = self.slowdown.observe(record["img_per_s"], window.steps)
+            if slower:
+                say(f"[yellow]warning:[/] {slower}", highlight=False)
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return loss
 
@@ -314,5 +321,6 @@ class _Trainer:
             f"{params / 1e6:.2f}M-parameter UNet"
             f"{f' conditioned on {len(self.data.label_names)} classes' if cfg.model.class_conditional else ''} at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
-            f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}), "
+            f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
+            f"{f'; {threads.describe()}' if threads.describe() else ''}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")
