@@ -2,6 +2,7 @@
 
     python benchmarks/contention.py                          # the quickstart model, 40 s windows
     python benchmarks/contention.py --seconds 20 --policies all-cores,default --no-record
+    python benchmarks/contention.py --from-json benchmarks/figures/contention.json   # the figure again, no runs
 
 Whole processes, as users run them: `difftool train` of the quickstart recipe (its own 32-px shapes,
 its own batch and precision) and `difftool sample` of a run's model (DDIM, 20 steps, batches of 8).
@@ -34,9 +35,12 @@ from common import add_output_options, publish
 POLICIES = {"all-cores": {"DIFFTOOL_THREADS": str(len(os.sched_getaffinity(0)))}, "default": {},
             "omp-1": {"OMP_NUM_THREADS": "1"},
             "omp-passive": {"OMP_WAIT_POLICY": "PASSIVE", "DIFFTOOL_THREADS": str(len(os.sched_getaffinity(0)))}}
+LABELS = {"all-cores": "every job takes all cores (difftool 0.1.0)", "default": "a fair share each (difftool.threads)",
+          "omp-1": "OMP_NUM_THREADS=1", "omp-passive": "all cores, OMP_WAIT_POLICY=PASSIVE"}
 WARM_STEPS = 10  # training steps before a window opens (data cache, allocator, first previews)
 WARM_IMAGES = 8  # one batch of samples before a window opens
 LOG_EVERY = 2
+FIGURE = Path(__file__).resolve().parent / "figures" / "contention.png"
 
 
 def difftool(*args: str) -> list[str]:
@@ -155,13 +159,50 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Bars: each job's share of its solo speed, per situation and policy, the 40% goal drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("train beside a sample", "train+sample", 0, "train"), ("sample beside a train", "train+sample", 1, "sample"),
+            ("first of two trains", "train+train", 0, "train"), ("second of two trains", "train+train", 1, "train")]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=120)
+    width = 0.8 / len(results)
+    for k, (policy, r) in enumerate(results.items()):
+        shares = [100 * r[case][i] / r[solo][0] for _, case, i, solo in bars]
+        xs = [j + (k - (len(results) - 1) / 2) * width for j in range(len(bars))]
+        ax.bar(xs, shares, width, label=LABELS.get(policy, policy))
+        for x, v in zip(xs, shares):
+            ax.text(x, v + 1, f"{v:.0f}%", ha="center", fontsize=8)
+    ax.axhline(40, color="grey", linestyle="--", linewidth=1)
+    ax.text(-0.45, 41, "goal: 40% each", ha="left", fontsize=8, color="grey")
+    ax.set_xticks(range(len(bars)), [name for name, *_ in bars], fontsize=8)
+    ax.set_ylabel("% of its speed alone")
+    ax.set_ylim(0, 110)
+    ax.set_title("Two difftool jobs on one 2-core CPU", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=40, help="length of each measuring window")
     parser.add_argument("--repeats", type=int, default=1, help="windows per situation (medians)")
     parser.add_argument("--policies", default="all-cores,default", help=f"comma-separated, of {', '.join(POLICIES)}")
+    parser.add_argument("--figure", default=str(FIGURE), help="where the bar chart goes (PNG)")
+    parser.add_argument("--from-json", metavar="FILE", help="draw the figure and table of an earlier --json, no runs")
     add_output_options(parser)
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())["results"]
+        plot(results, Path(args.figure))
+        print(table(results))
+        return
     policies = args.policies.split(",")
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -170,10 +211,12 @@ def main() -> None:
         root = Path(tmp)
         model = make_model(root)
         results = {policy: measure(policy, model, args.seconds, args.repeats, root) for policy in policies}
+    plot(results, Path(args.figure))
     command = "python benchmarks/contention.py " + " ".join(sys.argv[1:])
     body = (table(results) + f"\n\nWindows of {args.seconds:.0f} s after a warm-up ({WARM_STEPS} training steps, "
             f"{WARM_IMAGES} samples), median of {args.repeats}; percentages are of the same policy's solo speed. "
-            f"Training: the quickstart recipe as it ships; sampling: DDIM-20 of its model, batches of 8.")
+            f"Training: the quickstart recipe as it ships; sampling: DDIM-20 of its model, batches of 8."
+            f"\n\n![each job's share of its solo speed](figures/{Path(args.figure).name})")
     publish(args, "Two jobs on one CPU (contention)", command.strip(), body, {"results": results})
 
 

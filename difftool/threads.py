@@ -203,16 +203,23 @@ def cpu_share(*, note: bool = True) -> Iterator[Share]:
 
 
 def _register(me: Job) -> tuple[Path | None, int | None]:
+    """The registration, written and locked under a temporary name, then renamed into place: a job looking
+    meanwhile never finds it unlocked (and so never removes it as dead) or half written."""
     try:
         folder = jobs_folder()
-        path = folder / f"{me.pid}.json"
+        tmp = folder / f".{me.pid}.tmp"
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a file of an earlier process with this pid: it is dead, or it would be us
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            tmp.unlink()  # left by an earlier process with this pid: it is dead, or it would be us
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return None, None
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.write(fd, json.dumps({"pid": me.pid, "since": me.since, "fixed": me.fixed}).encode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"pid": me.pid, "since": me.since, "fixed": me.fixed}).encode())
+        os.replace(tmp, folder / f"{me.pid}.json")
+    except OSError:
+        os.close(fd)
+        return None, None
     return folder, fd
 
 
