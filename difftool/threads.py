@@ -167,16 +167,56 @@ class Share:
 
 
 _current: Share | None = None
+_registered: tuple[Path | None, Job] | None = None  # (its folder, None where it could not be made; this job)
+
+
+@contextlib.contextmanager
+def registration() -> Iterator[tuple[Path | None, Job]]:
+    """This process registered as a job for the block, before anything is computed or torch imported.
+
+    A command registers from its first moment, so that a running job makes room while this one imports torch
+    and loads its model (on 2 cores that start-up, beside a training that kept both, cut the training to a
+    fifth). Nested blocks share the outer registration.
+    """
+    global _registered
+    if _registered is not None:
+        yield _registered
+        return
+    me = Job(os.getpid(), time.time(), fixed_threads())
+    folder, fd = _register(me)
+    _registered = (folder, me)
+    try:
+        yield _registered
+    finally:
+        _registered = None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / f"{me.pid}.json")
+            os.close(fd)
+
+
+def registered_early(command):
+    """A command that computes, registered from its first moment (`registration`); one that hands itself over
+    to `accelerate launch` (`num_processes` > 1) leaves that to its processes."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("num_processes", 1) > 1:
+            return command(*args, **kwargs)
+        with registration():
+            return command(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager
 def cpu_share(*, note: bool = True) -> Iterator[Share]:
-    """Register this process as a computing job for the block and take its share of the cores.
+    """Compute with this job's share of the cores for the block (registering it, if the command has not).
 
-    Nested blocks (evaluate samples through the sampling job) share the outer registration. With `note`, the
-    outer block says in one line (rank 0) how many threads it uses and why, when that is fewer than the
-    cores; `train` says it in its first line instead. Where the folder cannot be made (a read-only /tmp), the
-    job takes its share as if it were alone.
+    Nested blocks (evaluate samples through the sampling job) share the outer one. With `note`, the outer
+    block says in one line (rank 0) how many threads it uses and why, when that is fewer than the cores;
+    `train` says it in its first line instead. Where the folder cannot be made (a read-only /tmp), the job
+    takes its share as if it were alone.
     """
     global _current
     if _current is not None:
@@ -185,21 +225,16 @@ def cpu_share(*, note: bool = True) -> Iterator[Share]:
     import torch
 
     before = torch.get_num_threads()
-    me = Job(os.getpid(), time.time(), fixed_threads())
-    folder, fd = _register(me)
-    _current = Share(folder, me, usable_cores())
-    try:
-        _current.apply()
-        if note and _current.why() and os.environ.get("RANK", "0") == "0":
-            show_notes([f"computing with {_current.why()}"])
-        yield _current
-    finally:
-        _current = None
-        torch.set_num_threads(before)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(folder / f"{me.pid}.json")
-            os.close(fd)
+    with registration() as (folder, me):
+        _current = Share(folder, me, usable_cores())
+        try:
+            _current.apply()
+            if note and _current.why() and os.environ.get("RANK", "0") == "0":
+                show_notes([f"computing with {_current.why()}"])
+            yield _current
+        finally:
+            _current = None
+            torch.set_num_threads(before)
 
 
 def _register(me: Job) -> tuple[Path | None, int | None]:

@@ -185,3 +185,29 @@ def test_a_training_much_slower_than_before_says_so_once():
     assert said[:4] == [None] * 4  # a window of one step is not compared; half the speed is a second job
     assert said[4] is not None and "20 img/s" in said[4] and "110 img/s" in said[4]
     assert said[5:] == [None, None]
+
+
+def test_a_command_is_registered_before_it_imports_torch_unless_it_launches_processes(private_jobs):
+    """A running training makes room while a new command starts up, not only once it computes."""
+    seen = {}
+
+    @threads.registered_early
+    def command(num_processes: int = 1) -> None:
+        seen[num_processes] = [job.pid for job in live_jobs(private_jobs)]
+
+    command(num_processes=1)
+    command(num_processes=2)  # the launcher itself computes nothing: its processes register
+    assert seen == {1: [os.getpid()], 2: []}
+    assert live_jobs(private_jobs) == []
+
+
+@pytest.mark.parametrize("argv", [["sample", "missing"], ["evaluate", "missing"], ["stats", ".", "--output", "x.txt"],
+                                  ["inpaint", "a.png", "a.png", "--model", "missing"], ["train", "--dataset", "missing"]])
+def test_the_computing_commands_register_before_anything_else(argv, monkeypatch, scratch_cwd):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save("a.png")
+    registered = []
+    monkeypatch.setattr(threads, "_register", lambda me: registered.append(me.pid) or (None, None))
+    assert_user_error(invoke(*argv))  # refused at once (nothing there), but registered first
+    assert registered == [os.getpid()]

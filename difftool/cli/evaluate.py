@@ -16,6 +16,7 @@ from difftool.errors import UserError
 from difftool.cli.launch import launch, worker_arguments
 from difftool.models.sources import locate
 from difftool.progress import say, show_notes
+from difftool.threads import registered_early
 
 stdout = Console()
 EXAMPLES = """
@@ -33,6 +34,7 @@ Examples:
 
 
 @user_errors
+@registered_early
 def evaluate(
     source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id).")],
     reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from difftool stats.")] = None,

@@ -11,6 +11,7 @@ from difftool.cli import options
 from difftool.cli.errors import user_errors
 from difftool.models.sources import locate
 from difftool.progress import say
+from difftool.threads import registered_early
 
 EXAMPLES = """
 
@@ -27,6 +28,7 @@ Examples:
 
 
 @user_errors
+@registered_early
 def inpaint(
     image: Annotated[Path, typer.Argument(help="Image file, or a folder of images.")],
     mask: Annotated[Path, typer.Argument(help="Mask file, or a folder of masks with the images' names.")],

@@ -12,6 +12,7 @@ from difftool.cli.errors import INTERRUPTED_EXIT, rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
 from difftool.models.sources import locate
 from difftool.progress import say
+from difftool.threads import registered_early
 
 EXAMPLES = """
 
@@ -28,6 +29,7 @@ Examples:
 
 
 @user_errors
+@registered_early
 def sample(
     model: Annotated[str, typer.Argument(help="Run folder, checkpoint, diffusers pipeline or unet/ folder, .safetensors file, or hub id.")],
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Sampler (difftool schedulers lists them). Default: the run's recipe, else ddim.")] = None,

@@ -10,6 +10,7 @@ import typer
 from difftool.cli import options
 from difftool.cli.errors import user_errors
 from difftool.progress import say
+from difftool.threads import registered_early
 
 EXAMPLES = """
 
@@ -22,6 +23,7 @@ Examples:
 
 
 @user_errors
+@registered_early
 def stats(
     data: Annotated[str, typer.Argument(help="The real images: any --dataset of train (shapes, a hub data set, a folder), or an .npz of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The statistics .npz to write.")],

@@ -11,6 +11,7 @@ from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
 from difftool.progress import say
+from difftool.threads import registered_early
 
 EXAMPLES = """
 
@@ -25,6 +26,7 @@ Examples:
 
 
 @user_errors
+@registered_early
 def train(
     recipe: options.Recipe = None,
     dataset: options.Dataset = None,
