@@ -34,7 +34,7 @@ from pathlib import Path
 from difftool.errors import UserError
 from difftool.progress import show_notes
 
-REBALANCE_SECONDS = 2.0
+REBALANCE_SECONDS = 0.5  # a look costs about 30 µs; oversubscribed, a second costs far more
 ENV_THREADS = "DIFFTOOL_THREADS"
 
 

@@ -136,9 +136,11 @@ class Slowdown:
 
     FACTOR = 4  # under a quarter of the best rate: far beyond noise, or a second difftool job (a half)
     MIN_STEPS = 3  # windows of fewer steps time too little to compare
+    IN_A_ROW = 2  # one slow window is a blip (a job starting beside it before the cores are shared again)
 
     def __init__(self):
         self.best = 0.0
+        self.slow = 0  # slow windows in a row
         self.said = False
 
     def observe(self, rate: float, steps: int) -> str | None:
@@ -146,9 +148,13 @@ class Slowdown:
         if steps < self.MIN_STEPS or self.said:
             return None
         if self.best and rate * self.FACTOR < self.best:
+            self.slow += 1
+            if self.slow < self.IN_A_ROW:
+                return None
             self.said = True
             return (f"training now runs at {rate:.3g} img/s, under a quarter of its earlier {self.best:.3g} img/s: "
                     f"another program is using the machine's cores or memory bandwidth (difftool's own jobs share the "
                     f"cores between them; DIFFTOOL_THREADS=N fixes this job's thread count)")
+        self.slow = 0
         self.best = max(self.best, rate)
         return None
