@@ -134,6 +134,7 @@ class Share:
         self.threads = 0
         self.others = 0  # live difftool jobs besides this one, at the last look
         self.checked = 0.0
+        self.said = False  # whether the job has said how many threads it computes with
 
     def decide(self) -> int:
         jobs = live_jobs(self.folder) if self.folder is not None else [self.me]
@@ -210,13 +211,11 @@ def registered_early(command):
 
 
 @contextlib.contextmanager
-def cpu_share(*, note: bool = True) -> Iterator[Share]:
+def cpu_share() -> Iterator[Share]:
     """Compute with this job's share of the cores for the block (registering it, if the command has not).
 
-    Nested blocks (evaluate samples through the sampling job) share the outer one. With `note`, the outer
-    block says in one line (rank 0) how many threads it uses and why, when that is fewer than the cores;
-    `train` says it in its first line instead. Where the folder cannot be made (a read-only /tmp), the job
-    takes its share as if it were alone.
+    Nested blocks (evaluate samples through the sampling job) share the outer one. Where the folder cannot be
+    made (a read-only /tmp), the job takes its share as if it were alone.
     """
     global _current
     if _current is not None:
@@ -229,8 +228,6 @@ def cpu_share(*, note: bool = True) -> Iterator[Share]:
         _current = Share(folder, me, usable_cores())
         try:
             _current.apply()
-            if note and _current.why() and os.environ.get("RANK", "0") == "0":
-                show_notes([f"computing with {_current.why()}"])
             yield _current
         finally:
             _current = None
@@ -278,5 +275,20 @@ def sharing_cores(function):
 
 
 def describe() -> str | None:
-    """`1 of 2 cores: 1 other difftool job running`, when the current job uses fewer threads than cores."""
-    return _current.why() if _current is not None else None
+    """`1 of 2 cores: 1 other difftool job running`, when the current job uses fewer threads than cores, for a
+    command's first line (`train`'s); said once, `announce` then says nothing."""
+    if _current is None:
+        return None
+    _current.said = True
+    return _current.why()
+
+
+def announce() -> None:
+    """Where a job's work begins (after its checks, so a refused command prints only its error): one note on
+    rank 0 saying how many threads it computes with and why, when fewer than the cores; once per job."""
+    share = _current
+    if share is not None and not share.said:
+        share.said = True
+        why = share.why()
+        if why and os.environ.get("RANK", "0") == "0":
+            show_notes([f"computing with {why}"])

@@ -376,11 +376,13 @@ def test_sample_workers_get_every_option_as_typed(tiny_run, monkeypatch):
 
 def test_launch_arguments(monkeypatch):
     monkeypatch.setattr(launch_mod, "_has_accelerate_config", lambda: True)
+    monkeypatch.setattr(launch_mod, "usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cmd = launch_mod.launch_arguments("difftool.train", ["--output", "runs/x"], num_processes=2, main_process_port=29555)
-    assert cmd == ["--num_processes", "2", "--multi_gpu", "--main_process_port", "29555", "-m", "difftool.train",
-                   "--output", "runs/x"]
+    assert cmd == ["--num_processes", "2", "--multi_gpu", "--num_cpu_threads_per_process", "1", "--main_process_port",
+                   "29555", "-m", "difftool.train", "--output", "runs/x"]
     one = launch_mod.launch_arguments("difftool.train", [], num_processes=1)
-    assert one == ["--num_processes", "1", "-m", "difftool.train"]
+    assert one == ["--num_processes", "1", "--num_cpu_threads_per_process", "2", "-m", "difftool.train"]
 
 
 def test_launch_parses_the_arguments_as_accelerate_launch_does(monkeypatch):

@@ -26,7 +26,7 @@ import torch
 
 from difftool.errors import UserError, first_line
 from difftool.evaluation.metrics import PROB_ATOL
-from difftool.threads import rebalance
+from difftool.threads import announce, rebalance
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -203,6 +203,7 @@ def _load(spec: str, inception_weights: Path | None, device: torch.device, weigh
 def extract(extractor: Extractor, batches: Iterable[torch.Tensor], *, on_batch=None) -> Features:
     """Run `extractor` over uint8 batches and concatenate; `on_batch(n)` reports progress."""
     features, probs = [], []
+    announce()
     for batch in batches:
         rebalance()
         f, p = extractor(batch)

@@ -28,7 +28,7 @@ from difftool.runlock import run_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import Predictor, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import SCHEDULERS, choose, make_scheduler
-from difftool.threads import sharing_cores
+from difftool.threads import announce, sharing_cores
 
 REPAINT_STEPS = 250  # the RePaint paper's setting
 
@@ -100,6 +100,7 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
     method = _Method(model, request, defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = model.unet.to(device).eval()
+    announce()
     settings = {
         **model_settings(model), "method": request.method, **method.settings, "seed": request.seed,
         "guidance_scale": guidance, "invert": request.invert, "grow": request.grow, "crop": request.crop,

@@ -40,7 +40,7 @@ from difftool.runlock import main_process_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import choose, make_scheduler
-from difftool.threads import sharing_cores
+from difftool.threads import announce, sharing_cores
 
 SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"
@@ -154,6 +154,7 @@ def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: Sampl
     keep_freed_memory()  # every model call frees and allocates its activations again
     unet = place(model.unet, state.device, DTYPES[request.dtype]).eval()
     pick_unet = _compiled_for_first_size(unet, mine) if request.compile else lambda batch: unet
+    announce()
     start = time.perf_counter()
     with SamplingProgress(len(todo), enabled=show_progress and state.is_main_process) as progress:
         # Rank 0's bar stands for all processes: its share of the images, scaled up to the whole.

@@ -87,7 +87,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     keep_freed_memory()
     accelerator = make_accelerator(cfg, run)
     try:
-        with main_process_lock(accelerator, run.root, "train"), cpu_share(note=False):
+        with main_process_lock(accelerator, run.root, "train"), cpu_share():
             return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval)
     except OSError as err:
         if not is_storage_error(err):
@@ -322,5 +322,5 @@ class _Trainer:
             f"{f' conditioned on {len(self.data.label_names)} classes' if cfg.model.class_conditional else ''} at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
-            f"{f'; {threads.describe()}' if threads.describe() else ''}), "
+            f"{f'; {shared}' if (shared := threads.describe()) else ''}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")
