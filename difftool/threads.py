@@ -123,6 +123,10 @@ def live_jobs(folder: Path) -> list[Job]:
                 path.unlink()
         finally:
             os.close(fd)
+    for path in folder.glob(".*.tmp"):  # a registration whose process died before it was renamed into place
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > 60:
+                path.unlink()
     return found
 
 
@@ -192,7 +196,7 @@ def registration() -> Iterator[tuple[Path | None, Job]]:
         _registered = None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.unlink(folder / f"{me.pid}.json")
+                os.unlink(folder / _file_name(me))
             os.close(fd)
 
 
@@ -234,21 +238,24 @@ def cpu_share() -> Iterator[Share]:
             torch.set_num_threads(before)
 
 
+def _file_name(me: Job) -> str:
+    """PID-TIME.json: unique even where processes of other pid namespaces (containers) share the folder."""
+    return f"{me.pid}-{int(me.since * 1e6)}.json"
+
+
 def _register(me: Job) -> tuple[Path | None, int | None]:
     """The registration, written and locked under a temporary name, then renamed into place: a job looking
     meanwhile never finds it unlocked (and so never removes it as dead) or half written."""
     try:
         folder = jobs_folder()
-        tmp = folder / f".{me.pid}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # left by an earlier process with this pid: it is dead, or it would be us
+        tmp = folder / f".{_file_name(me)}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return None, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps({"pid": me.pid, "since": me.since, "fixed": me.fixed}).encode())
-        os.replace(tmp, folder / f"{me.pid}.json")
+        os.replace(tmp, folder / _file_name(me))
     except OSError:
         os.close(fd)
         return None, None

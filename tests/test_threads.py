@@ -67,9 +67,13 @@ def test_live_registrations_count_and_dead_ones_are_removed(private_jobs):
     fd = other_job(private_jobs, 11, 1.0)
     other_job(private_jobs, 12, 2.0, alive=False)
     (private_jobs / "13.json").symlink_to(private_jobs / "11.json")  # never followed
+    for name, age in ((".14-1.json.tmp", 3600), (".15-1.json.tmp", 0)):  # died before its rename; being written
+        (private_jobs / name).write_text("")
+        os.utime(private_jobs / name, (time.time() - age, time.time() - age))
     try:
         assert live_jobs(private_jobs) == [Job(11, 1.0, None)]
         assert not (private_jobs / "12.json").exists()
+        assert sorted(p.name for p in private_jobs.glob(".*")) == [".15-1.json.tmp"]
     finally:
         os.close(fd)
 
