@@ -135,7 +135,7 @@ def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
             return "inside"
         if replaces and real.is_relative_to(out):
             return "holds"
-    except OSError:  # a name too long to exist, say: nothing there to overlap with
+    except (OSError, RuntimeError):  # a name too long to exist, a link that loops: nothing there to overlap with
         return None
     return None
 

@@ -232,3 +232,14 @@ def test_appending_never_writes_through_a_link_or_into_a_fifo(tmp_path, victim):
     append_text(tmp_path / "new.jsonl", "{}\n")
     append_text(tmp_path / "new.jsonl", "{}\n")
     assert (tmp_path / "new.jsonl").read_text() == "{}\n{}\n"
+
+
+@pytest.mark.parametrize("command", ["sample", "train", "report"])
+def test_an_output_that_is_a_link_loop_is_one_line(run, tmp_path, tiny_recipe, command):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv = {"sample": ["sample", run, "-n", 1, "--steps", 2, "-o", loop],
+            "train": ["train", "--recipe", tiny_recipe, "--output", loop],
+            "report": ["report", run, "--output", loop]}[command]
+    assert_user_error(invoke(*argv), str(loop))
+    assert loop.is_symlink()

@@ -222,3 +222,21 @@ def test_ctrl_c_during_the_shutdown_after_convert_prints_no_traceback(tiny_run, 
     assert "done" in proc.stderr and (tmp_path / "model.safetensors").is_file()
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
     assert "exit hook done" in proc.stderr
+
+
+def test_inspect_counts_a_file_rotated_away_after_the_listing_as_gone(tmp_path, monkeypatch):
+    """`inspect RUN` sums the run's files; one deleted between the listing and its stat is not an internal error."""
+    from difftool.models import describe
+
+    (tmp_path / "kept.bin").write_bytes(b"x" * 10)
+    (tmp_path / "rotated.bin").write_bytes(b"x" * 5)
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):  # the file is listed, then rotated away before its size is read
+        if self.name == "rotated.bin":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(Path, "is_file", lambda self: self.suffix == ".bin")
+    assert describe._size_on_disk(tmp_path) == 10

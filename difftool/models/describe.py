@@ -43,5 +43,13 @@ def _size_on_disk(path: Path) -> int | None:
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return sum(_size(p) for p in path.rglob("*"))
     return None  # a hub id: the cache holds it
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for a folder, or a file gone since the folder was listed (a run rotating checkpoints)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
