@@ -470,3 +470,19 @@ def test_launched_module_accepts_the_handed_over_arguments(tmp_path, monkeypatch
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"# run folder: {out}"
     assert dry_run_config(proc.stdout) == config_mod.load_config("cifar10", ["train.batch_size=64", "train.max_steps=10"])
+
+
+@pytest.mark.parametrize("argv, leaves", [(["--help"], True), (["--no-such-option"], False)])
+def test_a_worker_leaves_its_process_group_only_after_success(monkeypatch, argv, leaves):
+    """Leaving before shutdown keeps gloo's threads from aborting the exit; after a failure it could wait forever."""
+    import torch.distributed as dist
+
+    from difftool.cli import worker
+
+    left = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
+    monkeypatch.setattr("sys.argv", ["difftool.sample", *argv])
+    with pytest.raises(SystemExit):
+        worker.run_single_command("sample")
+    assert left == ([True] if leaves else [])
