@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -483,6 +484,11 @@ def test_a_worker_leaves_its_process_group_only_after_success(monkeypatch, argv,
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
     monkeypatch.setattr("sys.argv", ["difftool.sample", *argv])
-    with pytest.raises(SystemExit):
-        worker.run_single_command("sample")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit):
+            worker.run_single_command("sample")
+    finally:  # a worker ignores both once its command has ended; later tests' subprocesses would inherit that
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert left == ([True] if leaves else [])
