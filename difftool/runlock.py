@@ -25,8 +25,7 @@ from typing import TypeVar
 from difftool.errors import UserError, is_storage_error, storage_problem
 from difftool.progress import show_notes
 from difftool.rundir import lock_name
-from difftool.safeio import creating, make_folder
-from difftool.safeio import UnsafeFile, loads_json, open_regular, read_json
+from difftool.safeio import UnsafeFile, creating, loads_json, make_folder, open_regular, read_json
 
 MAX_PID = 2**31 - 1  # a pid beyond it cannot be a process's: the lock file is damaged
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from difftool.errors import UserError
 from difftool.progress import show_notes
+from difftool.safeio import loads_json
 
 REBALANCE_SECONDS = 0.5  # a look costs about 30 µs; oversubscribed, a second costs far more
 ENV_THREADS = "DIFFTOOL_THREADS"
@@ -114,7 +115,7 @@ def live_jobs(folder: Path) -> list[Job]:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # held: a live job
                 with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
-                    record = json.loads(os.pread(fd, 4096, 0))
+                    record = loads_json(os.pread(fd, 4096, 0))
                     fixed = record.get("fixed")
                     found.append(Job(int(record["pid"]), float(record["since"]),
                                      int(fixed) if isinstance(fixed, int) and fixed >= 1 else None))

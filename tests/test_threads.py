@@ -217,3 +217,14 @@ def test_the_computing_commands_register_before_anything_else(argv, monkeypatch,
     monkeypatch.setattr(threads, "_register", lambda me: registered.append(me.pid) or (None, None))
     assert_user_error(invoke(*argv))  # refused at once (nothing there), but registered first
     assert registered == [os.getpid()]
+
+
+def test_a_registration_of_deep_json_is_passed_over(private_jobs):
+    private_jobs.mkdir(mode=0o700)
+    (private_jobs / "7-1.json").write_text("[" * 4000)
+    fd = os.open(private_jobs / "7-1.json", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert live_jobs(private_jobs) == []
+    finally:
+        os.close(fd)

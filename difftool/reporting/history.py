@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difftool.rundir import RunDir
-from difftool.safeio import read_jsonl
-from difftool.safeio import UnsafeFile
+from difftool.safeio import UnsafeFile, read_jsonl
 
 EVAL_PREFIX = "eval/"
 EVAL_EXTRAS = ("kid", "kid_std", "num_samples", "seconds", "best_step")  # every other eval/ key is a distance

@@ -25,8 +25,7 @@ from difftool.reporting.facts import read_facts
 from difftool.reporting.history import eval_history, plausible_step, read_history
 from difftool.reporting.timeline import preview_timeline
 from difftool.rundir import LOCK_FILE, RunDir, refuse_inputs_as_output
-from difftool.safeio import TMP_PREFIX, write_text
-from difftool.safeio import open_regular, refuse_special
+from difftool.safeio import TMP_PREFIX, open_regular, refuse_special, write_text
 
 GENERATOR = "difftool report"  # marks a file as a report, which a new report may replace
 MAX_GRIDS = 24

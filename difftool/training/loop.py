@@ -20,7 +20,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difftool import config as config_mod
-from difftool import threads
 from difftool.allocator import keep_freed_memory
 from difftool.models.export import model_info
 from difftool.models.load import load_model
@@ -41,7 +40,7 @@ from difftool.progress import TrainingProgress, say
 from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
-from difftool.threads import cpu_share, rebalance
+from difftool.threads import cpu_share, describe, rebalance
 from difftool.training.guards import EvaluationStopped, Slowdown, StopOnSignal, Window
 from difftool.training.setup import (
     exported_step,
@@ -322,5 +321,5 @@ class _Trainer:
             f"{f' conditioned on {len(self.data.label_names)} classes' if cfg.model.class_conditional else ''} at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
-            f"{f'; {shared}' if (shared := threads.describe()) else ''}), "
+            f"{f'; {shared}' if (shared := describe()) else ''}), "
             f"steps {start_step}->{max_steps} -> {self.run.root}")

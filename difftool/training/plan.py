@@ -14,8 +14,7 @@ from difftool.config import Config
 from difftool.recipebook import flatten
 from difftool.errors import UserError
 from difftool.rundir import RunDir, new_run_folder, resolve_resume, resumable
-from difftool.safeio import file_in_the_way
-from difftool.safeio import check_regular
+from difftool.safeio import check_regular, file_in_the_way
 
 # Config fields a resumed run may change: how long to train, what to write and measure along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
