@@ -94,10 +94,11 @@ class TrainingProgress:
 class SamplingProgress:
     """Images done / total with img/s and ETA, advanced in fractions of a batch per model step."""
 
-    def __init__(self, total: int, enabled: bool = True, label: str = "sample"):
+    def __init__(self, total: int, enabled: bool = True, label: str = "sample", unit: str = "images"):
+        rate = "img" if unit == "images" else unit
         self.progress = _Bar(
-            TextColumn(f"[bold blue]{label}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} images"),
-            TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn(f"[bold blue]{label}"), BarColumn(), TextColumn(f"{{task.completed:.0f}}/{{task.total:.0f}} {unit}"),
+            TextColumn(f"{{task.fields[ips]}} {rate}/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=console, disable=not enabled,
         )
         self.task = self.progress.add_task(label, total=total, ips="-")

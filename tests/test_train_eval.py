@@ -19,7 +19,8 @@ from difftool.training.loop import train
 from difftool.training.plan import plan_training
 from tests.conftest import TINY_OVERRIDES, assert_user_error, invoke, tiny_config
 
-EVAL_KEYS = {"step", "eval/fid", "eval/kid", "eval/kid_std", "eval/num_samples", "eval/seconds", "eval/best_step"}
+EVAL_KEYS = {"step", "eval/fid", "eval/kid", "eval/kid_std", "eval/num_samples", "eval/seconds", "eval/best_step",
+             "eval/brightness_error"}
 
 
 def eval_overrides(features: str = "inception", every: int = 3) -> list[str]:

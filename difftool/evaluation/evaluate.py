@@ -25,6 +25,7 @@ from difftool.evaluation.files import METRICS_FILE
 from difftool.models.checkpoints import LoadedModel
 from difftool.safeio import write_text
 from difftool.sampling.job import (
+    NPZ_FILE,
     SampleRequest,
     SampleResult,
     check_output_folder,
@@ -32,7 +33,8 @@ from difftool.sampling.job import (
     generate,
     load_shared,
 )
-from difftool.evaluation.imagesets import ImageSet, is_image_source, open_images
+from difftool.evaluation.imagesets import ImageSet, is_image_source, open_images, open_npz
+from difftool.evaluation.judge import CLASSES, class_fidelity, fd_noise
 from difftool.evaluation.metrics import (
     frechet_distance,
     gaussian_stats,
@@ -125,8 +127,8 @@ class Scorer:
     reference: Reference | None
     options: MetricOptions
 
-    def score(self, images: ImageSet, show_progress: bool = True) -> dict:
-        return score(images, self.reference, self.extractor, self.options, show_progress=show_progress)
+    def score(self, images: ImageSet, show_progress: bool = True, asked: list[str | None] | None = None) -> dict:
+        return score(images, self.reference, self.extractor, self.options, show_progress=show_progress, asked=asked)
 
 
 def prepare_scorer(reference: str | None, options: MetricOptions, resolution: int,
@@ -159,14 +161,25 @@ def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, fo
                            resume=resume, show_progress=show_progress, model=model)
     if scorer is None:
         return None
-    record = scorer.score(open_images(folder / "samples.npz"), show_progress)
+    record = scorer.score(open_images(folder / NPZ_FILE), show_progress, asked=asked_classes(folder, model))
     record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
     return sampled, record
 
 
+def asked_classes(folder: Path, model: LoadedModel) -> list[str | None] | None:
+    """The class each sample of `folder` (its samples.npz) was asked for, by name; None for unconditional ones."""
+    names = model.info.get("label_names")
+    with open_npz(folder / NPZ_FILE) as npz:
+        ids = npz["arr_1"].tolist() if "arr_1" in npz and names else None
+    return None if ids is None else [names[i] if 0 <= i < len(names) else None for i in ids]
+
+
 def score(images: ImageSet, reference: Reference | None, extractor: Extractor, options: MetricOptions, *,
-          show_progress: bool = True) -> dict:
-    """Every metric the reference allows, from one pass of `extractor` over `images`."""
+          show_progress: bool = True, asked: list[str | None] | None = None) -> dict:
+    """Every metric the reference allows, from one pass of `extractor` over `images`.
+
+    A judge's (evaluation/judge.py) class predictions give the class fidelity, against the classes the images were
+    `asked` for where that is known, in place of the Inception Score; its FD comes with its noise."""
     with SamplingProgress(images.count, enabled=show_progress, label="features") as progress:
         found = extract(extractor, images.batches(options.batch_size), on_batch=progress.advance)
     n = len(found)
@@ -179,6 +192,8 @@ def score(images: ImageSet, reference: Reference | None, extractor: Extractor, o
     if reference is not None:
         record.update(reference=reference.source, reference_images=reference.count)
         record[distance_key(extractor)] = _distance(found.features, reference)
+        if extractor.judge is not None:
+            record[f"{distance_key(extractor)}_std"] = fd_noise(found.features, reference.stats)
         if len(reference.features) >= 2:
             kid = kernel_inception_distance(reference.features, found.features, subsets=options.kid_subsets,
                                             subset_size=options.kid_subset_size)
@@ -189,7 +204,10 @@ def score(images: ImageSet, reference: Reference | None, extractor: Extractor, o
                 record.update(precision=pr.precision, recall=pr.recall)
     else:
         warnings.append("no --reference: only the Inception Score, which needs no real images")
-    if found.probs is not None:
+    if found.probs is not None and extractor.judge is not None:
+        if extractor.judge["judges"] == CLASSES:
+            record.update(class_fidelity(found.probs, extractor.judge["classes"], asked))
+    elif found.probs is not None:
         inception = inception_score(found.probs, splits=options.is_splits)
         record.update(is_mean=inception.mean, is_std=inception.std)
     record["warnings"] = warnings

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from difftool.errors import UserError, first_line
+from difftool.evaluation.judge import check_judge, judge_info
 from difftool.evaluation.metrics import PROB_ATOL
 from difftool.threads import announce, rebalance
 
@@ -66,6 +67,7 @@ class Extractor:
     probs: bool = True
     width: int | None = None  # features per image, fixed by the first batch (see `probe`)
     classes: int | None = None  # class probabilities per image, likewise
+    judge: dict | None = None  # a difftool judge's `info` (evaluation/judge.py): what its classes are
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         # TorchScript files load onto the CPU: the network goes where the images will go.
@@ -138,12 +140,17 @@ class InceptionExtractor(Extractor):
 
 
 class TorchScriptExtractor(Extractor):
-    """A user's TorchScript file: uint8 N×3×H×W in, features (or a (features, probs) tuple) out."""
+    """A user's TorchScript file: uint8 N×3×H×W in, features (or a (features, probs) tuple) out.
+
+    A run's judge (RUN/eval/judge.pt) is one too; its distance is FD_judge and its classes are known."""
 
     def __init__(self, module, digest: str, device, path: Path):
         super().__init__(module, device)
         # By content alone: a copy of the file under another name is the same network.
         self.name, self.label = f"torchscript:{digest[:12]}", str(path)
+        self.judge = judge_info(module)
+        if self.judge is not None:
+            self.distance_name = "FD_judge"
 
     def _run(self, images):
         out = self.module(images)
@@ -194,6 +201,7 @@ def _load(spec: str, inception_weights: Path | None, device: torch.device, weigh
     if spec == "dinov2" or spec.startswith("dinov2:"):
         model_id = spec.partition(":")[2] or DINOV2_DEFAULT
         return Dinov2Extractor(_load_dinov2(model_id), device, model_id)
+    check_judge(spec)
     path = Path(spec).expanduser()
     if spec and (path.suffix in (".pt", ".pth", ".ts", ".jit") or path.exists()):  # Path("") exists: it is "."
         return TorchScriptExtractor(*_load_torchscript(path, "the feature extractor"), device, path)

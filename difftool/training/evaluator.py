@@ -27,15 +27,16 @@ from difftool.errors import UserError
 from difftool.evaluation import reference as reference_mod
 from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, resolve_reference, sample_and_score
 from difftool.evaluation.features import load_extractor
-from difftool.evaluation.imagesets import from_tensor
+from difftool.evaluation.imagesets import from_tensor, open_npz
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
 from difftool.rundir import progress_problem, read_progress
 from difftool.runlock import on_main_process
 from difftool.safeio import append_jsonl, check_regular
-from difftool.sampling.job import SampleRequest
+from difftool.sampling.job import NPZ_FILE, SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.training.data import center_crops
+from difftool.training.judging import JUDGE, JudgeFacts, check_judgeable, measure_floor, prepare_judge
 
 RUN_DATA = "data"  # eval.reference: the run's own training data
 REFERENCE_FILE = "reference.npz"  # in RUN/eval: the statistics of the run's data
@@ -43,7 +44,7 @@ SAMPLES_DIR = "samples"  # in RUN/eval: the latest evaluation's samples
 REFERENCE_SEED = 0  # which images of the data make the reference when eval.reference_images is fewer
 
 
-def check_evaluation(cfg, accelerator, *, optional: bool, show_progress: bool = True) -> Scorer | None:
+def check_evaluation(cfg, accelerator, data, *, optional: bool, show_progress: bool = True) -> Scorer | None:
     """The feature network and (unless it is the run's data) the reference, loaded on the main process before
     anything is written; None elsewhere, and when evaluation is off.
 
@@ -55,6 +56,9 @@ def check_evaluation(cfg, accelerator, *, optional: bool, show_progress: bool = 
         return None
     try:
         _check_sampler(cfg)
+        if cfg.eval.features == JUDGE:  # trained once the run folder is ready (Evaluator.prepare)
+            _check_judge(cfg, data)
+            return Scorer(None, None, _metric_options(cfg)) if accelerator.is_main_process else None
         return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress))
     except UserError as err:
         if not optional:
@@ -71,6 +75,13 @@ def _check_sampler(cfg) -> None:
     if not 1 <= steps <= cfg.scheduler.num_train_timesteps:
         raise UserError(f"eval.steps must lie between 1 and {cfg.scheduler.num_train_timesteps} (the training "
                         f"timesteps), got {steps}")
+
+
+def _check_judge(cfg, data) -> None:
+    if cfg.eval.reference != RUN_DATA:
+        raise UserError(f"eval.features=judge compares samples with the run's own data, not "
+                        f"{cfg.eval.reference}: set eval.reference=data")
+    check_judgeable(cfg, data)
 
 
 def _sampler(cfg) -> tuple[str, int | None]:
@@ -104,21 +115,34 @@ class Evaluator:
         self.accelerator = writer.accelerator
         self.show_progress = show_progress and self.accelerator.is_main_process
         self.best_step, self.best_score = None, math.inf
+        self.judge: JudgeFacts | None = None  # the main process's, with eval.features: judge
+        self.data_mean: float | None = None  # of the data (0-255), for the brightness error
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.cfg.eval.every == 0 or step == max_steps
 
     def prepare(self, data, resumed: bool) -> None:
-        """Before the first step: the statistics of the run's data (once: RUN/eval/reference.npz), and on resume
-        the best score so far, from checkpoints/best."""
+        """Before the first step: the judge (eval.features: judge), the statistics of the run's data (once:
+        RUN/eval/reference.npz), and on resume the best score so far, from checkpoints/best."""
         if self.cfg.eval.reference == RUN_DATA:
-            on_main_process(self.accelerator, lambda: self._run_data_reference(data))
+            on_main_process(self.accelerator, lambda: self._prepare_reference(data))
         if resumed:
             self._restore_best()
 
-    def _run_data_reference(self, data) -> None:
+    def _prepare_reference(self, data) -> None:
+        """The reference from the run's data: the images the judge trained on, when there is one."""
+        images = center_crops(data, self.cfg.data.resolution)
+        self.data_mean = float(images.float().mean())
+        rows = torch.arange(len(images))
+        if self.cfg.eval.features == JUDGE:
+            self.judge, held, rows = prepare_judge(self.cfg, self.run, data, images, self.scorer, self.show_progress)
+        self._run_data_reference(data, images, rows)
+        if self.judge is not None:
+            measure_floor(self.judge, self.run, images, held, self.scorer, self.cfg.eval.num_samples)
+
+    def _run_data_reference(self, data, images: torch.Tensor, rows: torch.Tensor) -> None:
         scorer, path = self.scorer, self.run.eval_dir / REFERENCE_FILE
-        count = min(len(data), self.cfg.eval.reference_images or len(data))
+        count = min(len(rows), self.cfg.eval.reference_images or len(rows))
         with contextlib.suppress(UserError):  # none yet, unreadable, or a link (never read through): made again
             check_regular(path)
             cached = reference_mod.load(path)
@@ -127,11 +151,10 @@ class Evaluator:
                 scorer.reference = cached
                 return
         start = time.perf_counter()
-        images = center_crops(data, self.cfg.data.resolution)
-        if count < len(images):
-            rows = np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(images), count, replace=False))
-            images = images[torch.from_numpy(rows)]
-        built = reference_mod.from_images(from_tensor(images, f"{data.source} ({count} training images)"),
+        if count < len(rows):
+            rows = rows[torch.from_numpy(np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(rows), count,
+                                                                                               replace=False)))]
+        built = reference_mod.from_images(from_tensor(images[rows], f"{data.source} ({count} training images)"),
                                           scorer.extractor, batch_size=scorer.options.batch_size,
                                           show_progress=self.show_progress)
         reference_mod.save(built, path)
@@ -187,7 +210,7 @@ class Evaluator:
                 self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
         if record is not None:
             append_jsonl(self.run.metrics, record)
-            say(f"eval step {step}: {self.key()[5:].upper()} {record[self.key()]:.4g} "
+            say(f"eval step {step}: {self.describe(record)} "
                 f"({record['eval/num_samples']} samples, {record['eval/seconds']:.0f} s); best at step "
                 f"{self.best_step}", highlight=False)
         return record
@@ -200,8 +223,26 @@ class Evaluator:
         record = {"step": step, self.key(): score}
         if "kid_mean" in scores:
             record.update({"eval/kid": scores["kid_mean"], "eval/kid_std": scores["kid_std"]})
+        if self.judge is not None:
+            record.update({f"{self.key()}_std": scores[f"{self.key()[5:]}_std"], f"{self.key()}_floor": self.judge.floor,
+                           **{f"eval/{k}": scores[k] for k in ("right_class", "largest_class_share") if k in scores}})
+        if self.data_mean is not None:
+            with open_npz(self.run.eval_dir / SAMPLES_DIR / NPZ_FILE) as npz:
+                record["eval/brightness_error"] = float(npz["arr_0"].mean(dtype=np.float64)) - self.data_mean
         return {**record, "eval/num_samples": scores["num_images"], "eval/seconds": seconds,
                 "eval/best_step": self.best_step}
+
+    def describe(self, record: dict) -> str:
+        """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""
+        key = self.key()
+        text = f"{key[5:].upper()} {record[key]:.4g}"
+        if f"{key}_floor" in record:
+            text += f" ({record[key] / max(record[f'{key}_floor'], 1e-12):.1f}× its floor)"
+        if "eval/right_class" in record:
+            text += f", right class {record['eval/right_class']:.0%}"
+        if "eval/brightness_error" in record:
+            text += f", brightness {record['eval/brightness_error']:+.1f} levels"
+        return text
 
     def _on_every_process(self, decision: bool) -> bool:
         """The main process's `decision`, on every process."""

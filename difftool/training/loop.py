@@ -112,7 +112,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
-    scorer = check_evaluation(cfg, accelerator, optional=optional_eval, show_progress=show_progress)
+    scorer = check_evaluation(cfg, accelerator, data, optional=optional_eval, show_progress=show_progress)
     _prepare_folder(cfg, run, accelerator, resume, overwrite)
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=flat_config(cfg))

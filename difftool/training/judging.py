@@ -1,0 +1,123 @@
+"""The judge of a run (`eval.features: judge`): trained on the run's data before the first step, or reused.
+
+RUN/eval/judge.pt is the network (TorchScript, evaluation/judge.py) and RUN/eval/judge.json what is known about
+it: the data it learned, its accuracy on held-out images, and the floor of its FD, the distance between those
+held-out real images and the reference. Samples are compared with the same reference, made from the images the
+judge trained on, so the floor is what a model that draws exactly the data would score with as many samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+
+import torch
+
+from difftool.errors import UserError
+from difftool.evaluation.evaluate import Scorer
+from difftool.evaluation.features import extract, load_extractor
+from difftool.evaluation.judge import JudgeReport, fd_noise, held_out_split, judgeable, save_judge, train_judge
+from difftool.evaluation.metrics import frechet_distance, gaussian_stats
+from difftool.progress import say
+from difftool.safeio import atomic_path, check_regular, read_json, write_text
+
+JUDGE_FILE, JUDGE_RECORD = "judge.pt", "judge.json"
+JUDGE = "judge"  # eval.features: the run's own judge
+
+
+@dataclasses.dataclass
+class JudgeFacts:
+    """What judge.json holds: how the judge was made, and the floor of its FD for this run's evaluations."""
+
+    report: JudgeReport
+    data: dict  # which images it learned: source, count, resolution, flips
+    network: str  # the extractor name (by the file's content)
+    floor: float = 0.0
+    floor_std: float = 0.0
+    floor_images: int = 0
+    data_mean: float = 0.0  # mean pixel of the data (0-255), for the brightness error
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "report": dataclasses.asdict(self.report)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> JudgeFacts:
+        return cls(**{**record, "report": JudgeReport(**record["report"])})
+
+
+def check_judgeable(cfg, data) -> None:
+    """Refuse, before anything is written, data the judge cannot learn."""
+    problem = judgeable(len(data), data.labels, data.label_names, cfg.data.resolution)
+    if problem:
+        raise UserError(f"eval.features=judge: {problem}; use --set eval.features=inception (needs the FID weights) "
+                        f"or train without evaluation: --set eval.every=0")
+
+
+def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
+                  show_progress: bool) -> tuple[JudgeFacts, torch.Tensor, torch.Tensor]:
+    """The run's judge in `scorer.extractor` (trained, or reused from RUN/eval when it learned these very images)
+    and its facts; also the held-out rows of `images` (the floor's) and those the judge trained on (the
+    reference's)."""
+    held, train = held_out_split(len(images), cfg.eval.num_samples)
+    described = {"source": data.source, "count": len(images), "resolution": cfg.data.resolution,
+                 "flips": bool(cfg.data.random_flip), "classes": data.label_names if data.labels is not None else None}
+    facts = _reuse(run, described)
+    if facts is None:
+        module, report = train_judge(images, data.labels, data.label_names, held=held, train=train,
+                                     flips=cfg.data.random_flip, show_progress=show_progress)
+        path = run.eval_dir / JUDGE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(save_judge(module))
+        scorer.extractor = _load(run)
+        facts = JudgeFacts(report, described, scorer.extractor.name)
+        say(f"judge: {report.describe()}; trained in {report.seconds:.0f} s, saved as {path}", highlight=False)
+    else:
+        scorer.extractor = _load(run)
+        say(f"judge: {facts.report.describe()} (reused {run.eval_dir / JUDGE_FILE})", highlight=False)
+    facts.data_mean = float(images.float().mean())
+    return facts, held, train
+
+
+def measure_floor(facts: JudgeFacts, run, images: torch.Tensor, held: torch.Tensor, scorer: Scorer,
+                  num_samples: int) -> None:
+    """The FD of `num_samples` held-out real images (or all there are) to the reference: the judge's floor."""
+    start = time.perf_counter()
+    rows = held[:num_samples]
+    found = extract(scorer.extractor, (images[rows[i : i + 256]] for i in range(0, len(rows), 256)))
+    facts.floor = frechet_distance(gaussian_stats(found.features), scorer.reference.stats)
+    facts.floor_std = fd_noise(found.features, scorer.reference.stats)
+    facts.floor_images = len(rows)
+    write_text(run.eval_dir / JUDGE_RECORD, json.dumps(facts.to_json(), indent=2) + "\n")
+    note = "" if len(rows) == num_samples else f" (eval.num_samples is {num_samples}: the floor is higher there)"
+    say(f"judge: FD of {len(rows)} held-out real images to the reference {facts.floor:.3g} ± {facts.floor_std:.2g}, "
+        f"the floor of FD_judge{note} ({time.perf_counter() - start:.0f} s)", highlight=False)
+
+
+def read_facts(run) -> JudgeFacts | None:
+    """judge.json of a run, None when there is none or it is damaged."""
+    with contextlib.suppress(UserError, OSError, ValueError, KeyError, TypeError):
+        return JudgeFacts.from_json(read_json(run.eval_dir / JUDGE_RECORD))
+    return None
+
+
+def _reuse(run, described: dict) -> JudgeFacts | None:
+    """The facts of a judge already in the run that learned the `described` images, if its file is intact."""
+    facts = read_facts(run)
+    if facts is None or facts.data != described:
+        return None
+    with contextlib.suppress(UserError):
+        check_regular(run.eval_dir / JUDGE_FILE)
+        if _load(run).name == facts.network:
+            return facts
+    return None
+
+
+def _load(run):
+    extractor = load_extractor(str(run.eval_dir / JUDGE_FILE), probe_resolution=None)
+    if extractor.judge is None:
+        raise UserError(f"{run.eval_dir / JUDGE_FILE} is not a judge; remove it and train again")
+    return extractor
+
