@@ -23,6 +23,7 @@ from difftool.hints import coerce, field_types, type_name
 # The recipe functions are also reached as config.recipe_* by callers that read recipes and configs together.
 from difftool.recipebook import parse_yaml, recipe_dir, recipe_for_dataset, recipe_names, recipe_summary, recipe_text  # noqa: F401,E501
 from difftool.safeio import JSON_LIMIT, UnsafeFile, read_bounded
+from difftool.training.until import PLATEAU, UNTIL
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -86,6 +87,10 @@ class TrainConfig:
     batch_size: int = 64
     max_steps: int = 10000
     epochs: int | None = None
+    # steps: train max_steps (or epochs). plateau: at least max_steps, then on while the judge's FD improves by
+    # more than its noise, at most until_max_steps (null: 4x max_steps); training/until.py says how.
+    until: str = "steps"
+    until_max_steps: int | None = None
     lr: float = 2e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 500
@@ -373,6 +378,7 @@ def validate(cfg: Config) -> list[str]:
     choice("scheduler.prediction_type", s.prediction_type, PREDICTION_TYPES)
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    choice("train.until", t.until, UNTIL)
     choice("data.crop", d.crop, CROPS)
     choice("model.resnet_time_scale_shift", m.resnet_time_scale_shift, ("default", "scale_shift"))
     for tracker in cfg.log.trackers:
@@ -404,6 +410,7 @@ def validate(cfg: Config) -> list[str]:
     if not 0 <= cfg.sample.guidance_rescale <= 1:
         e.append(f"sample.guidance_rescale must be in [0, 1] (0 = off), got {cfg.sample.guidance_rescale}")
     e += _eval_problems(cfg.eval)
+    e += _until_problems(cfg)
     e += [f"{path} must be in [0, {SEED_MAX}], got {shown(seed)}" for path, seed in
           [("train.seed", t.seed), ("sample.seed", cfg.sample.seed), ("eval.seed", cfg.eval.seed)]
           if not 0 <= seed <= SEED_MAX]
@@ -446,6 +453,25 @@ def _weighting_problems(t: TrainConfig, prediction_type: str) -> list[str]:
     if t.min_snr_gamma:
         e.append("train.epsilon_weighting and train.min_snr_gamma both weight the loss; set one of them "
                  "(--set train.epsilon_weighting=null for min-SNR)")
+    return e
+
+
+def _until_problems(cfg: Config) -> list[str]:
+    """train.until: plateau follows the judge's evaluations and sets the learning rate itself."""
+    t = cfg.train
+    if t.until != PLATEAU:
+        return [f"train.until_max_steps applies to train.until=plateau, not {t.until}"] if t.until_max_steps else []
+    e = []
+    if not cfg.eval.every or cfg.eval.features != "judge":
+        e.append("train.until=plateau follows the judge's evaluations: set eval.every (e.g. 1000) and "
+                 "eval.features=judge")
+    if t.lr_schedule != "constant":
+        e.append(f"train.until=plateau holds the learning rate and cools it down when the judge levels off, so it "
+                 f"takes no lr_schedule of its own: set train.lr_schedule=constant (got {t.lr_schedule})")
+    if t.epochs:
+        e.append("train.until=plateau counts steps: set train.epochs=null and give train.max_steps")
+    if t.until_max_steps is not None and t.until_max_steps < t.max_steps:
+        e.append(f"train.until_max_steps ({t.until_max_steps}) must be at least train.max_steps ({t.max_steps})")
     return e
 
 

@@ -78,6 +78,10 @@ class TrainingProgress:
     def advance(self) -> None:
         self.progress.advance(self.task)
 
+    def set_total(self, total: int) -> None:
+        """A new end (train.until: plateau decided where the run stops)."""
+        self.progress.update(self.task, total=total)
+
     def show_metrics(self, record: dict) -> None:
         loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"  # None: every step skipped as non-finite
         self.progress.update(self.task, loss=loss, lr=f"{record['lr']:.2e}", ips=f"{record['img_per_s']:.0f}")

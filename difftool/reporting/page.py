@@ -22,7 +22,13 @@ from difftool.errors import UserError
 from difftool.reporting import sections
 from difftool.reporting.evaluations import default_places, find_evaluations
 from difftool.reporting.facts import read_facts
-from difftool.reporting.history import eval_history, plausible_step, read_history
+from difftool.reporting.history import (
+    eval_history,
+    plateau_stop,
+    plausible_step,
+    read_history,
+)
+from difftool.reporting.judge import read_judge, verdict_line
 from difftool.reporting.timeline import preview_timeline
 from difftool.rundir import LOCK_FILE, RunDir, refuse_inputs_as_output
 from difftool.safeio import TMP_PREFIX, open_regular, refuse_special, write_text
@@ -52,6 +58,9 @@ img.grid { image-rendering: pixelated; border: 1px solid #e3e5ec; max-width: 100
 .sweep { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 pre { background: #f1f2f6; padding: 10px; overflow-x: auto; font-size: 13px; }
 code { background: #f1f2f6; padding: 0 3px; }
+.verdict { margin: 16px 0 8px; padding: 12px 16px; border: 1px solid #9bb4dc; border-left: 6px solid #2456a6;
+           border-radius: 4px; background: #eef3fb; font-size: 16px; }
+.verdict p { margin: 0; } .verdict p.verdict-head { font-weight: 600; margin-bottom: 4px; color: #2456a6; }
 """
 
 
@@ -80,19 +89,23 @@ def make_report(run_folder: Path, output: Path | None = None, *, places: list[Pa
     places = default_places(run.root) if places is None else list(places)
     found = find_evaluations(run.root, places)
     evals = eval_history(history)
+    judge, judge_left_out = read_judge(run)
+    stop = plateau_stop(history)
     timeline = preview_timeline(run, max_grids)
     resumed_at = [s.start["step"] for s in facts.sessions if s.start.get("resumed_from")
                   and plausible_step(s.start.get("step"))]
     body = "".join([
-        sections.summary(facts),
+        sections.verdict(verdict_line(history, judge, str(run_folder)) if judge else None),
+        sections.summary(facts, stop),
         sections.curves(history, resumed_at),
-        sections.evaluation_curves(evals),
+        sections.evaluation_curves(evals, judge, stop, judge_left_out),
         sections.previews(timeline),
         sections.evaluations(found, [str(p) for p in places]),
         sections.recipe(facts),
     ])
     write_text(output, document(facts.name, facts.state, body))
-    notes = [*facts.notes, *([history.unreadable] if history.unreadable else [])]
+    notes = [*facts.notes, *([history.unreadable] if history.unreadable else []),
+             *([judge_left_out] if judge_left_out else [])]
     if timeline.skipped:
         notes.append(f"left out {len(timeline.skipped)} preview grid(s), not read: {'; '.join(timeline.skipped)}")
     notes += [f"left out a damaged evaluation file: {d}" for d in found.damaged]

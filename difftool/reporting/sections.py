@@ -10,6 +10,7 @@ import math
 
 import yaml
 
+from difftool.evaluation.plots import fd_vs_nfe_figure
 from difftool.reporting import charts
 from difftool.reporting.evaluations import Evaluation, Found, Sweep
 from difftool.reporting.facts import NOT_RECORDED, RunFacts
@@ -20,10 +21,11 @@ from difftool.reporting.history import (
     SMOOTH_SPAN,
     EvalHistory,
     History,
+    Stop,
     finite,
 )
+from difftool.reporting.judge import Judge
 from difftool.reporting.timeline import Timeline
-from difftool.evaluation.plots import fd_vs_nfe_figure
 
 CURVES = (  # metrics.jsonl key, title, axis label, smoothed (lr follows its schedule: nothing to smooth), log axis
     ("loss", "Training loss", "loss (mean over the logged steps)", True, True),
@@ -86,7 +88,15 @@ def number(value, digits: int = 4) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def summary(facts: RunFacts) -> str:
+def verdict(text: str | None) -> str:
+    """The judge's verdict in a box at the top of the page: what the run's last evaluation says to do."""
+    if text is None:
+        return ""
+    return (f'<section id="verdict" class="verdict"><p class="verdict-head">Verdict of the judge</p>'
+            f"<p>{esc(text)}</p></section>")
+
+
+def summary(facts: RunFacts, stop: Stop | None = None) -> str:
     rows = [
         ["run folder", str(facts.root)],
         ["state", facts.state],
@@ -99,6 +109,9 @@ def summary(facts: RunFacts) -> str:
         ["hardware", "; ".join(facts.hardware)],
         ["versions", "; ".join(facts.versions)],
     ]
+    if stop is not None:
+        ended = "stopped" if stop.reached else "stopping"
+        rows.insert(3, ["until", f"{ended} by train.until: plateau at step {stop.end:,}: {stop.why or NOT_RECORDED}"])
     left_out = "".join(note(f"Left out: {n}") for n in facts.notes)
     return section("run", "The run", table(["", ""], rows, "facts") + left_out + _sessions(facts))
 
@@ -161,17 +174,27 @@ def curves(history: History, resumed_at: list[int]) -> str:
                           f"step; dashed: where a resumed session began."))
 
 
-def evaluation_curves(evals: EvalHistory | None) -> str:
+def evaluation_curves(evals: EvalHistory | None, judge: Judge | None = None, stop: Stop | None = None,
+                      left_out: str | None = None) -> str:
+    """The distance and KID over steps and, with a judge, class fidelity and brightness; `left_out`: why
+    judge.json was not read."""
+    skipped = note(f"Left out: {left_out}") if left_out else ""
     if evals is None:
         return section("eval", "FID and KID during training", note(
             "No evaluation during training was recorded. Turn it on with an `eval:` section in the recipe "
             "(for example --set eval.every=1000 with a reference data set), or score the finished model with "
-            "difftool evaluate RUN --reference DATA."))
-    figure = charts.eval_figure(evals)
+            "difftool evaluate RUN --reference DATA.") + skipped)
+    figure = charts.eval_figure(evals, floor_images=judge.floor_images if judge else None, stop=stop)
+    charts_html = image(charts.data_uri(figure), f"{evals.name} and KID over steps", "chart wide")
+    for title, extra in ((charts.CLASS_TITLE, charts.class_figure(evals, judge, stop)),
+                         (charts.BRIGHTNESS_TITLE, charts.brightness_figure(evals, stop))):
+        if extra is not None:
+            charts_html += image(charts.data_uri(extra), f"{title} over steps")
+    noise = dict(zip(evals.distance_std.steps, evals.distance_std.values, strict=True))
     kid_std = dict(zip(evals.kid_std.steps, evals.kid_std.values, strict=True))
     kid = dict(zip(evals.kid.steps, evals.kid.values, strict=True))
-    rows = [[Raw("<b>★</b>") if s == evals.best_step else "", number(s), number(v),
-             number(kid.get(s)) + (f" ± {number(kid_std[s], 2)}" if s in kid_std else "")]
+    rows = [[Raw("<b>★</b>") if s == evals.best_step else "", number(s), _pm(v, noise.get(s)),
+             _pm(kid.get(s), kid_std.get(s))]
             for s, v in zip(evals.distance.steps, evals.distance.values, strict=True)]
     last = evals.last
     about = (f"Best step {evals.best_step:,}: {evals.name} {evals.best_value:.4g}"
@@ -179,9 +202,9 @@ def evaluation_curves(evals: EvalHistory | None) -> str:
                 if last.get(EVAL_PREFIX + "num_samples") else "")
              + (f", {duration(last[EVAL_PREFIX + 'seconds'])}" if isinstance(last.get(EVAL_PREFIX + "seconds"),
                                                                           (int, float)) else "") + ".")
-    return section("eval", "FID and KID during training",
-                   image(charts.data_uri(figure), f"{evals.name} and KID over steps", "chart wide")
-                   + f"<p>{esc(about)}</p>" + table(["best", "step", evals.name, "KID"], rows))
+    return section("eval", f"{evals.name} and KID during training",
+                   f'<div class="charts">{charts_html}</div>' + (note(judge.describe()) if judge else "")
+                   + f"<p>{esc(about)}</p>" + table(["best", "step", evals.name, "KID"], rows) + skipped)
 
 
 def previews(timeline: Timeline) -> str:

@@ -28,6 +28,7 @@ from difftool.evaluation import reference as reference_mod
 from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, resolve_reference, sample_and_score
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor, open_npz
+from difftool.evaluation.verdict import verdict
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
 from difftool.rundir import progress_problem, read_progress
@@ -36,6 +37,7 @@ from difftool.safeio import append_jsonl, check_regular
 from difftool.sampling.job import NPZ_FILE, SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.training.data import center_crops
+from difftool.training.until import PLATEAU
 from difftool.training.judging import JUDGE, JudgeFacts, check_judgeable, measure_floor, prepare_judge
 
 RUN_DATA = "data"  # eval.reference: the run's own training data
@@ -64,9 +66,14 @@ def check_evaluation(cfg, accelerator, data, *, optional: bool, show_progress: b
         if not optional:
             raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
                             f"--set eval.every=0") from None
-        if accelerator.is_main_process:
-            say(f"[yellow]evaluation during training off:[/] {err}", highlight=False)
         cfg.eval.every = 0
+        plateau = cfg.train.until == PLATEAU
+        if plateau:  # nothing to follow: the rule's learning rate, cooled down to end at the budget
+            cfg.train.until_max_steps = cfg.train.max_steps
+        if accelerator.is_main_process:
+            say(f"[yellow]evaluation during training off:[/] {err}"
+                f"{'; train.until: plateau follows it, so the run ends at train.max_steps' if plateau else ''}",
+                highlight=False)
         return None
 
 
@@ -117,6 +124,7 @@ class Evaluator:
         self.best_step, self.best_score = None, math.inf
         self.judge: JudgeFacts | None = None  # the main process's, with eval.features: judge
         self.data_mean: float | None = None  # of the data (0-255), for the brightness error
+        self.last: dict | None = None  # the latest evaluation's record (main process)
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.cfg.eval.every == 0 or step == max_steps
@@ -209,6 +217,7 @@ class Evaluator:
             if self._on_every_process(record is not None and record["eval/best_step"] == step):
                 self.writer.save_best(step, {**record, "settings": self.settings()} if record else {})
         if record is not None:
+            self.last = record
             append_jsonl(self.run.metrics, record)
             say(f"eval step {step}: {self.describe(record)} "
                 f"({record['eval/num_samples']} samples, {record['eval/seconds']:.0f} s); best at step "
@@ -231,6 +240,12 @@ class Evaluator:
                 record["eval/brightness_error"] = float(npz["arr_0"].mean(dtype=np.float64)) - self.data_mean
         return {**record, "eval/num_samples": scores["num_images"], "eval/seconds": seconds,
                 "eval/best_step": self.best_step}
+
+    def verdict(self, run: str) -> str | None:
+        """What the latest evaluation says, against what the judge sees in real images (None without a judge)."""
+        if self.judge is None or self.last is None:
+            return None
+        return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"])
 
     def describe(self, record: dict) -> str:
         """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -36,6 +37,7 @@ from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_folder_path, check_output
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.step import Stepper
+from difftool.training.until import Plateau, until_of
 from difftool.progress import TrainingProgress, say
 from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
 from difftool.runlock import main_process_lock
@@ -135,8 +137,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         eps=cfg.train.adam_epsilon, weight_decay=cfg.train.weight_decay,
         fused=True,  # one kernel for all parameters, on GPUs and (torch >= 2.4) CPUs: 4x faster steps than foreach
     )
-    lr_scheduler = get_scheduler(LR_SCHEDULE_NAMES[cfg.train.lr_schedule], optimizer,
-                                 num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max_steps)
+    until = until_of(cfg, max_steps)
+    lr_scheduler = _lr_schedule(cfg, optimizer, until, max_steps)
     ema = EMAModel(unet.parameters(), decay=cfg.ema.max_decay, use_ema_warmup=True, inv_gamma=cfg.ema.inv_gamma,
                    power=cfg.ema.power, update_after_step=cfg.ema.update_after_step, foreach=True,
                    model_cls=UNet2DModel, model_config=unet.config) if cfg.ema.enabled else None
@@ -152,21 +154,33 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         load_state(accelerator, resume)
         progress = read_progress(resume)
         start_step = progress["step"]
-        # At max_steps with no model/ of that step, the run was killed while exporting: finish that.
-        if start_step > max_steps or (start_step == max_steps and exported_step(run) == start_step):
-            raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}); "
+        until.restore(progress)
+        # At the end with no model/ of that step, the run was killed while exporting: finish that.
+        end = until.end()
+        if start_step > end or (start_step == end and exported_step(run) == start_step):
+            raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}"
+                            f"{', and train.until: plateau stopped it' if end != max_steps else ''}); "
                             f"raise --max-steps to train further")
     info = model_info(cfg, data, num_classes)
     trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
-                       micro_batch, steps_per_epoch, info)
+                       micro_batch, steps_per_epoch, info, until)
     if resume is not None:
         trainer.steps.nonfinite.restore(progress)
     if accelerator.is_main_process:
-        trainer.log_start(start_step, max_steps, count_parameters(unet), why_recipe)
+        trainer.log_start(start_step, count_parameters(unet), why_recipe)
     evaluator = Evaluator(cfg, run, trainer.outputs, scorer, show_progress) if cfg.eval.every else None
     if evaluator is not None:
         evaluator.prepare(data, resumed=resume is not None)
-    return trainer.run_session(start_step, max_steps, show_progress, resume, evaluator)
+    return trainer.run_session(start_step, show_progress, resume, evaluator)
+
+
+def _lr_schedule(cfg: Config, optimizer, until, max_steps: int):
+    """The recipe's lr_schedule over `max_steps`; with train.until: plateau, the rule's own (training/until.py)."""
+    if isinstance(until, Plateau):
+        # A closure, not the bound method: its state is the rule's (in progress.json), not the LR scheduler's.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: until.lr_factor(step))
+    return get_scheduler(LR_SCHEDULE_NAMES[cfg.train.lr_schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                         num_training_steps=max_steps)
 
 
 def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool) -> None:
@@ -188,11 +202,11 @@ class _Trainer:
     """The loop of one run: steps (`Stepper`), reports, and the outputs (`RunWriter`) at their intervals."""
 
     def __init__(self, cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
-                 micro_batch, steps_per_epoch, info):
-        self.cfg, self.run, self.accelerator, self.data = cfg, run, accelerator, data
+                 micro_batch, steps_per_epoch, info, until):
+        self.cfg, self.run, self.accelerator, self.data, self.until = cfg, run, accelerator, data, until
         self.steps = Stepper(cfg, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data, micro_batch,
                              steps_per_epoch, self.last_checkpoint)
-        self.outputs = RunWriter(cfg, run, self.steps, info)
+        self.outputs = RunWriter(cfg, run, self.steps, info, until)
         self.device = accelerator.device
         self.stop_requested = False
         self.step = 0  # the step reached, for the record of a session a second Ctrl-C ends
@@ -200,7 +214,7 @@ class _Trainer:
 
     # ------------------------------------------------------------ loop
 
-    def run_session(self, start_step: int, max_steps: int, show_progress: bool, resume: Path | None,
+    def run_session(self, start_step: int, show_progress: bool, resume: Path | None,
                     evaluator: Evaluator | None) -> TrainResult:
         """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
         from which step to which, and on what (`difftool report` shows them). A second Ctrl-C (KeyboardInterrupt)
@@ -208,18 +222,20 @@ class _Trainer:
         acc = self.accelerator
         self.step = start_step
         with training_session(self.run.sessions if acc.is_main_process else None, step=start_step,
-                              max_steps=max_steps, resumed_from=resume.name if resume else None,
+                              max_steps=self.until.end(), resumed_from=resume.name if resume else None,
                               **hardware(acc)) as end:
             try:
-                result = self.run_loop(start_step, max_steps, show_progress, evaluator)
+                result = self.run_loop(start_step, show_progress, evaluator)
             except KeyboardInterrupt:
                 end["step"] = self.step
                 raise
             end.update(step=result.step, outcome=FINISHED if result.finished else STOPPED)
         return result
 
-    def run_loop(self, start_step: int, max_steps: int, show_progress: bool, evaluator: Evaluator | None) -> TrainResult:
+    def run_loop(self, start_step: int, show_progress: bool, evaluator: Evaluator | None) -> TrainResult:
+        """Steps to the end the rule sets (train.until), which `plateau` may move at an evaluation."""
         cfg, acc, run = self.cfg, self.accelerator, self.run
+        max_steps = self.until.end()
         progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
         window = Window(self.device)
         step, last_loss = start_step, None
@@ -243,6 +259,9 @@ class _Trainer:
                         self.outputs.save_checkpoint(step)
                     if evaluating and not stop:
                         stop = self._evaluate(evaluator, step, guard, saved=saving)
+                        if self.until.end() != max_steps:
+                            max_steps = self.until.end()
+                            progress.set_total(max_steps)
                     window.reset()  # img/s measures training steps, not previews, checkpoints and evaluations
                 if stop:
                     break
@@ -251,6 +270,8 @@ class _Trainer:
         acc.end_training()
         if acc.is_main_process:
             progress.finish(step, max_steps, run.root, finished)
+            if evaluator is not None and (line := evaluator.verdict(str(run.root))):
+                say(line, highlight=False)
         return TrainResult(run.root, step, finished, model_dir, last_loss)
 
     def report(self, step: int, window: Window, progress: TrainingProgress) -> float | None:
@@ -296,7 +317,22 @@ class _Trainer:
             return True
         if record is not None:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self._follow_until(evaluator, step, record)
         return False
+
+    def _follow_until(self, evaluator: Evaluator, step: int, record: dict | None) -> None:
+        """The evaluation at `step` to the train.until rule (on the main process, which alone has the record),
+        and the rule's state to every process: they must all stop at the same step."""
+        if record is not None:
+            key = evaluator.key()
+            decision = self.until.observe(step, record[key], record.get(f"{key}_std", 0.0))
+            if decision is not None:
+                append_jsonl(self.run.metrics, decision)
+                say(f"train.until: plateau at step {step}: {decision['until/why']}", highlight=False)
+        if self.accelerator.num_processes > 1:
+            state = [self.until.state()]
+            broadcast_object_list(state)
+            self.until.restore({**state[0]})
 
     def last_checkpoint(self) -> str:
         return str(self.run.latest_checkpoint() or "none yet")
@@ -310,7 +346,7 @@ class _Trainer:
         flag = torch.tensor(float(self.stop_requested), device=self.device)
         return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
-    def log_start(self, start_step: int, max_steps: int, params: int, why_recipe: str | None) -> None:
+    def log_start(self, start_step: int, params: int, why_recipe: str | None) -> None:
         acc, cfg = self.accelerator, self.cfg
         what = "resuming" if start_step else "training"
         start = f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else ""
@@ -322,4 +358,4 @@ class _Trainer:
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
             f"{f'; {shared}' if (shared := describe()) else ''}), "
-            f"steps {start_step}->{max_steps} -> {self.run.root}")
+            f"{self.until.describe(start_step)} -> {self.run.root}")

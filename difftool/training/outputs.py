@@ -27,8 +27,8 @@ from difftool.sampling.loop import NonFiniteSamples
 class RunWriter:
     """Writes the run folder's checkpoints, previews and model/ from the training state of a `Stepper`."""
 
-    def __init__(self, cfg, run, stepper, info):
-        self.cfg, self.run, self.stepper, self.info = cfg, run, stepper, info
+    def __init__(self, cfg, run, stepper, info, until):
+        self.cfg, self.run, self.stepper, self.info, self.until = cfg, run, stepper, info, until
         self.accelerator, self.ema, self.device = stepper.accelerator, stepper.ema, stepper.device
 
     def save_checkpoint(self, step: int) -> Path:
@@ -58,7 +58,7 @@ class RunWriter:
                 if self.ema is not None:
                     self.ema.save_pretrained(str(tmp / "unet_ema"))
                 progress = {"step": step, "epoch": step / self.stepper.steps_per_epoch, **self.stepper.nonfinite.state(),
-                            **made_by(), **self.info, **extra}
+                            **self.until.state(), **made_by(), **self.info, **extra}
                 (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
                 fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
         if acc.is_main_process:
@@ -124,7 +124,7 @@ class RunWriter:
             ema_unet = self.eval_unet()
             try:
                 export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.stepper.noise_scheduler,
-                                info={**self.info, "step": self.cfg.train.max_steps, **made_by()})
+                                info={**self.info, "step": self.until.end(), **made_by()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()

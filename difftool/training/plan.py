@@ -18,8 +18,8 @@ from difftool.safeio import check_regular, file_in_the_way
 
 # Config fields a resumed run may change: how long to train, what to write and measure along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
-RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "train.skip_nonfinite", "checkpoint.", "sample.",
-                     "eval.", "log.")
+RESUMABLE_CHANGES = ("recipe", "train.max_steps", "train.epochs", "train.until_max_steps", "train.skip_nonfinite",
+                     "checkpoint.", "sample.", "eval.", "log.")
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""The verdict: what a run's last evaluation with its judge says about the model, in one line a person acts on.
+
+`train` prints it when it ends and `difftool report` puts it at the top of the page. The figures are read
+against what the judge does on real images: its held-out accuracy (the best right-class share a perfect
+model could show) and the floor of its FD (what a model that draws exactly the data would score).
+"""
+
+from __future__ import annotations
+
+LEARNED_RATIO = 2.0  # FD_judge within twice its floor: samples as close to the data as the judge can tell
+FAR_RATIO = 5.0  # more than five times: the model has not learned the data's look yet
+RIGHT_CLASS_SHARE = 0.9  # right class within 90% of the judge's own accuracy on real images
+BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is visible
+COLLAPSE = 2.0  # the largest predicted class taking over twice its share of balanced data
+
+
+def verdict(record: dict, judge: dict, *, run: str, step: int) -> str:
+    """One line: the figures beside what real images score, then what they mean and what to do.
+
+    `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
+    eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
+    """
+    fd, floor = record.get("eval/fd_judge"), record.get("eval/fd_judge_floor")
+    report = judge.get("report", {})
+    accuracy, classes = report.get("accuracy"), report.get("classes") or []
+    figures, problems = [], []
+    right = record.get("eval/right_class")
+    if right is not None and accuracy:
+        figures.append(f"right class {right:.0%} (the judge puts {accuracy:.0%} of real images in theirs)")
+        if right < RIGHT_CLASS_SHARE * accuracy:
+            problems.append("the model has not learned the classes yet")
+    ratio = fd / floor if fd is not None and floor else None
+    if ratio is not None:
+        figures.append(f"FD_judge {ratio:.1f}× its floor")
+        if ratio > FAR_RATIO and not problems:
+            problems.append("the samples do not look like the data yet")
+    share = record.get("eval/largest_class_share")
+    if share is not None and report.get("kind") == "classes" and classes and share > COLLAPSE / len(classes):
+        figures.append(f"one class takes {share:.0%} of the samples")
+        problems.append("the samples crowd into one class")
+    error = record.get("eval/brightness_error")
+    if error is not None:
+        figures.append(f"brightness {error:+.1f} levels")
+        if abs(error) > BRIGHTNESS_LEVELS:
+            problems.append(f"the samples are {'brighter' if error > 0 else 'darker'} than the data")
+    head = f"judge at step {step}: " + "; ".join(figures)
+    if problems:
+        return (f"{head}: {', and '.join(problems)}: train longer with difftool train --resume {run} "
+                f"--max-steps {2 * step}")
+    if ratio is not None and ratio > LEARNED_RATIO:
+        return f"{head}: close to the data; more training may still bring it closer to the floor"
+    return f"{head}: as close to the data as the judge can tell"
