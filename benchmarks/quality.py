@@ -5,9 +5,12 @@ with the real CLI (`difftool train --dataset FOLDER`), samples with the run's ow
 (`difftool sample RUN -n N`), and measures:
 
 - brightness error: mean pixel of the samples minus that of the data, in levels of 255;
-- domain FD: the Fréchet distance on the penultimate features of a small classifier trained on the
-  real images (an FID whose network knows the domain), next to its real-vs-real floor (two disjoint
-  real sets of the same size);
+- domain FD: the Fréchet distance on the features of the judge `eval.features: judge` trains (a small
+  classifier of the real images: an FID whose network knows the domain), against the reference the
+  evaluation during training uses (up to 2,000 of the images the judge trained on), next to its floor
+  (as many held-out real images, which the judge never saw, against the same reference). Results before
+  2026-12-07 used the benchmark's own wider judge and a floor of two sets of trained-on images: their
+  floors are lower, and their FDs are not comparable with later ones;
 - class fidelity: the share of class-conditional samples the classifier assigns to the class they
   were asked for, and the largest share any one predicted class takes (balanced data: 1/K);
 - the training wall time.
@@ -41,72 +44,38 @@ from quality_data import SETS, make_set, missing_module, write_set  # noqa: E402
 
 from difftool.config import load_config  # noqa: E402
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
+from difftool.evaluation.judge import held_out_split, reference_rows  # noqa: E402
+from difftool.evaluation.judge import train_judge as train_judge_of  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 
-# ---------------------------------------------------------------- the judge: a classifier of the domain
+# ---------------------------------------------------------------- the judge: the one `eval.features: judge` trains
+
+REFERENCE_IMAGES = 2000  # the recipes' eval.reference_images
 
 
-class Judge(torch.nn.Module):
-    """A small CNN classifier; its 64 pooled features stand in for Inception's on a domain it knows."""
-
-    def __init__(self, channels: int, classes: int):
-        super().__init__()
-        layers, width = [], channels
-        for out in (32, 64, 64):
-            layers += [torch.nn.Conv2d(width, out, 3, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU(),
-                       torch.nn.Conv2d(out, out, 3, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU(),
-                       torch.nn.AvgPool2d(2)]
-            width = out
-        self.body = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(width, classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float() / 127.5 - 1).mean(dim=(2, 3))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: int, *, epochs: int = 6) -> tuple[Judge, float]:
-    """The judge trained on 90% of the real images; returns it and its accuracy on the other 10%."""
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=g)
-    held = order[: len(images) // 10]
-    train = order[len(images) // 10 :]
-    torch.manual_seed(0)
-    judge = Judge(images.shape[1], classes)
-    opt = torch.optim.AdamW(judge.parameters(), lr=3e-3)
-    steps = epochs * (len(train) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    for step in range(steps):
-        batch = train[torch.randint(len(train), (64,), generator=g)]
-        x = images[batch]
-        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
-        loss = F.cross_entropy(judge(x), labels[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    judge.eval()
-    with torch.inference_mode():
-        accuracy = (judge(images[held]).argmax(1) == labels[held]).float().mean().item()
-    return judge, accuracy
+def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: list[str], *,
+                floor_images: int) -> tuple[torch.jit.ScriptModule, float, torch.Tensor, torch.Tensor]:
+    """The judge difftool trains before a run's first step (difftool/evaluation/judge.py), on the same split:
+    the module, its held-out accuracy, the held-out rows (the floor's real side) and the reference rows."""
+    held, rest = held_out_split(len(images), floor_images)
+    judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=True, show_progress=False)
+    return judge, report.accuracy, held, reference_rows(rest, REFERENCE_IMAGES)
 
 
 @torch.inference_mode()
-def judge_outputs(judge: Judge, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    feats = torch.cat([judge.features(images[i : i + 256]) for i in range(0, len(images), 256)])
-    return feats.numpy(), judge.head(feats).argmax(1).numpy()
+def judge_outputs(judge, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    outputs = [judge(images[i : i + 256]) for i in range(0, len(images), 256)]
+    return torch.cat([f for f, _ in outputs]).numpy(), torch.cat([p for _, p in outputs]).argmax(1).numpy()
 
 
 def domain_fd(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(gaussian_stats(a), gaussian_stats(b))
 
 
-def probe_judge(judge: Judge, real_feats: np.ndarray, others: torch.Tensor) -> list[str]:
+def probe_judge(judge, real_feats: np.ndarray, others: torch.Tensor) -> list[str]:
     """What the domain FD sees: held-out real images, changed in known ways, against the real features.
 
     Lines of a table: noise, blur, darkening and desaturation, each by an amount a person would notice.
@@ -252,25 +221,25 @@ def main() -> None:
     samplings = [("run defaults", [])] + [(s.partition("=")[0], s.partition("=")[2].split()) for s in args.sampling]
     args.work.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(exist_ok=True)
-    lines = ["| set | variant | brightness error (levels) | domain FD | ÷ real-vs-real floor | right class | "
-             "largest class share | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| set | variant | brightness error (levels) | domain FD | ÷ floor (held-out real) | right class | "
+              "largest class share | train s |"), "|---|---|---|---|---|---|---|---|"]
     notes = []
     for name in args.sets.split(","):
         folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
         images, labels, classes = make_set(name, resolution=args.resolution, num_images=args.num_images)
         real = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        judge, accuracy = train_judge(real, torch.from_numpy(labels), len(classes))
-        n = min(args.num_samples, len(real) // 2)
-        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))
-        real_feats, _ = judge_outputs(judge, real[perm[:n]])
-        floor = domain_fd(real_feats, judge_outputs(judge, real[perm[n : 2 * n]])[0])
+        judge, accuracy, held, reference = train_judge(real, torch.from_numpy(labels), classes,
+                                                       floor_images=args.num_samples)
+        n = min(args.num_samples, len(held))
+        real_feats, _ = judge_outputs(judge, real[reference])  # the reference, as the evaluation in training has it
+        floor = domain_fd(real_feats, judge_outputs(judge, real[held[:n]])[0])
         data_mean = real.float().mean().item()
         notes.append(f"- {name}: {len(real)} images, mean pixel {data_mean:.1f}; judge accuracy on held-out real "
-                     f"images {accuracy:.1%}; real-vs-real FD floor at {n} images {floor:.3f}")
+                     f"images {accuracy:.1%}; FD floor (held-out real images) at {n} images {floor:.3f}")
         print(notes[-1], flush=True)
         if args.probe_judge:
             print(f"| {name}: real images changed by | domain FD |\n|---|---|", flush=True)
-            print("\n".join(probe_judge(judge, real_feats, real[perm[n : 2 * n]])), flush=True)
+            print("\n".join(probe_judge(judge, real_feats, real[held[:n]])), flush=True)
             continue
         rows = []
         for variant, recipe, overrides in variants:
@@ -280,17 +249,17 @@ def main() -> None:
                 samples, asked = sample_variant(run, sampling.replace(" ", "-"), args.work, classes,
                                                 num_samples=args.num_samples, sample_args=sample_args)
                 feats, predicted = judge_outputs(judge, samples)
-                fd = domain_fd(real_feats, feats[:n])
+                fd = domain_fd(real_feats, feats)
                 right = f"{(predicted == asked).mean():.0%}" if (asked >= 0).all() else "-"
                 share = np.bincount(predicted, minlength=len(classes)).max() / len(predicted)
                 error = samples.float().mean().item() - data_mean
                 label = variant if sampling == "run defaults" else f"{variant}, {sampling}"
-                row = (f"| {name} | {label} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.0f}× | {right} | "
+                row = (f"| {name} | {label} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.1f}× | {right} | "
                        f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {train_s:.0f} |")
                 lines.append(row)
                 print(row, flush=True)
                 rows.append((label, samples))
-        figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[perm[:16]], rows)
+        figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[held[:16]], rows)
     if args.probe_judge:
         return
     steps = [variant_steps(r, s, args.steps) for _, r, s in variants]

@@ -104,7 +104,8 @@ def test_the_judge_has_its_charts_and_a_line_about_it(run):
 def test_a_run_without_classes_or_judge_draws_only_what_it_has(tmp_path):
     records = [{k: v for k, v in judged(s, 5.0).items() if k not in ("eval/right_class", "eval/largest_class_share")}
                for s in (100, 200)]
-    turns = {**JUDGE, "report": {**JUDGE["report"], "kind": "quarter turns", "classes": ["0°", "90°", "180°", "270°"]}}
+    turns = {**JUDGE, "report": {**JUDGE["report"], "kind": "quarter turns",
+                                 "classes": ["0°", "90°", "180°", "270°"]}}
     page = page_of(make_run(tmp_path / "turns", records, turns))
     assert "Class fidelity" not in page and 'alt="Brightness error over steps"' in page
     assert "Judge: a network that tells the quarter turns of the run&#x27;s images apart" in page

@@ -124,6 +124,13 @@ def held_out_split(count: int, floor_images: int, seed: int = 0) -> tuple[torch.
     return order[:held].sort().values, order[held:].sort().values
 
 
+def reference_rows(rows: torch.Tensor, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """At most `limit` of `rows` (a seeded choice, in order): the images whose statistics are the reference."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return rows[torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False)))]
+
+
 def train_judge(images: torch.Tensor, labels: torch.Tensor | None, names: list[str] | None, *, held: torch.Tensor,
                 train: torch.Tensor, flips: bool, seed: int = 0,
                 show_progress: bool = True) -> tuple[torch.jit.ScriptModule, JudgeReport]:

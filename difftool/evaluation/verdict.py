@@ -45,7 +45,7 @@ def verdict(record: dict, judge: dict, *, run: str, step: int) -> str:
             problems.append(f"the samples are {'brighter' if error > 0 else 'darker'} than the data")
     head = f"judge at step {step}: " + "; ".join(figures)
     if problems:
-        return (f"{head}: {', and '.join(problems)}: train longer with difftool train --resume {run} "
+        return (f"{head}: {'; '.join(problems)}: train longer with difftool train --resume {run} "
                 f"--max-steps {2 * step}")
     if ratio is not None and ratio > LEARNED_RATIO:
         return f"{head}: close to the data; more training may still bring it closer to the floor"

@@ -6,9 +6,11 @@ Training writes one line per `log.every` steps; evaluation during training write
 fd_dinov2, fd, fd_judge), `eval/kid`, and optionally `eval/kid_std`, `eval/num_samples`, `eval/seconds`,
 `eval/best_step`, the distance's noise and floor (`eval/fd_judge_std`, `eval/fd_judge_floor`) and the judge's
 other figures (`eval/right_class`, `eval/largest_class_share`, `eval/brightness_error`). When `train.until:
-plateau` decides to stop it writes one line with `until/decided`, `until/end` and `until/why`. The file may be growing while it is read, or end in half a line: that line is counted,
-not fatal. So is a line that could not come from training (a step of 400 digits, '[' * 5000): the run folder
-may come from someone else, and one bad line must not cost the page.
+plateau` decides to stop it writes one line with `until/decided`, `until/end` and `until/why`.
+
+The file may be growing while it is read, or end in half a line: that line is counted, not fatal. So is a line
+that could not come from training (a step of 400 digits, '[' * 5000): the run folder may come from someone
+else, and one bad line must not cost the page.
 """
 
 from __future__ import annotations
@@ -135,9 +137,10 @@ def eval_history(history: History) -> EvalHistory | None:
     def series(name: str) -> Series:
         return history.series(EVAL_PREFIX + name, history.evaluations)
 
-    return EvalHistory(key, distance, series("kid"), series("kid_std"), best, distance.values[distance.steps.index(best)],
-                       last, series(key + "_std"), series(key + "_floor"), series("right_class"),
-                       series("largest_class_share"), series("brightness_error"))
+    return EvalHistory(key, distance, series("kid"), series("kid_std"), best,
+                       distance.values[distance.steps.index(best)], last, series(key + "_std"),
+                       series(key + "_floor"), series("right_class"), series("largest_class_share"),
+                       series("brightness_error"))
 
 
 def plateau_stop(history: History) -> Stop | None:

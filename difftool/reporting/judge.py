@@ -55,7 +55,9 @@ def read_judge(run: RunDir) -> tuple[Judge | None, str | None]:
         record = read_json(path)
     except FileNotFoundError:
         return None, None
-    except (UnsafeFile, OSError, ValueError) as err:
+    except UnsafeFile as err:  # it names the file
+        return None, str(err)
+    except (OSError, ValueError) as err:
         return None, f"{path}: {err}"
     report = record.get("report") if isinstance(record, dict) else None
     classes = report.get("classes") if isinstance(report, dict) else None

@@ -28,6 +28,7 @@ from difftool.evaluation import reference as reference_mod
 from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, resolve_reference, sample_and_score
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor, open_npz
+from difftool.evaluation.judge import reference_rows
 from difftool.evaluation.verdict import verdict
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
@@ -159,9 +160,7 @@ class Evaluator:
                 scorer.reference = cached
                 return
         start = time.perf_counter()
-        if count < len(rows):
-            rows = rows[torch.from_numpy(np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(rows), count,
-                                                                                               replace=False)))]
+        rows = reference_rows(rows, count, REFERENCE_SEED)
         built = reference_mod.from_images(from_tensor(images[rows], f"{data.source} ({count} training images)"),
                                           scorer.extractor, batch_size=scorer.options.batch_size,
                                           show_progress=self.show_progress)
