@@ -149,6 +149,7 @@ def test_the_plateau_rules_decision_is_marked_and_summed_up(run):
     assert "until: limit reached" in legend_texts(eval_figure(evals, stop=stop)) and not stop.reached
     page = page_of(run)
     assert "stopping by train.until: plateau at step 440: &lt;b&gt;$\\x$&lt;/b&gt;" in page
+    assert "<td>400 of 440</td>" in page  # the end the rule set, not the budget (train.max_steps)
 
 
 def test_a_decision_the_run_trained_past_or_a_damaged_one_is_no_stop(run):

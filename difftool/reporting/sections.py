@@ -97,11 +97,13 @@ def verdict(text: str | None) -> str:
 
 
 def summary(facts: RunFacts, stop: Stop | None = None) -> str:
+    """The run's facts; with `stop`, the end `train.until: plateau` set (past the budget, train.max_steps)."""
+    goal = stop.end if stop is not None else facts.max_steps
     rows = [
         ["run folder", str(facts.root)],
         ["state", facts.state],
         ["steps", f"{number(facts.step) if facts.step is not None else 'none logged'}"
-                  + (f" of {facts.max_steps:,}" if facts.max_steps else "")],
+                  + (f" of {goal:,}" if goal else "")],
         ["recipe", facts.recipe],
         ["wall time", duration(facts.wall_seconds)
          + (f" over {len(facts.sessions)} sessions" if len(facts.sessions) > 1 else "")
