@@ -163,3 +163,4 @@ def test_the_verdict_says_what_to_do():
     dark = verdict({**record, "eval/fd_judge": 0.15, "eval/right_class": 0.93, "eval/brightness_error": -9.0},
                    judge, run="r", step=9000)
     assert "darker than the data" in dark
+    assert verdict({"eval/fid": 3.0}, judge, run="r", step=1) is None, "nothing to judge by"

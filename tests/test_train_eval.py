@@ -163,19 +163,32 @@ def test_missing_features_or_reference_are_refused_before_training(tmp_path, ext
 
 def test_cli_refuses_an_evaluation_asked_for_that_cannot_run(tmp_path, offline, scratch_cwd):
     sets = [arg for item in TINY_OVERRIDES[:-1] for arg in ("--set", item)]
-    result = invoke("train", *sets, "--set", "eval.every=3", "--output", tmp_path / "run")
+    result = invoke("train", *sets, "--set", "eval.every=3", "--set", "eval.features=inception", "--output",
+                    tmp_path / "run")
     assert_user_error(result, "cannot evaluate during training: the FID Inception weights are not in",
                       "set eval.inception_weights=FILE", "--set eval.every=0")
     assert not (tmp_path / "run").exists()
 
 
-def test_the_quickstart_trains_offline_without_its_evaluation(tmp_path, offline, scratch_cwd):
-    """The built-in recipe's evaluation, not asked for, is turned off with one line when Inception cannot be had."""
+def test_the_quickstart_evaluates_offline_with_its_judge(tmp_path, offline, scratch_cwd, monkeypatch):
+    """No download: the built-in recipe's evaluation is the judge's, trained on the run's own data."""
+    monkeypatch.setattr("difftool.evaluation.judge.MAX_STEPS", 30)
     sets = [arg for item in TINY_OVERRIDES[:-1] for arg in ("--set", item)]  # all but eval.every=0
+    result = invoke("train", *sets, "--set", "data.num_images=200", "--set", "eval.num_samples=8", "--set",
+                    "eval.steps=2", "--output", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    evals = records(tmp_path / "run")[1]
+    assert [r["step"] for r in evals] == [6] and "eval/fd_judge" in evals[0], "at the last step (every 1,000)"
+    assert "judge at step 6: right class" in " ".join(result.stderr.split()), "the verdict ends the run"
+
+
+def test_a_built_in_recipe_s_evaluation_it_cannot_run_is_turned_off(tmp_path, offline, scratch_cwd):
+    """Not asked for, it is turned off with one line: Inception that cannot be had, or data the judge cannot learn."""
+    sets = [arg for item in TINY_OVERRIDES[:-1] for arg in ("--set", item)]  # all but eval.every=0; 64 images
     result = invoke("train", *sets, "--max-steps", "2", "--output", tmp_path / "run", "--quiet")
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())  # rich wraps the line at the terminal's width
-    assert said.count("evaluation during training off: the FID Inception weights are not in") == 1, said
+    assert said.count("evaluation during training off: eval.features=judge: the judge needs at least 200 images") == 1
     assert records(tmp_path / "run")[1] == [] and not RunDir(tmp_path / "run").best_checkpoint.exists()
     assert "every: 0" in RunDir(tmp_path / "run").config.read_text().split("eval:")[1]
 

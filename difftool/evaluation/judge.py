@@ -118,10 +118,13 @@ def judgeable(count: int, labels: torch.Tensor | None, names: list[str] | None, 
 
 
 def held_out_split(count: int, floor_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(held-out rows, training rows) of `count` images: a tenth, or up to a quarter when the floor needs more."""
+    """(held-out rows, training rows) of `count` images: a tenth, or up to a quarter when the floor needs more.
+
+    The held-out rows come in a random order, so that the first n of them are a fair draw of the data: files
+    are read class by class, and the first n rows in file order would be the first classes only."""
     held = max(round(count * HELD_OUT), min(floor_images, count // 4))
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[:held].sort().values, order[held:].sort().values
+    return order[:held], order[held:].sort().values
 
 
 def reference_rows(rows: torch.Tensor, limit: int | None, seed: int = 0) -> torch.Tensor:

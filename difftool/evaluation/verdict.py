@@ -14,13 +14,16 @@ BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is vis
 COLLAPSE = 2.0  # the largest predicted class taking over twice its share of balanced data
 
 
-def verdict(record: dict, judge: dict, *, run: str, step: int) -> str:
-    """One line: the figures beside what real images score, then what they mean and what to do.
+def verdict(record: dict, judge: dict, *, run: str, step: int) -> str | None:
+    """One line: the figures beside what real images score, then what they mean and what to do (None without an
+    FD_judge and its floor, which every judged evaluation has).
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
     """
     fd, floor = record.get("eval/fd_judge"), record.get("eval/fd_judge_floor")
+    if not fd or not floor:
+        return None
     report = judge.get("report", {})
     accuracy, classes = report.get("accuracy"), report.get("classes") or []
     figures, problems = [], []
@@ -29,11 +32,10 @@ def verdict(record: dict, judge: dict, *, run: str, step: int) -> str:
         figures.append(f"right class {right:.0%} (the judge puts {accuracy:.0%} of real images in theirs)")
         if right < RIGHT_CLASS_SHARE * accuracy:
             problems.append("the model has not learned the classes yet")
-    ratio = fd / floor if fd is not None and floor else None
-    if ratio is not None:
-        figures.append(f"FD_judge {ratio:.1f}× its floor")
-        if ratio > FAR_RATIO and not problems:
-            problems.append("the samples do not look like the data yet")
+    ratio = fd / floor
+    figures.append(f"FD_judge {ratio:.1f}× its floor")
+    if ratio > FAR_RATIO and not problems:
+        problems.append("the samples do not look like the data yet")
     share = record.get("eval/largest_class_share")
     if share is not None and report.get("kind") == "classes" and classes and share > COLLAPSE / len(classes):
         figures.append(f"one class takes {share:.0%} of the samples")
@@ -47,6 +49,6 @@ def verdict(record: dict, judge: dict, *, run: str, step: int) -> str:
     if problems:
         return (f"{head}: {'; '.join(problems)}: train longer with difftool train --resume {run} "
                 f"--max-steps {2 * step}")
-    if ratio is not None and ratio > LEARNED_RATIO:
+    if ratio > LEARNED_RATIO:
         return f"{head}: close to the data; more training may still bring it closer to the floor"
     return f"{head}: as close to the data as the judge can tell"

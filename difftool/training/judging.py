@@ -51,8 +51,7 @@ def check_judgeable(cfg, data) -> None:
     """Refuse, before anything is written, data the judge cannot learn."""
     problem = judgeable(len(data), data.labels, data.label_names, cfg.data.resolution)
     if problem:
-        raise UserError(f"eval.features=judge: {problem}; use --set eval.features=inception (needs the FID weights) "
-                        f"or train without evaluation: --set eval.every=0")
+        raise UserError(f"eval.features=judge: {problem}; use --set eval.features=inception (needs the FID weights)")
 
 
 def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
