@@ -16,6 +16,7 @@ from difftool.evaluation.judge import (
     TURNS,
     class_fidelity,
     fd_noise,
+    paired_fd_noise,
     held_out_split,
     judge_info,
     judgeable,
@@ -107,6 +108,17 @@ def test_the_noise_of_an_fd_shrinks_with_more_images():
     assert fd_noise(rng.normal(size=(1600, 8)), reference) < fd_noise(rng.normal(size=(100, 8)), reference) / 2
 
 
+def test_paired_noise_cancels_what_two_evaluations_share():
+    """Two evaluations draw from the same seeds: sample i of one is close to sample i of the other. The noise of the
+    difference of their FDs, measured pair by pair, is then far below what independent draws would have."""
+    rng = np.random.default_rng(0)
+    reference = gaussian_stats(rng.normal(size=(4000, 8)))
+    shared = rng.normal(size=(256, 8))
+    a, b = shared + 0.05 * rng.normal(size=shared.shape), shared + 0.05 * rng.normal(size=shared.shape) + 0.02
+    independent = np.hypot(fd_noise(a, reference), fd_noise(b, reference))
+    assert paired_fd_noise(a, b, reference) < independent / 5
+
+
 def test_training_judges_with_its_own_classifier_and_keeps_it(tmp_path):
     result = train(tiny_config(*JUDGED), tmp_path / "run", show_progress=False)
     run = RunDir(result.run)
@@ -122,7 +134,10 @@ def test_training_judges_with_its_own_classifier_and_keeps_it(tmp_path):
         assert record["eval/fd_judge_floor"] == facts["floor"] and record["eval/fd_judge_std"] > 0
         assert 0 <= record["eval/right_class"] <= 1 and 0.2 <= record["eval/largest_class_share"] <= 1
         assert abs(record["eval/brightness_error"]) < 255
+    assert sorted(p.name for p in (run.eval_dir / "features").iterdir()) == ["step-000002.npy", "step-000004.npy"]
+    assert np.load(run.eval_dir / "features" / "step-000004.npy").shape == (8, judge_mod.WIDTHS[-1])
     before = (run.eval_dir / "judge.pt").read_bytes()
+
     resumed = tiny_config(*JUDGED[:-1], "train.max_steps=6")
     train(resumed, run.root, resume=run.latest_checkpoint(), show_progress=False)
     assert (run.eval_dir / "judge.pt").read_bytes() == before, "a resumed run keeps its judge"

@@ -21,11 +21,11 @@ from difftool.training.until import (
 from tests.conftest import TINY_OVERRIDES
 
 
-def follow(rule: Plateau, curve, every: int, noise: float = 0.05) -> list[dict]:
+def follow(rule: Plateau, curve, every: int, noise: float = 0.05, paired=None) -> list[dict]:
     """Evaluations every `every` steps with FD curve(step), until the rule's end; the decision records."""
     decisions, step = [], every
     while step <= rule.end():
-        record = rule.observe(step, curve(step), noise)
+        record = rule.observe(step, curve(step), noise, paired)
         decisions += [record] if record else []
         step += every
     return decisions
@@ -61,6 +61,21 @@ def test_gains_smaller_than_the_noise_do_not_keep_it_going():
     rule = Plateau(budget=2000, limit=16000, warmup=0)
     fast = follow(rule, lambda step: 5.0 - step * 2e-4, every=1000, noise=0.05)  # 0.2 per evaluation
     assert fast[0]["until/decided"] == LIMIT, "a curve that keeps falling trains to the limit"
+
+
+def test_the_paired_noise_of_the_difference_is_used_where_it_is_measured():
+    asked = []
+
+    def paired(a: int, b: int) -> float:
+        asked.append((a, b))
+        return 0.01
+
+    curve = lambda step: 5.0 - step * 2e-5  # noqa: E731 - 0.02 per evaluation: above 0.01, below hypot(0.5, 0.5)
+    with_pairs = Plateau(budget=2000, limit=16000, warmup=0)
+    assert follow(with_pairs, curve, every=1000, noise=0.5, paired=paired)[0]["until/decided"] == LIMIT
+    assert asked[0] == (1000, 3000), "the score PATIENCE evaluations back against the best since"
+    alone = Plateau(budget=2000, limit=16000, warmup=0)
+    assert follow(alone, curve, every=1000, noise=0.5)[0]["step"] == 3000, "independent noise: levelled"
 
 
 def test_the_limit_forces_a_cooldown_that_ends_on_it():

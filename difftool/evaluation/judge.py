@@ -229,6 +229,20 @@ def fd_noise(features: np.ndarray, reference, seed: int = BOOTSTRAP_SEED) -> flo
     return float(np.std(spread))
 
 
+def paired_fd_noise(a: np.ndarray, b: np.ndarray, reference, seed: int = BOOTSTRAP_SEED) -> float:
+    """How much the difference FD(a) - FD(b) moves with the draw of the images, where row i of `a` and of `b` come
+    from the same starting noise (two evaluations of one run: the same seeds): the standard deviation of that
+    difference over bootstrap resamples that draw the same rows from both. The shared noise cancels, so this is
+    far smaller than either FD's own noise, and it is what tells two evaluations apart."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(BOOTSTRAP):
+        rows = rng.integers(0, len(a), len(a))
+        differences.append(frechet_distance(gaussian_stats(a[rows]), reference)
+                           - frechet_distance(gaussian_stats(b[rows]), reference))
+    return float(np.std(differences))
+
+
 def class_fidelity(probs: np.ndarray, classes: list[str], asked: list[str | None] | None) -> dict:
     """right_class (share of samples predicted as the class they were asked for, where every one was asked for
     a class the judge knows) and largest_class_share (the most common predicted class's share)."""

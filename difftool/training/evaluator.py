@@ -39,7 +39,15 @@ from difftool.sampling.job import NPZ_FILE, SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.training.data import center_crops
 from difftool.training.until import PLATEAU
-from difftool.training.judging import JUDGE, JudgeFacts, check_judgeable, measure_floor, prepare_judge
+from difftool.training.judging import (
+    JUDGE,
+    JudgeFacts,
+    check_judgeable,
+    difference_noise,
+    keep_features,
+    measure_floor,
+    prepare_judge,
+)
 
 RUN_DATA = "data"  # eval.reference: the run's own training data
 REFERENCE_FILE = "reference.npz"  # in RUN/eval: the statistics of the run's data
@@ -234,11 +242,19 @@ class Evaluator:
         if self.judge is not None:
             record.update({f"{self.key()}_std": scores[f"{self.key()[5:]}_std"], f"{self.key()}_floor": self.judge.floor,
                            **{f"eval/{k}": scores[k] for k in ("right_class", "largest_class_share") if k in scores}})
-        if self.data_mean is not None:
+        if self.data_mean is not None or self.judge is not None:
             with open_npz(self.run.eval_dir / SAMPLES_DIR / NPZ_FILE) as npz:
-                record["eval/brightness_error"] = float(npz["arr_0"].mean(dtype=np.float64)) - self.data_mean
+                samples = npz["arr_0"]
+            if self.data_mean is not None:
+                record["eval/brightness_error"] = float(samples.mean(dtype=np.float64)) - self.data_mean
+            if self.judge is not None:
+                keep_features(self.run, step, self.scorer, samples)
         return {**record, "eval/num_samples": scores["num_images"], "eval/seconds": seconds,
                 "eval/best_step": self.best_step}
+
+    def difference_noise(self, a: int, b: int) -> float | None:
+        """The noise of the difference between the FD_judge of the evaluations at steps a and b (main process)."""
+        return difference_noise(self.run, self.scorer, a, b) if self.judge is not None else None
 
     def verdict(self, run: str) -> str | None:
         """What the latest evaluation says, against what the judge sees in real images (None without a judge)."""

@@ -13,17 +13,27 @@ import dataclasses
 import json
 import time
 
+import numpy as np
 import torch
 
 from difftool.errors import UserError
 from difftool.evaluation.evaluate import Scorer
 from difftool.evaluation.features import extract, load_extractor
-from difftool.evaluation.judge import JudgeReport, fd_noise, held_out_split, judgeable, save_judge, train_judge
+from difftool.evaluation.judge import (
+    JudgeReport,
+    fd_noise,
+    held_out_split,
+    judgeable,
+    paired_fd_noise,
+    save_judge,
+    train_judge,
+)
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats
 from difftool.progress import say
 from difftool.safeio import atomic_path, check_regular, read_json, write_text
 
 JUDGE_FILE, JUDGE_RECORD = "judge.pt", "judge.json"
+FEATURES_DIR = "features"  # in RUN/eval: the judge's features of each evaluation's samples, by step
 JUDGE = "judge"  # eval.features: the run's own judge
 
 
@@ -120,3 +130,25 @@ def _load(run):
         raise UserError(f"{run.eval_dir / JUDGE_FILE} is not a judge; remove it and train again")
     return extractor
 
+
+
+def keep_features(run, step: int, scorer: Scorer, samples: np.ndarray) -> None:
+    """The judge's features of the samples (uint8 N×H×W×C) of the evaluation at `step`, kept in RUN/eval/features
+    (64 floats an image) so that later evaluations, resumed ones included, are compared with it pair by pair."""
+    images = torch.from_numpy(samples).permute(0, 3, 1, 2)
+    found = extract(scorer.extractor, (images[i : i + 256] for i in range(0, len(images), 256)))
+    path = run.eval_dir / FEATURES_DIR / f"step-{step:06d}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, found.features.astype(np.float32))
+
+
+def difference_noise(run, scorer: Scorer, a: int, b: int) -> float | None:
+    """The noise of FD(step a) - FD(step b) (paired: the same seeds), None where either's features are not kept."""
+    try:
+        found = [np.load(run.eval_dir / FEATURES_DIR / f"step-{step:06d}.npy", allow_pickle=False) for step in (a, b)]
+    except (OSError, ValueError):
+        return None
+    if found[0].shape != found[1].shape or found[0].ndim != 2:
+        return None
+    return paired_fd_noise(found[0].astype(np.float64), found[1].astype(np.float64), scorer.reference.stats)

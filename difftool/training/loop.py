@@ -325,7 +325,8 @@ class _Trainer:
         and the rule's state to every process: they must all stop at the same step."""
         if record is not None:
             key = evaluator.key()
-            decision = self.until.observe(step, record[key], record.get(f"{key}_std", 0.0))
+            decision = self.until.observe(step, record[key], record.get(f"{key}_std", 0.0),
+                                          paired=evaluator.difference_noise)
             if decision is not None:
                 append_jsonl(self.run.metrics, decision)
                 say(f"train.until: plateau at step {step}: {decision['until/why']}", highlight=False)

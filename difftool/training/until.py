@@ -3,7 +3,7 @@
 With `plateau` the learning rate is held after its warm-up instead of following a schedule fixed in advance,
 because the end is not known in advance. From the budget (`train.max_steps`) on, each evaluation asks whether
 the judge's FD has improved, over the last PATIENCE evaluations, by more than its noise (the bootstrap
-spread of both scores). When it has not, the curve has levelled off: the learning rate then falls linearly to
+spread of the difference, pair by pair: every evaluation samples from the same seeds). When it has not, the curve has levelled off: the learning rate then falls linearly to
 zero over a tenth of the steps trained so far, and the run ends there. This is the warm-up, stable, decay
 schedule of Hägele et al. (2024), which at a cooldown of 10-20% matches a cosine schedule of the same length;
 here its length is decided by measurement. `train.until_max_steps` (default 4x the budget) bounds it: the
@@ -39,7 +39,7 @@ class Budget:
     def describe(self, start: int) -> str:
         return f"steps {start}->{self.max_steps}"
 
-    def observe(self, step: int, score: float, noise: float) -> dict | None:
+    def observe(self, step: int, score: float, noise: float, paired=None) -> dict | None:
         return None
 
     def state(self) -> dict:
@@ -90,8 +90,12 @@ class Plateau:
         return (f"steps {start}->{self.budget}, then on while the judge's FD improves (train.until: plateau, "
                 f"at most {self.limit})")
 
-    def observe(self, step: int, score: float, noise: float) -> dict | None:
-        """Take the evaluation at `step`; the metrics.jsonl record of the decision when it decides to stop."""
+    def observe(self, step: int, score: float, noise: float, paired=None) -> dict | None:
+        """Take the evaluation at `step`; the metrics.jsonl record of the decision when it decides to stop.
+
+        `paired(a, b)` is the noise of the difference between the scores at steps a and b where it can be measured
+        pair by pair (evaluations draw from the same seeds, so most of their noise is shared and cancels); without
+        it the two scores' own noises are taken as independent, which overstates it."""
         if self.scores and step <= self.scores[-1][0]:
             return None  # the same step evaluated again (a resumed run): already counted
         self.scores.append([step, score, noise])
@@ -99,7 +103,9 @@ class Plateau:
             return self._limit_record(step)
         then = self.scores[-1 - PATIENCE]
         best = min(self.scores[-PATIENCE:], key=lambda s: s[1])
-        gain, noise_of_both = then[1] - best[1], math.hypot(then[2], best[2])
+        measured = paired(int(then[0]), int(best[0])) if paired is not None else None
+        gain = then[1] - best[1]
+        noise_of_both = measured if measured is not None else math.hypot(then[2], best[2])
         if gain > noise_of_both:
             return self._limit_record(step)
         self.decided, self.reason = step, LEVELLED
