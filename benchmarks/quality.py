@@ -13,7 +13,8 @@ with the real CLI (`difftool train --dataset FOLDER`), samples with the run's ow
   floors are lower, and their FDs are not comparable with later ones;
 - class fidelity: the share of class-conditional samples the classifier assigns to the class they
   were asked for, and the largest share any one predicted class takes (balanced data: 1/K);
-- the training wall time.
+- the steps trained (where `train.until: plateau` stopped, and why), and the wall time of training apart
+  from the judge's training and the evaluations.
 
 A picture of real images beside each variant's samples is written to benchmarks/figures/.
 
@@ -31,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,23 +147,42 @@ def train_args(recipe: str, overrides: list[str], data: Path, run: Path, *, step
     overrides = [o.replace("{set}", data.name) for o in overrides]
     keep = steps is None or own_steps(overrides)
     return ["train", "--dataset", str(data), "--recipe", recipe, *([] if keep else ["--max-steps", str(steps)]),
-            "--resolution", str(resolution), "--output", str(run), "--set", "eval.every=0",  # timed: training alone
-            *[a for o in overrides for a in ("--set", o)]]
+            "--resolution", str(resolution), "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
+
+
+@dataclass
+class Trained:
+    """What a run's own records say about its training: steps, seconds apart from its evaluations, the stop."""
+
+    steps: int
+    train_s: float  # wall time less the judge's training and the evaluations
+    eval_s: float  # the judge's training and every evaluation
+    stop: str  # train.until's decision, if it made one
+
+
+def trained(run: Path, wall_s: float) -> Trained:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = max(r["step"] for r in records if "loss" in r)
+    judge = run / "eval" / "judge.json"
+    eval_s = sum(r.get("eval/seconds", 0.0) for r in records) + (
+        json.loads(judge.read_text())["report"]["seconds"] if judge.is_file() else 0.0)
+    stop = next((f"{r['until/decided']} at step {r['step']}" for r in records if "until/decided" in r), "")
+    return Trained(steps, wall_s - eval_s, eval_s, stop)
 
 
 def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, work: Path, *, steps: int | None,
-                  resolution: int) -> tuple[Path, float]:
-    """Train one variant on one set (reusing a finished run of the same name); the run and its training seconds."""
+                  resolution: int) -> tuple[Path, Trained]:
+    """Train one variant on one set (reusing a finished run of the same name); the run and what its records say."""
     run = work / "runs" / f"{data.name}-{variant}"
     log = work / f"{data.name}-{variant}.log"
     args = train_args(recipe, overrides, data, run, steps=steps, resolution=resolution)
     timing = run / "benchmark-train.json"
     if timing.is_file() and json.loads(timing.read_text())["args"] == args:
-        return run, json.loads(timing.read_text())["seconds"]
+        return run, trained(run, json.loads(timing.read_text())["seconds"])
     log.unlink(missing_ok=True)
     seconds = run_cli([*args, "--overwrite"], log)
     timing.write_text(json.dumps({"args": args, "seconds": seconds}))
-    return run, seconds
+    return run, trained(run, seconds)
 
 
 def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_samples: int,
@@ -222,7 +243,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(exist_ok=True)
     lines = [("| set | variant | brightness error (levels) | domain FD | ÷ floor (held-out real) | right class | "
-              "largest class share | train s |"), "|---|---|---|---|---|---|---|---|"]
+              "largest class share | steps | train.until | train s | judge + eval s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name in args.sets.split(","):
         folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
@@ -243,7 +265,7 @@ def main() -> None:
             continue
         rows = []
         for variant, recipe, overrides in variants:
-            run, train_s = train_variant(variant, recipe, overrides, folder, args.work, steps=args.steps,
+            run, done = train_variant(variant, recipe, overrides, folder, args.work, steps=args.steps,
                                          resolution=args.resolution)
             for sampling, sample_args in samplings:
                 samples, asked = sample_variant(run, sampling.replace(" ", "-"), args.work, classes,
@@ -255,7 +277,8 @@ def main() -> None:
                 error = samples.float().mean().item() - data_mean
                 label = variant if sampling == "run defaults" else f"{variant}, {sampling}"
                 row = (f"| {name} | {label} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.1f}× | {right} | "
-                       f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {train_s:.0f} |")
+                       f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {done.steps} | {done.stop or '-'} | "
+                       f"{done.train_s:.0f} | {done.eval_s:.0f} |")
                 lines.append(row)
                 print(row, flush=True)
                 rows.append((label, samples))

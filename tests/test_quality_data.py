@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from quality import train_args, variant_steps  # noqa: E402
+from quality import trained, train_args, variant_steps  # noqa: E402
 from quality_data import make_set, write_set  # noqa: E402
 
 from difftool.config import load_config  # noqa: E402
@@ -46,3 +47,18 @@ def test_a_variant_trains_its_own_steps_then_steps_then_its_recipes(tmp_path):
                                 resolution=16)) == "600"
     assert variant_steps("folder32", [], None) == load_config("folder32").train.max_steps
     assert max_steps(train_args("folder32", [], tmp_path, tmp_path / "run", steps=None, resolution=16)) is None
+
+
+def test_a_plateau_recipe_trains_with_its_evaluations_and_they_are_timed_apart(tmp_path):
+    args = train_args("folder32", [], tmp_path, tmp_path / "run", steps=None, resolution=16)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert load_config("folder32", sets).train.until == "plateau", "no eval.every=0: the rule needs its evaluations"
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    lines = [{"step": 1000, "loss": 0.1}, {"step": 1000, "eval/fd_judge": 2.0, "eval/seconds": 30.0},
+             {"step": 2000, "loss": 0.1}, {"step": 2000, "until/decided": "levelled", "until/end": 2200},
+             {"step": 2200, "loss": 0.09}, {"step": 2200, "eval/fd_judge": 1.0, "eval/seconds": 20.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "eval" / "judge.json").write_text(json.dumps({"report": {"seconds": 50.0}}))
+    done = trained(run, 1000.0)
+    assert (done.steps, done.train_s, done.eval_s, done.stop) == (2200, 900.0, 100.0, "levelled at step 2000")
