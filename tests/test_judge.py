@@ -4,6 +4,8 @@ learn, and read by `difftool evaluate --features RUN/eval/judge.pt` as by the ev
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from difftool.evaluation.judge import (
 from difftool.evaluation.metrics import gaussian_stats
 from difftool.evaluation.verdict import verdict
 from difftool.rundir import RunDir
+from difftool.training.judging import difference_noise
 from difftool.training.loop import train
 from tests.conftest import assert_user_error, invoke, tiny_config
 
@@ -179,3 +182,19 @@ def test_the_verdict_says_what_to_do():
                    judge, run="r", step=9000)
     assert "darker than the data" in dark
     assert verdict({"eval/fid": 3.0}, judge, run="r", step=1) is None, "nothing to judge by"
+
+
+def test_kept_features_that_are_not_plain_files_are_passed_over(tmp_path):
+    """A FIFO or a link in RUN/eval/features neither hangs the rule nor is read through: its noise is unknown."""
+    run = RunDir(tmp_path / "run")
+    folder = run.eval_dir / "features"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "step-000002.npy")
+    np.save(tmp_path / "elsewhere.npy", np.zeros((4, 64), np.float32))
+    (folder / "step-000004.npy").symlink_to(tmp_path / "elsewhere.npy")
+    np.save(folder / "step-000006.npy", np.zeros((4, 64), np.float32))
+    signal.alarm(20)  # a read that blocks on the FIFO fails the test instead of hanging it
+    try:
+        assert difference_noise(run, None, 2, 6) is None and difference_noise(run, None, 4, 6) is None
+    finally:
+        signal.alarm(0)

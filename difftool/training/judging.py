@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import time
 
@@ -30,7 +31,7 @@ from difftool.evaluation.judge import (
 )
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats
 from difftool.progress import say
-from difftool.safeio import atomic_path, check_regular, read_json, write_text
+from difftool.safeio import IMAGE_LIMIT, atomic_path, check_regular, read_bounded, read_json, write_text
 
 JUDGE_FILE, JUDGE_RECORD = "judge.pt", "judge.json"
 FEATURES_DIR = "features"  # in RUN/eval: the judge's features of each evaluation's samples, by step
@@ -145,9 +146,10 @@ def keep_features(run, step: int, scorer: Scorer, samples: np.ndarray) -> None:
 
 def difference_noise(run, scorer: Scorer, a: int, b: int) -> float | None:
     """The noise of FD(step a) - FD(step b) (paired: the same seeds), None where either's features are not kept."""
-    try:
-        found = [np.load(run.eval_dir / FEATURES_DIR / f"step-{step:06d}.npy", allow_pickle=False) for step in (a, b)]
-    except (OSError, ValueError):
+    try:  # bounded, no link, no FIFO: a file put in the run folder cannot hang or swell the run
+        found = [np.load(io.BytesIO(read_bounded(run.eval_dir / FEATURES_DIR / f"step-{step:06d}.npy", IMAGE_LIMIT)),
+                         allow_pickle=False) for step in (a, b)]
+    except (UserError, OSError, ValueError, EOFError):
         return None
     if found[0].shape != found[1].shape or found[0].ndim != 2:
         return None
