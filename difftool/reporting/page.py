@@ -166,7 +166,7 @@ def document(name: str, state: str, body: str) -> str:
     esc = sections.esc
     made = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     nav = "".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in [
-        ("run", "Run"), ("curves", "Curves"), ("eval", "FID/KID"), ("previews", "Previews"),
+        ("run", "Run"), ("curves", "Curves"), ("eval", "During training"), ("previews", "Previews"),
         ("evaluations", "Evaluations"), ("recipe", "Recipe")])
     return f"""<!DOCTYPE html>
 <html lang="en">
