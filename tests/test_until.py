@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from difftool.config import load_config
 from difftool.errors import UserError
+from difftool.evaluation import judge as judge_mod
+from difftool.rundir import RunDir
+from difftool.training import loop as loop_mod
+from difftool.training.loop import train
+from difftool.training.plan import plan_training
 from difftool.training.until import (
     COOLDOWN,
     LEVELLED,
@@ -18,7 +24,7 @@ from difftool.training.until import (
     cooldown_steps,
     until_of,
 )
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, tiny_config
 
 
 def follow(rule: Plateau, curve, every: int, noise: float = 0.05, paired=None) -> list[dict]:
@@ -137,3 +143,33 @@ def test_plateau_settings_that_cannot_work_are_refused(overrides, fragment):
 def test_until_max_steps_without_plateau_is_refused():
     with pytest.raises(UserError, match="applies to train.until=plateau"):
         load_config("quickstart", [*TINY_OVERRIDES, "train.until_max_steps=100"])
+
+
+PLATEAU_RUN = ["train.until=plateau", "train.lr_schedule=constant", "train.max_steps=4", "train.until_max_steps=12",
+               "eval.every=2", "eval.features=judge", "eval.num_samples=8", "eval.reference=data", "eval.scheduler=ddim",
+               "eval.steps=2", "eval.guidance_scale=1", "data.num_images=200", "checkpoint.every=2"]
+
+
+def until_records(run) -> list[dict]:
+    return [r for r in map(json.loads, RunDir(run).metrics.read_text().splitlines()) if "until/decided" in r]
+
+
+def test_an_interrupted_plateau_run_resumes_to_the_same_stop(tmp_path, monkeypatch):
+    monkeypatch.setattr(judge_mod, "MIN_STEPS", 30)
+    monkeypatch.setattr(judge_mod, "MAX_STEPS", 30)
+    full = train(tiny_config(*PLATEAU_RUN), tmp_path / "full", show_progress=False)
+    decided = until_records(full.run)
+    assert len(decided) == 1 and full.finished and full.step == decided[0]["until/end"] <= 12
+    assert json.loads((full.run / "model" / "difftool.json").read_text())["step"] == full.step, "the step it ended at"
+
+    monkeypatch.setattr(loop_mod._Trainer, "_agree_to_stop", lambda self, s: s == 5)  # Ctrl-C in step 5
+    stopped = train(tiny_config(*PLATEAU_RUN), tmp_path / "part", show_progress=False)
+    assert (stopped.step, stopped.finished) == (5, False)
+    monkeypatch.setattr(loop_mod._Trainer, "_agree_to_stop", lambda self, s: False)
+    plan = plan_training(resume=str(stopped.run))
+    resumed = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    assert (resumed.step, until_records(resumed.run)) == (full.step, decided), "the rule's state came back"
+    lr = [(r["step"], r["lr"]) for r in map(json.loads, RunDir(resumed.run).metrics.read_text().splitlines())
+          if "lr" in r]
+    assert lr == [(r["step"], r["lr"]) for r in map(json.loads, RunDir(full.run).metrics.read_text().splitlines())
+                  if "lr" in r] and lr[-1][1] == 0.0, "the same held rate and cooldown to zero"
