@@ -155,6 +155,12 @@ def test_evaluate_takes_the_run_s_judge_file(tmp_path, scratch_cwd):
     record = json.loads((out / "metrics.json").read_text())
     assert {"fd_judge", "fd_judge_std", "right_class", "largest_class_share"} <= set(record)
     assert "is_mean" not in record, "no Inception Score from a judge's classes"
+    # A folder `difftool sample` wrote says which class each PNG was made for: the same figures from it.
+    assert invoke("sample", run, "-n", "10", "--steps", "2", "--output", tmp_path / "pngs").exit_code == 0
+    result = invoke("evaluate", tmp_path / "pngs", "--features", run / "eval" / "judge.pt", "--reference", "shapes",
+                    "--output", tmp_path / "png-scores")
+    assert result.exit_code == 0, result.output
+    assert {"fd_judge", "right_class"} <= set(json.loads((tmp_path / "png-scores" / "metrics.json").read_text()))
 
 
 def test_features_judge_alone_names_the_file_to_give(tmp_path, tiny_run, scratch_cwd):

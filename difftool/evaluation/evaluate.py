@@ -105,7 +105,7 @@ def _evaluate_into(output: Path, source: str, reference: str | None, options: Me
             return None
         images = open_images(source)
         scorer = prepare_scorer(reference, options, images.resolution, show_progress)
-        record, notes = scorer.score(images, show_progress), images.notes
+        record, notes = scorer.score(images, show_progress, asked=images.asked), images.notes
     else:
         request = request or SampleRequest()
         model = load_checked(source, [request])

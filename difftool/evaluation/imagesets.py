@@ -91,6 +91,7 @@ class ImageSet:
     size: tuple[int, int]
     _batches: Callable[[int], Iterator[torch.Tensor]] = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    asked: list[str | None] | None = None  # the class each image was sampled for, where a sample folder says
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         return self._batches(batch_size)
@@ -187,7 +188,18 @@ def _from_sample_folder(root: Path) -> ImageSet:
         images = _from_npz(root / NPZ_FILE)
         images.notes += notes
         return images
-    return _from_files(root, listed, notes)
+    images = _from_files(root, listed, notes)
+    images.asked = [_asked_class(file) for file in listed] if images.count == len(listed) else None
+    return images
+
+
+def _asked_class(file: Path) -> str | None:
+    """The class a PNG of `difftool sample` was made for (its `class` text), None for an unconditional one."""
+    try:
+        with open_image(file) as img:
+            return getattr(img, "text", {}).get("class")
+    except Exception:  # noqa: BLE001 - decoded before (`_from_files`); changed since: its class is unknown
+        return None
 
 
 def _sample_record(root: Path) -> tuple[int, str]:
