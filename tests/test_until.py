@@ -173,3 +173,10 @@ def test_an_interrupted_plateau_run_resumes_to_the_same_stop(tmp_path, monkeypat
           if "lr" in r]
     assert lr == [(r["step"], r["lr"]) for r in map(json.loads, RunDir(full.run).metrics.read_text().splitlines())
                   if "lr" in r] and lr[-1][1] == 0.0, "the same held rate and cooldown to zero"
+
+
+def test_the_first_line_says_which_budget_applies():
+    assert Budget(4000).describe(0) == "steps 0->4000"
+    assert "then on while the judge's FD improves (train.until: plateau, at most 16000)" in Plateau(
+        4000, 16000, 100).describe(0)
+    assert Plateau(4000, 4000, 100).describe(1000).startswith("steps 1000->4000 ("), "no evaluations: the budget"

@@ -55,22 +55,23 @@ SAMPLES_DIR = "samples"  # in RUN/eval: the latest evaluation's samples
 REFERENCE_SEED = 0  # which images of the data make the reference when eval.reference_images is fewer
 
 
-def check_evaluation(cfg, accelerator, data, *, optional: bool, show_progress: bool = True) -> Scorer | None:
+def check_evaluation(cfg, accelerator, data, *, optional: bool,
+                     show_progress: bool = True) -> tuple[Scorer | None, str | None]:
     """The feature network and (unless it is the run's data) the reference, loaded on the main process before
-    anything is written; None elsewhere, and when evaluation is off.
+    anything is written (None elsewhere, and when evaluation is off), and a note for the user, if any.
 
     A failure stops the run with the remedy, or, when the evaluation is `optional` (a built-in recipe's, not
-    asked for by the user), turns evaluation off with one line saying why, and the run trains without it
-    (its config.yaml then says eval.every: 0).
+    asked for by the user), turns evaluation off, the note saying why, and the run trains without it (its
+    config.yaml then says eval.every: 0). The caller says the note after the run's first line.
     """
     if not cfg.eval.every:
-        return None
+        return None, None
     try:
         _check_sampler(cfg)
         if cfg.eval.features == JUDGE:  # trained once the run folder is ready (Evaluator.prepare)
             _check_judge(cfg, data)
-            return Scorer(None, None, _metric_options(cfg)) if accelerator.is_main_process else None
-        return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress))
+            return (Scorer(None, None, _metric_options(cfg)) if accelerator.is_main_process else None), None
+        return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress)), None
     except UserError as err:
         if not optional:
             raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
@@ -79,11 +80,8 @@ def check_evaluation(cfg, accelerator, data, *, optional: bool, show_progress: b
         plateau = cfg.train.until == PLATEAU
         if plateau:  # nothing to follow: the rule's learning rate, cooled down to end at the budget
             cfg.train.until_max_steps = cfg.train.max_steps
-        if accelerator.is_main_process:
-            say(f"[yellow]evaluation during training off:[/] {err}"
-                f"{'; train.until: plateau follows it, so the run ends at train.max_steps' if plateau else ''}",
-                highlight=False)
-        return None
+        return None, (f"[yellow]evaluation during training off:[/] {err}"
+                      f"{'; train.until: plateau follows it, so the run ends at train.max_steps' if plateau else ''}")
 
 
 def _check_sampler(cfg) -> None:

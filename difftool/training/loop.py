@@ -114,7 +114,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
-    scorer = check_evaluation(cfg, accelerator, data, optional=optional_eval, show_progress=show_progress)
+    scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=optional_eval, show_progress=show_progress)
     _prepare_folder(cfg, run, accelerator, resume, overwrite)
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=flat_config(cfg))
@@ -168,6 +168,8 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
         trainer.steps.nonfinite.restore(progress)
     if accelerator.is_main_process:
         trainer.log_start(start_step, count_parameters(unet), why_recipe)
+        if eval_note:
+            say(eval_note, highlight=False)
     evaluator = Evaluator(cfg, run, trainer.outputs, scorer, show_progress) if cfg.eval.every else None
     if evaluator is not None:
         evaluator.prepare(data, resumed=resume is not None)

@@ -87,6 +87,8 @@ class Plateau:
         return max(0.0, 1 - (step - start) / cooldown_steps(start))
 
     def describe(self, start: int) -> str:
+        if self.limit == self.budget:  # nothing past the budget (as when there are no evaluations to follow)
+            return f"steps {start}->{self.limit} (train.until: plateau at most {self.limit}: cooled down to the end)"
         return (f"steps {start}->{self.budget}, then on while the judge's FD improves (train.until: plateau, "
                 f"at most {self.limit})")
 
