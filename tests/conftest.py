@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import os
 import signal
+import tempfile
 import socket
 import sys
 from pathlib import Path
@@ -93,13 +95,18 @@ def difftool_cmd() -> list[str]:
 
 
 def pytest_configure(config) -> None:
-    """Let the difftool processes that tests interrupt see SIGINT as Ctrl-C.
+    """Let the difftool processes that tests interrupt see SIGINT as Ctrl-C, and keep the suite's jobs apart from
+    the user's.
 
     A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored; children inherit that,
     and Python then never raises KeyboardInterrupt. A handler, unlike "ignored", is reset at exec.
+
+    The jobs of the suite register in a folder of their own (threads.py): a training the developer runs beside the
+    tests would otherwise add a `note: computing with 1 of 2 cores` line to every command a test expects one line of.
     """
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="difftool-tests-")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
