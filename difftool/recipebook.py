@@ -105,7 +105,8 @@ def recipe_for_dataset(dataset: str | None, *, gpu: bool = True) -> tuple[str, s
             return name, f"the recipe made for {dataset}"
     if gpu:
         return "folder64", "a GPU is present: 64 px"
-    return "folder32", "no GPU here: 32 px and a small UNet, 20-40 minutes on 2 cores (--recipe folder64 for 64 px)"
+    return "folder32", ("no GPU here: 32 px and a small UNet, trained until its judge sees no more gains "
+                        "(--recipe folder64 for 64 px)")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
