@@ -25,6 +25,7 @@ A picture of real images beside each variant's samples is written to benchmarks/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -42,11 +43,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
-from quality_data import SETS, make_set, missing_module, write_set  # noqa: E402
+from quality_data import SETS, missing_module, write_set  # noqa: E402
 
-from difftool.config import load_config  # noqa: E402
+from difftool.config import DataConfig, load_config  # noqa: E402
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
 from difftool.evaluation.judge import held_out_split, reference_rows  # noqa: E402
+from difftool.training.data import center_crops, load_dataset  # noqa: E402
 from difftool.evaluation.judge import train_judge as train_judge_of  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 
@@ -65,6 +67,13 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: list[str], 
     held, rest = held_out_split(len(images), floor_images)
     judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=True, show_progress=False)
     return judge, report.accuracy, held, reference_rows(rest, REFERENCE_IMAGES)
+
+
+def read_set(folder: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The set as `difftool train --dataset FOLDER` reads it (same order, crops and class ids, so the same
+    held-out split and judge as a run's): uint8 N×C×H×W images, labels, class names."""
+    data = load_dataset(dataclasses.replace(DataConfig(), dataset=str(folder), resolution=resolution))
+    return center_crops(data, resolution), data.labels, data.label_names
 
 
 @torch.inference_mode()
@@ -248,9 +257,8 @@ def main() -> None:
     notes = []
     for name in args.sets.split(","):
         folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
-        images, labels, classes = make_set(name, resolution=args.resolution, num_images=args.num_images)
-        real = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        judge, accuracy, held, reference = train_judge(real, torch.from_numpy(labels), classes,
+        real, labels, classes = read_set(folder, args.resolution)
+        judge, accuracy, held, reference = train_judge(real, labels, classes,
                                                        floor_images=args.num_samples)
         n = min(args.num_samples, len(held))
         real_feats, _ = judge_outputs(judge, real[reference])  # the reference, as the evaluation in training has it
