@@ -72,6 +72,26 @@ def test_two_processes_evaluate_during_training(tmp_path, tiny_recipe, extractor
     assert after[-1]["eval/best_step"] == min(after, key=lambda r: r["eval/fd"])["step"]
 
 
+def test_two_processes_train_until_the_judge_levels_off(tmp_path, tiny_recipe):
+    """The main process alone has the judge's scores; every rank takes the rule's decision and stops at its end
+    (a rank that went on would wait forever at the next collective)."""
+    plateau = ["train.until=plateau", "train.lr_schedule=constant", "train.max_steps=4", "train.until_max_steps=12",
+               "eval.every=2", "eval.features=judge", "eval.num_samples=8", "eval.scheduler=ddim", "eval.steps=2",
+               "eval.guidance_scale=1", "data.num_images=200", "sample.every=100"]
+    cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(tmp_path / "two"),
+                            *[arg for item in plateau for arg in ("--set", item)],
+                            "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunDir(tmp_path / "two")
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    decided = [r for r in records if "until/decided" in r]
+    assert len(decided) == 1, "one decision, written once"
+    assert max(r["step"] for r in records if "loss" in r) == decided[0]["until/end"] <= 12
+    assert read_sessions(run.sessions)[0].end["outcome"] == "finished"
+    assert (run.eval_dir / "judge.pt").is_file() and "judge at step" in " ".join(proc.stderr.split())
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):
     out = tmp_path / "run"
     cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(out), "--max-steps", "100000",
