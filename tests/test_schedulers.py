@@ -17,6 +17,8 @@ from diffusers import (
     DDPMPipeline,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UNet2DModel,
 )
 from typer.testing import CliRunner
@@ -236,7 +238,7 @@ def test_short_schedules_start_at_pure_noise(spec):
     assert float(scheduler.timesteps[0]) == T - 1
     if hasattr(scheduler, "sigmas"):
         assert float(scheduler.sigmas[0]) == pytest.approx(sigma_max(config), rel=1e-4)
-    if "timestep_spacing" in scheduler.config:  # the trap: "leading" starts below T - 1
+    if "timestep_spacing" in scheduler.config and not spec.grid:  # the trap: "leading" starts below T - 1
         leading = make_scheduler(spec.name, config, steps=STEPS, timestep_spacing="leading")
         leading.set_timesteps(STEPS)
         assert float(leading.timesteps[0]) < T - 1
@@ -278,6 +280,31 @@ def test_matches_the_diffusers_pipeline(unet, name, pipeline_class):
                     output_type="pt", **clipped).images
     ours = sample(unet, name, range(3), eta=0.0 if name == "ddim" else None)
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "scheduler_class"), [("lcm", LCMScheduler), ("tcd", TCDScheduler)])
+def test_consistency_samplers_match_the_diffusers_step_loop(unet, name, scheduler_class):
+    """diffusers has no unconditional LCM or TCD pipeline: its schedulers' own step loop is the reference, built
+    from the training config (grid 50: all of T = 50 here) with the same generators drawing the same noise."""
+    config = training_config(clip_sample=False)
+    generators = image_generators(0, range(3))
+    x = initial_noise(generators, SHAPE, "cpu")
+    # The schedule spelled out: from_config drops what the DDPM config left at its defaults (its beta_schedule),
+    # and LCM's own default is scaled_linear.
+    reference = scheduler_class.from_config(config, original_inference_steps=T, beta_schedule=config["beta_schedule"],
+                                            beta_start=config["beta_start"], beta_end=config["beta_end"])
+    reference.set_timesteps(4)
+    with torch.no_grad():
+        for t in reference.timesteps:
+            x = reference.step(unet(x, t).sample, t, x, generator=generators).prev_sample
+    torch.testing.assert_close(sample(unet, name, range(3), steps=4, config=config), x, rtol=1e-5, atol=1e-5)
+
+
+def test_consistency_samplers_step_on_their_grid():
+    with pytest.raises(UserError, match="lcm steps on a grid of 50 .* --steps at most 50, got 51"):
+        make_scheduler("lcm", dict(DDPMScheduler().config), steps=51)
+    with pytest.raises(UserError, match="tcd takes no --timestep-spacing"):
+        make_scheduler("tcd", training_config(), steps=4, timestep_spacing="leading")
 
 
 class KnowsTheAnswer:
@@ -363,9 +390,9 @@ def test_ddim_eta(unet):
             make_scheduler("ddim", training_config(), steps=STEPS, eta=bad)
 
 
-@pytest.mark.parametrize("spec", [s for s in SCHEDULERS if s.name != "ddim"], ids=lambda spec: spec.name)
-def test_eta_is_refused_outside_ddim(spec):
-    with pytest.raises(UserError, match="--eta applies to ddim only"):
+@pytest.mark.parametrize("spec", [s for s in SCHEDULERS if s.name not in ("ddim", "tcd")], ids=lambda spec: spec.name)
+def test_eta_is_refused_outside_ddim_and_tcd(spec):
+    with pytest.raises(UserError, match="--eta applies to ddim, tcd only"):
         make_scheduler(spec.name, training_config(), steps=STEPS, eta=0.0)
 
 

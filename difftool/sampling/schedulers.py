@@ -37,6 +37,10 @@ class SchedulerSpec:
     # Inpainting's resampling redoes a step from freshly noised input: fine for schedulers whose history
     # is x0 predictions, wrong for those that extrapolate past epsilons (LMS, PLMS) or split a step (Heun).
     resamples: bool = True
+    # Consistency samplers (LCM, TCD) step on a fixed grid of this many of the training timesteps (at most T),
+    # the solver grid a consistency-distilled model learned: --steps picks among them, --timestep-spacing is not used.
+    grid: int | None = None
+    ignores_clip_sample: bool = False  # takes clip_sample and thresholding but applies neither (TCD): the loop clips
 
     @property
     def scheduler_class(self) -> type:
@@ -91,6 +95,14 @@ SCHEDULERS = [
                   settings={"skip_prk_steps": True, "set_alpha_to_one": True}, prediction_types=("epsilon",),
                   spacing="leading", resamples=False),
     SchedulerSpec("lms", "LMSDiscreteScheduler", "linear multistep, order 4 (k-diffusion LMS)", 50, resamples=False),
+    # Multistep consistency sampling: each step predicts x0 and noises it afresh to the next grid timestep, the
+    # way a consistency-distilled model is meant to be sampled in 1-8 steps (undistilled models blur).
+    SchedulerSpec("lcm", "LCMScheduler", "LCM multistep consistency sampling (Luo et al. 2023), for distilled "
+                  "models", 4, stochastic=True, grid=50),
+    # TCD's --eta (its gamma, default 0.3) keeps part of the trajectory's own noise between steps: 0 is
+    # deterministic, 1 as LCM.
+    SchedulerSpec("tcd", "TCDScheduler", "TCD strategic stochastic sampling (Zheng et al. 2024), for distilled "
+                  "models", 4, stochastic=True, grid=50, ignores_clip_sample=True),
 ]
 _BY_NAME = {alias: spec for spec in SCHEDULERS for alias in (spec.name, *spec.aliases)}
 
@@ -148,6 +160,8 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
     # The training betas, not the schedule's name: most samplers refuse to build "sigmoid" or "laplace"
     # schedules that DDPMScheduler trains with, and this way the betas match training exactly.
     settings = dict(spec.settings, trained_betas=_sampling_betas(spec, base))
+    if spec.grid:
+        settings["original_inference_steps"] = _grid(spec, base.config)
     if _accepts(spec, "timestep_spacing"):
         # "leading" never starts a short schedule at t = T-1, where training put pure noise. At steps == T
         # every spacing means all timesteps, yet DPM-Solver, UniPC and DEIS crash on leading/linspace there.
@@ -156,12 +170,12 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
     if karras_sigmas:
         settings["use_karras_sigmas"] = True
     clip = base.config.clip_sample and base.config.clip_sample_range == 1.0
-    if clip and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample"):
+    if clip and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample") and not spec.ignores_clip_sample:
         # With sample_max_value 1, thresholding clamps the predicted x0 to [-1, 1]: DDPM's clip_sample.
         settings.update(thresholding=True, sample_max_value=1.0)
     scheduler = spec.scheduler_class.from_config(base.config, **settings)
-    if clip and not (_accepts(spec, "thresholding") or _accepts(spec, "clip_sample")):
-        # Euler, Euler-a, LMS and PNDM cannot clip: the loop clamps the model's x0 for them (clip_denoised).
+    if clip and (spec.ignores_clip_sample or not (_accepts(spec, "thresholding") or _accepts(spec, "clip_sample"))):
+        # Euler, Euler-a, LMS, PNDM and TCD do not clip: the loop clamps the model's x0 for them (clip_denoised).
         scheduler.register_to_config(clip_denoised=True)
     return scheduler
 
@@ -184,11 +198,18 @@ def _sampling_betas(spec: SchedulerSpec, base) -> list[float]:
     return betas.tolist()
 
 
+def _grid(spec: SchedulerSpec, config) -> int:
+    return min(spec.grid, config.num_train_timesteps)
+
+
 def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bool, eta: float | None,
                    timestep_spacing: str | None) -> None:
     total = config.num_train_timesteps
     if not 1 <= steps <= total:
         raise UserError(f"--steps must be between 1 and {total} (the model was trained with {total} timesteps), got {steps}")
+    if spec.grid and steps > _grid(spec, config):
+        raise UserError(f"{spec.name} steps on a grid of {_grid(spec, config)} of the training timesteps (the "
+                        f"consistency-distillation solver's): --steps at most {_grid(spec, config)}, got {steps}")
     kind = config.prediction_type
     if kind not in spec.prediction_types:
         able = ", ".join(s.name for s in SCHEDULERS if kind in s.prediction_types)
@@ -208,6 +229,9 @@ def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bo
     if timestep_spacing is not None:
         if timestep_spacing not in SPACINGS:
             raise UserError(f"unknown --timestep-spacing '{timestep_spacing}'; choose one of: {', '.join(SPACINGS)}")
+        if spec.grid:
+            raise UserError(f"{spec.name} takes no --timestep-spacing (it steps on its grid of {_grid(spec, config)} "
+                            f"timesteps, from t = T-1)")
         if not _accepts(spec, "timestep_spacing"):
             raise UserError(f"{spec.name} takes no --timestep-spacing (its schedule always starts at t = T-1)")
 
