@@ -13,6 +13,7 @@ from rich.table import Table
 from difftool import config as config_mod
 from difftool.cli.errors import OneLineUsageErrors, user_errors
 from difftool.errors import UserError
+from difftool.training.until import Plateau, until_of
 
 app = typer.Typer(help="The built-in training recipes.", no_args_is_help=True, cls=OneLineUsageErrors)
 stdout = Console()
@@ -29,8 +30,14 @@ def list_recipes() -> None:
     for name in config_mod.recipe_names():
         cfg = config_mod.load_config(name)
         table.add_row(name, cfg.data.dataset, str(cfg.data.resolution), ",".join(map(str, cfg.model.block_out_channels)),
-                      str(cfg.train.batch_size), str(cfg.train.max_steps), config_mod.recipe_summary(name))
+                      str(cfg.train.batch_size), _steps(cfg), config_mod.recipe_summary(name))
     stdout.print(table)
+
+
+def _steps(cfg) -> str:
+    """The step budget; with train.until: plateau, the range the run may train."""
+    until = until_of(cfg, cfg.train.max_steps)
+    return f"{cfg.train.max_steps}-{until.limit}" if isinstance(until, Plateau) else str(cfg.train.max_steps)
 
 
 @app.command("show")
