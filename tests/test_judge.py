@@ -188,6 +188,9 @@ def test_the_verdict_says_what_to_do():
                    judge, run="r", step=9000)
     assert "darker than the data" in dark
     assert verdict({"eval/fid": 3.0}, judge, run="r", step=1) is None, "nothing to judge by"
+    assert "crowd" not in verdict({**record, "eval/largest_class_share": 0.22}, judge, run="r", step=3000), \
+        "ten classes, 22% in one: an unlearned model's squiggles, not a collapse"
+    assert "crowd into one class" in verdict({**record, "eval/largest_class_share": 0.6}, judge, run="r", step=3000)
 
 
 def test_kept_features_that_are_not_plain_files_are_passed_over(tmp_path):

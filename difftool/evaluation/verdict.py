@@ -11,7 +11,13 @@ LEARNED_RATIO = 2.0  # FD_judge within twice its floor: samples as close to the 
 FAR_RATIO = 5.0  # more than five times: the model has not learned the data's look yet
 RIGHT_CLASS_SHARE = 0.9  # right class within 90% of the judge's own accuracy on real images
 BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is visible
-COLLAPSE = 2.0  # the largest predicted class taking over twice its share of balanced data
+COLLAPSE = 0.5  # the largest predicted class halfway from its share of balanced data (1/K) to all of the samples
+
+
+def crowded(classes: int) -> float:
+    """The largest class share that says the samples crowd into one class: with 256 samples of 10 balanced
+    classes, a share of 0.2 is the judge sorting unlearned squiggles, not a collapse; 0.55 is one."""
+    return 1 / classes + COLLAPSE * (1 - 1 / classes)
 
 
 def verdict(record: dict, judge: dict, *, run: str, step: int) -> str | None:
@@ -37,7 +43,7 @@ def verdict(record: dict, judge: dict, *, run: str, step: int) -> str | None:
     if ratio > FAR_RATIO and not problems:
         problems.append("the samples do not look like the data yet")
     share = record.get("eval/largest_class_share")
-    if share is not None and report.get("kind") == "classes" and classes and share > COLLAPSE / len(classes):
+    if share is not None and report.get("kind") == "classes" and classes and share > crowded(len(classes)):
         figures.append(f"one class takes {share:.0%} of the samples")
         problems.append("the samples crowd into one class")
     error = record.get("eval/brightness_error")

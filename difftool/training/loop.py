@@ -272,7 +272,7 @@ class _Trainer:
         acc.end_training()
         if acc.is_main_process:
             progress.finish(step, max_steps, run.root, finished)
-            if evaluator is not None and (line := evaluator.verdict(str(run.root))):
+            if finished and evaluator is not None and (line := evaluator.verdict(str(run.root))):
                 say(line, highlight=False)
         return TrainResult(run.root, step, finished, model_dir, last_loss)
 
