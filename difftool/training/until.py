@@ -2,9 +2,10 @@
 
 With `plateau` the learning rate is held after its warm-up instead of following a schedule fixed in advance,
 because the end is not known in advance. From the budget (`train.max_steps`) on, each evaluation asks whether
-the judge's FD has improved, over the last PATIENCE evaluations, by more than its noise (the bootstrap
-spread of the difference, pair by pair: every evaluation samples from the same seeds). When it has not, the curve has levelled off: the learning rate then falls linearly to
-zero over a tenth of the steps trained so far, and the run ends there. This is the warm-up, stable, decay
+the judge's FD has improved, over the last PATIENCE evaluations, by more than its noise (the bootstrap spread
+of the difference, pair by pair: every evaluation samples from the same seeds). When it has not, the curve
+has levelled off: the learning rate then falls linearly to zero over a tenth of the steps trained so far, and
+the run ends there. This is the warm-up, stable, decay
 schedule of Hägele et al. (2024), which at a cooldown of 10-20% matches a cosine schedule of the same length;
 here its length is decided by measurement. `train.until_max_steps` (default 4x the budget) bounds it: the
 cooldown starts in time to end there if the curve never levels off.
