@@ -191,6 +191,8 @@ def test_the_verdict_says_what_to_do():
     assert "crowd" not in verdict({**record, "eval/largest_class_share": 0.22}, judge, run="r", step=3000), \
         "ten classes, 22% in one: an unlearned model's squiggles, not a collapse"
     assert "crowd into one class" in verdict({**record, "eval/largest_class_share": 0.6}, judge, run="r", step=3000)
+    assert verdict(record, judge, run="r", step=4000, advise=False).endswith("not learned the classes yet"), \
+        "a run still training is not told to train longer"
 
 
 def test_kept_features_that_are_not_plain_files_are_passed_over(tmp_path):

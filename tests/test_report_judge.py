@@ -8,6 +8,7 @@ training, so these tests take seconds.
 from __future__ import annotations
 
 import json
+import time
 import os
 from pathlib import Path
 
@@ -85,6 +86,17 @@ def test_the_verdict_is_on_top_of_the_page(run):
     said = page[verdict:page.index("</section>", verdict)]
     assert "judge at step 400" in said and "one class takes 90% of the samples" in said
     assert f"train longer with difftool train --resume {run.root} --max-steps 800" in said
+
+
+def test_a_run_that_stopped_short_is_judged_without_advice(run):
+    """Stopped (Ctrl-C) at step 400 of 1,000: it goes on with --resume; "train longer" is for finished runs."""
+    now = time.time()
+    run.sessions.write_text(json.dumps({"event": "start", "time": now - 60, "step": 0, "max_steps": 1000}) + "\n"
+                            + json.dumps({"event": "end", "time": now, "step": 400, "outcome": "stopped"}) + "\n")
+    page = page_of(run)
+    said = page[page.index('<section id="verdict"'):page.index('<section id="run"')]
+    assert "judge at step 400" in said and "train longer" not in said
+    assert "stopped (Ctrl-C or a signal) at step 400" in page
 
 
 def test_the_judge_has_its_charts_and_a_line_about_it(run):

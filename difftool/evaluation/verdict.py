@@ -20,9 +20,10 @@ def crowded(classes: int) -> float:
     return 1 / classes + COLLAPSE * (1 - 1 / classes)
 
 
-def verdict(record: dict, judge: dict, *, run: str, step: int) -> str | None:
+def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True) -> str | None:
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
-    FD_judge and its floor, which every judged evaluation has).
+    FD_judge and its floor, which every judged evaluation has). `advise`: say what to do (a finished run; one
+    still training, or stopped, goes on first).
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
@@ -52,6 +53,8 @@ def verdict(record: dict, judge: dict, *, run: str, step: int) -> str | None:
         if abs(error) > BRIGHTNESS_LEVELS:
             problems.append(f"the samples are {'brighter' if error > 0 else 'darker'} than the data")
     head = f"judge at step {step}: " + "; ".join(figures)
+    if problems and not advise:
+        return f"{head}: {'; '.join(problems)}"
     if problems:
         return (f"{head}: {'; '.join(problems)}: train longer with difftool train --resume {run} "
                 f"--max-steps {2 * step}")

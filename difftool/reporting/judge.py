@@ -68,7 +68,7 @@ def read_judge(run: RunDir) -> tuple[Judge | None, str | None]:
                  _number(record.get("floor")), _count(record.get("floor_images"))), None
 
 
-def verdict_line(history: History, judge: Judge, run: str) -> str | None:
+def verdict_line(history: History, judge: Judge, run: str, *, finished: bool) -> str | None:
     """The verdict on the newest evaluation with an FD_judge and its floor (the verdict reads one against the
     other), or None when there is none. Figures that are not numbers are left out of the record it reads."""
     scored = [r for r in history.evaluations if plausible_step(r.get("step"))
@@ -77,7 +77,7 @@ def verdict_line(history: History, judge: Judge, run: str) -> str | None:
         return None
     newest = max(scored, key=lambda r: r["step"])
     record = {EVAL_PREFIX + k: newest[EVAL_PREFIX + k] for k in VERDICT_KEYS if finite(newest.get(EVAL_PREFIX + k))}
-    return verdict(record, judge.as_json(), run=run, step=newest["step"])
+    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished)
 
 
 def _positive(value) -> bool:
