@@ -106,7 +106,6 @@ def test_recipes_list_shows_all_four():
     for name in ("cifar10", "folder64", "mnist", "quickstart"):
         assert name in result.stdout
     assert "800000" in result.stdout  # the cifar10 row's steps
-    assert "4000-16000" in " ".join(result.stdout.split()), "folder32 trains until its judge levels off"
 
 
 def test_recipes_show():

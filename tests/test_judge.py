@@ -191,6 +191,11 @@ def test_the_verdict_says_what_to_do():
     assert "crowd" not in verdict({**record, "eval/largest_class_share": 0.22}, judge, run="r", step=3000), \
         "ten classes, 22% in one: an unlearned model's squiggles, not a collapse"
     assert "crowd into one class" in verdict({**record, "eval/largest_class_share": 0.6}, judge, run="r", step=3000)
+    collapsed = verdict({**record, "eval/fd_judge": 76.0}, judge, run="runs/letters", step=6000,
+                        best={"step": 4000, "eval/fd_judge": 3.12})
+    assert "got worse after step 4000 (FD_judge 3.12 there, 24× lower than now)" in collapsed
+    assert collapsed.endswith("difftool sample runs/letters/checkpoints/best, or train again with a lower train.lr")
+    assert "worse" not in verdict(record, judge, run="r", step=4000, best={"step": 3000, "eval/fd_judge": 0.8})
     assert verdict(record, judge, run="r", step=4000, advise=False).endswith("not learned the classes yet"), \
         "a run still training is not told to train longer"
 

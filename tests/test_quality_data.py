@@ -50,7 +50,8 @@ def test_a_variant_trains_its_own_steps_then_steps_then_its_recipes(tmp_path):
 
 
 def test_a_plateau_recipe_trains_with_its_evaluations_and_they_are_timed_apart(tmp_path):
-    args = train_args("folder32", [], tmp_path, tmp_path / "run", steps=None, resolution=16)
+    plateau = ["train.until=plateau", "train.lr_schedule=constant"]
+    args = train_args("folder32", plateau, tmp_path, tmp_path / "run", steps=None, resolution=16)
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert load_config("folder32", sets).train.until == "plateau", "no eval.every=0: the rule needs its evaluations"
     run = tmp_path / "run"

@@ -11,6 +11,7 @@ LEARNED_RATIO = 2.0  # FD_judge within twice its floor: samples as close to the 
 FAR_RATIO = 5.0  # more than five times: the model has not learned the data's look yet
 RIGHT_CLASS_SHARE = 0.9  # right class within 90% of the judge's own accuracy on real images
 BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is visible
+WORSE = 2.0  # the last FD_judge more than twice the run's best: it got worse, not noisier (noise is a few %)
 COLLAPSE = 0.5  # the largest predicted class halfway from its share of balanced data (1/K) to all of the samples
 
 
@@ -20,10 +21,12 @@ def crowded(classes: int) -> float:
     return 1 / classes + COLLAPSE * (1 - 1 / classes)
 
 
-def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True) -> str | None:
+def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True,
+            best: dict | None = None) -> str | None:
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
     FD_judge and its floor, which every judged evaluation has). `advise`: say what to do (a finished run; one
-    still training, or stopped, goes on first).
+    still training, or stopped, goes on first). `best`: the run's best evaluation (step, eval/fd_judge), which
+    checkpoints/best keeps: a model that got clearly worse after it is told to go back to it.
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
@@ -53,6 +56,13 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = Tr
         if abs(error) > BRIGHTNESS_LEVELS:
             problems.append(f"the samples are {'brighter' if error > 0 else 'darker'} than the data")
     head = f"judge at step {step}: " + "; ".join(figures)
+    if best is not None and best.get("step") != step and fd > WORSE * best.get("eval/fd_judge", fd):
+        worse = (f"the model got worse after step {best['step']} (FD_judge {best['eval/fd_judge']:.3g} there, "
+                 f"{fd / best['eval/fd_judge']:.0f}× lower than now)")
+        if not advise:
+            return f"{head}: {worse}"
+        return (f"{head}: {worse}: sample its state there, difftool sample {run}/checkpoints/best, or train again "
+                f"with a lower train.lr")
     if problems and not advise:
         return f"{head}: {'; '.join(problems)}"
     if problems:

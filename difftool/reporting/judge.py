@@ -77,7 +77,9 @@ def verdict_line(history: History, judge: Judge, run: str, *, finished: bool) ->
         return None
     newest = max(scored, key=lambda r: r["step"])
     record = {EVAL_PREFIX + k: newest[EVAL_PREFIX + k] for k in VERDICT_KEYS if finite(newest.get(EVAL_PREFIX + k))}
-    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished)
+    least = min(scored, key=lambda r: r[EVAL_PREFIX + "fd_judge"])
+    best = {"step": least["step"], "eval/fd_judge": least[EVAL_PREFIX + "fd_judge"]}
+    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished, best=best)
 
 
 def _positive(value) -> bool:

@@ -258,7 +258,8 @@ class Evaluator:
         """What the latest evaluation says, against what the judge sees in real images (None without a judge)."""
         if self.judge is None or self.last is None:
             return None
-        return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"])
+        best = {"step": self.best_step, "eval/fd_judge": self.best_score} if self.best_step is not None else None
+        return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best)
 
     def describe(self, record: dict) -> str:
         """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""
