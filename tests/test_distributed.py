@@ -45,15 +45,20 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_recipe):
     assert "2 process(es) on cpu" in page and "finished at step 6" in page
 
 
+def train_two(tmp_path, recipe, settings: list[str]) -> subprocess.CompletedProcess:
+    """`difftool train` of `recipe` with `settings` on two processes into tmp_path/two."""
+    cmd = difftool_cmd() + ["train", "--recipe", str(recipe), "--output", str(tmp_path / "two"),
+                            *[arg for item in settings for arg in ("--set", item)],
+                            "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_two_processes_evaluate_during_training(tmp_path, tiny_recipe, extractor_file):
     """Each rank samples its share of the seeds; the main process scores, writes each record once and keeps the
     best checkpoint, which both ranks save their part of."""
     evaluation = ["eval.every=3", "eval.num_samples=10", f"eval.features={extractor_file}", "eval.scheduler=ddim",
                   "eval.steps=2", "sample.every=100", "checkpoint.total_limit=1"]
-    cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(tmp_path / "two"),
-                            *[arg for item in evaluation for arg in ("--set", item)],
-                            "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = train_two(tmp_path, tiny_recipe, evaluation)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = RunDir(tmp_path / "two")
     evals = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "eval/fd" in r]
@@ -78,10 +83,7 @@ def test_two_processes_train_until_the_judge_levels_off(tmp_path, tiny_recipe):
     plateau = ["train.until=plateau", "train.lr_schedule=constant", "train.max_steps=4", "train.until_max_steps=12",
                "eval.every=2", "eval.features=judge", "eval.num_samples=8", "eval.scheduler=ddim", "eval.steps=2",
                "eval.guidance_scale=1", "data.num_images=200", "sample.every=100"]
-    cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(tmp_path / "two"),
-                            *[arg for item in plateau for arg in ("--set", item)],
-                            "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = train_two(tmp_path, tiny_recipe, plateau)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = RunDir(tmp_path / "two")
     records = [json.loads(line) for line in run.metrics.read_text().splitlines()]

@@ -151,6 +151,7 @@ class Evaluator:
         rows = torch.arange(len(images))
         if self.cfg.eval.features == JUDGE:
             self.judge, held, rows = prepare_judge(self.cfg, self.run, data, images, self.scorer, self.show_progress)
+            self.judge.data_mean = self.data_mean
         self._run_data_reference(data, images, rows)
         if self.judge is not None:
             measure_floor(self.judge, self.run, images, held, self.scorer, self.cfg.eval.num_samples)

@@ -48,7 +48,7 @@ class JudgeFacts:
     floor: float = 0.0
     floor_std: float = 0.0
     floor_images: int = 0
-    data_mean: float = 0.0  # mean pixel of the data (0-255), for the brightness error
+    data_mean: float = 0.0  # mean pixel of the data (0-255), as the evaluator measured it for the brightness error
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "report": dataclasses.asdict(self.report)}
@@ -87,7 +87,6 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
     else:
         scorer.extractor = _load(run)
         say(f"judge: {facts.report.describe()} (reused {run.eval_dir / JUDGE_FILE})", highlight=False)
-    facts.data_mean = float(images.float().mean())
     return facts, held, train
 
 

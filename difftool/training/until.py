@@ -47,7 +47,7 @@ class Budget:
         return {}
 
     def restore(self, progress: dict) -> None:
-        pass
+        """A fixed budget has no state of its own to restore (the step comes back with the checkpoint)."""
 
 
 @dataclass
