@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from difftool import __version__
-from difftool.config import read_config
+from difftool.config import config_from_dict, read_config
 from difftool.errors import UserError, first_line
 from difftool.safeio import (
     JSONL_LIMIT,
@@ -85,15 +85,25 @@ def source_name(source: str | Path) -> str:
     return re.sub(r"[^\w.-]+", "_", name) or "model"
 
 
-def sampling_defaults(source: str | Path):
-    """The recipe's `sample` settings (a SampleConfig) when `source` is a run folder or inside one, else None."""
+def run_of(source: str | Path) -> Path | None:
+    """The run folder `source` is, or lies in (its model/, a checkpoint, a file in either), else None."""
     path = Path(source)
-    for folder in (path, path.parent, path.parent.parent):
-        if RunDir(folder).is_run():
-            try:
-                return read_config(RunDir(folder).config).sample
-            except UserError:
-                return None
+    return next((folder for folder in (path, path.parent, path.parent.parent) if RunDir(folder).is_run()), None)
+
+
+def sampling_defaults(source: str | Path, info: dict):
+    """The recipe's `sample` settings (a SampleConfig) when `source` is a run folder or inside one, else those its
+    model records (`info`, the model's difftool.json: a distilled model's sampler travels with it), else None."""
+    run = run_of(source)
+    if run is not None:
+        with contextlib.suppress(UserError):
+            return read_config(RunDir(run).config).sample
+        return None
+    recorded = info.get("sample")
+    if not isinstance(recorded, dict):
+        return None
+    with contextlib.suppress(UserError):
+        return config_from_dict({"sample": recorded}).sample
     return None
 
 

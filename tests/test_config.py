@@ -10,7 +10,8 @@ import torch
 
 from difftool import config as config_mod
 from difftool import recipebook
-from difftool.config import Config, load_config, validate
+from difftool.config import Config, load_config
+from difftool.config_rules import validate
 from difftool.errors import UserError
 from difftool.models.build import build_unet, count_parameters
 from difftool.rundir import new_run_folder

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "difftool"
-ENTRY_POINTS = {"difftool.train", "difftool.sample", "difftool.evaluate", "difftool.__main__"}
+ENTRY_POINTS = {"difftool.train", "difftool.distill", "difftool.sample", "difftool.evaluate", "difftool.__main__"}
 
 
 def _modules() -> dict[str, Path]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from difftool.training import loop as train_mod
 from difftool.training import step as step_mod
+from difftool.training.objective import Denoising
 from difftool.training import setup as setup_mod
 from difftool.models.load import load_model
 from difftool.errors import UserError
@@ -159,8 +160,7 @@ def test_epsilon_weighting_is_the_epsilon_loss_where_the_signal_is_strong():
         def forward(self, noisy, t, class_labels=None):
             return type("Output", (), {"sample": prediction})()
 
-    stepper = step_mod.Stepper.__new__(step_mod.Stepper)
-    stepper.cfg, stepper.unet, stepper.noise_scheduler = cfg, Fixed(), schedule
+    objective = Denoising(cfg, schedule)
     for t in (3, 48):  # alpha_bar about 0.99 (above the floor) and 0.0003 (below it)
         ts = torch.full((2,), t)
         noisy = schedule.add_noise(x0, noise, ts)
@@ -169,7 +169,7 @@ def test_epsilon_weighting_is_the_epsilon_loss_where_the_signal_is_strong():
         eps_loss = torch.nn.functional.mse_loss(implied_noise, noise)
         v_loss = torch.nn.functional.mse_loss(prediction, schedule.get_velocity(x0, noise, ts))
         expected = eps_loss if a >= 0.2 else 0.2 * v_loss
-        assert stepper.loss(x0, None, noise, ts).item() == pytest.approx(expected.item(), rel=1e-4)
+        assert objective.loss(Fixed(), x0, None, noise, ts).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):

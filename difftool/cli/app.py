@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, evaluate, inpaint, recipes, report, sample, schedulers, stats, train
+from difftool.cli import convert, distill, evaluate, inpaint, recipes, report, sample, schedulers, stats, train
 from difftool.cli.errors import (
     DEBUG_HELP,
     OneLineUsageErrors,
@@ -41,6 +41,7 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 app.command("train")(train.train)
+app.command("distill")(distill.distill)
 app.command("sample")(sample.sample)
 app.command("schedulers")(schedulers.schedulers)
 app.command("inpaint")(inpaint.inpaint)

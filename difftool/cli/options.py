@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from difftool.config import SEED_MAX
+from difftool.config_rules import SEED_MAX
 
 # Checked at parse time, as EDM does: past these bounds a request fails, or runs out of memory, only later.
 IMAGES_MAX = 10_000_000  # image indices are listed before the first is made; FID papers use 50,000

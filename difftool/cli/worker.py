@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import typer
 
-from difftool.cli import evaluate, sample, train
+from difftool.cli import distill, evaluate, sample, train
 from difftool.cli.app import _run
 
-COMMANDS = {"train": train.train, "sample": sample.sample, "evaluate": evaluate.evaluate}
+COMMANDS = {"train": train.train, "distill": distill.distill, "sample": sample.sample, "evaluate": evaluate.evaluate}
 
 
 def run_single_command(name: str) -> None:

@@ -95,7 +95,7 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
                   show_progress: bool) -> InpaintResult:
     model = load_model(model_source, weights=request.weights)
     show_notes(model.notes)
-    defaults = sampling_defaults(model_source)
+    defaults = sampling_defaults(model_source, model.info)
     class_ids, guidance = _conditioning(request, model.info, defaults)
     method = _Method(model, request, defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftool.sampling.loop import Predictor, denoise, initial_noise
+from difftool.sampling.loop import Predictor, denoise, initial_noise, predicted_x0_and_noise
 
 METHODS = ("repaint", "blend")
 
@@ -68,7 +68,7 @@ def repaint(predict: Predictor, scheduler, known: torch.Tensor, mask: torch.Tens
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * initial_noise(generators, x.shape[1:], device)
             continue
         a_t, a_s = level_alpha[level], level_alpha[level + 1]
-        x0 = _predicted_x0(predict(x, scheduler.timesteps[level]), x, a_t, config.prediction_type)
+        x0 = predicted_x0_and_noise(predict(x, scheduler.timesteps[level]), x, a_t, config.prediction_type)[0]
         if config.clip_sample:
             x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
         unknown = _posterior_sample(x, x0, a_t, a_s, generators, last=level + 1 == schedule.levels)
@@ -77,14 +77,6 @@ def repaint(predict: Predictor, scheduler, known: torch.Tensor, mask: torch.Tens
         if on_step is not None:
             on_step()
     return mask * x + (1 - mask) * known
-
-
-def _predicted_x0(output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "epsilon":
-        return (x - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
-    if kind == "v_prediction":
-        return alpha_bar.sqrt() * x - (1 - alpha_bar).sqrt() * output
-    return output
 
 
 def _posterior_sample(x: torch.Tensor, x0: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor,

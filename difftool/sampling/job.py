@@ -120,7 +120,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     _check_request(request, state.device)
     if model is None:
         model = load_shared(source, request.weights, state)
-    plan = _plan(model, request, sampling_defaults(source))
+    plan = _plan(model, request, sampling_defaults(source, model.info))
     output = Path(output) if output else default_output(source, plan.settings)
     check_output_folder(output)
     refuse_inputs_as_output(output, {"the model": source})
@@ -193,7 +193,7 @@ def _compiled_for_first_size(unet, batches: list[list[int]]):
 def check_request(model: LoadedModel, request: SampleRequest, source: str | Path) -> None:
     """Refuse what `generate` would refuse, without sampling: for callers with slow work to do before it."""
     _check_request(request, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    _plan(model, request, sampling_defaults(source))
+    _plan(model, request, sampling_defaults(source, model.info))
 
 
 def _check_request(request: SampleRequest, device: torch.device) -> None:

@@ -56,6 +56,8 @@ class Predictor:
 
     def __call__(self, model_in: torch.Tensor, t) -> torch.Tensor:
         batch = torch.cat([model_in, model_in]) if self.guided else model_in
+        if self.guided and torch.is_tensor(t) and t.ndim:  # a timestep per image (distillation's)
+            t = torch.cat([t, t])
         out = self.unet(batch.to(self.dtype), t, class_labels=self.labels).sample.to(model_in.dtype)
         if self.guided:
             cond, uncond = out.chunk(2)
@@ -65,6 +67,17 @@ class Predictor:
                 rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
                 out = self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * out
         return out
+
+
+def predicted_x0_and_noise(output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor,
+                           kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean image and the noise a model output stands for at x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if kind == "epsilon":
+        return (x - b * output) / a, output
+    if kind == "v_prediction":
+        return a * x - b * output, b * x + a * output
+    return output, (x - a * output) / b
 
 
 @torch.inference_mode()

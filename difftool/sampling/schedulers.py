@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
-from difftool.config import PREDICTION_TYPES
+from difftool.config_rules import PREDICTION_TYPES
 from difftool.errors import did_you_mean
 from difftool.errors import UserError
 
 SPACINGS = ("leading", "trailing", "linspace")
+# The solver grid of consistency distillation (LCM's 50 skipping steps over the training timesteps), on which the
+# consistency samplers step.
+CONSISTENCY_GRID = 50
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,11 @@ SCHEDULERS = [
     # Multistep consistency sampling: each step predicts x0 and noises it afresh to the next grid timestep, the
     # way a consistency-distilled model is meant to be sampled in 1-8 steps (undistilled models blur).
     SchedulerSpec("lcm", "LCMScheduler", "LCM multistep consistency sampling (Luo et al. 2023), for distilled "
-                  "models", 4, stochastic=True, grid=50),
+                  "models", 4, stochastic=True, grid=CONSISTENCY_GRID),
     # TCD's --eta (its gamma, default 0.3) keeps part of the trajectory's own noise between steps: 0 is
     # deterministic, 1 as LCM.
     SchedulerSpec("tcd", "TCDScheduler", "TCD strategic stochastic sampling (Zheng et al. 2024), for distilled "
-                  "models", 4, stochastic=True, grid=50, ignores_clip_sample=True),
+                  "models", 4, stochastic=True, grid=CONSISTENCY_GRID, ignores_clip_sample=True),
 ]
 _BY_NAME = {alias: spec for spec in SCHEDULERS for alias in (spec.name, *spec.aliases)}
 
@@ -173,7 +176,9 @@ def make_scheduler(name: str, training_config: dict, *, steps: int, karras_sigma
     if clip and _accepts(spec, "thresholding") and not _accepts(spec, "clip_sample") and not spec.ignores_clip_sample:
         # With sample_max_value 1, thresholding clamps the predicted x0 to [-1, 1]: DDPM's clip_sample.
         settings.update(thresholding=True, sample_max_value=1.0)
-    scheduler = spec.scheduler_class.from_config(base.config, **settings)
+    # Only what the sampler takes: LCM and TCD list no compatible classes, so diffusers warns of every other key.
+    own = {k: v for k, v in base.config.items() if _accepts(spec, k) or k.startswith("_")}
+    scheduler = spec.scheduler_class.from_config(own, **settings)
     if clip and (spec.ignores_clip_sample or not (_accepts(spec, "thresholding") or _accepts(spec, "clip_sample"))):
         # Euler, Euler-a, LMS, PNDM and TCD do not clip: the loop clamps the model's x0 for them (clip_denoised).
         scheduler.register_to_config(clip_denoised=True)

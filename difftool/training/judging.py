@@ -32,6 +32,7 @@ from difftool.evaluation.judge import (
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats
 from difftool.progress import say
 from difftool.safeio import IMAGE_LIMIT, atomic_path, check_regular, read_bounded, read_json, write_text
+from difftool.rundir import RunDir, run_of
 
 JUDGE_FILE, JUDGE_RECORD = "judge.pt", "judge.json"
 FEATURES_DIR = "features"  # in RUN/eval: the judge's features of each evaluation's samples, by step
@@ -73,7 +74,7 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
     held, train = held_out_split(len(images), cfg.eval.num_samples)
     described = {"source": data.source, "count": len(images), "resolution": cfg.data.resolution,
                  "flips": bool(cfg.data.random_flip), "classes": data.label_names if data.labels is not None else None}
-    facts = _reuse(run, described)
+    facts = _reuse(run, described) or _adopt_teachers(cfg, run, described)
     if facts is None:
         module, report = train_judge(images, data.labels, data.label_names, held=held, train=train,
                                      flips=cfg.data.random_flip, show_progress=show_progress)
@@ -122,6 +123,19 @@ def _reuse(run, described: dict) -> JudgeFacts | None:
         if _load(run).name == facts.network:
             return facts
     return None
+
+
+def _adopt_teachers(cfg, run, described: dict) -> JudgeFacts | None:
+    """A distillation judges with its teacher run's judge when it learned the same images: the student's figures
+    are then the teacher's measure, and no second judge is trained. Copied into the run, which stays whole."""
+    teacher_run = run_of(cfg.distill.teacher) if cfg.distill.teacher else None
+    facts = _reuse(RunDir(teacher_run), described) if teacher_run is not None else None
+    if facts is not None:
+        run.eval_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run.eval_dir / JUDGE_FILE) as tmp:
+            tmp.write_bytes(read_bounded(RunDir(teacher_run).eval_dir / JUDGE_FILE, IMAGE_LIMIT))
+        write_text(run.eval_dir / JUDGE_RECORD, json.dumps(facts.to_json(), indent=2) + "\n")
+    return facts
 
 
 def _load(run):

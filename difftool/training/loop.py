@@ -36,6 +36,7 @@ from difftool.models.build import build_noise_scheduler, build_unet, count_param
 from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_folder_path, check_output
 from difftool.training.evaluator import Evaluator, check_evaluation
+from difftool.training.objective import Denoising, MakeObjective
 from difftool.training.step import Stepper
 from difftool.training.until import Plateau, until_of
 from difftool.progress import TrainingProgress, say
@@ -68,8 +69,13 @@ class TrainResult:
 
 
 def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
-          show_progress: bool = True, why_recipe: str | None = None, optional_eval: bool = False) -> TrainResult:
+          show_progress: bool = True, why_recipe: str | None = None, optional_eval: bool = False,
+          objective: MakeObjective | None = None) -> TrainResult:
     """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run.
+
+    `objective` makes what the steps minimise from (accelerator, the bare UNet, the noise schedule): the diffusion
+    loss when None; a distillation passes its own (difftool/distilling), and only a distillation run (one with a
+    distill.teacher) may.
 
     `why_recipe`, when difftool chose the recipe, goes into the first line printed. `optional_eval`: the
     evaluation during training comes from a built-in recipe, not from the user, so a feature network that
@@ -78,18 +84,23 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     The main process holds the run folder's lock throughout, so a second `train` into the same
     folder is refused instead of interleaving checkpoints with this one.
     """
+    if (objective is None) != (cfg.distill.teacher is None):
+        raise UserError(f"{output} is a distillation of {cfg.distill.teacher}: continue it with difftool distill"
+                        if objective is None else "a distillation needs distill.teacher (difftool distill TEACHER)")
     run = RunDir(output)
     check_folder_path(run.root)
     # replaces: --overwrite clears the run folder, and a data folder or start weights inside it with it
     inputs = {"the data": data_folder(cfg.data.dataset)}
     if resume is None:  # a resumed run keeps its folder: its own weights may well be the start weights
         inputs["train.init_from"] = cfg.train.init_from
+    inputs["the teacher"] = cfg.distill.teacher
     refuse_inputs_as_output(run.root, inputs, replaces=True)
     keep_freed_memory()
     accelerator = make_accelerator(cfg, run)
     try:
         with main_process_lock(accelerator, run.root, "train"), cpu_share():
-            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval)
+            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval,
+                                 objective or (lambda _acc, _unet, schedule: Denoising(cfg, schedule)))
     except OSError as err:
         if not is_storage_error(err):
             raise
@@ -99,7 +110,8 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
 
 
 def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
-                  show_progress: bool, why_recipe: str | None, optional_eval: bool) -> TrainResult:
+                  show_progress: bool, why_recipe: str | None, optional_eval: bool,
+                  make_objective: MakeObjective) -> TrainResult:
     micro_batch = micro_batch_size(cfg, accelerator.num_processes)
     check_output(run, cfg, resume, overwrite)
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
@@ -145,9 +157,10 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
+    objective = make_objective(accelerator, accelerator.unwrap_model(unet), noise_scheduler)
     # The LR scheduler is stepped by hand once per optimizer step, so it is not `prepare`d
     # (accelerate would step it once per process); it is saved with the state all the same.
-    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
+    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []), *objective.saved())
 
     start_step = 0
     if resume is not None:
@@ -162,7 +175,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Pa
                             f"{', and train.until: plateau stopped it' if end != max_steps else ''}); "
                             f"raise --max-steps to train further")
     info = model_info(cfg, data, num_classes)
-    trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
+    trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
                        micro_batch, steps_per_epoch, info, until)
     if resume is not None:
         trainer.steps.nonfinite.restore(progress)
@@ -203,11 +216,11 @@ def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: 
 class _Trainer:
     """The loop of one run: steps (`Stepper`), reports, and the outputs (`RunWriter`) at their intervals."""
 
-    def __init__(self, cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data,
+    def __init__(self, cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
                  micro_batch, steps_per_epoch, info, until):
         self.cfg, self.run, self.accelerator, self.data, self.until = cfg, run, accelerator, data, until
-        self.steps = Stepper(cfg, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data, micro_batch,
-                             steps_per_epoch, self.last_checkpoint)
+        self.steps = Stepper(cfg, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
+                             micro_batch, steps_per_epoch, self.last_checkpoint)
         self.outputs = RunWriter(cfg, run, self.steps, info, until)
         self.device = accelerator.device
         self.stop_requested = False
@@ -351,8 +364,10 @@ class _Trainer:
 
     def log_start(self, start_step: int, params: int, why_recipe: str | None) -> None:
         acc, cfg = self.accelerator, self.cfg
-        what = "resuming" if start_step else "training"
-        start = f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else ""
+        distilling = self.steps.objective.describe()
+        what = "resuming" if start_step else "distilling" if distilling else "training"
+        start = (f" ({distilling})" if distilling else
+                 f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else "")
         say(
             f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}"
             f"{start}: "

@@ -53,14 +53,14 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
     if recipe is None:
         recipe, why = config_mod.recipe_for_dataset(dataset, gpu=dataset is not None and _gpu_present())
     cfg = config_mod.load_config(recipe, overrides, values)
-    _check_dataset(cfg.data.dataset)
+    check_dataset(cfg.data.dataset)
     asked = [key for key in [*values, *(o.partition("=")[0].strip() for o in overrides or [])] if key.startswith("eval.")]
     built_in = recipe in config_mod.recipe_names() and not Path(recipe).is_file()
     return TrainPlan(cfg, Path(output) if output else new_run_folder(cfg.recipe, cfg.data.dataset), None, why,
                      optional_eval=built_in and not asked)
 
 
-def _check_dataset(name: str) -> None:
+def check_dataset(name: str) -> None:
     """Refuse a data set no source can load (a folder that is not there) now, so that a dry run says so too."""
     if name != "shapes":  # the built-in set needs no check, and a dry run of it no torch import
         from difftool.training.data import source_kind

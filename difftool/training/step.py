@@ -10,20 +10,19 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from difftool.training.data import make_batch
 from difftool.training.guards import NonFiniteSteps
 
 
 class Stepper:
-    """The model, its optimiser and EMA, and the data: what a step reads and changes."""
+    """The model, its optimiser and EMA, what it minimises, and the data: what a step reads and changes."""
 
-    def __init__(self, cfg, accelerator, unet, optimizer, lr_scheduler, ema, noise_scheduler, data, micro_batch,
-                 steps_per_epoch, last_checkpoint):
+    def __init__(self, cfg, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
+                 micro_batch, steps_per_epoch, last_checkpoint):
         self.cfg, self.accelerator = cfg, accelerator
         self.unet, self.optimizer, self.lr_scheduler, self.ema = unet, optimizer, lr_scheduler, ema
+        self.objective = objective
         self.noise_scheduler, self.data = noise_scheduler, data
         self.micro_batch, self.steps_per_epoch = micro_batch, steps_per_epoch
         self.last_checkpoint = last_checkpoint  # () -> str, named when a step is skipped
@@ -47,24 +46,6 @@ class Stepper:
         return chunk[self.accelerator.process_index * per_rank : (self.accelerator.process_index + 1) * per_rank]
 
     # ------------------------------------------------------------ one step
-
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        pred = self.unet(noisy, t, class_labels=labels).sample
-        kind = cfg.scheduler.prediction_type
-        target = noise if kind == "epsilon" else x0 if kind == "sample" else self.noise_scheduler.get_velocity(x0, noise, t)
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if cfg.train.min_snr_gamma:
-            snr = compute_snr(self.noise_scheduler, t)
-            clipped = snr.clamp(max=cfg.train.min_snr_gamma)
-            weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
-            per_image = per_image * weight
-        elif cfg.train.epsilon_weighting:
-            # The epsilon error is sqrt(alpha_bar) times the v error: this weight is the epsilon loss, floored.
-            alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
-            per_image = per_image * alpha_bar.clamp(min=cfg.train.epsilon_weighting)
-        return per_image.mean()
 
     def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
         """Noise, timesteps, flips and label dropout for the whole global batch of `step`.
@@ -109,7 +90,7 @@ class Stepper:
                 labels = None
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.unet)
             with sync:
-                loss = self.loss(x0, labels, shared["noise"][mine], shared["t"][mine])
+                loss = self.objective.loss(self.unet, x0, labels, shared["noise"][mine], shared["t"][mine])
                 acc.backward(loss / accum)
             total += loss.detach() / accum
         # Without clipping, an infinite max norm measures the gradients and leaves them as they are.
@@ -121,6 +102,7 @@ class Stepper:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step()
         if self.ema is not None:
             self.ema.step(self.unet.parameters())
         return total
