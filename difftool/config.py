@@ -187,9 +187,13 @@ class DistillConfig:
     teacher_hash: str | None = None  # its weights' hash when the distillation started: a resumed one checks it
     method: str = "consistency"
     guidance_scale: float | None = None
-    loss: str = "huber"
+    loss: str = "huber"  # consistency: huber or l2
     huber_c: float = 0.001
     target_decay: float = 0.95
+    rounds: int = 3  # progressive: halvings, from 2^rounds times the final steps of the teacher's DDIM
+    # progressive: optimizer steps per round, the last going on to train.max_steps; null: max_steps / rounds,
+    # fixed when the distillation starts (a resumed run with more steps lengthens the last round)
+    round_steps: int | None = None
 
 
 @dataclass

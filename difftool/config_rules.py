@@ -148,7 +148,7 @@ def _until_problems(cfg) -> list[str]:
     return e
 
 
-DISTILL_METHODS = ("consistency",)
+DISTILL_METHODS = ("consistency", "progressive")
 DISTILL_LOSSES = ("huber", "l2")
 
 
@@ -160,6 +160,10 @@ def _distill_problems(d) -> list[str]:
         e.append(f"distill.guidance_scale must be >= 1 (1 = no guidance) or null, got {d.guidance_scale}")
     if not d.huber_c > 0:
         e.append(f"distill.huber_c must be > 0, got {d.huber_c}")
+    if d.round_steps is not None and d.round_steps < 1:
+        e.append(f"distill.round_steps must be >= 1 or null (train.max_steps / rounds), got {d.round_steps}")
+    if d.rounds < 1:
+        e.append(f"distill.rounds must be >= 1 (progressive: halvings of the teacher's steps), got {d.rounds}")
     if not 0 <= d.target_decay < 1:
         e.append(f"distill.target_decay must be in [0, 1), got {d.target_decay}")
     return e

@@ -36,9 +36,9 @@ def teacher(tmp_path_factory):
                  show_progress=False).run
 
 
-def distilled(teacher, output, *changes, resume=None):
+def distilled(teacher, output, *changes, resume=None, recipe=None):
     plan = plan_distillation(teacher=None if resume else str(teacher), overrides=[*QUICK, *changes], output=output,
-                             resume=resume)
+                             resume=resume, recipe=recipe)
     return distill(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
 
 
@@ -193,3 +193,80 @@ def test_teachers_that_cannot_be_distilled_are_refused_before_anything_is_writte
     before = sorted(p.name for p in tmp_path.iterdir())
     assert_user_error(invoke("distill", *args, "--output", tmp_path / "out"), *expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+class _Exact(torch.nn.Module):
+    """The perfect denoiser of a data set of one image: its exact v (or noise, or image) at any noisy input."""
+
+    dtype = torch.float32
+
+    def __init__(self, image, alpha_bar, kind):
+        super().__init__()
+        self.image, self.alpha_bar, self.kind, self.w = image, alpha_bar, kind, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, class_labels=None):
+        a = self.alpha_bar[t][:, None, None, None]
+        noise = (z - a.sqrt() * self.image) / (1 - a).sqrt()
+        out = {"epsilon": noise, "sample": self.image.expand_as(z),
+               "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * self.image}[self.kind]
+        return type("Out", (), {"sample": out + self.w})()
+
+
+class _Cpu:
+    device = torch.device("cpu")
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
+def test_progressive_targets_are_exact_for_an_exact_teacher(teacher, kind):
+    """On the path of a perfect teacher, two DDIM steps land where one of the perfect student does: the loss is 0
+    in every round, and a student that is wrong is charged for it."""
+    from difftool.distilling.progressive import ProgressiveDistillation
+
+    changes = [f"scheduler.prediction_type={kind}"] + (["scheduler.rescale_betas_zero_snr=false"] if kind == "epsilon" else [])
+    cfg = plan_distillation(teacher=str(teacher), recipe="progressive",
+                            overrides=[*changes, "distill.rounds=2", "train.max_steps=4", "sample.steps=2"]).cfg
+    schedule = build_noise_scheduler(cfg.scheduler)
+    image = torch.rand(1, 3, 8, 8) * 1.6 - 0.8
+    exact = _Exact(image, schedule.alphas_cumprod, kind)
+    objective = ProgressiveDistillation(cfg, _Cpu(), exact, exact, schedule, null_class=None)
+    t = torch.arange(0, 50)
+    x0 = image.expand(50, -1, -1, -1)
+    for step in (0, 2):  # one step of each round: 8 -> 4 and 4 -> 2 steps (T = 50)
+        objective.begin_step(step)
+        assert objective.loss(exact, x0, None, torch.randn_like(x0), t).item() < 1e-8
+    wrong = _Exact(image * 0.5, schedule.alphas_cumprod, kind)
+    assert objective.loss(wrong, x0, None, torch.randn_like(x0), t).item() > 1e-3
+
+
+def test_progressive_rounds_halve_and_resume_exactly_across_a_round(teacher, tmp_path):
+    from difftool.distilling.progressive import ddim_grid
+
+    for steps in (1, 2, 3, 4, 8, 32):
+        ddim = make_scheduler("ddim", dict(build_noise_scheduler(tiny_config().scheduler).config), steps=steps)
+        ddim.set_timesteps(steps)
+        assert ddim_grid(50, steps) == ddim.timesteps.tolist(), "the student's grid is its sampler's"
+    progressive = ["distill.rounds=2", "sample.steps=2"]
+    whole = distilled(teacher, tmp_path / "whole", *progressive, recipe="progressive")
+    assert config_mod.read_config(RunDir(whole.run).config).distill.round_steps == 3, "max_steps / rounds"
+    distilled(teacher, tmp_path / "part", *progressive, "train.max_steps=3", "distill.round_steps=3",
+              recipe="progressive")
+    resumed = distilled(teacher, tmp_path / "part", *progressive, resume=str(tmp_path / "part"))
+    assert losses(resumed.run) == losses(whole.run), "the next round's teacher is part of the state"
+    cfg = config_mod.read_config(RunDir(whole.run).config)
+    assert (cfg.sample.scheduler, cfg.sample.steps, cfg.distill.method) == ("ddim", 2, "progressive")
+
+
+def test_the_student_is_judged_by_its_teachers_judge(tmp_path, capsys):
+    judged = ["eval.every=3", "eval.features=judge", "eval.num_samples=8", "eval.scheduler=ddim", "eval.steps=2",
+              "data.num_images=200", "sample.every=100"]
+    teacher = train(tiny_config(*judged), tmp_path / "teacher", show_progress=False).run
+    capsys.readouterr()
+    student = distilled(teacher, tmp_path / "student", *judged[:1], "eval.num_samples=8").run
+    said = capsys.readouterr().err
+    assert f"reused {teacher / 'eval' / 'judge.pt'}" in " ".join(said.split())
+    assert (student / "eval" / "judge.pt").read_bytes() == (teacher / "eval" / "judge.pt").read_bytes()
+    records = [r for r in map(json.loads, RunDir(student).metrics.read_text().splitlines()) if "eval/fd_judge" in r]
+    assert [r["step"] for r in records] == [3, 6]

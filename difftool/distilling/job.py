@@ -6,11 +6,12 @@ from pathlib import Path
 
 from difftool.config import Config
 from difftool.distilling.consistency import ConsistencyDistillation
+from difftool.distilling.progressive import ProgressiveDistillation
 from difftool.errors import UserError
 from difftool.models.load import load_model
 from difftool.training.loop import TrainResult, train
 
-METHODS = {"consistency": ConsistencyDistillation}
+METHODS = {"consistency": ConsistencyDistillation, "progressive": ProgressiveDistillation}
 
 
 def distill(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,

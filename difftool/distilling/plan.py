@@ -16,7 +16,7 @@ from difftool.rundir import RunDir, resolve_resume, run_of, source_name
 from difftool.training.plan import TrainPlan, check_dataset
 
 # What `difftool distill --recipe NAME` finds in recipes/distill/: the settings a distillation changes.
-DISTILL_RECIPES = ("consistency",)
+DISTILL_RECIPES = ("consistency", "progressive")
 
 
 def plan_distillation(*, teacher: str | None = None, recipe: str | None = None, dataset: str | None = None,
@@ -49,6 +49,8 @@ def plan_distillation(*, teacher: str | None = None, recipe: str | None = None, 
     raw["distill"]["teacher"], raw["distill"]["teacher_hash"] = str(teacher), model.model_hash
     raw["train"]["init_from"] = str(teacher)
     cfg = config_mod.apply_changes(config_mod.config_from_dict(raw), overrides, values)
+    if cfg.distill.method == "progressive" and cfg.distill.round_steps is None:
+        cfg.distill.round_steps = max(1, cfg.train.max_steps // cfg.distill.rounds)
     if cfg.distill.guidance_scale is None:
         cfg.distill.guidance_scale = base.sample.guidance_scale if base.model.class_conditional else 1.0
     check_dataset(cfg.data.dataset)

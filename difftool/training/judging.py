@@ -74,7 +74,9 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
     held, train = held_out_split(len(images), cfg.eval.num_samples)
     described = {"source": data.source, "count": len(images), "resolution": cfg.data.resolution,
                  "flips": bool(cfg.data.random_flip), "classes": data.label_names if data.labels is not None else None}
-    facts = _reuse(run, described) or _adopt_teachers(cfg, run, described)
+    facts, origin = _reuse(run, described), run
+    if facts is None:
+        facts, origin = _adopt_teachers(cfg, run, described)
     if facts is None:
         module, report = train_judge(images, data.labels, data.label_names, held=held, train=train,
                                      flips=cfg.data.random_flip, show_progress=show_progress)
@@ -87,7 +89,7 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
         say(f"judge: {report.describe()}; trained in {report.seconds:.0f} s, saved as {path}", highlight=False)
     else:
         scorer.extractor = _load(run)
-        say(f"judge: {facts.report.describe()} (reused {run.eval_dir / JUDGE_FILE})", highlight=False)
+        say(f"judge: {facts.report.describe()} (reused {origin.eval_dir / JUDGE_FILE})", highlight=False)
     return facts, held, train
 
 
@@ -125,17 +127,18 @@ def _reuse(run, described: dict) -> JudgeFacts | None:
     return None
 
 
-def _adopt_teachers(cfg, run, described: dict) -> JudgeFacts | None:
+def _adopt_teachers(cfg, run, described: dict) -> tuple[JudgeFacts | None, RunDir | None]:
     """A distillation judges with its teacher run's judge when it learned the same images: the student's figures
     are then the teacher's measure, and no second judge is trained. Copied into the run, which stays whole."""
-    teacher_run = run_of(cfg.distill.teacher) if cfg.distill.teacher else None
-    facts = _reuse(RunDir(teacher_run), described) if teacher_run is not None else None
+    found = run_of(cfg.distill.teacher) if cfg.distill.teacher else None
+    teacher_run = RunDir(found) if found else None
+    facts = _reuse(teacher_run, described) if teacher_run is not None else None
     if facts is not None:
         run.eval_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(run.eval_dir / JUDGE_FILE) as tmp:
-            tmp.write_bytes(read_bounded(RunDir(teacher_run).eval_dir / JUDGE_FILE, IMAGE_LIMIT))
+            tmp.write_bytes(read_bounded(teacher_run.eval_dir / JUDGE_FILE, IMAGE_LIMIT))
         write_text(run.eval_dir / JUDGE_RECORD, json.dumps(facts.to_json(), indent=2) + "\n")
-    return facts
+    return facts, teacher_run
 
 
 def _load(run):

@@ -17,6 +17,9 @@ class Objective:
              t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def begin_step(self, step: int) -> None:
+        """Called before each optimizer step (a progressive distillation changes teacher between rounds here)."""
+
     def after_step(self) -> None:
         """Called after each optimizer step (a distillation's target network follows the student here)."""
 

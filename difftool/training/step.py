@@ -71,6 +71,7 @@ class Stepper:
         torch.manual_seed(seed)
         crops = torch.Generator().manual_seed(seed)
         shared = self.step_randomness(step)
+        self.objective.begin_step(step)
         indices = self.batch_indices(step)
         accum = cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
