@@ -14,7 +14,13 @@ with the real CLI (`difftool train --dataset FOLDER`), samples with the run's ow
 - class fidelity: the share of class-conditional samples the classifier assigns to the class they
   were asked for, and the largest share any one predicted class takes (balanced data: 1/K);
 - the steps trained (where `train.until: plateau` stopped, and why), and the wall time of training apart
-  from the judge's training and the evaluations.
+  from the judge's training and the evaluations;
+- the seconds `difftool sample` took for the samples, whole process (model calls per image are what
+  distillation saves).
+
+With `--distill NAME=RECIPE`, every trained variant is also distilled (`difftool distill RUN --recipe RECIPE`) and
+the student scored alike, at its own steps and at `--student-steps`: per model call, beside its teacher's
+default and the teacher at as few steps (`--sampling "ddim4=--scheduler ddim --steps 4"`).
 
 A picture of real images beside each variant's samples is written to benchmarks/figures/.
 
@@ -194,17 +200,33 @@ def train_variant(variant: str, recipe: str, overrides: list[str], data: Path, w
     return run, trained(run, seconds)
 
 
+def distill_variant(teacher: Path, name: str, recipe: str, overrides: list[str], work: Path) -> tuple[Path, Trained]:
+    """`difftool distill` of a trained variant (reusing a finished student of the same name and teacher)."""
+    run = work / "runs" / f"{teacher.name}-{name}"
+    args = ["distill", str(teacher), "--recipe", recipe, "--output", str(run),
+            *[a for o in overrides for a in ("--set", o)]]
+    timing = run / "benchmark-train.json"
+    made = {"args": args, "teacher": json.loads((teacher / "benchmark-train.json").read_text())}
+    if timing.is_file() and {k: v for k, v in json.loads(timing.read_text()).items() if k != "seconds"} == made:
+        return run, trained(run, json.loads(timing.read_text())["seconds"])
+    seconds = run_cli([*args, "--overwrite"], work / f"{run.name}.log")
+    timing.write_text(json.dumps({**made, "seconds": seconds}))
+    return run, trained(run, seconds)
+
+
 def sample_variant(run: Path, name: str, work: Path, classes: list[str], *, num_samples: int,
-                   sample_args: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+                   sample_args: list[str]) -> tuple[torch.Tensor, np.ndarray, float]:
+    """The samples of a run with `sample_args`, the class each was asked for, and the seconds `difftool sample`
+    took, whole process."""
     samples = work / "samples" / f"{run.name}-{name}"
     args = ["sample", str(run), "-n", str(num_samples), "--output", str(samples), *sample_args]
     # Samples of this very run (its training record) with these options are reused, as trained runs are.
     made = {"args": args, "run": json.loads((run / "benchmark-train.json").read_text())}
     record = samples / "benchmark-sample.json"
-    if not (record.is_file() and json.loads(record.read_text()) == made):
-        run_cli([*args, "--overwrite"], work / f"{run.name}.log")
-        record.write_text(json.dumps(made))
-    return read_samples(samples, classes)
+    if not (record.is_file() and {k: v for k, v in json.loads(record.read_text()).items() if k != "seconds"} == made):
+        seconds = run_cli([*args, "--overwrite"], work / f"{run.name}.log")
+        record.write_text(json.dumps({**made, "seconds": seconds}))
+    return (*read_samples(samples, classes), json.loads(record.read_text()).get("seconds", float("nan")))
 
 
 # ---------------------------------------------------------------- the whole benchmark
@@ -238,6 +260,11 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="NAME=RECIPE[:key=value,...] (repeatable)")
     parser.add_argument("--sampling", action="append", default=[],
                         help="NAME=OPTIONS: also sample every run with these `difftool sample` options (repeatable)")
+    parser.add_argument("--distill", action="append", default=[],
+                        help="NAME=RECIPE[:key=value,...]: also distill every trained variant with `difftool distill "
+                             "--recipe RECIPE` (consistency, progressive) and score the student (repeatable)")
+    parser.add_argument("--student-steps", default="1,2,8",
+                        help="also sample each student at these steps, besides its own default (comma-separated)")
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--probe-judge", action="store_true",
@@ -249,11 +276,13 @@ def main() -> None:
     if problem := missing_module(args.sets.split(",")):
         parser.error(problem)
     samplings = [("run defaults", [])] + [(s.partition("=")[0], s.partition("=")[2].split()) for s in args.sampling]
+    distills = [parse_variant(d) for d in args.distill]
+    student_samplings = [("run defaults", [])] + [(f"{k} steps", ["--steps", k]) for k in args.student_steps.split(",") if k]
     args.work.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(exist_ok=True)
     lines = [("| set | variant | brightness error (levels) | domain FD | ÷ floor (held-out real) | right class | "
-              "largest class share | steps | train.until | train s | judge + eval s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "largest class share | steps | train.until | train s | judge + eval s | sample s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name in args.sets.split(","):
         folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
@@ -274,22 +303,27 @@ def main() -> None:
         rows = []
         for variant, recipe, overrides in variants:
             run, done = train_variant(variant, recipe, overrides, folder, args.work, steps=args.steps,
-                                         resolution=args.resolution)
-            for sampling, sample_args in samplings:
-                samples, asked = sample_variant(run, sampling.replace(" ", "-"), args.work, classes,
-                                                num_samples=args.num_samples, sample_args=sample_args)
-                feats, predicted = judge_outputs(judge, samples)
-                fd = domain_fd(real_feats, feats)
-                right = f"{(predicted == asked).mean():.0%}" if (asked >= 0).all() else "-"
-                share = np.bincount(predicted, minlength=len(classes)).max() / len(predicted)
-                error = samples.float().mean().item() - data_mean
-                label = variant if sampling == "run defaults" else f"{variant}, {sampling}"
-                row = (f"| {name} | {label} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.1f}× | {right} | "
-                       f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {done.steps} | {done.stop or '-'} | "
-                       f"{done.train_s:.0f} | {done.eval_s:.0f} |")
-                lines.append(row)
-                print(row, flush=True)
-                rows.append((label, samples))
+                                      resolution=args.resolution)
+            models = [(variant, run, done, samplings)]
+            for student, student_recipe, student_overrides in distills:
+                student_run, student_done = distill_variant(run, student, student_recipe, student_overrides, args.work)
+                models.append((f"{variant} → {student}", student_run, student_done, student_samplings))
+            for label, model, done, model_samplings in models:
+                for sampling, sample_args in model_samplings:
+                    samples, asked, seconds = sample_variant(model, sampling.replace(" ", "-"), args.work, classes,
+                                                             num_samples=args.num_samples, sample_args=sample_args)
+                    feats, predicted = judge_outputs(judge, samples)
+                    fd = domain_fd(real_feats, feats)
+                    right = f"{(predicted == asked).mean():.0%}" if (asked >= 0).all() else "-"
+                    share = np.bincount(predicted, minlength=len(classes)).max() / len(predicted)
+                    error = samples.float().mean().item() - data_mean
+                    shown = label if sampling == "run defaults" else f"{label}, {sampling}"
+                    row = (f"| {name} | {shown} | {error:+.1f} | {fd:.2f} | {fd / max(floor, 1e-9):.1f}× | {right} | "
+                           f"{share:.0%} (1/K = {1 / len(classes):.0%}) | {done.steps} | {done.stop or '-'} | "
+                           f"{done.train_s:.0f} | {done.eval_s:.0f} | {seconds:.0f} |")
+                    lines.append(row)
+                    print(row, flush=True)
+                    rows.append((shown, samples))
         figure(FIGURES / f"quality-{name}-{args.resolution}.png", real[held[:16]], rows)
     if args.probe_judge:
         return
@@ -297,6 +331,8 @@ def main() -> None:
     variant_text = "\n".join(f"- {v}: `{r}` recipe" + (f" with {', '.join(f'`{o}`' for o in s)}" if s else "")
                              + f", {n} steps" for (v, r, s), n in zip(variants, steps))
     variant_text += "".join(f"\n- {name}: sampled with `{' '.join(opts)}`" for name, opts in samplings[1:])
+    variant_text += "".join(f"\n- → {d}: `difftool distill RUN --recipe {r}`" + "".join(f" --set {o}" for o in s)
+                            + f", sampled at its own steps and at {args.student_steps}" for d, r, s in distills)
     body = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n\nVariants:\n" + variant_text + (
         f"\n\nEach variant trained at {args.resolution} px with `difftool train --dataset FOLDER`, "
         f"then `difftool sample RUN -n {args.num_samples}` with the run's own sampler settings (and the options named). "

@@ -16,6 +16,13 @@
   12,000 images of 32 px take about 11 s on one core. The glyphs are drawn by the installed Pillow
   (FreeType) from the installed matplotlib's files: another version of either may move an edge by
   a level, or change the font list.
+- `sizes`: the four shapes of `dark-shapes` at any size, log-uniform from a radius of 6% of the image to 40%
+  (at 32 px a shape can be 3 pixels across), anywhere it stays whole, at any rotation: small objects, where the
+  samplers' ranking flipped.
+- `photos`: crops of eight of scikit-image's sample photographs (astronaut, coffee, chelsea, rocket,
+  hubble_deep_field, immunohistochemistry, retina, grass), one class each: a square of a quarter to half the
+  photo's shorter side at any place, shrunk to the resolution (Lanczos). Real photographs that ship inside a
+  PyPI wheel.
 - `shapes`: difftool's own built-in data set (the quickstart's), the one the recipes were tuned on: the
   check that a change for the sets above does not cost the data users start with.
 
@@ -33,9 +40,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SETS = ("dark-shapes", "light-shapes", "digits", "letters", "shapes")
+SETS = ("dark-shapes", "light-shapes", "digits", "letters", "sizes", "photos", "shapes")
 # the module a set's data comes from, where it is not numpy or a core dependency (letters: matplotlib's fonts)
-NEEDS = {"digits": "sklearn"}
+NEEDS = {"digits": "sklearn", "photos": "skimage"}
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "grass")
 SHAPES = ("circle", "square", "triangle", "cross")
 LETTERS = ("A", "B", "E", "G", "K", "M", "Q", "R", "S", "W")
 _MIN_LUMA_GAP = 80  # levels of 255 between a letter's luma and its background's, everywhere
@@ -48,7 +56,8 @@ def missing_module(names: list[str]) -> str | None:
         if name not in SETS:
             return f"unknown set '{name}': choose from {', '.join(SETS)}"
         if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
-            return f"the {name} set needs scikit-learn: pip install -e '.[bench]'"
+            package = {"sklearn": "scikit-learn", "skimage": "scikit-image"}[NEEDS[name]]
+            return f"the {name} set needs {package}: pip install -e '.[bench]'"
     return None
 
 
@@ -77,6 +86,8 @@ def make_set(name: str, *, resolution: int, num_images: int) -> tuple[np.ndarray
         return _digits(resolution)
     if name == "letters":
         return _letters(resolution, num_images)
+    if name == "photos":
+        return _photos(resolution, num_images)
     if name == "shapes":
         from difftool.training.data.shapes import make_shapes
 
@@ -89,15 +100,15 @@ def make_set(name: str, *, resolution: int, num_images: int) -> tuple[np.ndarray
     images = np.empty((num_images, resolution, resolution, 3), np.uint8)
     labels = np.arange(num_images) % len(SHAPES)
     for i in range(num_images):
-        images[i] = _render(SHAPES[labels[i]], resolution, rng, light=light)
+        radius = float(np.exp(rng.uniform(np.log(0.12), np.log(0.8)))) if name == "sizes" else rng.uniform(0.5, 0.8)
+        images[i] = _render(SHAPES[labels[i]], resolution, rng, light=light, radius=radius)
     return images, labels, list(SHAPES)
 
 
-def _render(kind: str, resolution: int, rng: np.random.Generator, *, light: bool) -> np.ndarray:
+def _render(kind: str, resolution: int, rng: np.random.Generator, *, light: bool, radius: float) -> np.ndarray:
     size = resolution * _SUPERSAMPLE
     grid = (np.arange(size) + 0.5) / size * 2 - 1
     y, x = np.meshgrid(grid, grid, indexing="ij")
-    radius = rng.uniform(0.5, 0.8)
     cx, cy = rng.uniform(-0.9 + radius * 0.8, 0.9 - radius * 0.8, 2)
     angle = rng.uniform(0, 2 * np.pi)
     u = np.cos(angle) * (x - cx) + np.sin(angle) * (y - cy)
@@ -132,6 +143,25 @@ def _render(kind: str, resolution: int, rng: np.random.Generator, *, light: bool
     pixels = np.where(inside[..., None], fg * shade[..., None], background)
     pixels = pixels.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     return pixels.round().clip(0, 255).astype(np.uint8)
+
+
+def _photos(resolution: int, num_images: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from skimage import data
+
+    rng = np.random.default_rng(SETS.index("photos") * 7919 + 17)
+    photos = []
+    for name in PHOTOS:
+        photo = getattr(data, name)()
+        photos.append(Image.fromarray(photo).convert("RGB"))
+    images = np.empty((num_images, resolution, resolution, 3), np.uint8)
+    labels = np.arange(num_images) % len(PHOTOS)
+    for i in range(num_images):
+        photo = photos[labels[i]]
+        side = int(min(photo.size) * rng.uniform(0.25, 0.5))
+        left, top = rng.integers(0, photo.size[0] - side + 1), rng.integers(0, photo.size[1] - side + 1)
+        crop = photo.crop((left, top, left + side, top + side))
+        images[i] = np.asarray(crop.resize((resolution, resolution), Image.LANCZOS))
+    return images, labels, list(PHOTOS)
 
 
 def _letters(resolution: int, num_images: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -86,12 +86,12 @@ class TrainingProgress:
         loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"  # None: every step skipped as non-finite
         self.progress.update(self.task, loss=loss, lr=f"{record['lr']:.2e}", ips=f"{record['img_per_s']:.0f}")
 
-    def finish(self, step: int, total: int, run: Path, finished: bool) -> None:
+    def finish(self, step: int, total: int, run: Path, finished: bool, command: str = "train") -> None:
         if finished:
             say(f"[green]done[/]: {total} steps; model in {run / 'model'}, sample grids in {run / 'samples'}")
         else:
             say(f"[yellow]stopped at step {step}[/]: checkpoint saved; continue with "
-                f"difftool train --resume {run}")
+                f"difftool {command} --resume {run}")
         say(f"curves, sample grids and evaluations on one page: difftool report {run}")
 
 

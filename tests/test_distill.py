@@ -270,3 +270,16 @@ def test_the_student_is_judged_by_its_teachers_judge(tmp_path, capsys):
     assert (student / "eval" / "judge.pt").read_bytes() == (teacher / "eval" / "judge.pt").read_bytes()
     records = [r for r in map(json.loads, RunDir(student).metrics.read_text().splitlines()) if "eval/fd_judge" in r]
     assert [r["step"] for r in records] == [3, 6]
+
+
+def test_a_stopped_student_is_continued_with_distill(teacher, tmp_path):
+    from difftool.reporting.facts import read_facts
+
+    student = distilled(teacher, tmp_path / "student", "train.max_steps=3").run
+    run = RunDir(student)
+    run.config.write_text(run.config.read_text().replace("max_steps: 3", "max_steps: 6"))
+    lines = run.sessions.read_text().splitlines()
+    lines = [line.replace('"max_steps": 3', '"max_steps": 6').replace('"finished"', '"stopped"') for line in lines]
+    run.sessions.write_text("\n".join(lines) + "\n")
+    facts = read_facts(run, 3)
+    assert facts.command == "distill" and f"continue with difftool distill --resume {student}" in facts.state

@@ -63,3 +63,20 @@ def test_a_plateau_recipe_trains_with_its_evaluations_and_they_are_timed_apart(t
     (run / "eval" / "judge.json").write_text(json.dumps({"report": {"seconds": 50.0}}))
     done = trained(run, 1000.0)
     assert (done.steps, done.train_s, done.eval_s, done.stop) == (2200, 900.0, 100.0, "levelled at step 2000")
+
+
+def test_sizes_go_down_to_a_few_pixels_and_photos_are_crops_of_their_own_photo():
+    images, labels, classes = make_set("sizes", resolution=32, num_images=200)
+    background = images[:, :1, :1].astype(int)  # every shape stays whole, so a corner is background
+    area = (np.abs(images.astype(int) - background).sum(-1) > 60).sum((1, 2))
+    assert classes == ["circle", "square", "triangle", "cross"] and np.bincount(labels).tolist() == [50] * 4
+    assert area.min() <= 12 and area.max() >= 250, (area.min(), area.max())
+    dark = make_set("dark-shapes", resolution=32, num_images=200)[0]
+    assert np.array_equal(make_set("dark-shapes", resolution=32, num_images=200)[0], dark), "seeded"
+
+    photos, labels, classes = make_set("photos", resolution=16, num_images=80)
+    assert photos.shape == (80, 16, 16, 3) and len(classes) == 8 and np.bincount(labels).tolist() == [10] * 8
+    means = np.stack([photos[labels == k].reshape(-1, 3).mean(0) for k in range(8)])
+    spread = [photos[labels == k].reshape(10, -1, 3).mean(1).std(0).mean() for k in range(8)]
+    gaps = np.abs(means[:, None] - means[None]).sum(-1)[~np.eye(8, dtype=bool)]
+    assert np.median(gaps) > 2 * np.median(spread), "crops of one photo look alike, more than other photos' do"

@@ -54,6 +54,10 @@ class RunFacts:
     notes: list[str]  # files left out (a sessions.jsonl that is a folder or a link), each with why
 
     @property
+    def command(self) -> str:
+        return _command(self.config)
+
+    @property
     def untimed_steps(self) -> int:
         """Steps trained before the first recorded session (a run of 0.1.0 resumed since): not in the wall time."""
         first = self.sessions[0].start.get("step") if self.sessions else 0
@@ -81,7 +85,7 @@ def read_facts(run: RunDir, last_step: int | None) -> RunFacts:
     training = holder(run.root)
     return RunFacts(root=run.root, config=config, recipe=recipe, overrides=_overrides(config, recipe),
                     versions=_versions(run, config, sessions), hardware=_hardware(sessions), sessions=sessions,
-                    state=_state(run, training, sessions, last_step, max_steps), training=training,
+                    state=_state(run, training, sessions, last_step, max_steps, _command(config)), training=training,
                     step=last_step, max_steps=max_steps,
                     wall_seconds=_wall_seconds(run, sessions, training is not None), notes=notes)
 
@@ -157,8 +161,14 @@ def _hardware(sessions: list[Session]) -> list[str]:
     return list(dict.fromkeys(lines)) or [NOT_RECORDED]
 
 
+def _command(config: dict) -> str:
+    """What continues the run: `distill` for a student (config.yaml names its teacher), else `train`."""
+    distill = config.get("distill")
+    return "distill" if isinstance(distill, dict) and distill.get("teacher") else "train"
+
+
 def _state(run: RunDir, training: dict | None, sessions: list[Session], step: int | None,
-           max_steps: int | None) -> str:
+           max_steps: int | None, command: str) -> str:
     """training now / finished / stopped (and how), with where it is and what to do next."""
     at = f"at step {step:,}{f' of {max_steps:,}' if max_steps else ''}" if step is not None else "before its first log"
     if training is not None:
@@ -170,7 +180,7 @@ def _state(run: RunDir, training: dict | None, sessions: list[Session], step: in
         return f"finished at step {step:,}" if step is not None else "finished"
     why = {STOPPED: "stopped (Ctrl-C or a signal)", FAILED: "stopped by an error"}.get(
         outcome, "killed (its last session recorded no end)" if last else "stopped")
-    resume = f"; continue with difftool train --resume {run.root}" if run.latest_checkpoint() else ""
+    resume = f"; continue with difftool {command} --resume {run.root}" if run.latest_checkpoint() else ""
     return f"{why} {at}{resume}"
 
 

@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from difftool.errors import UserError
+from difftool.training.plan import resume_command
 from difftool.evaluation import reference as reference_mod
 from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, resolve_reference, sample_and_score
 from difftool.evaluation.features import load_extractor
@@ -260,7 +261,8 @@ class Evaluator:
         if self.judge is None or self.last is None:
             return None
         best = {"step": self.best_step, "eval/fd_judge": self.best_score} if self.best_step is not None else None
-        return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best)
+        return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best,
+                       command=resume_command(self.cfg))
 
     def describe(self, record: dict) -> str:
         """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""

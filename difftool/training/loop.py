@@ -34,7 +34,7 @@ from difftool.errors import (
 )
 from difftool.models.build import build_noise_scheduler, build_unet, count_parameters
 from difftool.training.outputs import RunWriter
-from difftool.training.plan import check_folder_path, check_output
+from difftool.training.plan import check_folder_path, check_output, resume_command
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.objective import Denoising, MakeObjective
 from difftool.training.step import Stepper
@@ -106,7 +106,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
             raise
         raise UserError(f"{storage_problem(err)}; the newest complete checkpoint is "
                         f"{run.latest_checkpoint() or 'none yet'}. Free space or fix permissions, then continue "
-                        f"with: difftool train --resume {run.root}") from err
+                        f"with: difftool {resume_command(cfg)} --resume {run.root}") from err
 
 
 def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
@@ -284,7 +284,7 @@ class _Trainer:
         model_dir = self.outputs.export() if finished else None
         acc.end_training()
         if acc.is_main_process:
-            progress.finish(step, max_steps, run.root, finished)
+            progress.finish(step, max_steps, run.root, finished, command=resume_command(cfg))
             if finished and evaluator is not None and (line := evaluator.verdict(str(run.root))):
                 say(line, highlight=False)
         return TrainResult(run.root, step, finished, model_dir, last_loss)

@@ -74,6 +74,11 @@ def _gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
+def resume_command(cfg: Config) -> str:
+    """The command that continues a run: distill for a student, else train."""
+    return "distill" if cfg.distill.teacher else "train"
+
+
 def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool) -> None:
     """Refuse to write into a folder that holds something else; same checks on every rank."""
     if resume is not None:
