@@ -10,7 +10,9 @@ of --budget: `env` (GPU, driver, versions, attainable peaks), `gpu-tests` (pytes
 `train` (train_throughput.py: the cifar10 recipe at batch 128, difftool's default, bf16 and
 bf16 + compile against the plain diffusers loop in fp32 and bf16), `sample-b1024` (sample_throughput.py:
 DDIM-50 and DPM-Solver-20 against the pipelines, fp32, bf16, bf16 + compile), `fid` (fid_projection.py:
-a 50,000-sample FID evaluation from that sampling rate, the feature pass and the metrics), `sample-b256`
+a 50,000-sample FID evaluation from that sampling rate, the feature pass and the metrics), `distill`
+(distill_throughput.py: `difftool distill`'s training rate on the recipe's network, and the sampling part of a
+50k FID at the student's 4 steps against the teacher's default), `sample-b256`
 (fp32 and bf16 + compile; by the estimates made without a GPU, it may not fit in the budget: rerun it
 with --stages sample-b256).
 A stage that fails or runs out of time is reported so and the next one runs: every stage's output stays
@@ -58,6 +60,7 @@ class Sizes:
     train: list[str]
     samples: list[tuple[int, list[str]]]  # (batch, sample_throughput.py options), the FID's first
     fid: list[str]
+    distill: list[str]
     tests: str  # where pytest looks for the gpu tests
     limits: dict[str, int]  # seconds per stage kind
     quick_peaks: bool = False
@@ -71,8 +74,9 @@ GPU = Sizes(
     samples=[(1024, ["--samplers", "ddim,dpm-solver", "--variants", "fp32,bf16,bf16-compile"]),
              (256, ["--samplers", "ddim,dpm-solver", "--variants", "fp32,bf16-compile"])],  # last: may not fit
     fid=["--num-samples", "50000", "--feature-images", "5000"],
+    distill=["--steps", "40", "--warmup", "10", "--num-images", "1024"],
     tests="tests",
-    limits={"env": 60, "gpu-tests": 180, "train": 210, "sample": 180, "fid": 120},
+    limits={"env": 60, "gpu-tests": 180, "train": 210, "sample": 180, "fid": 120, "distill": 150},
 )
 SMOKE = Sizes(
     recipe="benchmarks/smoke.yaml",  # stages run in the repository's root
@@ -81,8 +85,9 @@ SMOKE = Sizes(
              (4, ["--samplers", "dpm-solver", "--variants", "fp32"])],
     fid=["--num-samples", "50000", "--feature-images", "8", "--feature-batch-size", "4", "--stand-in-size", "64",
          "--metric-images", "200", "--dims", "32"],
+    distill=["--steps", "3", "--warmup", "1", "--num-images", "8"],
     tests="tests/test_gpu.py",  # collecting every test module would double the smoke's time
-    limits={"env": 60, "gpu-tests": 120, "train": 120, "sample": 120, "fid": 60},
+    limits={"env": 60, "gpu-tests": 120, "train": 120, "sample": 120, "fid": 60, "distill": 120},
     quick_peaks=True,
     env={"TORCHDYNAMO_DISABLE": "1"},
 )
@@ -139,6 +144,7 @@ def plan(sizes: Sizes, work: Path) -> list[Stage]:
 
     train = work / "train.json"
     fid = work / "fid.json"
+    distill = work / "distill.json"
     big, *rest = [sample_stage(batch, options) for batch, options in sizes.samples]
     return [
         Stage("env", sizes.limits["env"], lambda: [
@@ -153,6 +159,9 @@ def plan(sizes: Sizes, work: Path) -> list[Stage]:
         Stage("fid", sizes.limits["fid"], lambda: [
             python, str(HERE / "fid_projection.py"), *sizes.fid, "--sampling", str(big.figures), "--no-record",
             "--json", str(fid)], fid),
+        Stage("distill", sizes.limits["distill"], lambda: [
+            python, str(HERE / "distill_throughput.py"), "--recipe", sizes.recipe, *sizes.distill, "--no-record",
+            "--json", str(distill)], distill),
         *rest,
     ]
 

@@ -12,6 +12,7 @@ TRAIN_VS_PLAIN_BF16 = 1.3  # ... ÷ that loop under bf16 autocast
 TRAIN_MFU = 0.40  # of the datasheet bf16 peak
 SAMPLE_VS_PIPELINE = 3.0  # `--dtype bf16 --compile` ÷ the diffusers pipeline at the same steps
 FID_50K_S = 600  # a 50,000-sample FID of the cifar10 model, in seconds
+STUDENT_VS_TEACHER = 20.0  # issue 40: a distilled student's sampling rate ÷ its teacher's default's
 
 
 def goals(report: dict) -> list[dict]:
@@ -40,6 +41,8 @@ def goals(report: dict) -> list[dict]:
     fastest = min(ours, key=lambda p: p["total_s"]) if ours else None
     found.append(_goal(f"FID-50k through difftool ({fastest['implementation'] if fastest else 'no sampling figures'})",
                        FID_50K_S, fastest["total_s"] if fastest else None, "s", at_most=True))
+    found.append(_goal("sampling: a 4-step student ÷ its teacher's default (distill)", STUDENT_VS_TEACHER,
+                       (figures.get("distill") or {}).get("speedup"), "×"))
     return found
 
 

@@ -68,6 +68,8 @@ def test_every_stage_has_a_limit_and_the_fid_stage_reads_the_first_sampling_figu
     fid = stages[4].command()
     assert fid[fid.index("--sampling") + 1] == str(stages[3].figures)
     assert all(s.limit > 0 for s in stages)
+    distill = stages[5].command()
+    assert stages[5].name == "distill" and distill[distill.index("--recipe") + 1] == sizes.recipe
 
 
 def test_goals_are_read_off_the_figures():
@@ -81,6 +83,7 @@ def test_goals_are_read_off_the_figures():
             {"implementation": "bf16-compile", "steps": 50, "ratio": 2.5}]}},
         "fid": {"projections": [{"implementation": "pipeline", "total_s": 100.0},
                                 {"implementation": "bf16-compile", "total_s": 500.0}]},
+        "distill": {"speedup": 24.0},
     }}
     found = {g["goal"]: (g["measured"], g["status"]) for g in gpu_goals.goals(report)}
     assert found["training: difftool's default ÷ plain-fp32"] == (3.0, "met")
@@ -88,4 +91,5 @@ def test_goals_are_read_off_the_figures():
     assert found["training: MFU of the bf16 peak (difftool)"] == (0.45, "met")
     assert found["sampling ddim-50, batch 1024: bf16 + compile ÷ pipeline"] == (2.5, "missed")
     assert found["FID-50k through difftool (bf16-compile)"] == (500.0, "met"), "the pipeline is not difftool"
+    assert found["sampling: a 4-step student ÷ its teacher's default (distill)"] == (24.0, "met")
     assert gpu_goals.goals({"figures": {}})[0]["status"] == "not measured"
