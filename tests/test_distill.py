@@ -283,3 +283,8 @@ def test_a_stopped_student_is_continued_with_distill(teacher, tmp_path):
     run.sessions.write_text("\n".join(lines) + "\n")
     facts = read_facts(run, 3)
     assert facts.command == "distill" and f"continue with difftool distill --resume {student}" in facts.state
+    from difftool.reporting.page import make_report
+
+    page = make_report(student, places=[]).path.read_text()
+    assert f"{teacher.resolve()} (consistency distillation, guidance 2.0 baked in)" in page
+    assert f"difftool distill --resume {student}" in page

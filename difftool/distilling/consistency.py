@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from difftool.distilling.ddim import ddim_step
 from difftool.sampling.loop import Predictor, predicted_x0_and_noise
 from difftool.sampling.schedulers import CONSISTENCY_GRID
 from difftool.training.objective import Objective
@@ -55,22 +56,13 @@ class ConsistencyDistillation(Objective):
         with torch.no_grad(), self.accelerator.autocast():
             teacher = Predictor(self.teacher, class_labels=labels, null_class=self.null_class,
                                 guidance_scale=self.guidance if labels is not None else 1.0)
-            x0_teacher, noise_teacher = self._clean_and_noise(teacher(x_t, t_n).float(), x_t, t_n)
-            a_s = self.alpha_bar[s][:, None, None, None]
-            x_s = a_s.sqrt() * x0_teacher + (1 - a_s).sqrt() * noise_teacher  # DDIM, t -> s
+            x_s = ddim_step(teacher(x_t, t_n).float(), x_t, a_t, self.alpha_bar[s][:, None, None, None], self.kind,
+                            self.clip)
             target = self._consistency(self.target(x_s, s, class_labels=labels).sample.float(), x_s, s)
         if self.cfg.distill.loss == "l2":
             return (prediction - target).pow(2).mean()
         c = self.cfg.distill.huber_c
         return ((prediction - target).pow(2) + c * c).sqrt().sub(c).mean()
-
-    def _clean_and_noise(self, output, x, t):
-        a = self.alpha_bar[t][:, None, None, None]
-        clean, noise = predicted_x0_and_noise(output, x, a, self.kind)
-        if self.clip:  # as the teacher's sampler: the clean image in range, the noise re-derived from it
-            clean = clean.clamp(-self.clip, self.clip)
-            noise = (x - a.sqrt() * clean) / (1 - a).sqrt()
-        return clean, noise
 
     def _consistency(self, output, x, t):
         c_skip, c_out = boundary_scalings(t)

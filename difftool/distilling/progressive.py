@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from difftool.distilling.ddim import ddim_step
 from difftool.sampling.loop import Predictor, predicted_x0_and_noise
 from difftool.training.objective import Objective
 
@@ -81,12 +82,7 @@ class ProgressiveDistillation(Objective):
         first = self.round == 0
         teacher = Predictor(self.teacher if first else self.later.unet, class_labels=labels, null_class=self.null_class,
                             guidance_scale=self.guidance if first and labels is not None else 1.0)
-        a_t, a_s = self._alpha(t), self._alpha(s)
-        clean, noise = predicted_x0_and_noise(teacher(z, t).float(), z, a_t, self.kind)
-        if self.clip:  # as DDIM samples: the clean image in range, the noise re-derived from it
-            clean = clean.clamp(-self.clip, self.clip)
-            noise = (z - a_t.sqrt() * clean) / (1 - a_t).sqrt()
-        return a_s.sqrt() * clean + (1 - a_s).sqrt() * noise
+        return ddim_step(teacher(z, t).float(), z, self._alpha(t), self._alpha(s), self.kind, self.clip)
 
     def saved(self):
         return [self.later]

@@ -111,6 +111,11 @@ def summary(facts: RunFacts, stop: Stop | None = None) -> str:
         ["hardware", "; ".join(facts.hardware)],
         ["versions", "; ".join(facts.versions)],
     ]
+    distill = facts.config.get("distill") if isinstance(facts.config.get("distill"), dict) else {}
+    if facts.command == "distill":
+        teacher = (f"{distill.get('teacher')} ({distill.get('method', '?')} distillation, "
+                   f"guidance {distill.get('guidance_scale', '?')} baked in)")
+        rows.insert(4, ["distilled from", teacher])
     if stop is not None:
         ended = "stopped" if stop.reached else "stopping"
         rows.insert(3, ["until", f"{ended} by train.until: plateau at step {stop.end:,}: {stop.why or NOT_RECORDED}"])
