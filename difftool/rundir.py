@@ -74,7 +74,7 @@ def source_name(source: str | Path) -> str:
         path = path.resolve()
     if path.name == "model":
         name = path.parent.name
-    elif is_checkpoint_name(path) and path.parent.name == "checkpoints":
+    elif (is_checkpoint_name(path) or path.name == "best") and path.parent.name == "checkpoints":
         name = f"{path.parent.parent.name}-{path.name}"
     elif path.suffix and path.stem == "samples" and path.parent.name:
         name = path.parent.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,12 @@ def test_a_stopped_student_is_continued_with_distill(teacher, tmp_path):
     page = make_report(student, places=[]).path.read_text()
     assert f"{teacher.resolve()} (consistency distillation, guidance 2.0 baked in)" in page
     assert f"difftool distill --resume {student}" in page
+
+
+def test_a_student_of_a_checkpoint_is_named_after_its_run(teacher, scratch_cwd):
+    from difftool.rundir import source_name
+
+    assert source_name("runs/letters/checkpoints/best") == "letters-best"
+    assert source_name("runs/letters/checkpoints/step-004000") == "letters-step-004000"
+    plan = plan_distillation(teacher=str(teacher / "checkpoints" / "step-000006"))
+    assert plan.output == Path("runs") / "teacher-step-000006-distilled"
