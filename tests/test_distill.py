@@ -260,7 +260,11 @@ def test_progressive_rounds_halve_and_resume_exactly_across_a_round(teacher, tmp
     assert (cfg.sample.scheduler, cfg.sample.steps, cfg.distill.method) == ("ddim", 2, "progressive")
 
 
-def test_the_student_is_judged_by_its_teachers_judge(tmp_path, capsys):
+def test_the_student_is_judged_by_its_teachers_judge(tmp_path, capsys, monkeypatch):
+    from difftool.evaluation import judge as judge_mod
+
+    monkeypatch.setattr(judge_mod, "MIN_STEPS", 30)  # a judge of a few steps: what is kept matters, not how well
+    monkeypatch.setattr(judge_mod, "MAX_STEPS", 30)
     judged = ["eval.every=3", "eval.features=judge", "eval.num_samples=8", "eval.scheduler=ddim", "eval.steps=2",
               "data.num_images=200", "sample.every=100"]
     teacher = train(tiny_config(*judged), tmp_path / "teacher", show_progress=False).run
