@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from difftool import config as config_mod
 from difftool.cli import options
 from difftool.cli.errors import rank_zero, user_errors
 from difftool.cli.launch import launch, worker_arguments
+from difftool.cli.train import echo_plan, pins
 from difftool.progress import say
 from difftool.threads import registered_early
 
@@ -59,14 +59,9 @@ def distill(
     plan = plan_distillation(teacher=teacher, recipe=recipe, dataset=dataset, overrides=overrides, values=values,
                              output=output, resume=resume)
     if dry_run:
-        typer.echo(f"# run folder: {plan.output}" + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
-        typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
-        return
+        return echo_plan(plan)
     if num_processes > 1:
-        pinned = [] if output else ["--output", str(plan.output)]
-        if plan.resume:
-            pinned += ["--resume", str(plan.resume)]
-        raise typer.Exit(launch("difftool.distill", worker_arguments(pinned), num_processes=num_processes,
+        raise typer.Exit(launch("difftool.distill", worker_arguments(pins(plan, output)), num_processes=num_processes,
                                 main_process_port=main_process_port))
 
     from difftool.distilling.job import distill as run_distillation

@@ -60,18 +60,9 @@ def train(
     values = {k: v for k, v in values.items() if v is not None}
     plan = plan_training(recipe=recipe, dataset=dataset, overrides=overrides, values=values, output=output, resume=resume)
     if dry_run:
-        typer.echo((f"# recipe {plan.cfg.recipe}: {plan.why}\n" if plan.why else "") + f"# run folder: {plan.output}"
-                   + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
-        typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
-        return
+        return echo_plan(plan)
     if num_processes > 1:
-        # The plan's choices are pinned, so that no worker can plan otherwise (a default folder, a recipe
-        # chosen for the data, the checkpoint `--resume RUN` stands for).
-        pinned = [] if output else ["--output", str(plan.output)]
-        if plan.resume:
-            pinned += ["--resume", str(plan.resume)]
-        elif recipe is None:
-            pinned += ["--recipe", plan.cfg.recipe]
+        pinned = pins(plan, output) + (["--recipe", plan.cfg.recipe] if recipe is None and not plan.resume else [])
         raise typer.Exit(launch("difftool.train", worker_arguments(pinned), num_processes=num_processes, main_process_port=main_process_port))
 
     from difftool.training.loop import train as run_training
@@ -83,3 +74,16 @@ def train(
 
 
 train.__doc__ = (train.__doc__ or "") + EXAMPLES
+
+
+def echo_plan(plan) -> None:
+    """--dry-run of a run command: why the recipe, the run folder, the checkpoint resumed, the resolved config."""
+    typer.echo((f"# recipe {plan.cfg.recipe}: {plan.why}\n" if plan.why else "") + f"# run folder: {plan.output}"
+               + (f"\n# resuming from: {plan.resume}" if plan.resume else ""))
+    typer.echo(config_mod.dump_yaml(plan.cfg), nl=False)
+
+
+def pins(plan, output) -> list[str]:
+    """The plan's choices every worker of a multi-process run must share, so that none plans otherwise: the
+    default run folder and the checkpoint `--resume RUN` stands for (the recipe chosen for the data: train's)."""
+    return ([] if output else ["--output", str(plan.output)]) + (["--resume", str(plan.resume)] if plan.resume else [])
