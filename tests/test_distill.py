@@ -43,6 +43,15 @@ def distilled(teacher, output, *changes, resume=None, recipe=None):
     return distill(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
 
 
+class _Cpu:
+    """What the objectives use of an Accelerator: the device and (no) autocast."""
+
+    device = torch.device("cpu")
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
 def losses(run):
     return [r["loss"] for r in map(json.loads, RunDir(run).metrics.read_text().splitlines()) if "loss" in r]
 
@@ -88,13 +97,7 @@ def test_the_student_steps_on_the_grid_its_sampler_uses(teacher, tmp_path):
             calls.append((self.name, t.tolist(), None if class_labels is None else class_labels.tolist()))
             return type("Out", (), {"sample": x * 0 + self.w})()
 
-    class Acc:
-        device = torch.device("cpu")
-
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
-
-    objective = ConsistencyDistillation(cfg, Acc(), Recording("student"), Recording("teacher"), schedule, null_class=5)
+    objective = ConsistencyDistillation(cfg, _Cpu(), Recording("student"), Recording("teacher"), schedule, null_class=5)
     objective.target.name = "target"
     t = torch.arange(0, 50)  # every training timestep (T = 50 in the tiny recipe): grid of min(50, T)
     x0 = torch.zeros(50, 3, 8, 8)
@@ -116,10 +119,7 @@ def test_the_target_follows_the_student_at_its_decay(teacher):
     cfg = plan_distillation(teacher=str(teacher), overrides=["distill.target_decay=0.9"]).cfg
     student = UNet2DModel.from_pretrained(teacher / "model" / "unet")
 
-    class Acc:
-        device = torch.device("cpu")
-
-    objective = ConsistencyDistillation(cfg, Acc(), student, UNet2DModel.from_pretrained(teacher / "model" / "unet"),
+    objective = ConsistencyDistillation(cfg, _Cpu(), student, UNet2DModel.from_pretrained(teacher / "model" / "unet"),
                                         build_noise_scheduler(cfg.scheduler), null_class=5)
     before = [p.detach().clone() for p in objective.target.parameters()]
     with torch.no_grad():
@@ -211,13 +211,6 @@ class _Exact(torch.nn.Module):
         out = {"epsilon": noise, "sample": self.image.expand_as(z),
                "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * self.image}[self.kind]
         return type("Out", (), {"sample": out + self.w})()
-
-
-class _Cpu:
-    device = torch.device("cpu")
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
