@@ -65,7 +65,7 @@ def test_a_plateau_recipe_trains_with_its_evaluations_and_they_are_timed_apart(t
     assert (done.steps, done.train_s, done.eval_s, done.stop) == (2200, 900.0, 100.0, "levelled at step 2000")
 
 
-def test_sizes_go_down_to_a_few_pixels_and_photos_are_crops_of_their_own_photo():
+def test_sizes_go_down_to_a_few_pixels():
     images, labels, classes = make_set("sizes", resolution=32, num_images=200)
     background = images[:, :1, :1].astype(int)  # every shape stays whole, so a corner is background
     area = (np.abs(images.astype(int) - background).sum(-1) > 60).sum((1, 2))
@@ -74,6 +74,8 @@ def test_sizes_go_down_to_a_few_pixels_and_photos_are_crops_of_their_own_photo()
     dark = make_set("dark-shapes", resolution=32, num_images=200)[0]
     assert np.array_equal(make_set("dark-shapes", resolution=32, num_images=200)[0], dark), "seeded"
 
+
+def test_photos_are_crops_of_their_own_photo():
     photos, labels, classes = make_set("photos", resolution=16, num_images=80)
     assert photos.shape == (80, 16, 16, 3) and len(classes) == 8 and np.bincount(labels).tolist() == [10] * 8
     means = np.stack([photos[labels == k].reshape(-1, 3).mean(0) for k in range(8)])
