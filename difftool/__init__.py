@@ -1,3 +1,3 @@
 """difftool: train, sample, inpaint, convert and evaluate pixel-space diffusion models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

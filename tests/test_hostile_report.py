@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from difftool import __version__
 from difftool.reporting.charts import eval_figure, literal
 from difftool.reporting.history import eval_history, read_history
 from difftool.rundir import RunDir, lock_name
@@ -308,7 +309,7 @@ def test_a_config_that_cannot_be_read_is_one_line(run, tmp_path, damage):
 
 
 def test_a_damaged_progress_record_of_an_old_run_is_passed_over(run):
-    run.sessions.unlink()  # a run of 0.1.0: versions come from the newest checkpoint
+    run.sessions.unlink()  # as in a run of 0.1.0: versions come from the newest checkpoint
     (run.checkpoint(6) / "progress.json").write_text(NESTED)
     page, _ = reported(run)
-    assert "difftool 0.1.0" in page
+    assert f"difftool {__version__}" in page

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+import difftool
 from difftool import config as config_mod
 from difftool.models.load import load_model
 from difftool.errors import UserError
@@ -316,7 +318,9 @@ def test_sampling_onto_a_full_disk_keeps_finished_images_and_resume_completes_th
 
 # ---------------------------------------------------------------- version skew
 
-FIXTURE_RUN = Path(__file__).parent / "data" / "run-0.1.0"  # made by difftool 0.1.0; see tests/data/README.md
+# Run folders made by each released version whose format differs; see tests/data/README.md.
+RELEASED_RUNS = {version: Path(__file__).parent / "data" / f"run-{version}" for version in ("0.1.0", "0.2.0")}
+FIXTURE_RUN = RELEASED_RUNS["0.1.0"]
 
 
 @pytest.fixture
@@ -324,8 +328,10 @@ def old_run(tmp_path) -> Path:
     return Path(shutil.copytree(FIXTURE_RUN, tmp_path / "old-run"))
 
 
-def test_a_run_made_by_difftool_0_1_0_samples_inspects_and_resumes(old_run, tmp_path):
-    assert json.loads((old_run / "model" / "difftool.json").read_text())["difftool_version"] == "0.1.0"
+@pytest.mark.parametrize("version", RELEASED_RUNS)
+def test_a_run_made_by_a_released_difftool_samples_inspects_and_resumes(version, tmp_path):
+    old_run = Path(shutil.copytree(RELEASED_RUNS[version], tmp_path / "old-run"))
+    assert json.loads((old_run / "model" / "difftool.json").read_text())["difftool_version"] == version
     for source in (old_run, old_run / "model", old_run / "checkpoints" / "step-000002"):
         assert list(load_model(source).unet.config.block_out_channels) == [4, 8]
     sampled = invoke("sample", old_run, "-n", "2", "--steps", "2", "-o", tmp_path / "s", "-q")
@@ -337,10 +343,20 @@ def test_a_run_made_by_difftool_0_1_0_samples_inspects_and_resumes(old_run, tmp_
     assert [step for step, _ in logged(old_run)] == [2, 4]  # logged at the last step of each session
 
 
+def test_a_run_records_the_version_that_made_it(tiny_run):
+    """So the version-skew guard and the report can tell a run of an older difftool from one of this."""
+    recorded = [config_mod.read_config_yaml(tiny_run / "config.yaml")["difftool_version"],
+                json.loads((tiny_run / "model" / "difftool.json").read_text())["difftool_version"],
+                json.loads((tiny_run / "checkpoints" / "step-000006" / "progress.json").read_text())["difftool_version"],
+                json.loads((tiny_run / "sessions.jsonl").read_text().splitlines()[0])["difftool_version"]]
+    assert recorded == [difftool.__version__] * 4
+
+
 def test_a_config_written_by_a_newer_difftool_says_which_version(old_run):
     text = (old_run / "config.yaml").read_text().replace("difftool_version: 0.1.0", "difftool_version: 9.0.0")
     (old_run / "config.yaml").write_text(text.replace("train:\n", "train:\n  future_knob: 3\n"))
-    with pytest.raises(UserError, match=r"config.yaml was written by difftool 9.0.0 and this is difftool 0.1.0: "
+    this = re.escape(difftool.__version__)
+    with pytest.raises(UserError, match=rf"config.yaml was written by difftool 9.0.0 and this is difftool {this}: "
                                         r"unknown config key 'train.future_knob'.*Use difftool 9.0.0 for this run"):
         plan_training(resume=str(old_run))
 
@@ -353,7 +369,7 @@ def test_a_checkpoint_this_version_cannot_restore_names_the_versions_that_wrote_
     plan = plan_training(resume=str(old_run), values={"train.max_steps": 4})
     with pytest.raises(UserError, match=r"cannot resume from .*step-000002 \(ValueError: .*\); it was written by "
                                         r"difftool 0.1.0 \(diffusers .*, accelerate 0.20.0, torch .*\) and this is "
-                                        r"difftool 0.1.0 .*Install those versions to resume it"):
+                                        rf"difftool {re.escape(difftool.__version__)} .*Install those versions to resume it"):
         train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
 
 

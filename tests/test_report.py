@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from difftool import __version__
 from difftool.evaluation.evaluate import MetricOptions, evaluate
 from difftool.evaluation.sweep import sweep
 from difftool.reporting.history import eval_history, read_history, smooth
@@ -71,7 +72,7 @@ def test_report_of_a_finished_run(tiny_run, tmp_path):
     assert len(images) == 3 + 2  # loss, lr, img/s; the grids of steps 3 and 6
     assert all(image.width > 20 and image.height > 20 for image in images)
     for text in ("Training loss", "Learning rate", "Training speed", "step 3", "step 6", "finished at step 6",
-                 "6 of 6", "1 process(es) on cpu", "difftool 0.1.0 (diffusers", "No evaluation during training",
+                 "6 of 6", "1 process(es) on cpu", f"difftool {__version__} (diffusers", "No evaluation during training",
                  "eval.every", "model.block_out_channels", "No evaluation of this run found"):
         assert text in page, text
     sessions = read_sessions(run.sessions)

@@ -29,6 +29,7 @@ from difftool.errors import UserError
 from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import (
     SCHEDULERS,
+    describe,
     get_spec,
     make_scheduler,
     model_calls,
@@ -471,6 +472,17 @@ def test_listing_shows_every_scheduler():
     assert result.exit_code == 0, result.output
     for spec in SCHEDULERS:
         assert spec.name in result.output
+
+
+def test_piped_listing_is_one_readable_block_per_scheduler():
+    """Piped (as here) the eight-column table wrapped its summaries into one word per line and cut the class names."""
+    lines = _invoke().output.splitlines()
+    for spec in SCHEDULERS:
+        row = describe(spec)
+        start = next(i for i, line in enumerate(lines) if line.split(" ")[0] == spec.name)
+        block = " ".join(line.strip() for line in lines[start + 1:start + 4])
+        assert block.startswith(f"{row['class']}; {row['recommended_steps']} steps = {row['model_calls']} model calls")
+    assert max(map(len, lines)) <= 100
 
 
 def test_listing_as_json():
