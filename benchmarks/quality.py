@@ -54,7 +54,7 @@ from quality_data import SETS, missing_module, write_set  # noqa: E402
 from difftool.config import DataConfig, load_config  # noqa: E402
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
 from difftool.evaluation.judge import held_out_split, reference_rows  # noqa: E402
-from difftool.training.data import center_crops, load_dataset  # noqa: E402
+from difftool.data import center_crops, load_dataset  # noqa: E402
 from difftool.evaluation.judge import train_judge as train_judge_of  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 

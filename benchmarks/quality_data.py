@@ -89,7 +89,7 @@ def make_set(name: str, *, resolution: int, num_images: int) -> tuple[np.ndarray
     if name == "photos":
         return _photos(resolution, num_images)
     if name == "shapes":
-        from difftool.training.data.shapes import make_shapes
+        from difftool.data.shapes import make_shapes
 
         data = make_shapes(num_images, resolution)
         return data.images.permute(0, 2, 3, 1).numpy(), data.labels.numpy(), list(data.label_names)

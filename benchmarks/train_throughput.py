@@ -222,7 +222,7 @@ def plain_worker(args, precision: str) -> dict:
     from diffusers.training_utils import EMAModel
     from PIL import Image, ImageOps
 
-    from difftool.training.data import SHAPE_NAMES, make_shapes
+    from difftool.data import SHAPE_NAMES, make_shapes
     from difftool.models.build import build_noise_scheduler, build_unet
 
     cfg = _config(args.recipe, args.batch_size)

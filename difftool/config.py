@@ -58,7 +58,7 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (see difftool.training.data)."""
+    """Where images come from and how they are augmented (see difftool.data)."""
 
     dataset: str = "shapes"
     split: str = "train"

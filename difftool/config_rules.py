@@ -6,7 +6,6 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from difftool.errors import did_you_mean, shown
-from difftool.training.until import PLATEAU, UNTIL
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -14,6 +13,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CROPS = ("center", "random")
 TRACKERS = ("tensorboard", "wandb")
+# train.until: stop at train.max_steps, or go on while the judge still improves (difftool.training.until)
+STEPS, PLATEAU = "steps", "plateau"
+UNTIL = (STEPS, PLATEAU)
 
 # Image i's generator is seeded with seed * 1_000_003 + i (training's with more factors), which must fit torch's 64 bits.
 SEED_MAX = 2**32 - 1

@@ -1,4 +1,5 @@
-"""Image files: opening untrusted ones safely; grids and PNGs with their settings in text metadata, written atomically."""
+"""Image files: finding them, decoding untrusted ones safely (the one decoder every reader uses), grids, and PNGs
+with their settings in text metadata, written atomically."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from difftool.errors import first_line
 from difftool.safeio import atomic_path
@@ -47,6 +49,52 @@ def open_image(source) -> Image.Image:
         raise Image.DecompressionBombError(
             f"it has more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS) and "
             f"could be a decompression bomb, so it is not decoded") from err
+
+
+def read_image(path) -> tuple[Image.Image, bool]:
+    """The first frame of an image file, decoded now (so a bad file fails here) and upright, and whether the file
+    has more frames, which difftool does not use."""
+    with open_image(path) as img:
+        return upright_first_frame(img)
+
+
+def upright_first_frame(img: Image.Image, draft: tuple[int, int] | None = None) -> tuple[Image.Image, bool]:
+    """The first frame of an opened image, decoded and turned per its EXIF orientation (as viewers show camera
+    photos and as masks are drawn over them), and whether it has more frames.
+
+    `draft`: a JPEG may be decoded at a reduced scale that still covers this size (much faster for photos).
+    """
+    frames = several_frames(img)
+    img.seek(0)
+    if draft is not None:
+        img.draft(None, draft)
+    img.load()
+    return ImageOps.exif_transpose(img), frames
+
+
+def rgb_or_gray(img: Image.Image) -> Image.Image:
+    """Mode RGB or L: 16-bit and float scaled to 8 bits (not clipped, as PIL does), alpha composited onto white."""
+    if high_bit(img):
+        return Image.fromarray(np.rint(eight_bit_values(img)).astype(np.uint8))
+    gray = img.mode in ("1", "L", "LA", "La")
+    if img.has_transparency_data:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("L" if gray else "RGB")
+
+
+def high_bit(img: Image.Image) -> bool:
+    """A gray image of more than 8 bits a pixel (16-bit PNG and TIFF, 32-bit integer or float)."""
+    return img.mode in ("I", "F") or img.mode.startswith("I;16")
+
+
+def eight_bit_values(img: Image.Image) -> np.ndarray:
+    """A `high_bit` image's pixels as float64 in [0, 255]: the 16-bit range if the mode says so or a value
+    exceeds 255, else taken as 8-bit values already."""
+    array = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16") or array.max() > 255:
+        array = array / 257
+    return np.clip(array, 0, 255)
 
 
 def several_frames(img: Image.Image) -> bool:
@@ -107,6 +155,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     """uint8 C×H×W (C = 1 or 3) -> PIL image."""
     array = image.permute(1, 2, 0).numpy()
     return Image.fromarray(array[..., 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
+
+
+def from_pil(img: Image.Image) -> torch.Tensor:
+    """PIL L or RGB -> uint8 C×H×W."""
+    array = torch.from_numpy(np.array(img))
+    return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
 
 
 def save_png(image: torch.Tensor | Image.Image, path: Path, metadata: dict[str, str] | None = None) -> None:

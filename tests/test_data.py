@@ -1,4 +1,4 @@
-"""difftool.training.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
+"""difftool.data: every source decodes to the same uint8 layout, caching is safe, batches are reproducible."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool.training import data as data_mod
-from difftool.training.data import decode as decode_mod
+from difftool import data as data_mod
+from difftool.data import decode as decode_mod
 from difftool.config import DataConfig
-from difftool.training.data import (
+from difftool.data import (
     ImageData,
     from_hf_dataset,
     load_dataset,

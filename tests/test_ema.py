@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from difftool.config import load_config
-from difftool.training.data import load_dataset, make_batch
+from difftool.data import load_dataset, make_batch
 from difftool.training.loop import train
 from tests.conftest import tiny_config
 

@@ -58,7 +58,7 @@ def write_images(folder: Path, images: torch.Tensor) -> Path:
 
 
 def shapes(n: int, resolution: int = 8, seed_offset: int = 0) -> torch.Tensor:
-    from difftool.training.data import make_shapes
+    from difftool.data import make_shapes
 
     return make_shapes(n + seed_offset, resolution).images[seed_offset:]
 

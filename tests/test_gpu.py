@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftool.training.data import make_shapes
+from difftool.data import make_shapes
 from difftool.evaluation.evaluate import MetricOptions, evaluate
 from difftool.evaluation.features import load_extractor
 from difftool.sampling.job import SampleRequest, generate

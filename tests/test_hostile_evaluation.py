@@ -24,7 +24,7 @@ from difftool.evaluation import reference as reference_mod
 from difftool.evaluation import features as features_mod
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor
-from difftool.training.data import make_shapes
+from difftool.data import make_shapes
 from difftool.training.loop import train
 from tests.conftest import assert_user_error, invoke, tiny_config
 

@@ -27,10 +27,10 @@ from PIL import Image
 from difftool.models.export import save_single_file
 from difftool.models.load import load_model
 from difftool.config import DataConfig
-from difftool.training.data import load_dataset
+from difftool.data import load_dataset
 from difftool.errors import UserError
 from difftool.evaluation.imagesets import open_images
-from difftool.inpainting.masks import load_pair
+from difftool.inpainting.pairs import load_pair
 from tests.conftest import assert_user_error, invoke
 
 UNET_WEIGHTS = Path("model/unet/diffusion_pytorch_model.safetensors")

@@ -1,11 +1,14 @@
-"""The package's shape (issue 17): no import cycle among difftool's modules, the library never imports
-`difftool.cli`, no module over 500 lines and no function over 80. Imports inside functions count too:
+"""The package's shape (issues 17 and 41): no import cycle among difftool's modules, the library never imports
+`difftool.cli`, stages import only earlier stages, one module opens image files, every package ships, no module over
+500 lines and no function over 80. Imports inside functions count too:
 a lazy import is still an edge of the architecture."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "difftool"
 ENTRY_POINTS = {"difftool.train", "difftool.distill", "difftool.sample", "difftool.evaluate", "difftool.__main__"}
@@ -93,3 +96,67 @@ def test_no_function_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
     assert long == {}
+
+
+# Each stage may import only the stages before it: data and models are read by everyone, evaluation and inpainting
+# use sampling, training uses evaluation (during training), distillation trains. The core modules import no stage.
+STAGE_ORDER = ("data", "models", "sampling", "inpainting", "evaluation", "reporting", "training", "distilling")
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGE_ORDER else None
+
+
+def test_stages_import_only_earlier_stages():
+    graph = import_graph()
+    later = {}
+    for name, edges in graph.items():
+        if name.startswith("difftool.cli") or name in ENTRY_POINTS:
+            continue
+        stage = _stage(name)
+        allowed = set(STAGE_ORDER[:STAGE_ORDER.index(stage) + 1]) if stage else set()
+        bad = sorted(e for e in edges if _stage(e) and _stage(e) not in allowed)
+        if bad:
+            later[name] = bad
+    assert later == {}
+
+
+def test_only_images_py_opens_image_files():
+    """One decoder (`difftool.images.open_image` / `read_image`) keeps the decompression-bomb guard, the first
+    frame and the EXIF rotation the same for every reader."""
+    opened = []
+    for name, path in _modules().items():
+        if name == "difftool.images":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "open" and isinstance(node.value, ast.Name)
+                    and node.value.id == "Image") or (isinstance(node, ast.ImportFrom) and node.module == "PIL.Image"):
+                opened.append(f"{name}:{node.lineno}")
+    assert opened == []
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists its packages by hand (recipes/ is mapped into the package), so a new folder must be added."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
+
+
+def test_the_readme_map_names_every_module():
+    rows = {}
+    for line in (PACKAGE.parent / "README.md").read_text().splitlines():
+        if line.startswith("| `difftool/"):
+            folder, _, text = line[3:].partition("`")
+            rows[folder.rstrip("/")] = text
+    missing = {}
+    for folder in [PACKAGE, *sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))]:
+        key = "difftool" if folder == PACKAGE else f"difftool/{folder.name}"
+        text = rows.get(key, "")
+        names = [p.name for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+        names += [f"{p.parent.name}/" for p in folder.glob("*/__init__.py")] if folder != PACKAGE else []
+        if absent := sorted(n for n in names if f"`{n}" not in text and f"`{n.removesuffix('.py')}`" not in text):
+            missing[key] = absent
+    assert missing == {}

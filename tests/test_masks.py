@@ -1,4 +1,4 @@
-"""difftool.inpainting.masks: any mask mode gives one binary mask, geometry round-trips, the kept region stays bit-exact."""
+"""difftool.inpainting.pairs and .paste: any mask mode gives one binary mask, geometry round-trips, the kept region stays bit-exact."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from difftool.errors import UserError
-from difftool.inpainting.masks import comparison, find_pairs, load_pair, paste_back
+from difftool.inpainting.pairs import find_pairs, load_pair
+from difftool.inpainting.paste import comparison, paste_back
 
 PATTERN = np.random.default_rng(0).random((8, 8)) < 0.5  # True = generate
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from difftool.safeio import UnsafeFile, read_json
-from difftool.training.data import center_crops, load_dataset, rgb_or_gray
+from difftool.data import center_crops, load_dataset
 from difftool.errors import UserError, first_line
 from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
 from difftool.images import (
@@ -36,7 +36,8 @@ from difftool.images import (
     image_files,
     open_image,
     printable,
-    several_frames,
+    read_image,
+    rgb_or_gray,
     visible_files,
     why_unreadable,
 )
@@ -261,11 +262,8 @@ def _decoded_size(file: Path) -> tuple[tuple[int, int], bool] | str:
     """(H, W) of an image file that decodes completely, as `_read_rgb` decodes it, and whether it has more
     frames than the first (which is the one read); else why it does not decode."""
     try:
-        with open_image(file) as img:
-            frames = several_frames(img)
-            img.seek(0)
-            img = _upright(img)
-            return (img.height, img.width), frames
+        img, frames = read_image(file)
+        return (img.height, img.width), frames
     except Exception as err:  # noqa: BLE001 - Pillow's decoders fail on hostile bytes in many ways; the file is skipped
         return why_unreadable(err, file)
 
@@ -273,19 +271,13 @@ def _decoded_size(file: Path) -> tuple[tuple[int, int], bool] | str:
 def _read_rgb(file: Path, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 H×W×3 at `size`; 16-bit, palette, CMYK and alpha images handled like training data."""
     try:
-        with open_image(file) as img:
-            img = _upright(img).convert("RGB")
-            if (img.height, img.width) != size:
-                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            return np.asarray(img)
+        img = rgb_or_gray(read_image(file)[0]).convert("RGB")
+        if (img.height, img.width) != size:
+            img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        return np.asarray(img)
     except Exception as err:  # decoded at the scan; it changed since (or fails in some other way)
         raise UserError(f"{printable(file)} could not be decoded ({why_unreadable(err, file)}); "
                         f"remove or replace it") from err
-
-
-def _upright(img: Image.Image) -> Image.Image:
-    """As training reads an image: turned per its EXIF orientation (camera photos), 8-bit gray or RGB."""
-    return rgb_or_gray(ImageOps.exif_transpose(img))
 
 
 def _check_count(count: int, description: str) -> None:

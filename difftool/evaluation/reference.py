@@ -22,7 +22,7 @@ import numpy as np
 
 from difftool import __version__
 from difftool.safeio import atomic_path
-from difftool.training.data.cache import default_cache_dir
+from difftool.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.evaluation.features import MAX_WIDTH, Extractor, extract, same_network
 from difftool.evaluation.imagesets import (

@@ -21,7 +21,8 @@ from difftool.sampling.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import first_frame_note, save_png
 from difftool.inpainting.repaint import METHODS, RepaintSchedule, blend, repaint
-from difftool.inpainting.masks import Pair, comparison, find_pairs, load_pair, paste_back
+from difftool.inpainting.pairs import Pair, find_pairs, load_pair
+from difftool.inpainting.paste import comparison, paste_back
 from difftool.progress import SamplingProgress, show_notes
 from difftool.rundir import refuse_inputs_as_output, sampling_defaults
 from difftool.runlock import run_lock

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from difftool.allocator import keep_freed_memory
 from difftool.models.checkpoints import LoadedModel, place
@@ -33,7 +32,7 @@ from difftool.sampling.conditions import (
     resolve_guidance_rescale,
 )
 from difftool.errors import UserError
-from difftool.images import enlarge, make_grid, save_png
+from difftool.images import enlarge, make_grid, read_image, save_png
 from difftool.progress import SamplingProgress, show_notes
 from difftool.rundir import refuse_inputs_as_output, refuse_overwrite_with_resume, sampling_defaults, source_name
 from difftool.runlock import main_process_lock
@@ -393,7 +392,7 @@ def _write_grid(output: Path, fmt: str, plan: _Plan, num_images: int) -> Path:
     """grid.png of the first images, tiles enlarged to 64 px; one column per class when cycling classes."""
     n = min(num_images, GRID_MAX)
     if fmt == "png":
-        tiles = torch.stack([torch.from_numpy(np.array(Image.open(output / f"{i:06d}.png"))) for i in range(n)])
+        tiles = torch.stack([torch.from_numpy(np.array(read_image(output / f"{i:06d}.png")[0])) for i in range(n)])
         tiles = tiles.unsqueeze(-1) if tiles.ndim == 3 else tiles
     else:
         with np.load(output / NPZ_FILE) as npz:

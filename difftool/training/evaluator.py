@@ -38,8 +38,8 @@ from difftool.runlock import on_main_process
 from difftool.safeio import append_jsonl, check_regular
 from difftool.sampling.job import NPZ_FILE, SampleRequest
 from difftool.sampling.schedulers import choose
-from difftool.training.data import center_crops
-from difftool.training.until import PLATEAU
+from difftool.data import center_crops
+from difftool.config_rules import PLATEAU
 from difftool.training.judging import (
     JUDGE,
     JudgeFacts,

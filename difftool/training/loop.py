@@ -26,7 +26,7 @@ from difftool.models.export import model_info
 from difftool.models.load import load_model
 from difftool.config import Config
 from difftool.safeio import append_jsonl, write_text
-from difftool.training.data import data_folder
+from difftool.data import data_folder
 from difftool.errors import (
     UserError,
     is_storage_error,

@@ -63,7 +63,7 @@ def plan_training(*, recipe: str | None = None, dataset: str | None = None, over
 def check_dataset(name: str) -> None:
     """Refuse a data set no source can load (a folder that is not there) now, so that a dry run says so too."""
     if name != "shapes":  # the built-in set needs no check, and a dry run of it no torch import
-        from difftool.training.data import source_kind
+        from difftool.data import source_kind
 
         source_kind(name)
 

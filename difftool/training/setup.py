@@ -19,7 +19,7 @@ from difftool import config as config_mod
 from difftool.models.checkpoints import INFO_FILE, LoadedModel, load_pickle
 from difftool.compiling import check_can_compile
 from difftool.config import Config
-from difftool.training.data import ImageData, load_dataset
+from difftool.data import ImageData, load_dataset
 from difftool.errors import UserError, first_line
 from difftool.rundir import RunDir, damaged_checkpoint, describe_versions, made_by, read_progress
 from difftool.runlock import on_main_process

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from difftool.training.data import make_batch
+from difftool.data import make_batch
 from difftool.training.guards import NonFiniteSteps
 
 

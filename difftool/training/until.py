@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-STEPS, PLATEAU = "steps", "plateau"
-UNTIL = (STEPS, PLATEAU)
+from difftool.config_rules import PLATEAU
+
 PATIENCE = 2  # evaluations without a gain larger than the noise: the curve has levelled off
 COOLDOWN = 0.1  # of the steps trained when the decision is made
 LIMIT_FACTOR = 4  # train.until_max_steps when it is null: this many times the budget

@@ -22,15 +22,15 @@ import torch
 
 from difftool.errors import UserError
 from difftool.images import IMAGE_SUFFIXES
-from difftool.training.data.cache import default_cache_dir
-from difftool.training.data.decode import ImageData, rgb_or_gray
-from difftool.training.data.folder import load_folder
-from difftool.training.data.hub import DATASET_ALIASES, HubAlias, from_hf_dataset, load_hub
-from difftool.training.data.shapes import SHAPE_NAMES, make_shapes
+from difftool.data.cache import default_cache_dir
+from difftool.data.decode import ImageData
+from difftool.data.folder import load_folder
+from difftool.data.hub import DATASET_ALIASES, HubAlias, from_hf_dataset, load_hub
+from difftool.data.shapes import SHAPE_NAMES, make_shapes
 
 __all__ = [
     "CROPS", "DATASET_ALIASES", "IMAGE_SUFFIXES", "SHAPE_NAMES", "SOURCES", "HubAlias", "ImageData", "center_crops",
-    "data_folder", "default_cache_dir", "from_hf_dataset", "load_dataset", "make_batch", "make_shapes", "rgb_or_gray",
+    "data_folder", "default_cache_dir", "from_hf_dataset", "load_dataset", "make_batch", "make_shapes",
     "source_kind",
 ]
 

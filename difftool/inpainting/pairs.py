@@ -1,36 +1,34 @@
-"""Image and mask files for `difftool inpaint`: into model-sized tensors, and the result back out.
+"""Image and mask files for `difftool inpaint`: finding the pairs, and one pair as the model takes it.
 
 Masks are white where to generate and black where to keep (`invert` swaps that). The model sees
-the image squashed (or, with `crop`, centre-cropped) to its resolution R x R; `paste_back` resizes
-its result to the region it came from and blends it into the original file's pixels, so whatever
-the mask keeps is the original bit for bit, at the original size.
+the image squashed (or, with `crop`, centre-cropped) to its resolution R x R; `difftool.inpainting.paste`
+puts its result back into the original.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from difftool.errors import UserError
 from difftool.images import (
     IMAGE_SUFFIXES,
+    eight_bit_values,
+    from_pil,
+    high_bit,
     image_files,
-    make_grid,
-    open_image,
     printable,
-    several_frames,
-    to_pil,
+    read_image,
+    rgb_or_gray,
     why_unreadable,
 )
 
 _ASPECT_TOLERANCE = 0.01  # a mask this close to the image's aspect ratio is resized to fit it
-_STRIP_HEIGHT = (128, 512)  # comparison images are scaled to a height in this range
 
 
 @dataclass
@@ -85,7 +83,7 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
                      "and is kept")
     model_view = original.crop(box).convert("L" if channels == 1 else "RGB")
     if model_view.size != (resolution, resolution):
-        # Lanczos, as training images are resized in difftool.training.data: the model sees what it learned from.
+        # Lanczos, as training images are resized in difftool.data: the model sees what it learned from.
         model_view = model_view.resize((resolution, resolution), Image.Resampling.LANCZOS)
     # A model pixel is generated if any pixel it covers is, so thin strokes survive downscaling.
     mask = F.adaptive_max_pool2d(torch.from_numpy(_within(generate, box)).float()[None, None], resolution)
@@ -93,47 +91,13 @@ def load_pair(image_path: Path, mask_path: Path, *, resolution: int, channels: i
         mask = F.max_pool2d(mask, 2 * grow + 1, stride=1, padding=grow)
     return Pair(
         name=image_path.stem,
-        image=_to_tensor(model_view).float().div_(127.5).sub_(1.0),
+        image=from_pil(model_view).float().div_(127.5).sub_(1.0),
         mask=mask[0],
         original=original,
         notes=notes,
         box=box,
         several_frames=[printable(p) for p, frames in ((image_path, image_frames), (mask_path, mask_frames)) if frames],
     )
-
-
-def paste_back(pair: Pair, result: torch.Tensor) -> Image.Image:
-    """Blend a uint8 C x R x R model result into the original image: same size and mode, alpha untouched.
-
-    Bicubic, not bilinear, to resize the result: results are mostly enlarged (small models, larger
-    photos), where it is sharper; PIL clips its overshoot to 0-255.
-    """
-    left, top, right, bottom = pair.box
-    generated = to_pil(result).convert("L" if pair.original.mode == "L" else "RGB")
-    generated = generated.resize((right - left, bottom - top), Image.Resampling.BICUBIC)
-    if pair.original.mode == "RGBA":
-        generated.putalpha(pair.original.getchannel("A").crop(pair.box))
-    filled = pair.original.copy()
-    filled.paste(generated, pair.box, pair.weight().crop(pair.box))
-    return filled
-
-
-def comparison(pair: Pair, filled: Image.Image) -> Image.Image:
-    """Input | mask (white = generated, gray = blended seam) | result, between white separators.
-
-    Scaled to a height of 128-512 px so that tiny and huge images are both easy to look at;
-    small ones are enlarged by a whole factor with nearest-neighbour, to show their pixels.
-    """
-    width, height = pair.original.size
-    low, high = _STRIP_HEIGHT
-    if height > high:
-        size, resample = (max(1, round(width * high / height)), high), Image.Resampling.LANCZOS
-    else:
-        factor = math.ceil(low / height) if height < low else 1
-        size, resample = (width * factor, height * factor), Image.Resampling.NEAREST
-    mode = "L" if pair.original.mode == "L" else "RGB"
-    panels = [_on_white(p).convert(mode).resize(size, resample) for p in (pair.original, pair.weight(), filled)]
-    return to_pil(make_grid(torch.stack([_to_tensor(p) for p in panels]), ncol=3))
 
 
 def find_pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
@@ -181,12 +145,7 @@ def _open(path: Path, what: str) -> tuple[Image.Image, bool]:
         problem = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise UserError(f"{what} {printable(path)} {problem}; give the path of an image file")
     try:
-        with open_image(path) as img:
-            frames = several_frames(img)
-            img.seek(0)
-            img.load()
-            # Upright, as viewers show it and as masks are drawn over it.
-            return ImageOps.exif_transpose(img), frames
+        return read_image(path)
     except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
         remedy = "downscale it" if isinstance(err, Image.DecompressionBombError) else "re-save it as PNG or JPEG"
         raise UserError(f"cannot read {what} {printable(path)}: {why_unreadable(err, path)}; {remedy}") from err
@@ -196,28 +155,17 @@ def _usable_mode(img: Image.Image) -> tuple[Image.Image, list[str]]:
     """Mode RGB, RGBA or L; anything else is converted, with a note (16-bit is scaled, not clipped)."""
     if img.mode in ("RGB", "RGBA", "L"):
         return img, []
-    if _high_bit(img):
-        converted = Image.fromarray(np.rint(_unit_gray(img) * 255).astype(np.uint8))
+    if high_bit(img):
+        converted = rgb_or_gray(img)
     else:
         converted = img.convert("L" if img.mode == "1" else "RGBA" if img.has_transparency_data else "RGB")
     return converted, [f"images of mode {img.mode} are converted to 8-bit {converted.mode}"]
 
 
-def _high_bit(img: Image.Image) -> bool:
-    return img.mode in ("I", "F") or img.mode.startswith("I;16")
-
-
-def _unit_gray(img: Image.Image) -> np.ndarray:
-    """Pixels of a 16-bit, 32-bit or float image in [0, 1]: 16-bit range if the mode says so or a value exceeds 255."""
-    array = np.asarray(img, dtype=np.float32)
-    full = 65535 if img.mode.startswith("I;16") or array.max() > 255 else 255
-    return np.clip(array / full, 0, 1)
-
-
 def _mask_values(img: Image.Image) -> np.ndarray:
     """float32 H x W in [0, 1]: luminance, times alpha where the mask has any transparency."""
-    if _high_bit(img):
-        return _unit_gray(img)
+    if high_bit(img):
+        return (eight_bit_values(img) / 255).astype(np.float32)
     if not img.has_transparency_data:
         return np.asarray(img.convert("L"), dtype=np.float32) / 255
     rgba = img.convert("RGBA")
@@ -269,16 +217,3 @@ def _channel_notes(mode: str, channels: int) -> list[str]:
     if channels == 3 and mode == "L":
         return ["the model is RGB: grayscale images are given to it as RGB and its results turned back into gray"]
     return []
-
-
-def _on_white(img: Image.Image) -> Image.Image:
-    """RGBA shown over white, as transparent pixels look in most viewers; other modes as they are."""
-    if img.mode != "RGBA":
-        return img
-    return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL L or RGB -> uint8 C x H x W."""
-    array = torch.from_numpy(np.array(img))
-    return array[None] if array.ndim == 2 else array.permute(2, 0, 1)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from difftool.errors import UserError
-from difftool.images import first_frame_note, open_image, printable, several_frames, why_unreadable
+from difftool.images import first_frame_note, open_image, printable, rgb_or_gray, upright_first_frame, why_unreadable
 
 logger = logging.getLogger("difftool")
 
@@ -86,11 +86,8 @@ def _decode_all(
 def _decode_image(source: Any, resolution: int) -> tuple[np.ndarray, bool]:
     """One image as uint8 H x W (grayscale) or H x W x 3, its shorter side resized to `resolution`, and
     whether it had more frames than the first, which is the one used."""
-    with _open(source) as img:
-        frames = several_frames(img)
-        img.seek(0)
-        img.draft(None, (resolution, resolution))  # JPEG: decode at a reduced scale when that is enough
-        ImageOps.exif_transpose(img, in_place=True)
+    with _open(source) as opened:
+        img, frames = upright_first_frame(opened, draft=(resolution, resolution))
         img = rgb_or_gray(img)
         width, height = img.size
         if not width or not height:
@@ -128,20 +125,6 @@ def _open(source: Any) -> Image.Image:
         scale = 255.0 if array.dtype.kind == "f" and array.max() <= 1.0 else 1.0
         array = np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
-
-
-def rgb_or_gray(img: Image.Image) -> Image.Image:
-    """Mode RGB or L: 16-bit scaled (not clipped, as PIL does), alpha composited onto white."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        array = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or array.max() > 255:
-            array = array / 257
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    gray = img.mode in ("1", "L", "LA", "La")
-    if img.has_transparency_data:
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img.convert("RGBA"))
-    return img.convert("L" if gray else "RGB")
 
 
 def _assemble(

@@ -10,8 +10,8 @@ from typing import Any
 
 
 from difftool.errors import UserError, first_line
-from difftool.training.data.cache import _cached
-from difftool.training.data.decode import ImageData, _assemble, _decode_all
+from difftool.data.cache import _cached
+from difftool.data.decode import ImageData, _assemble, _decode_all
 
 logger = logging.getLogger("difftool")
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from difftool.training.data.decode import ImageData
+from difftool.data.decode import ImageData
 
 logger = logging.getLogger("difftool")
 

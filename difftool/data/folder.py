@@ -8,9 +8,9 @@ from typing import Any
 
 from difftool.errors import UserError
 from difftool.images import IMAGE_SUFFIXES, image_files, printable
-from difftool.training.data.cache import _cached
-from difftool.training.data.decode import ImageData, _assemble, _decode_all
-from difftool.training.data.hub import _warn_dropped_classes
+from difftool.data.cache import _cached
+from difftool.data.decode import ImageData, _assemble, _decode_all
+from difftool.data.hub import _warn_dropped_classes
 
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from difftool.training.data.decode import ImageData, _to_channels
-from difftool.training.data.decode import _LUMA
+from difftool.data.decode import ImageData, _to_channels
+from difftool.data.decode import _LUMA
 
 
 
