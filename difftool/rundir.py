@@ -13,8 +13,8 @@
       train.lock                  while a `difftool train` runs: its pid (see runlock.py)
 
 Everything is written through a temporary name and renamed into place (safeio.py), so a folder or file
-that exists under its final name is complete; `refuse_inputs_as_output` keeps each command from writing
-over or into what it reads.
+that exists under its final name is complete; `output_rules.refuse_inputs_as_output` keeps each command
+from writing over or into what it reads.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
-from difftool import __version__
-from difftool.config import config_from_dict, read_config
 from difftool.errors import UserError, first_line
 from difftool.safeio import (
     JSONL_LIMIT,
@@ -63,91 +60,10 @@ def new_run_folder(recipe: str, dataset: str) -> Path:
     return Path("runs") / f"{recipe}-{name}"
 
 
-def source_name(source: str | Path) -> str:
-    """A short name for what is made from `source`, for default output folders (samples/NAME-..., evaluations/NAME).
-
-    A run folder and its model/ are the run's name, a checkpoint is RUN-step-N, a samples file is the folder
-    it is in, a folder called samples is PARENT-samples; anything else is its own name without suffix.
-    """
-    path = Path(str(source).split("@")[0])  # a hub id may carry @revision
-    if path.name in ("", ".", ".."):
-        path = path.resolve()
-    if path.name == "model":
-        name = path.parent.name
-    elif (is_checkpoint_name(path) or path.name == "best") and path.parent.name == "checkpoints":
-        name = f"{path.parent.parent.name}-{path.name}"
-    elif path.suffix and path.stem == "samples" and path.parent.name:
-        name = path.parent.name
-    elif path.name == "samples" and path.parent.name:
-        name = f"{path.parent.name}-samples"
-    else:
-        name = path.stem if path.suffix else path.name
-    return re.sub(r"[^\w.-]+", "_", name) or "model"
-
-
 def run_of(source: str | Path) -> Path | None:
     """The run folder `source` is, or lies in (its model/, a checkpoint, a file in either), else None."""
     path = Path(source)
     return next((folder for folder in (path, path.parent, path.parent.parent) if RunDir(folder).is_run()), None)
-
-
-def sampling_defaults(source: str | Path, info: dict):
-    """The recipe's `sample` settings (a SampleConfig) when `source` is a run folder or inside one, else those its
-    model records (`info`, the model's difftool.json: a distilled model's sampler travels with it), else None."""
-    run = run_of(source)
-    if run is not None:
-        with contextlib.suppress(UserError):
-            return read_config(RunDir(run).config).sample
-        return None
-    recorded = info.get("sample")
-    if not isinstance(recorded, dict):
-        return None
-    with contextlib.suppress(UserError):
-        return config_from_dict({"sample": recorded}).sample
-    return None
-
-
-def refuse_overwrite_with_resume(overwrite: bool, resume: bool) -> None:
-    """--overwrite replaces what --resume would keep: asked for together, neither can be what was meant."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other: choose one")
-
-
-# ---------------------------------------------------------------- creating outputs
-
-
-def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,
-                            option: str = "--output") -> None:
-    """Refuse an `output` that is one of the `inputs` (what the command reads, by description) or lies inside one.
-
-    `--overwrite` does not change this: it replaces earlier outputs, never the inputs. With `replaces`
-    (the output is replaced as a whole), an output folder that holds an input is refused too. Inputs that
-    are not local paths (hub ids, data set names) cannot be written over and are passed by.
-    """
-    for what, source in inputs.items():
-        overlap = _overlap(Path(output), Path(str(source)).expanduser(), replaces) if source else None
-        if overlap is not None:
-            relation = {"same": f"is {what} itself", "inside": f"is inside {what} {source}",
-                        "holds": f"is a folder holding {what} {source}, and would replace it"}[overlap]
-            raise UserError(f"{option} {output} {relation}; difftool never writes over or into what it reads, "
-                            f"--overwrite or not: choose another {option}")
-
-
-def _overlap(output: Path, source: Path, replaces: bool) -> str | None:
-    """same, inside or holds (where that matters): how `output` meets the existing path `source`."""
-    try:
-        if not source.exists():
-            return None
-        real, out = source.resolve(), output.resolve()
-        if out == real or (output.exists() and os.path.samefile(output, source)):  # hard links too
-            return "same"
-        if source.is_dir() and out.is_relative_to(real):
-            return "inside"
-        if replaces and real.is_relative_to(out):
-            return "holds"
-    except (OSError, RuntimeError):  # a name too long to exist, a link that loops: nothing there to overlap with
-        return None
-    return None
 
 
 class RunDir:
@@ -280,23 +196,6 @@ def damaged_checkpoint(checkpoint: Path, problem: str) -> UserError:
     remedy = (f"the newest complete checkpoint is {others[-1]}: difftool train --resume {others[-1]}" if others else
               "the run has no other complete checkpoint: start it again with --overwrite")
     return UserError(f"cannot resume from {checkpoint}: {problem}; {remedy}")
-
-
-def made_by() -> dict[str, str]:
-    """The versions that write a run folder, recorded so that a later version can say what it is reading."""
-    import accelerate
-    import diffusers
-    import torch
-
-    return {"difftool_version": __version__, "diffusers_version": diffusers.__version__,
-            "accelerate_version": accelerate.__version__, "torch_version": torch.__version__}
-
-
-def describe_versions(recorded: dict) -> str:
-    """`difftool 0.1.0 (diffusers 0.42.1, accelerate 1.12.0, torch 2.13.0)`, from what a file recorded."""
-    names = [n for n in ("diffusers", "accelerate", "torch") if recorded.get(f"{n}_version")]
-    extra = ", ".join(f"{n} {recorded[f'{n}_version']}" for n in names)
-    return f"difftool {recorded.get('difftool_version', '(unrecorded)')}" + (f" ({extra})" if extra else "")
 
 
 def resolve_resume(target: str, runs_root: Path = Path("runs")) -> tuple[Path, Path]:

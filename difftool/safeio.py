@@ -191,7 +191,7 @@ def _why_uncreatable(err: OSError, path: Path) -> str:
     with contextlib.suppress(OSError):
         blocking = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
         if blocking is not None:
-            return f"{blocking} is a file, not a folder; choose another output path"
+            return f"{_in_the_way(blocking)}; choose another output path"
         if err.errno == errno.ENOENT and path.parent.is_dir():  # /proc, /sys: folders that take no new entries
             return f"{reason} ({path.parent} takes no new files or folders); choose another output path"
     return f"{reason}; choose another output path"
@@ -298,6 +298,17 @@ def file_in_the_way(folder: Path) -> Path | None:
     """The file that stands where `folder`, or one of the folders above it, would have to be."""
     nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
     return nearest if nearest is not None and not nearest.is_dir() else None
+
+
+def refuse_file_in_the_way(folder: Path, option: str = "--output") -> None:
+    """Stop before any work when a file stands where `folder`, or one of the folders above it, would have to be."""
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise UserError(f"cannot write into {folder}: {_in_the_way(blocking)}; choose another {option}")
+
+
+def _in_the_way(blocking: Path) -> str:
+    return f"{blocking} is a file, not a folder"
 
 
 def remove_tree(path: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftool.rundir import made_by
+from difftool.versions import made_by
 from difftool.safeio import append_jsonl, read_jsonl
 
 FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"  # reached max_steps; Ctrl-C or a signal; error

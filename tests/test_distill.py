@@ -289,7 +289,7 @@ def test_a_stopped_student_is_continued_with_distill(teacher, tmp_path):
 
 
 def test_a_student_of_a_checkpoint_is_named_after_its_run(teacher, scratch_cwd):
-    from difftool.rundir import source_name
+    from difftool.output_rules import source_name
 
     assert source_name("runs/letters/checkpoints/best") == "letters-best"
     assert source_name("runs/letters/checkpoints/step-004000") == "letters-step-004000"

@@ -126,7 +126,7 @@ def test_existing_run_is_never_overwritten_silently(tmp_path):
 def test_output_that_is_a_file_is_refused(tmp_path, below):
     (tmp_path / "notes.txt").write_text("mine")
     output = tmp_path / "notes.txt" / "run" if below else tmp_path / "notes.txt"
-    with pytest.raises(UserError, match=f"--output {output} is {'under the file' if below else 'a file'}"):
+    with pytest.raises(UserError, match=f"cannot write into {output}: {tmp_path / 'notes.txt'} is a file, not a folder"):
         train(tiny_config(), output, show_progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

@@ -12,7 +12,8 @@ from difftool import config as config_mod
 from difftool.config import Config, SchedulerConfig
 from difftool.errors import UserError, did_you_mean
 from difftool.recipebook import parse_yaml, recipe_dir
-from difftool.rundir import RunDir, resolve_resume, run_of, source_name
+from difftool.output_rules import source_name
+from difftool.rundir import RunDir, resolve_resume, run_of
 from difftool.training.plan import TrainPlan, check_dataset
 
 # What `difftool distill --recipe NAME` finds in recipes/distill/: the settings a distillation changes.

@@ -23,12 +23,11 @@ from difftool.errors import UserError
 from difftool.evaluation.features import Extractor, extract, load_extractor
 from difftool.evaluation.files import METRICS_FILE
 from difftool.models.checkpoints import LoadedModel
-from difftool.safeio import write_text
+from difftool.safeio import refuse_file_in_the_way, write_text
 from difftool.sampling.job import (
     NPZ_FILE,
     SampleRequest,
     SampleResult,
-    check_output_folder,
     check_request,
     generate,
     load_shared,
@@ -51,7 +50,8 @@ from difftool.evaluation.reference import (
     resolve,
     save,
 )
-from difftool.rundir import lock_name, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.output_rules import refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.rundir import lock_name
 from difftool.runlock import main_process_lock
 from difftool.threads import sharing_cores
 
@@ -248,7 +248,7 @@ def build_stats(data: str, output: Path, *, resolution: int | None, options: Met
         raise UserError(f"--output {output} is a folder; give the .npz file to write")
     if output.exists() and not overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    check_output_folder(output.parent)
+    refuse_file_in_the_way(output.parent)
     # The extractor first: a wrong --features should not wait for a data set to be read.
     extractor = checked_extractor(options, resolution or DEFAULT_RESOLUTION)
     images = images_of(data, resolution=resolution or DEFAULT_RESOLUTION, split=options.split,
@@ -268,7 +268,7 @@ def distance_key(extractor: Extractor) -> str:
 
 
 def default_output(source: str) -> Path:
-    """evaluations/NAME (NAME: `rundir.source_name` of the run, folder or file evaluated)."""
+    """evaluations/NAME (NAME: `output_rules.source_name` of the run, folder or file evaluated)."""
     return Path("evaluations") / source_name(source)
 
 
@@ -296,7 +296,7 @@ def load_checked(source: str, requests: list[SampleRequest]) -> LoadedModel:
 def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
     """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
     refuse_overwrite_with_resume(overwrite, resume)
-    check_output_folder(output)
+    refuse_file_in_the_way(output)
     refuse_inputs_as_output(output, inputs)
     with main_process_lock(process_state(), output, "evaluate"):
         held = [p for p in output.iterdir() if p.name != lock_name("evaluate")]

@@ -24,7 +24,8 @@ from difftool.inpainting.repaint import METHODS, RepaintSchedule, blend, repaint
 from difftool.inpainting.pairs import Pair, find_pairs, load_pair
 from difftool.inpainting.paste import comparison, paste_back
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import refuse_inputs_as_output, sampling_defaults
+from difftool.output_rules import refuse_inputs_as_output
+from difftool.sampling.defaults import sampling_defaults
 from difftool.runlock import run_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import Predictor, image_generators, initial_noise, to_uint8

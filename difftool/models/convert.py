@@ -17,7 +17,7 @@ from difftool.models.checkpoints import LoadedModel, place
 from difftool.models.export import export_pipeline, save_single_file
 from difftool.errors import UserError
 from difftool.models.load import DTYPES, load_model
-from difftool.rundir import refuse_inputs_as_output
+from difftool.output_rules import refuse_inputs_as_output
 from difftool.safeio import atomic_dir
 
 TARGETS = ("pipeline", "unet", "single")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from difftool.errors import UserError, first_line
 from difftool.evaluation.files import METRICS_FILE, RESULTS_JSON
-from difftool.rundir import source_name
+from difftool.output_rules import source_name
 from difftool.safeio import JSON_LIMIT, kind_of, read_json
 
 # A model's source as its samples record it: the path as typed, then which weights ("runs/x/model (EMA weights)").

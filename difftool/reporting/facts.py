@@ -21,7 +21,8 @@ import yaml
 from difftool.config import config_from_dict, read_config_yaml, to_dict
 from difftool.errors import UserError, first_line
 from difftool.recipebook import flatten, parse_yaml, recipe_dir, recipe_names
-from difftool.rundir import PROGRESS_FILE, RunDir, describe_versions
+from difftool.rundir import PROGRESS_FILE, RunDir
+from difftool.versions import describe_versions
 from difftool.runlock import holder
 from difftool.safeio import UnsafeFile, read_json
 from difftool.sessions import FAILED, FINISHED, STOPPED, Session, read_sessions

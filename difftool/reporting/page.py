@@ -30,7 +30,8 @@ from difftool.reporting.history import (
 )
 from difftool.reporting.judge import read_judge, verdict_line
 from difftool.reporting.timeline import preview_timeline
-from difftool.rundir import LOCK_FILE, RunDir, refuse_inputs_as_output
+from difftool.output_rules import refuse_inputs_as_output
+from difftool.rundir import LOCK_FILE, RunDir
 from difftool.safeio import TMP_PREFIX, open_regular, refuse_special, write_text
 
 GENERATOR = "difftool report"  # marks a file as a report, which a new report may replace

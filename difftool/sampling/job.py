@@ -25,7 +25,7 @@ from difftool.allocator import keep_freed_memory
 from difftool.models.checkpoints import LoadedModel, place
 from difftool.models.load import DTYPES, load_model
 from difftool.compiling import check_can_compile
-from difftool.safeio import TMP_PREFIX, atomic_path, file_in_the_way, make_folder, write_text
+from difftool.safeio import TMP_PREFIX, atomic_path, make_folder, refuse_file_in_the_way, write_text
 from difftool.sampling.conditions import (
     resolve_classes,
     resolve_guidance,
@@ -34,7 +34,8 @@ from difftool.sampling.conditions import (
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, read_image, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.rundir import refuse_inputs_as_output, refuse_overwrite_with_resume, sampling_defaults, source_name
+from difftool.output_rules import refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.sampling.defaults import sampling_defaults
 from difftool.runlock import main_process_lock
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
@@ -121,7 +122,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
         model = load_shared(source, request.weights, state)
     plan = _plan(model, request, sampling_defaults(source, model.info))
     output = Path(output) if output else default_output(source, plan.settings)
-    check_output_folder(output)
+    refuse_file_in_the_way(output)
     refuse_inputs_as_output(output, {"the model": source})
     with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
         return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
@@ -237,18 +238,11 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
 
 
 def default_output(source: str | Path, settings: dict) -> Path:
-    """samples/NAME-SCHEDULER-STEPS in the working folder (NAME: `rundir.source_name`)."""
+    """samples/NAME-SCHEDULER-STEPS in the working folder (NAME: `output_rules.source_name`)."""
     return Path("samples") / f"{source_name(source)}-{settings['scheduler']}-{settings['steps']}"
 
 
 # ---------------------------------------------------------------- the output folder
-
-
-def check_output_folder(output: Path) -> None:
-    """Refuse a folder that cannot be made because a file is in its place, before any work (on every process)."""
-    blocking = file_in_the_way(output)
-    if blocking is not None:
-        raise UserError(f"cannot write into {output}: {blocking} is a file, not a folder; choose another --output")
 
 
 def _image_files(output: Path) -> dict[int, Path]:

@@ -25,7 +25,7 @@ from difftool.allocator import keep_freed_memory
 from difftool.models.export import model_info
 from difftool.models.load import load_model
 from difftool.config import Config
-from difftool.safeio import append_jsonl, write_text
+from difftool.safeio import append_jsonl, refuse_file_in_the_way, write_text
 from difftool.data import data_folder
 from difftool.errors import (
     UserError,
@@ -34,13 +34,14 @@ from difftool.errors import (
 )
 from difftool.models.build import build_noise_scheduler, build_unet, count_parameters
 from difftool.training.outputs import RunWriter
-from difftool.training.plan import check_folder_path, check_output, resume_command
+from difftool.training.plan import check_output, resume_command
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.objective import Denoising, MakeObjective
 from difftool.training.step import Stepper
 from difftool.training.until import Plateau, until_of
 from difftool.progress import TrainingProgress, say
-from difftool.rundir import RunDir, read_progress, refuse_inputs_as_output
+from difftool.output_rules import refuse_inputs_as_output
+from difftool.rundir import RunDir, read_progress
 from difftool.runlock import main_process_lock
 from difftool.sessions import FINISHED, STOPPED, training_session
 from difftool.threads import cpu_share, describe, rebalance
@@ -88,7 +89,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
         raise UserError(f"{output} is a distillation of {cfg.distill.teacher}: continue it with difftool distill"
                         if objective is None else "a distillation needs distill.teacher (difftool distill TEACHER)")
     run = RunDir(output)
-    check_folder_path(run.root)
+    refuse_file_in_the_way(run.root)
     # replaces: --overwrite clears the run folder, and a data folder or start weights inside it with it
     inputs = {"the data": data_folder(cfg.data.dataset)}
     if resume is None:  # a resumed run keeps its folder: its own weights may well be the start weights

@@ -17,7 +17,8 @@ from difftool.errors import os_errors_of_writers
 from difftool.images import save_png
 from difftool.models.export import export_pipeline
 from difftool.progress import say
-from difftool.rundir import PROGRESS_FILE, made_by
+from difftool.rundir import PROGRESS_FILE
+from difftool.versions import made_by
 from difftool.safeio import atomic_dir, fsync_tree, temporary_dir
 from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.sampling.job import grid_of, sample_batch

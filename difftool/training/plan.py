@@ -14,7 +14,7 @@ from difftool.config import Config
 from difftool.recipebook import flatten
 from difftool.errors import UserError
 from difftool.rundir import RunDir, new_run_folder, resolve_resume, resumable
-from difftool.safeio import check_regular, file_in_the_way
+from difftool.safeio import check_regular
 
 # Config fields a resumed run may change: how long to train, what to write and measure along the way, and
 # whether to skip non-finite steps (the usual reason to resume after a run stopped on NaN).
@@ -99,14 +99,6 @@ def check_output(run: RunDir, cfg: Config, resume: Path | None, overwrite: bool)
     if not overwrite:
         raise UserError(f"output folder {run.root} already holds a run; continue it with --resume {run.root}, "
                         f"or replace it with --overwrite")
-
-
-def check_folder_path(root: Path) -> None:
-    """A run folder cannot be, or lie under, an existing file."""
-    blocking = file_in_the_way(root)
-    if blocking is not None:
-        raise UserError(f"--output {root} is {'a file' if blocking == root else f'under the file {blocking}'}; "
-                        f"give a folder for the run")
 
 
 def config_diff(saved: Config, new: Config) -> list[str]:

@@ -21,7 +21,8 @@ from difftool.compiling import check_can_compile
 from difftool.config import Config
 from difftool.data import ImageData, load_dataset
 from difftool.errors import UserError, first_line
-from difftool.rundir import RunDir, damaged_checkpoint, describe_versions, made_by, read_progress
+from difftool.rundir import RunDir, damaged_checkpoint, read_progress
+from difftool.versions import describe_versions, made_by
 from difftool.runlock import on_main_process
 
 
