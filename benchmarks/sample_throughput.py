@@ -201,7 +201,7 @@ def difftool_worker(args) -> dict:
         num_images=args.num_images + extra, scheduler=args.sampler, steps=steps, seed=SEED,
         batch_size=args.batch_size, dtype="bf16" if "bf16" in args.worker else "fp32", compile=compiling, format="npz")
     seconds: list[float] = []
-    make_batch = generate_module._make_batch
+    make_batch = generate_module.sample_batch
 
     def timed_batch(*batch_args, **batch_kwargs):
         start = time.perf_counter()
@@ -209,7 +209,7 @@ def difftool_worker(args) -> dict:
         seconds.append(time.perf_counter() - start)
         return images
 
-    generate_module._make_batch = timed_batch
+    generate_module.sample_batch = timed_batch
     with tempfile.TemporaryDirectory() as tmp:
         generate_module.generate(args.model, request, Path(tmp) / "out", show_progress=False)
         with np.load(Path(tmp) / "out" / "samples.npz") as npz:

@@ -24,14 +24,8 @@ from difftool.evaluation.features import Extractor, extract, load_extractor
 from difftool.evaluation.files import METRICS_FILE
 from difftool.models.checkpoints import LoadedModel
 from difftool.safeio import refuse_file_in_the_way, write_text
-from difftool.sampling.job import (
-    NPZ_FILE,
-    SampleRequest,
-    SampleResult,
-    check_request,
-    generate,
-    load_shared,
-)
+from difftool.sampling.folder import NPZ_FILE
+from difftool.sampling.job import SampleRequest, SampleResult, check_request, generate, load_shared
 from difftool.evaluation.imagesets import ImageSet, is_image_source, open_images, open_npz
 from difftool.evaluation.judge import CLASSES, class_fidelity, fd_noise
 from difftool.evaluation.metrics import (

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftool.safeio import UnsafeFile, read_json
+from difftool.safeio import UnsafeFile
 from difftool.data import center_crops, load_dataset
 from difftool.errors import UserError, first_line
-from difftool.sampling.job import NPZ_FILE, SETTINGS_FILE
+from difftool.sampling.folder import SETTINGS_FILE, SampleFolder
 from difftool.images import (
     IMAGE_SUFFIXES,
     first_frame_note,
@@ -120,15 +120,10 @@ def open_images(path: str | Path) -> ImageSet:
     if path.suffix == ".npz" and path.is_file():
         return _from_npz(path)
     if path.is_dir():
-        return _from_sample_folder(path) if is_sample_folder(path) else _from_folder(path)
+        return _from_sample_folder(path) if SampleFolder.holds_samples(path) else _from_folder(path)
     if path.exists():
         raise UserError(f"{path} is neither a folder of images nor an .npz of samples (arr_0: uint8 N×H×W×C)")
     raise UserError(f"{path} does not exist; give a folder of images, a samples .npz or a model")
-
-
-def is_sample_folder(path: str | Path) -> bool:
-    """A folder `difftool sample` wrote: read as the samples its sample.json lists, never its grid.png."""
-    return (Path(path).expanduser() / SETTINGS_FILE).is_file()
 
 
 def is_image_source(path: str | Path) -> bool:
@@ -138,7 +133,7 @@ def is_image_source(path: str | Path) -> bool:
         return path.is_file()
     if not path.is_dir() or any((path / name).exists() for name in ("config.yaml", "model_index.json", "config.json")):
         return False
-    return is_sample_folder(path) or any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+    return SampleFolder.holds_samples(path) or any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
 
 
 def from_data_source(dataset: str, *, resolution: int, split: str = "train", max_images: int | None = None) -> ImageSet:
@@ -175,18 +170,18 @@ def _from_folder(root: Path) -> ImageSet:
 
 def _from_sample_folder(root: Path) -> ImageSet:
     """A folder `difftool sample` wrote: the samples its sample.json lists, not its grid.png or anything else."""
-    count, fmt = _sample_record(root)
-    listed = [root / NPZ_FILE] if fmt == "npz" else [root / f"{i:06d}.png" for i in range(count)]
+    folder, count = SampleFolder.written(root)
+    listed = folder.listed(count)
     missing = [p.name for p in listed if not p.is_file()]
     if missing:
         which = f"{missing[0]} and {len(missing) - 1} more are" if len(missing) > 1 else f"{missing[0]} is"
         raise UserError(f"{printable(root)} was written by difftool sample and its {SETTINGS_FILE} lists {count} "
                         f"samples, but {which} missing; finish it with difftool sample MODEL --resume --output "
                         f"{printable(root)} (the same options)")
-    notes = _left_out(root, visible_files(root), [*listed, root / SETTINGS_FILE],
+    notes = _left_out(root, visible_files(root), [*listed, folder.settings_file],
                       f"not among the samples its {SETTINGS_FILE} lists")
-    if fmt == "npz":
-        images = _from_npz(root / NPZ_FILE)
+    if folder.format == "npz":
+        images = _from_npz(folder.npz)
         images.notes += notes
         return images
     images = _from_files(root, listed, notes)
@@ -201,21 +196,6 @@ def _asked_class(file: Path) -> str | None:
             return getattr(img, "text", {}).get("class")
     except Exception:  # noqa: BLE001 - decoded before (`_from_files`); changed since: its class is unknown
         return None
-
-
-def _sample_record(root: Path) -> tuple[int, str]:
-    """The number of samples and their format, from the sample.json of a folder `difftool sample` wrote."""
-    path = root / SETTINGS_FILE
-    try:
-        record = read_json(path)
-        count, fmt = int(record["num_images"]), record.get("format", "png")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{printable(path)} is damaged ({first_line(err, 120)}); sample the folder again, or remove "
-                        f"{SETTINGS_FILE} to score the image files in it as they are") from err
-    if count < 0 or fmt not in ("png", "npz"):
-        raise UserError(f"{printable(path)} is damaged (num_images {count}, format {fmt!r}); sample the folder again, "
-                        f"or remove {SETTINGS_FILE} to score the image files in it as they are")
-    return count, fmt
 
 
 def _left_out(root: Path, found: list[Path], used: list[Path], why: str) -> list[str]:

@@ -25,10 +25,10 @@ from difftool.safeio import atomic_path
 from difftool.data.cache import default_cache_dir
 from difftool.errors import UserError, first_line
 from difftool.evaluation.features import MAX_WIDTH, Extractor, extract, same_network
+from difftool.sampling.folder import SampleFolder
 from difftool.evaluation.imagesets import (
     ImageSet,
     from_data_source,
-    is_sample_folder,
     npy_shape,
     open_images,
     open_npz,
@@ -188,7 +188,7 @@ def images_of(source: str, *, resolution: int, split: str = "train", max_images:
     data source as training would see it at `resolution`."""
     if not source.strip():  # Path("") is the working folder: never what an empty argument meant
         raise UserError("the data is an empty string; give a data set name, a folder of images or an .npz of images")
-    if Path(source).suffix == ".npz" or is_sample_folder(source):
+    if Path(source).suffix == ".npz" or SampleFolder.holds_samples(source):
         return open_images(source)
     return from_data_source(source, resolution=resolution, split=split, max_images=max_images)
 

@@ -36,7 +36,8 @@ from difftool.progress import say
 from difftool.rundir import progress_problem, read_progress
 from difftool.runlock import on_main_process
 from difftool.safeio import append_jsonl, check_regular
-from difftool.sampling.job import NPZ_FILE, SampleRequest
+from difftool.sampling.folder import NPZ_FILE
+from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.data import center_crops
 from difftool.config_rules import PLATEAU
@@ -287,12 +288,10 @@ class Evaluator:
     def _request(self) -> SampleRequest:
         cfg = self.cfg
         scheduler, steps = _sampler(cfg)
-        conditional = cfg.model.class_conditional
-        guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
+        # Guidance not given here is the run's `sample:` section's, resolved as `difftool sample RUN` resolves it.
+        guidance = cfg.eval.guidance_scale if cfg.model.class_conditional else None
         return SampleRequest(num_images=cfg.eval.num_samples, scheduler=scheduler, steps=steps, seed=cfg.eval.seed,
-                             batch_size=cfg.train.batch_size, guidance_scale=guidance if conditional else None,
-                             guidance_rescale=cfg.sample.guidance_rescale if conditional and guidance != 1 else None,
-                             format="npz")
+                             batch_size=cfg.train.batch_size, guidance_scale=guidance, format="npz")
 
     def _model(self, unet, step: int) -> LoadedModel:
         """The model being trained, in the form every sampler takes."""

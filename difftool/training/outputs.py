@@ -10,7 +10,6 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DModel
 
 from difftool.errors import os_errors_of_writers
@@ -20,9 +19,9 @@ from difftool.progress import say
 from difftool.rundir import PROGRESS_FILE
 from difftool.versions import made_by
 from difftool.safeio import atomic_dir, fsync_tree, temporary_dir
-from difftool.sampling.conditions import resolve_guidance_rescale
 from difftool.sampling.job import grid_of, sample_batch
 from difftool.sampling.loop import NonFiniteSamples
+from difftool.sampling.settings import resolve_sampler
 
 
 class RunWriter:
@@ -91,25 +90,19 @@ class RunWriter:
             unet = self.eval_unet()
             try:
                 n = cfg.num_images
-                num_classes = self.info["num_classes"]
-                labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
-                res = self.cfg.data.resolution
-                guidance = cfg.guidance_scale if labels is not None else 1.0
-                rescale = resolve_guidance_rescale(None, cfg.guidance_rescale, guidance)
+                config = self.stepper.noise_scheduler.config
+                sampler = resolve_sampler(self.info, config, cfg, seed=cfg.seed)
                 try:
                     with acc.autocast():
-                        images = sample_batch(unet, self.stepper.noise_scheduler.config, list(range(n)),
-                                              (self.stepper.data.channels, res, res), self.device,
-                                              scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed, labels=labels,
-                                              null_class=self.info["null_class"], guidance_scale=guidance,
-                                              guidance_rescale=rescale)
+                        images = sample_batch(unet, config, self.info, sampler, list(range(n)), device=self.device)
                 except NonFiniteSamples as err:  # a preview is not worth the run: say so and train on
                     say(f"[yellow]warning:[/] step {step}: no sample grid ({cfg.scheduler}): {err.broken} of "
                         f"{err.total} preview images came out NaN or infinite")
                 else:
-                    settings = {"step": step, "scheduler": cfg.scheduler, "steps": cfg.steps, "seed": cfg.seed,
-                                "weights": "ema", "guidance_scale": guidance, "guidance_rescale": rescale}
-                    save_png(grid_of(images, num_classes or None), self.run.sample_grid(step),
+                    settings = {"step": step, "scheduler": sampler.scheduler, "steps": sampler.steps,
+                                "seed": sampler.seed, "weights": "ema", "guidance_scale": sampler.guidance_scale,
+                                "guidance_rescale": sampler.guidance_rescale}
+                    save_png(grid_of(images, self.info["num_classes"] or None), self.run.sample_grid(step),
                              {k: str(v) for k, v in settings.items()})
             finally:
                 self.restore_weights(unet)

@@ -1,0 +1,60 @@
+"""How a set of images is sampled, resolved once into one frozen value that every sampler caller passes on.
+
+`difftool sample`, training's preview grids, evaluation during training and inpainting all resolve their
+sampler the same way: what was asked, else the model's recipe (`sampling.defaults`), else the scheduler's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difftool.sampling.conditions import resolve_classes, resolve_guidance, resolve_guidance_rescale
+from difftool.sampling.schedulers import choose, make_scheduler
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything but the model that decides image i: the sampler, the seed, the classes and the guidance."""
+
+    scheduler: str
+    steps: int
+    seed: int = 0
+    classes: tuple[int, ...] | None = None  # image i is of classes[i % len(classes)]; None: unconditional
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    karras_sigmas: bool = False
+    eta: float | None = None
+    timestep_spacing: str | None = None  # as asked; None: the scheduler's default
+
+    def label(self, index: int) -> int | None:
+        return self.classes[index % len(self.classes)] if self.classes else None
+
+    def make_scheduler(self, scheduler_config: dict):
+        """A fresh scheduler (multistep ones keep state between steps) for a model trained with `scheduler_config`."""
+        return make_scheduler(self.scheduler, scheduler_config, steps=self.steps, karras_sigmas=self.karras_sigmas,
+                              eta=self.eta, timestep_spacing=self.timestep_spacing)
+
+    def record(self, scheduler_config: dict) -> dict:
+        """What a sample folder and every image record: these settings, with the timestep spacing used."""
+        spacing = self.make_scheduler(scheduler_config).config.get("timestep_spacing")
+        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "karras_sigmas": self.karras_sigmas,
+                "timestep_spacing": spacing, "seed": self.seed,
+                "classes": list(self.classes) if self.classes is not None else None,
+                "guidance_scale": self.guidance_scale, "guidance_rescale": self.guidance_rescale}
+
+
+def resolve_sampler(info: dict, scheduler_config: dict, defaults=None, *, scheduler: str | None = None,
+                    steps: int | None = None, classes: list[str] | None = None, guidance_scale: float | None = None,
+                    guidance_rescale: float | None = None, **fixed) -> SamplerSettings:
+    """The settings for a model (its `info` and training scheduler config): each value as asked, else its
+    `defaults` (a SampleConfig: the model's recipe), else the scheduler's own. `fixed`: seed, karras_sigmas,
+    eta, timestep_spacing, taken as they are. Refuses, with one line, what the model cannot do."""
+    spec, steps = choose(scheduler, steps, defaults, scheduler_config["num_train_timesteps"])
+    class_ids = resolve_classes(classes, info)
+    guidance = resolve_guidance(guidance_scale, getattr(defaults, "guidance_scale", None), info, class_ids)
+    rescale = resolve_guidance_rescale(guidance_rescale, getattr(defaults, "guidance_rescale", None), guidance)
+    settings = SamplerSettings(spec.name, steps, classes=tuple(class_ids) if class_ids is not None else None,
+                               guidance_scale=guidance, guidance_rescale=rescale, **fixed)
+    settings.make_scheduler(scheduler_config)  # refuses options this scheduler cannot honour
+    return settings
+
