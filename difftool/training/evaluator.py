@@ -126,9 +126,9 @@ def _load_scorer(cfg, show_progress: bool) -> Scorer:
 class Evaluator:
     """The evaluations of one run: when, with what, and the best score so far (restored on --resume)."""
 
-    def __init__(self, cfg, run, writer, scorer: Scorer | None, show_progress: bool):
-        self.cfg, self.run, self.writer, self.scorer = cfg, run, writer, scorer
-        self.accelerator = writer.accelerator
+    def __init__(self, state, writer, scorer: Scorer | None, show_progress: bool):
+        self.state, self.cfg, self.run, self.writer, self.scorer = state, state.cfg, state.run, writer, scorer
+        self.accelerator = state.accelerator
         self.show_progress = show_progress and self.accelerator.is_main_process
         self.best_step, self.best_score = None, math.inf
         self.judge: JudgeFacts | None = None  # the main process's, with eval.features: judge
@@ -295,8 +295,8 @@ class Evaluator:
 
     def _model(self, unet, step: int) -> LoadedModel:
         """The model being trained, in the form every sampler takes."""
-        writer = self.writer
-        weights = "ema" if writer.ema is not None else "raw"
-        return LoadedModel(unet=unet, scheduler_config=dict(writer.stepper.noise_scheduler.config), info=writer.info,
+        state = self.state
+        weights = "ema" if state.ema is not None else "raw"
+        return LoadedModel(unet=unet, scheduler_config=dict(state.noise_scheduler.config), info=state.info,
                            source=f"{self.run.root} at step {step} ({weights} weights)", weights=weights,
                            model_hash=state_dict_hash(unet.state_dict()), notes=[])

@@ -16,13 +16,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
-from difftool.models.export import model_info
 from difftool.models.load import load_model
 from difftool.config import Config
 from difftool.safeio import append_jsonl, refuse_file_in_the_way, write_text
@@ -32,13 +28,13 @@ from difftool.errors import (
     is_storage_error,
     storage_problem,
 )
-from difftool.models.build import build_noise_scheduler, build_unet, count_parameters
+from difftool.models.build import count_parameters
 from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_output, resume_command
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.objective import Denoising, MakeObjective
 from difftool.training.step import Stepper
-from difftool.training.until import Plateau, until_of
+from difftool.training.state import TrainingState, build_state
 from difftool.progress import TrainingProgress, say
 from difftool.output_rules import refuse_inputs_as_output
 from difftool.rundir import RunDir, read_progress
@@ -51,14 +47,10 @@ from difftool.training.setup import (
     flat_config,
     hardware,
     load_data,
-    load_start_weights,
     load_state,
     make_accelerator,
     micro_batch_size,
 )
-
-LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
-
 
 @dataclass
 class TrainResult:
@@ -100,7 +92,8 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     accelerator = make_accelerator(cfg, run)
     try:
         with main_process_lock(accelerator, run.root, "train"), cpu_share():
-            return _train_locked(cfg, run, accelerator, resume, overwrite, show_progress, why_recipe, optional_eval,
+            session = _Session(resume, overwrite, show_progress, why_recipe, optional_eval)
+            return _train_locked(cfg, run, accelerator, session,
                                  objective or (lambda _acc, _unet, schedule: Denoising(cfg, schedule)))
     except OSError as err:
         if not is_storage_error(err):
@@ -110,93 +103,66 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
                         f"with: difftool {resume_command(cfg)} --resume {run.root}") from err
 
 
-def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool,
-                  show_progress: bool, why_recipe: str | None, optional_eval: bool,
+@dataclass(frozen=True)
+class _Session:
+    """How this `train` call runs: from where, over what, and what it prints (see `train`)."""
+
+    resume: Path | None
+    overwrite: bool
+    show_progress: bool
+    why_recipe: str | None
+    optional_eval: bool
+
+
+def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _Session,
                   make_objective: MakeObjective) -> TrainResult:
+    resume = session.resume
     micro_batch = micro_batch_size(cfg, accelerator.num_processes)
-    check_output(run, cfg, resume, overwrite)
+    check_output(run, cfg, resume, session.overwrite)
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
     start_weights = load_model(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     data = load_data(accelerator, cfg)
     if cfg.model.class_conditional == "auto":  # decided here, so the run's config.yaml records true or false
         cfg.model.class_conditional = data.labels is not None and len(data.label_names) > 1
-    labels_used = cfg.model.class_conditional
-    if labels_used and data.labels is None:
+    if cfg.model.class_conditional and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
-    num_classes = len(data.label_names) if labels_used else None
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
-    scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=optional_eval, show_progress=show_progress)
-    _prepare_folder(cfg, run, accelerator, resume, overwrite)
+    scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=session.optional_eval,
+                                         show_progress=session.show_progress)
+    _prepare_folder(cfg, run, accelerator, resume, session.overwrite)
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=flat_config(cfg))
 
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.train.seed)
-    unet = build_unet(cfg.model, resolution=cfg.data.resolution, channels=data.channels, num_classes=num_classes)
-    if start_weights is not None:
-        load_start_weights(unet, start_weights)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    noise_scheduler = build_noise_scheduler(cfg.scheduler)
-    steps_per_epoch = max(1, len(data) // cfg.train.batch_size)
-    max_steps = cfg.train.epochs * steps_per_epoch if cfg.train.epochs else cfg.train.max_steps
-
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_epsilon, weight_decay=cfg.train.weight_decay,
-        fused=True,  # one kernel for all parameters, on GPUs and (torch >= 2.4) CPUs: 4x faster steps than foreach
-    )
-    until = until_of(cfg, max_steps)
-    lr_scheduler = _lr_schedule(cfg, optimizer, until, max_steps)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema.max_decay, use_ema_warmup=True, inv_gamma=cfg.ema.inv_gamma,
-                   power=cfg.ema.power, update_after_step=cfg.ema.update_after_step, foreach=True,
-                   model_cls=UNet2DModel, model_config=unet.config) if cfg.ema.enabled else None
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
-    objective = make_objective(accelerator, accelerator.unwrap_model(unet), noise_scheduler)
-    # The LR scheduler is stepped by hand once per optimizer step, so it is not `prepare`d
-    # (accelerate would step it once per process); it is saved with the state all the same.
-    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []), *objective.saved())
-
+    state = build_state(cfg, run, accelerator, data, micro_batch, start_weights=start_weights,
+                        make_objective=make_objective)
     start_step = 0
     if resume is not None:
         load_state(accelerator, resume)
         progress = read_progress(resume)
         start_step = progress["step"]
-        until.restore(progress)
+        state.until.restore(progress)
+        state.nonfinite.restore(progress)
         # At the end with no model/ of that step, the run was killed while exporting: finish that.
-        end = until.end()
+        end = state.until.end()
         if start_step > end or (start_step == end and exported_step(run) == start_step):
-            raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={max_steps}"
-                            f"{', and train.until: plateau stopped it' if end != max_steps else ''}); "
+            budget = cfg.train.epochs * state.steps_per_epoch if cfg.train.epochs else cfg.train.max_steps
+            raise UserError(f"{run.root} is already trained to step {start_step} (train.max_steps={budget}"
+                            f"{', and train.until: plateau stopped it' if end != budget else ''}); "
                             f"raise --max-steps to train further")
-    info = model_info(cfg, data, num_classes)
-    trainer = _Trainer(cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
-                       micro_batch, steps_per_epoch, info, until)
-    if resume is not None:
-        trainer.steps.nonfinite.restore(progress)
+    trainer = _Trainer(state)
     if accelerator.is_main_process:
-        trainer.log_start(start_step, count_parameters(unet), why_recipe)
+        trainer.log_start(start_step, count_parameters(state.unet), session.why_recipe)
         if eval_note:
             say(eval_note, highlight=False)
-    evaluator = Evaluator(cfg, run, trainer.outputs, scorer, show_progress) if cfg.eval.every else None
+    evaluator = Evaluator(state, trainer.outputs, scorer, session.show_progress) if cfg.eval.every else None
     if evaluator is not None:
         evaluator.prepare(data, resumed=resume is not None)
-    return trainer.run_session(start_step, show_progress, resume, evaluator)
-
-
-def _lr_schedule(cfg: Config, optimizer, until, max_steps: int):
-    """The recipe's lr_schedule over `max_steps`; with train.until: plateau, the rule's own (training/until.py)."""
-    if isinstance(until, Plateau):
-        # A closure, not the bound method: its state is the rule's (in progress.json), not the LR scheduler's.
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: until.lr_factor(step))
-    return get_scheduler(LR_SCHEDULE_NAMES[cfg.train.lr_schedule], optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                         num_training_steps=max_steps)
+    return trainer.run_session(start_step, session.show_progress, resume, evaluator)
 
 
 def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool) -> None:
@@ -217,13 +183,13 @@ def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: 
 class _Trainer:
     """The loop of one run: steps (`Stepper`), reports, and the outputs (`RunWriter`) at their intervals."""
 
-    def __init__(self, cfg, run, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
-                 micro_batch, steps_per_epoch, info, until):
-        self.cfg, self.run, self.accelerator, self.data, self.until = cfg, run, accelerator, data, until
-        self.steps = Stepper(cfg, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
-                             micro_batch, steps_per_epoch, self.last_checkpoint)
-        self.outputs = RunWriter(cfg, run, self.steps, info, until)
-        self.device = accelerator.device
+    def __init__(self, state: TrainingState):
+        self.state = state
+        self.cfg, self.run, self.accelerator, self.data, self.until = (state.cfg, state.run, state.accelerator,
+                                                                       state.data, state.until)
+        self.stepper = Stepper(state)
+        self.outputs = RunWriter(state)
+        self.device = state.device
         self.stop_requested = False
         self.step = 0  # the step reached, for the record of a session a second Ctrl-C ends
         self.slowdown = Slowdown()
@@ -258,7 +224,7 @@ class _Trainer:
         with StopOnSignal(self) as guard, progress:
             while step < max_steps:
                 rebalance()
-                window.add(self.steps.step(step), step)
+                window.add(self.stepper.step(step), step)
                 step = self.step = step + 1
                 progress.advance()
                 logging = step % cfg.log.every == 0 or step == max_steps
@@ -303,12 +269,12 @@ class _Trainer:
             raise UserError(
                 f"loss became {loss} at step {first + 1}; nothing from that step on was saved. Lower train.lr, use "
                 f"train.mixed_precision=no, set train.grad_clip, or skip such steps with --skip-nonfinite N "
-                f"(last good checkpoint: {self.last_checkpoint()})")
-        record = {"step": step, "loss": loss, "lr": self.steps.lr_scheduler.get_last_lr()[0],
+                f"(last good checkpoint: {self.state.last_checkpoint()})")
+        record = {"step": step, "loss": loss, "lr": self.state.lr_scheduler.get_last_lr()[0],
                   "img_per_s": window.steps * cfg.train.batch_size / window.seconds(),
-                  "epoch": step / self.steps.steps_per_epoch}
-        if self.steps.nonfinite.limit:
-            record["skipped_steps"] = self.steps.nonfinite.skipped
+                  "epoch": step / self.state.steps_per_epoch}
+        if self.state.nonfinite.limit:
+            record["skipped_steps"] = self.state.nonfinite.skipped
         if acc.is_main_process:
             append_jsonl(self.run.metrics, record)
             progress.show_metrics(record)
@@ -351,9 +317,6 @@ class _Trainer:
             broadcast_object_list(state)
             self.until.restore({**state[0]})
 
-    def last_checkpoint(self) -> str:
-        return str(self.run.latest_checkpoint() or "none yet")
-
     def _agree_to_stop(self, step: int) -> bool:
         """Whether every process has seen Ctrl-C/SIGTERM (one collective every few steps in DDP)."""
         if self.accelerator.num_processes == 1:
@@ -365,7 +328,7 @@ class _Trainer:
 
     def log_start(self, start_step: int, params: int, why_recipe: str | None) -> None:
         acc, cfg = self.accelerator, self.cfg
-        distilling = self.steps.objective.describe()
+        distilling = self.state.objective.describe()
         what = "resuming" if start_step else "distilling" if distilling else "training"
         start = (f" ({distilling})" if distilling else
                  f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else "")

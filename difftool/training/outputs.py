@@ -25,11 +25,11 @@ from difftool.sampling.settings import resolve_sampler
 
 
 class RunWriter:
-    """Writes the run folder's checkpoints, previews and model/ from the training state of a `Stepper`."""
+    """Writes the run folder's checkpoints, previews and model/ from a run's `TrainingState` (training/state.py)."""
 
-    def __init__(self, cfg, run, stepper, info, until):
-        self.cfg, self.run, self.stepper, self.info, self.until = cfg, run, stepper, info, until
-        self.accelerator, self.ema, self.device = stepper.accelerator, stepper.ema, stepper.device
+    def __init__(self, state):
+        self.state, self.cfg, self.run, self.info = state, state.cfg, state.run, state.info
+        self.accelerator, self.ema, self.device = state.accelerator, state.ema, state.device
 
     def save_checkpoint(self, step: int) -> Path:
         """The training state as checkpoints/step-NNNNNN; the oldest beyond checkpoint.total_limit are removed."""
@@ -57,8 +57,8 @@ class RunWriter:
             if acc.is_main_process:
                 if self.ema is not None:
                     self.ema.save_pretrained(str(tmp / "unet_ema"))
-                progress = {"step": step, "epoch": step / self.stepper.steps_per_epoch, **self.stepper.nonfinite.state(),
-                            **self.until.state(), **made_by(), **self.info, **extra}
+                progress = {"step": step, "epoch": step / self.state.steps_per_epoch, **self.state.nonfinite.state(),
+                            **self.state.until.state(), **made_by(), **self.info, **extra}
                 (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
                 fsync_tree(tmp)  # on disk before it is named complete: survives a power cut, not only a kill
         if acc.is_main_process:
@@ -68,7 +68,7 @@ class RunWriter:
 
     def bare_unet(self) -> UNet2DModel:
         """The UNet without DDP or torch.compile wrappers: what gets sampled and saved."""
-        return self.accelerator.unwrap_model(self.stepper.unet, keep_torch_compile=False)
+        return self.state.bare_unet()
 
     def eval_unet(self):
         """The bare model with EMA weights swapped in; call `restore_weights` afterwards."""
@@ -90,7 +90,7 @@ class RunWriter:
             unet = self.eval_unet()
             try:
                 n = cfg.num_images
-                config = self.stepper.noise_scheduler.config
+                config = self.state.noise_scheduler.config
                 sampler = resolve_sampler(self.info, config, cfg, seed=cfg.seed)
                 try:
                     with acc.autocast():
@@ -117,8 +117,8 @@ class RunWriter:
             raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if self.ema else None
             ema_unet = self.eval_unet()
             try:
-                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.stepper.noise_scheduler,
-                                info={**self.info, "step": self.until.end(), **made_by()})
+                export_pipeline(self.run.model_dir, unet=ema_unet, raw_state=raw, scheduler=self.state.noise_scheduler,
+                                info={**self.info, "step": self.state.until.end(), **made_by()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()

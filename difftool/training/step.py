@@ -12,31 +12,22 @@ import math
 import torch
 
 from difftool.data import make_batch
-from difftool.training.guards import NonFiniteSteps
 
 
 class Stepper:
-    """The model, its optimiser and EMA, what it minimises, and the data: what a step reads and changes."""
+    """One step of a run's `TrainingState` (training/state.py): the model, its optimiser and EMA, what it minimises,
+    and the data, which a step reads and changes."""
 
-    def __init__(self, cfg, accelerator, unet, optimizer, lr_scheduler, ema, objective, noise_scheduler, data,
-                 micro_batch, steps_per_epoch, last_checkpoint):
-        self.cfg, self.accelerator = cfg, accelerator
-        self.unet, self.optimizer, self.lr_scheduler, self.ema = unet, optimizer, lr_scheduler, ema
-        self.objective = objective
-        self.noise_scheduler, self.data = noise_scheduler, data
-        self.micro_batch, self.steps_per_epoch = micro_batch, steps_per_epoch
-        self.last_checkpoint = last_checkpoint  # () -> str, named when a step is skipped
-        self.device = accelerator.device
+    def __init__(self, state):
+        self.state, self.cfg, self.accelerator, self.data = state, state.cfg, state.accelerator, state.data
+        self.device = state.device
         self._perm_epoch, self._perm = -1, None
-        # Under fp16 the loss scaler already skips overflowing steps (and must see them to lower its scale).
-        fp16 = accelerator.mixed_precision == "fp16"
-        self.nonfinite = NonFiniteSteps(0 if fp16 else cfg.train.skip_nonfinite, announce=accelerator.is_main_process)
 
     # ------------------------------------------------------------ data order
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's indices for `step`: a seeded permutation per epoch, sliced per rank."""
-        epoch, position = divmod(step, self.steps_per_epoch)
+        epoch, position = divmod(step, self.state.steps_per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), epoch
@@ -65,21 +56,21 @@ class Stepper:
 
     def step(self, step: int) -> torch.Tensor | None:
         """One optimizer step over `grad_accum` micro-batches; the mean loss (on device), None if skipped."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc, state = self.cfg, self.accelerator, self.state
         # Model-internal randomness (dropout) and random crops come from (seed, step, rank).
         seed = (cfg.train.seed * 1_000_003 + step) * 4099 + acc.process_index
         torch.manual_seed(seed)
         crops = torch.Generator().manual_seed(seed)
         shared = self.step_randomness(step)
-        self.objective.begin_step(step)
+        state.objective.begin_step(step)
         indices = self.batch_indices(step)
         accum = cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
-        self.unet.train()
+        state.unet.train()
         for micro in range(accum):
-            part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
-            start = acc.process_index * self.micro_batch * accum + part.start
-            mine = slice(start, start + self.micro_batch)  # this slice of the global batch
+            part = slice(micro * state.micro_batch, (micro + 1) * state.micro_batch)
+            start = acc.process_index * state.micro_batch * accum + part.start
+            mine = slice(start, start + state.micro_batch)  # this slice of the global batch
             x0, labels = make_batch(self.data, indices[part], resolution=cfg.data.resolution, random_flip=False,
                                     crop=cfg.data.crop, generator=crops)
             x0 = x0.to(self.device, non_blocking=True)
@@ -89,21 +80,21 @@ class Stepper:
                 labels = torch.where(shared["drop"][mine], torch.full_like(labels, len(self.data.label_names)), labels)
             else:
                 labels = None
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.unet)
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(state.unet)
             with sync:
-                loss = self.objective.loss(self.unet, x0, labels, shared["noise"][mine], shared["t"][mine])
+                loss = state.objective.loss(state.unet, x0, labels, shared["noise"][mine], shared["t"][mine])
                 acc.backward(loss / accum)
             total += loss.detach() / accum
         # Without clipping, an infinite max norm measures the gradients and leaves them as they are.
-        clip = cfg.train.grad_clip or (math.inf if self.nonfinite.limit else 0)
-        norm = acc.clip_grad_norm_(self.unet.parameters(), clip) if clip else None
-        if self.nonfinite.limit and self.nonfinite.skip(step, norm, total, self.last_checkpoint()):
-            self.optimizer.zero_grad(set_to_none=True)
+        clip = cfg.train.grad_clip or (math.inf if state.nonfinite.limit else 0)
+        norm = acc.clip_grad_norm_(state.unet.parameters(), clip) if clip else None
+        if state.nonfinite.limit and state.nonfinite.skip(step, norm, total, state.last_checkpoint()):
+            state.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.objective.after_step()
-        if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.objective.after_step()
+        if state.ema is not None:
+            state.ema.step(state.unet.parameters())
         return total
