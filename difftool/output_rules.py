@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from difftool.errors import UserError
@@ -32,6 +33,18 @@ def source_name(source: str | Path) -> str:
     else:
         name = path.stem if path.suffix else path.name
     return re.sub(r"[^\w.-]+", "_", name) or "model"
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What a command does with outputs made before: refuse to touch them (the default), replace them
+    (--overwrite), or keep them and make only what is missing (--resume)."""
+
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        refuse_overwrite_with_resume(self.overwrite, self.resume)
 
 
 def refuse_overwrite_with_resume(overwrite: bool, resume: bool) -> None:

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from difftool.inpainting.repaint import RepaintSchedule, blend, repaint
+from difftool.inpainting.repaint import KnownRegion, RepaintSchedule, blend, repaint
 from difftool.sampling.loop import Predictor, image_generators, initial_noise
 from difftool.sampling.schedulers import SCHEDULERS, make_scheduler, model_calls
 from tests.conftest import assert_user_error
@@ -94,8 +94,8 @@ def test_blend_fills_with_the_answer_with_every_scheduler(spec, resample):
     model = KnowsTheAnswer(answer())
     generators = image_generators(0, [0, 1])
     noise = initial_noise(generators, SHAPE, "cpu")
-    out = blend({}, model, make_scheduler(spec.name, training_config(), steps=10), known_image(), centre_mask(), noise,
-                steps=10, generators=generators, resample=resample)
+    out = blend(Predictor(model), make_scheduler(spec.name, training_config(), steps=10),
+                KnownRegion(known_image(), centre_mask(), generators, resample), noise, steps=10)
     assert len(model.calls) == model_calls(spec, 10, training_config()) * (1 + resample) - resample
     inside = centre_mask().bool().expand_as(out)
     torch.testing.assert_close(out[inside], answer().expand_as(out)[inside], atol=5e-3, rtol=0)
@@ -126,8 +126,8 @@ def test_blend_noises_the_known_region_to_the_level_of_each_model_call(name, res
     known = known_image().repeat(4, 1, 1, 1)
     generators = image_generators(0, range(8))
     scheduler = make_scheduler(name, training_config(), steps=10)
-    blend({}, model, scheduler, known, centre_mask(), initial_noise(generators, SHAPE, "cpu"), steps=10,
-          generators=generators, resample=resample)
+    blend(Predictor(model), scheduler, KnownRegion(known, centre_mask(), generators, resample),
+          initial_noise(generators, SHAPE, "cpu"), steps=10)
     stds = implied_noise_std(model.calls, known, centre_mask())
     assert min(stds) > 0.9 and max(stds) < 1.1, stds
 
@@ -139,8 +139,8 @@ def test_resampling_noises_the_whole_sample_back_to_its_level(name):
     known = known_image().repeat(4, 1, 1, 1)
     generators = image_generators(0, range(8))
     scheduler = make_scheduler(name, training_config(), steps=10)
-    blend({}, model, scheduler, known, torch.ones(1, 1, *SHAPE[1:]), initial_noise(generators, SHAPE, "cpu"),
-          steps=10, generators=generators, resample=1)
+    blend(Predictor(model), scheduler, KnownRegion(known, torch.ones(1, 1, *SHAPE[1:]), generators, resample=1),
+          initial_noise(generators, SHAPE, "cpu"), steps=10)
     target = answer().expand_as(known)
     stds = [float(((x - ab.sqrt() * target) / (1 - ab).sqrt()).std()) for x, ab in model.calls[1:]]
     assert min(stds) > 0.85 and max(stds) < 1.15, stds

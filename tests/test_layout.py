@@ -160,3 +160,19 @@ def test_the_readme_map_names_every_module():
         if absent := sorted(n for n in names if f"`{n}" not in text and f"`{n.removesuffix('.py')}`" not in text):
             missing[key] = absent
     assert missing == {}
+
+
+def test_no_function_takes_more_than_8_parameters():
+    """More than 8 and a function is doing several jobs, or its settings want one object (`SamplerSettings`,
+    `TrainingState`, `Existing`). The CLI's commands are exempt: their parameters are the command's options."""
+    many = {}
+    for name, path in _modules().items():
+        if name.startswith("difftool.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg not in ("self", "cls")]
+                if len(params) > 8:
+                    many[f"{name}.{node.name}"] = len(params)
+    assert many == {}

@@ -89,7 +89,7 @@ def sample(unet, name: str, indices, *, steps: int = STEPS, config: dict | None 
     if sampler_seed is not None:
         generators = image_generators(sampler_seed, indices)
     scheduler = make_scheduler(name, config or training_config(), steps=steps, eta=eta, **options)
-    return denoise(unet, scheduler, noise, steps=steps, generators=generators, eta=eta)
+    return denoise(Predictor(unet), scheduler, noise, steps=steps, generators=generators, eta=eta)
 
 
 # ---------------------------------------------------------------- every scheduler
@@ -110,7 +110,7 @@ def test_each_image_depends_only_on_seed_and_index(unet, spec):
 def test_model_calls_match_the_schedule(unet, spec):
     recorder = RecordingUNet(unet)
     scheduler = make_scheduler(spec.name, training_config(), steps=STEPS)
-    denoise(recorder, scheduler, initial_noise(image_generators(0, [0]), SHAPE, "cpu"), steps=STEPS,
+    denoise(Predictor(recorder), scheduler, initial_noise(image_generators(0, [0]), SHAPE, "cpu"), steps=STEPS,
             generators=image_generators(0, [0]))
     assert len(recorder.inputs) == len(scheduler.timesteps) == model_calls(spec, STEPS, training_config())
     if spec.name == "heun":
@@ -194,7 +194,7 @@ def test_sigma_schedulers_see_unit_variance_inputs(unet, name):
     recorder = RecordingUNet(unet)
     scheduler = make_scheduler(name, training_config(), steps=STEPS)
     noise = initial_noise(image_generators(0, range(4)), SHAPE, "cpu")
-    denoise(recorder, scheduler, noise, steps=STEPS)
+    denoise(Predictor(recorder), scheduler, noise, steps=STEPS)
     assert scheduler.init_noise_sigma > 5  # the unscaled first sample would have std ~ sigma
     assert float(recorder.inputs[0].std()) == pytest.approx(1.0, abs=0.15)
 
@@ -336,7 +336,7 @@ def test_a_model_that_knows_the_answer_is_sampled_to_it(spec, kind):
     # beta_start 1e-6: DEIS ends at t = 0 rather than at sigma 0, so t = 0 must be almost noise-free
     config = training_config(prediction_type=kind, clip_sample=False, beta_start=1e-6)
     noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
-    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler(spec.name, config, steps=STEPS), noise,
+    out = denoise(Predictor(KnowsTheAnswer(config, answer(0.9))), make_scheduler(spec.name, config, steps=STEPS), noise,
                   steps=STEPS, generators=image_generators(0, [0, 1]))
     torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
 
@@ -349,7 +349,7 @@ def test_zero_terminal_snr_models_are_sampled_to_the_answer(spec):
                              rescale_betas_zero_snr=True)
     assert DDPMScheduler.from_config(config).alphas_cumprod[-1] == 0
     noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
-    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler(spec.name, config, steps=STEPS), noise,
+    out = denoise(Predictor(KnowsTheAnswer(config, answer(0.9))), make_scheduler(spec.name, config, steps=STEPS), noise,
                   steps=STEPS, generators=image_generators(0, [0, 1]))
     torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
 
@@ -361,7 +361,7 @@ def test_ddim_with_eta_samples_zero_terminal_snr_models_to_the_answer(eta):
     config = training_config(prediction_type="v_prediction", clip_sample=False, beta_start=1e-6,
                              rescale_betas_zero_snr=True)
     noise = initial_noise(image_generators(0, [0, 1]), SHAPE, "cpu")
-    out = denoise(KnowsTheAnswer(config, answer(0.9)), make_scheduler("ddim", config, steps=STEPS, eta=eta), noise,
+    out = denoise(Predictor(KnowsTheAnswer(config, answer(0.9))), make_scheduler("ddim", config, steps=STEPS, eta=eta), noise,
                   steps=STEPS, generators=image_generators(0, [0, 1]), eta=eta)
     torch.testing.assert_close(out, answer(0.9).expand_as(out), atol=5e-3, rtol=0)
 
@@ -372,7 +372,7 @@ def test_every_scheduler_keeps_clip_sample(spec):
     or (euler, euler-a, lms, pndm) by the loop. Unclipped, cosine-schedule models give noise with euler."""
     config = training_config(clip_sample=True, beta_start=1e-6)
     noise = initial_noise(image_generators(0, [0]), SHAPE, "cpu")
-    out = denoise(KnowsTheAnswer(config, answer(1.5)), make_scheduler(spec.name, config, steps=STEPS), noise,
+    out = denoise(Predictor(KnowsTheAnswer(config, answer(1.5))), make_scheduler(spec.name, config, steps=STEPS), noise,
                   steps=STEPS, generators=image_generators(0, [0]))
     torch.testing.assert_close(out, answer(1.5).clamp(-1, 1).expand_as(out), atol=5e-3, rtol=0)
 
@@ -414,8 +414,8 @@ def test_classifier_free_guidance():
 
     def run(class_labels, scale):
         scheduler = make_scheduler("ddim", training_config(), steps=STEPS)
-        return denoise(unet, scheduler, noise, steps=STEPS, class_labels=class_labels, null_class=3,
-                       guidance_scale=scale)
+        return denoise(Predictor(unet, class_labels=class_labels, null_class=3, guidance_scale=scale), scheduler,
+                       noise, steps=STEPS)
 
     conditional = run(labels, 1.0)
     torch.testing.assert_close(run(labels, 0.0), run(null, 1.0), rtol=1e-5, atol=1e-5)  # scale 0: unconditional

@@ -112,9 +112,10 @@ def _sweep(source, spec, reference, metric_options, request, output, overwrite, 
     from difftool.evaluation.evaluate import COMPARABLE_N
     from difftool.evaluation.files import PLOT_FILE, RESULTS_CSV
     from difftool.evaluation.sweep import sweep
+    from difftool.output_rules import Existing
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
-                 overwrite=overwrite, resume=resume, show_progress=not quiet)
+                 existing=Existing(overwrite, resume), show_progress=not quiet)
     if rows is None:
         return
     if json_output:

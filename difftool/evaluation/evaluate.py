@@ -44,7 +44,7 @@ from difftool.evaluation.reference import (
     resolve,
     save,
 )
-from difftool.output_rules import refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.output_rules import Existing, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
 from difftool.rundir import lock_name
 from difftool.runlock import main_process_lock
 from difftool.threads import sharing_cores
@@ -104,8 +104,8 @@ def _evaluate_into(output: Path, source: str, reference: str | None, options: Me
         request = request or SampleRequest()
         model = load_checked(source, [request])
         scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
-        done = sample_and_score(source, model, request, output / "samples", scorer, overwrite=overwrite,
-                                resume=resume, show_progress=show_progress)
+        done = sample_and_score(source, model, request, output / "samples", scorer,
+                                existing=Existing(overwrite, resume), show_progress=show_progress)
         if done is None:
             return None
         record, notes = done[1], []
@@ -142,7 +142,7 @@ def checked_extractor(options: MetricOptions, resolution: int) -> Extractor:
 
 
 def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
-                     *, overwrite: bool, resume: bool, show_progress: bool,
+                     *, existing: Existing, show_progress: bool,
                      sampling_precision=contextlib.nullcontext) -> tuple[SampleResult, dict] | None:
     """One setting: sample `model` into `folder` (as `difftool sample --format npz` would) and score the samples.
 
@@ -151,8 +151,8 @@ def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, fo
     that only sample.
     """
     with sampling_precision():
-        sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=overwrite,
-                           resume=resume, show_progress=show_progress, model=model)
+        sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=existing.overwrite,
+                           resume=existing.resume, show_progress=show_progress, model=model)
     if scorer is None:
         return None
     record = scorer.score(open_images(folder / NPZ_FILE), show_progress, asked=asked_classes(folder, model))

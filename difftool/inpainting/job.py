@@ -20,7 +20,7 @@ from difftool.models.load import load_model
 from difftool.sampling.conditions import resolve_classes, resolve_guidance
 from difftool.errors import UserError
 from difftool.images import first_frame_note, save_png
-from difftool.inpainting.repaint import METHODS, RepaintSchedule, blend, repaint
+from difftool.inpainting.repaint import METHODS, KnownRegion, RepaintSchedule, blend, repaint
 from difftool.inpainting.pairs import Pair, find_pairs, load_pair
 from difftool.inpainting.paste import comparison, paste_back
 from difftool.progress import SamplingProgress, show_notes
@@ -98,14 +98,14 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
     model = load_model(model_source, weights=request.weights)
     show_notes(model.notes)
     defaults = sampling_defaults(model_source, model.info)
-    class_ids, guidance = _conditioning(request, model.info, defaults)
     method = _Method(model, request, defaults)
+    class_ids = method.class_ids
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = model.unet.to(device).eval()
     announce()
     settings = {
         **model_settings(model), "method": request.method, **method.settings, "seed": request.seed,
-        "guidance_scale": guidance, "invert": request.invert, "grow": request.grow, "crop": request.crop,
+        "guidance_scale": method.guidance, "invert": request.invert, "grow": request.grow, "crop": request.crop,
     }
     # Every file is checked before anything is written.
     several_frames = [name for job in jobs for name in _load(job, model, request).several_frames]
@@ -127,8 +127,7 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
             for first in range(0, request.num_samples, request.batch_size):
                 indices = list(range(first, min(first + request.batch_size, request.num_samples)))
                 on_step = functools.partial(progress.advance, len(indices) / method.model_calls)
-                results = _fill(pair, unet, method, indices, class_ids, model.info.get("null_class"), guidance, device,
-                                on_step)
+                results = _fill(pair, unet, method, indices, device, on_step)
                 for index, result in zip(indices, results, strict=True):
                     filled = paste_back(pair, result) if pair.coverage > 0 else pair.original
                     label = class_ids[index % len(class_ids)] if class_ids else None
@@ -143,10 +142,11 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
 
 
 class _Method:
-    """The chosen method with its scheduler and step count, resolved against the model."""
+    """The chosen method with its scheduler and step count, classes and guidance, resolved against the model."""
 
     def __init__(self, model: LoadedModel, request: InpaintRequest, defaults):
         self.model, self.request = model, request
+        self.class_ids, self.guidance = _conditioning(request, model.info, defaults)
         total = model.scheduler_config["num_train_timesteps"]
         if request.method == "repaint":
             if request.scheduler is not None or request.resample:
@@ -202,8 +202,7 @@ def _load(job: _Job, model: LoadedModel, request: InpaintRequest) -> Pair:
                      crop=request.crop, invert=request.invert, grow=request.grow)
 
 
-def _fill(pair: Pair, unet, method: _Method, indices: list[int], class_ids, null_class, guidance, device,
-          on_step) -> torch.Tensor:
+def _fill(pair: Pair, unet, method: _Method, indices: list[int], device, on_step) -> torch.Tensor:
     """uint8 results (model resolution) for the given sample indices of one image."""
     n = len(indices)
     generators = image_generators(method.request.seed, indices)
@@ -212,14 +211,16 @@ def _fill(pair: Pair, unet, method: _Method, indices: list[int], class_ids, null
     mask = pair.mask.to(device).expand(n, -1, -1, -1)
     if pair.coverage == 0:  # nothing to generate: the caller keeps the original
         return to_uint8(known)
+    class_ids = method.class_ids
     labels = torch.tensor([class_ids[i % len(class_ids)] for i in indices], device=device) if class_ids else None
-    conditioning = {"class_labels": labels, "null_class": null_class, "guidance_scale": guidance}
+    predict = Predictor(unet, class_labels=labels, null_class=method.model.info.get("null_class"),
+                        guidance_scale=method.guidance)
     if method.request.method == "repaint":
-        x = repaint(Predictor(unet, **conditioning), method.scheduler(), known, mask, noise, schedule=method.schedule,
-                    generators=generators, on_step=on_step)
+        x = repaint(predict, method.scheduler(), known, mask, noise, schedule=method.schedule, generators=generators,
+                    on_step=on_step)
     else:
-        x = blend(conditioning, unet, method.scheduler(), known, mask, noise, steps=method.steps,
-                  generators=generators, resample=method.request.resample, on_step=on_step)
+        x = blend(predict, method.scheduler(), KnownRegion(known, mask, generators, method.request.resample), noise,
+                  steps=method.steps, on_step=on_step)
     return to_uint8(x)
 
 

@@ -92,29 +92,33 @@ def _posterior_sample(x: torch.Tensor, x0: torch.Tensor, a_t: torch.Tensor, a_s:
     return mean + variance.sqrt() * initial_noise(generators, x.shape[1:], x.device)
 
 
-def blend_known(known: torch.Tensor, mask: torch.Tensor, generators: list[torch.Generator]):
-    """The `replace_known` hook of `denoise`: known pixels become the input noised to the level of t.
+class KnownRegion:
+    """The part of an image that inpainting keeps, as `denoise` takes it: before each model call the known
+    pixels become the input noised to the level of t, and `resample` rounds redo each step from its result
+    noised back up (as RePaint does with jumps of 1).
 
     `scheduler.add_noise` does the noising in the scheduler's own frame (variance-preserving, or
     x0 + sigma * noise for Euler-type schedulers), so this works with every scheduler.
     """
 
-    def replace(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    def __init__(self, known: torch.Tensor, mask: torch.Tensor, generators: list[torch.Generator], resample: int = 0):
+        self.known, self.mask, self.generators, self.resample = known, mask, generators, resample
+
+    def replace(self, scheduler, x: torch.Tensor, t) -> torch.Tensor:
         if getattr(scheduler, "begin_index", 0) is None:
             scheduler.set_begin_index(0)  # add_noise then reads the current step, not a timestep search
-        noise = initial_noise(generators, x.shape[1:], x.device)
+        noise = initial_noise(self.generators, x.shape[1:], x.device)
         timesteps = t.reshape(1).expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t)
-        noisy = scheduler.add_noise(known, noise, timesteps)
-        return mask * x + (1 - mask) * noisy
+        noisy = scheduler.add_noise(self.known, noise, timesteps)
+        return self.mask * x + (1 - self.mask) * noisy
 
-    return replace
+    def paste(self, x: torch.Tensor) -> torch.Tensor:
+        """The known pixels exactly, the generated ones from `x`."""
+        return self.mask * x + (1 - self.mask) * self.known
 
 
-def blend(predict_args: dict, unet, scheduler, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, *,
-          steps: int, generators: list[torch.Generator], resample: int = 0,
+def blend(predict, scheduler, region: KnownRegion, noise: torch.Tensor, *, steps: int,
           on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """Sample with any scheduler, putting the noised known region back before every model call;
-    `resample` rounds redo each step from its result noised back up, as RePaint does with jumps of 1."""
-    x = denoise(unet, scheduler, noise, steps=steps, generators=generators, on_step=on_step, resample=resample,
-                replace_known=blend_known(known, mask, generators), **predict_args)
-    return mask * x + (1 - mask) * known
+    """Sample with any scheduler, putting the noised known region back before every model call."""
+    x = denoise(predict, scheduler, noise, steps=steps, generators=region.generators, on_step=on_step, known=region)
+    return region.paste(x)

@@ -30,7 +30,7 @@ from difftool.sampling.defaults import sampling_defaults
 from difftool.runlock import main_process_lock
 from difftool.sampling.folder import FORMATS, SampleFolder
 from difftool.sampling.record import image_metadata, model_settings
-from difftool.sampling.loop import denoise, image_generators, initial_noise, to_uint8
+from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.settings import SamplerSettings, resolve_sampler
 from difftool.threads import announce, sharing_cores
 
@@ -217,9 +217,10 @@ def sample_batch(unet, scheduler_config: dict, info: dict, sampler: SamplerSetti
     generators = image_generators(sampler.seed, indices)
     noise = initial_noise(generators, (info["channels"], info["resolution"], info["resolution"]), device)
     labels = torch.tensor([sampler.label(i) for i in indices], device=device) if sampler.classes else None
-    x = denoise(unet, sampler.make_scheduler(scheduler_config), noise, steps=sampler.steps, generators=generators,
-                class_labels=labels, null_class=info.get("null_class"), guidance_scale=sampler.guidance_scale,
-                guidance_rescale=sampler.guidance_rescale, eta=sampler.eta, on_step=on_step)
+    predict = Predictor(unet, class_labels=labels, null_class=info.get("null_class"),
+                        guidance_scale=sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale)
+    x = denoise(predict, sampler.make_scheduler(scheduler_config), noise, steps=sampler.steps, generators=generators,
+                eta=sampler.eta, on_step=on_step)
     return to_uint8(x)
 
 

@@ -82,42 +82,36 @@ def predicted_x0_and_noise(output: torch.Tensor, x: torch.Tensor, alpha_bar: tor
 
 @torch.inference_mode()
 def denoise(
-    unet,
+    predict: Callable[[torch.Tensor, object], torch.Tensor],
     scheduler,
     noise: torch.Tensor,
     *,
     steps: int,
     generators: list[torch.Generator] | None = None,
-    class_labels: torch.Tensor | None = None,
-    null_class: int | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
     eta: float | None = None,
     on_step: Callable[[], None] | None = None,
-    replace_known: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    resample: int = 0,
+    known=None,
 ) -> torch.Tensor:
-    """Run the reverse process from `noise`; returns samples in model space (about [-1, 1]).
+    """Run the reverse process from `noise` with the model `predict` (a `Predictor`: classes and guidance
+    included); returns samples in model space (about [-1, 1]).
 
     The sample stays in the dtype of `noise` (float32) whatever the model's dtype, so
     half-precision models lose no accuracy in the scheduler's arithmetic. `eta` goes to
-    schedulers that take it (DDIM). `replace_known(scheduler, x, t)`, called before each model
-    call, lets inpainting put back the known region noised to t; `resample` rounds then redo each
-    step (but the last) that many times from the result noised back to t, the scheduler's state
+    schedulers that take it (DDIM). `known` (inpainting's `KnownRegion`): before each model call,
+    `known.replace(scheduler, x, t)` puts back the known region noised to t, and `known.resample`
+    rounds then redo each step (but the last) from the result noised back to t, the scheduler's state
     restored, so the known and generated regions can agree.
     """
-    predict = Predictor(unet, class_labels=class_labels, null_class=null_class, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     options = step_options(scheduler, generators=generators, eta=eta)
     clip = scheduler.config.get("clip_denoised", False)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
-        rounds = resample + 1 if i + 1 < len(timesteps) else 1
+        rounds = (known.resample if known is not None else 0) + 1 if i + 1 < len(timesteps) else 1
         for round_ in range(rounds):
-            if replace_known is not None:
-                x = replace_known(scheduler, x, t)
+            if known is not None:
+                x = known.replace(scheduler, x, t)
             before = copy.deepcopy(scheduler) if round_ + 1 < rounds else None
             rebalance()
             model_in = scheduler.scale_model_input(x, t)

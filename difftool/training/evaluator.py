@@ -33,6 +33,7 @@ from difftool.evaluation.judge import reference_rows
 from difftool.evaluation.verdict import verdict
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
+from difftool.output_rules import Existing
 from difftool.rundir import progress_problem, read_progress
 from difftool.runlock import on_main_process
 from difftool.safeio import append_jsonl, check_regular
@@ -216,7 +217,7 @@ class Evaluator:
         try:
             with abandonable():
                 done = sample_and_score(str(self.run.model_dir), self._model(unet, step), self._request(),
-                                        self.run.eval_dir / SAMPLES_DIR, self.scorer, overwrite=True, resume=False,
+                                        self.run.eval_dir / SAMPLES_DIR, self.scorer, existing=Existing(overwrite=True),
                                         show_progress=self.show_progress, sampling_precision=self.accelerator.autocast)
         finally:
             self.writer.restore_weights(unet)
