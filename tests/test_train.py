@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -410,3 +411,26 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     train(fresh, tmp_path / "fresh", show_progress=False)
     other = load_model(tmp_path / "fresh").unet.state_dict()
     assert not all(torch.allclose(before[k], other[k], atol=1e-6) for k in before)
+
+
+def test_the_prepared_model_is_released_before_the_process_group_ends(tmp_path, monkeypatch):
+    """Under DDP, a model freed after accelerate ends the process group (when `train` returns) waits forever in
+    its gloo destructor for a rank that has already left: two-process runs hung at their very end."""
+    from accelerate import Accelerator
+
+    prepared, alive_at_end = [], []
+    original_prepare, original_end = Accelerator.prepare, Accelerator.end_training
+
+    def prepare(self, *objects, **kwargs):
+        out = original_prepare(self, *objects, **kwargs)
+        prepared.extend(weakref.ref(o) for o in out if isinstance(o, torch.nn.Module))
+        return out
+
+    def end_training(self):
+        alive_at_end.extend(ref() is not None for ref in prepared)
+        return original_end(self)
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare)
+    monkeypatch.setattr(Accelerator, "end_training", end_training)
+    assert train(tiny_config(), tmp_path / "run", show_progress=False).finished
+    assert prepared and alive_at_end == [False] * len(prepared)

@@ -249,6 +249,7 @@ class _Trainer:
                     break
         finished = step >= max_steps
         model_dir = self.outputs.export() if finished else None
+        self.state.release_model()
         acc.end_training()
         if acc.is_main_process:
             progress.finish(step, max_steps, run.root, finished, command=resume_command(cfg))

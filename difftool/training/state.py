@@ -53,6 +53,13 @@ class TrainingState:
         """The UNet without DDP or torch.compile wrappers: what gets sampled and saved."""
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
+    def release_model(self) -> None:
+        """Drop the (DDP-wrapped) model while every process is still there, before accelerate ends the process
+        group: a DDP model freed after that (when `train` returns) waits forever in its gloo destructor for a
+        process that has already left."""
+        self.accelerator.free_memory()
+        self.unet = None
+
     def last_checkpoint(self) -> str:
         """The newest complete checkpoint, as errors and warnings name it."""
         return str(self.run.latest_checkpoint() or "none yet")
