@@ -194,7 +194,7 @@ def _plan(model: LoadedModel, request: SampleRequest, defaults) -> _Plan:
                               timestep_spacing=request.timestep_spacing)
     scheduler = sampler.make_scheduler(model.scheduler_config)
     scheduler.set_timesteps(sampler.steps)
-    settings = {**model_settings(model), **sampler.record(model.scheduler_config), "dtype": request.dtype}
+    settings = {**model_settings(model), **sampler.record(scheduler), "dtype": request.dtype}
     return _Plan(sampler, settings, model.info.get("label_names"), len(scheduler.timesteps))
 
 

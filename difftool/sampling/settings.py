@@ -34,9 +34,10 @@ class SamplerSettings:
         return make_scheduler(self.scheduler, scheduler_config, steps=self.steps, karras_sigmas=self.karras_sigmas,
                               eta=self.eta, timestep_spacing=self.timestep_spacing)
 
-    def record(self, scheduler_config: dict) -> dict:
-        """What a sample folder and every image record: these settings, with the timestep spacing used."""
-        spacing = self.make_scheduler(scheduler_config).config.get("timestep_spacing")
+    def record(self, scheduler) -> dict:
+        """What a sample folder and every image record: these settings, with the timestep spacing that `scheduler`
+        (made by `make_scheduler`) uses."""
+        spacing = scheduler.config.get("timestep_spacing")
         return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "karras_sigmas": self.karras_sigmas,
                 "timestep_spacing": spacing, "seed": self.seed,
                 "classes": list(self.classes) if self.classes is not None else None,
