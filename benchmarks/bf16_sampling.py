@@ -71,7 +71,7 @@ def worker(args) -> dict:
     request = SampleRequest(num_images=args.num_images, scheduler=args.scheduler, steps=args.steps,
                             batch_size=args.batch_size, dtype=args.worker, format="npz")
     with tempfile.TemporaryDirectory() as tmp:
-        result = generate(args.model, request, Path(tmp) / "out", show_progress=False)
+        result = generate(args.model, request, Path(tmp) / "out")
         with np.load(Path(tmp) / "out" / "samples.npz") as npz:
             np.savez(args.out, images=npz["arr_0"])
     return {"img_per_s": result.made / result.seconds}

@@ -157,7 +157,7 @@ def time_metrics(count: int, dims: int) -> dict:
     reference = Reference(gaussian_stats(real), real, Replay.name, 32, "random features")  # cached in real use
     images = from_tensor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).expand(count, -1, -1, -1), "replayed")
     start = time.perf_counter()
-    record = score(images, reference, Replay(), MetricOptions(), show_progress=False)
+    record = score(images, reference, Replay(), MetricOptions())
     return {"seconds": time.perf_counter() - start, "images": count, "dims": dims,
             "computed": sorted(k for k in record if k in ("fid", "kid_mean", "precision", "recall", "is_mean"))}
 

@@ -71,7 +71,7 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: list[str], 
     """The judge difftool trains before a run's first step (difftool/evaluation/judge.py), on the same split:
     the module, its held-out accuracy, the held-out rows (the floor's real side) and the reference rows."""
     held, rest = held_out_split(len(images), floor_images)
-    judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=True, show_progress=False)
+    judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=True)
     return judge, report.accuracy, held, reference_rows(rest, REFERENCE_IMAGES)
 
 

@@ -211,7 +211,7 @@ def difftool_worker(args) -> dict:
 
     generate_module.sample_batch = timed_batch
     with tempfile.TemporaryDirectory() as tmp:
-        generate_module.generate(args.model, request, Path(tmp) / "out", show_progress=False)
+        generate_module.generate(args.model, request, Path(tmp) / "out")
         with np.load(Path(tmp) / "out" / "samples.npz") as npz:
             np.savez(args.out, images=npz["arr_0"][: args.num_images])  # the same indices as the pipeline's
     timed = seconds[1:] if compiling else seconds

@@ -203,7 +203,7 @@ def difftool_worker(args) -> dict:
                                          "eval.every=0", *args.set, *DIFFTOOL[args.worker]])
     # the final preview and checkpoint come after the timed windows; no evaluation (the quickstart's) at all
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg, Path(tmp) / "run", show_progress=False)
+        train(cfg, Path(tmp) / "run")
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] > args.warmup]
     images = args.warmup * args.batch_size * len(timed)

@@ -44,13 +44,12 @@ class Existing:
     resume: bool = False
 
     def __post_init__(self):
-        refuse_overwrite_with_resume(self.overwrite, self.resume)
+        # --overwrite replaces what --resume would keep: asked for together, neither can be what was meant.
+        if self.overwrite and self.resume:
+            raise UserError("--overwrite and --resume exclude each other: choose one")
 
 
-def refuse_overwrite_with_resume(overwrite: bool, resume: bool) -> None:
-    """--overwrite replaces what --resume would keep: asked for together, neither can be what was meant."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other: choose one")
+UNTOUCHED = Existing()  # the default: outputs made before are refused, neither replaced nor reused
 
 
 def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -17,6 +19,18 @@ from rich.progress import (
 from rich.table import Column
 
 console = Console(stderr=True)
+_quiet = False  # --quiet: held here, where bars are drawn, so that the work between does not carry it
+
+
+@contextlib.contextmanager
+def quieted(quiet: bool = True) -> Iterator[None]:
+    """No bar is drawn inside, however deep below the caller (each command's --quiet holds this while it runs)."""
+    global _quiet
+    before, _quiet = _quiet, quiet
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 def say(message: str, **options) -> None:
@@ -56,6 +70,7 @@ class TrainingProgress:
     """Steps done / total with loss, lr, img/s and ETA; a no-op on non-main processes."""
 
     def __init__(self, total: int, done: int, enabled: bool = True):
+        """`enabled`: whether this process draws (the main one); `quieted` turns every bar off."""
         self.enabled = enabled
         # The line is wider than a log's 80 columns: the numbers may not be cut (rich made 2000/2000 "2000/20…"),
         # so where it is too narrow the bar shrinks instead.
@@ -64,7 +79,7 @@ class TrainingProgress:
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s",
                        table_column=Column(no_wrap=True)),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, disable=not enabled,
+            console=console, disable=_quiet or not enabled,
         )
         self.task = self.progress.add_task("train", total=total, completed=done, loss="-", lr="-", ips="-")
 
@@ -103,7 +118,7 @@ class SamplingProgress:
         self.progress = _Bar(
             TextColumn(f"[bold blue]{label}"), BarColumn(), TextColumn(f"{{task.completed:.0f}}/{{task.total:.0f}} {unit}"),
             TextColumn(f"{{task.fields[ips]}} {rate}/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, disable=not enabled,
+            console=console, disable=_quiet or not enabled,
         )
         self.task = self.progress.add_task(label, total=total, ips="-")
 

@@ -136,7 +136,7 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIFFTOOL_CACHE", str(root / "cache"))
-        train(tiny_config(), root / "run", show_progress=False)
+        train(tiny_config(), root / "run")
     return root / "run"
 
 

@@ -48,11 +48,11 @@ def test_samples_have_the_brightness_of_the_data(tmp_path, level):
     # The quickstart recipe's noise schedule and prediction type, on the tiny UNet for 300 steps.
     cfg = tiny_config(f"data.dataset={tmp_path / 'data'}", "train.max_steps=300", "train.lr=0.003",
                       "train.batch_size=16", "checkpoint.every=1000", "sample.every=1000", "log.every=100")
-    train(cfg, tmp_path / "run", show_progress=False)
+    train(cfg, tmp_path / "run")
     # The run's DDIM, and folder32's stochastic DPM-Solver++ SDE, whose first step is at infinite noise here.
     for scheduler in (None, "dpm-solver-sde"):
         out = tmp_path / f"samples-{scheduler}"
-        generate(tmp_path / "run", SampleRequest(num_images=32, scheduler=scheduler), out, show_progress=False)
+        generate(tmp_path / "run", SampleRequest(num_images=32, scheduler=scheduler), out)
         samples = np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("0*.png"))])
         assert abs(samples.mean() - data_mean) < 5, \
             f"{scheduler or 'ddim'}: samples' mean pixel {samples.mean():.1f}, the data's {data_mean:.1f}"
@@ -65,12 +65,12 @@ def test_an_epsilon_run_fine_tuned_into_v_takes_the_datas_brightness(tmp_path):
               "sample.every=1000", "log.every=100"]
     old = tiny_config(*common, "train.max_steps=300", "scheduler.prediction_type=epsilon",
                       "scheduler.rescale_betas_zero_snr=false")
-    train(old, tmp_path / "old", show_progress=False)
+    train(old, tmp_path / "old")
     tuned = tiny_config(*common, "train.max_steps=150", f"train.init_from={tmp_path / 'old'}")
-    train(tuned, tmp_path / "tuned", show_progress=False)
+    train(tuned, tmp_path / "tuned")
     means = {}
     for run in ("old", "tuned"):
-        generate(tmp_path / run, SampleRequest(num_images=32), tmp_path / f"{run}-samples", show_progress=False)
+        generate(tmp_path / run, SampleRequest(num_images=32), tmp_path / f"{run}-samples")
         means[run] = np.mean([np.asarray(Image.open(p)) for p in sorted((tmp_path / f"{run}-samples").glob("0*.png"))])
     assert means["old"] - data_mean > 20, means  # the fault the fine-tuning is to remove
     assert abs(means["tuned"] - data_mean) < 5, f"{means}, the data's {data_mean:.1f}"

@@ -33,14 +33,13 @@ QUICK = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every=3", "sam
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny class-conditional v-prediction teacher at 8 px, guided at 2 by its recipe."""
-    return train(tiny_config("sample.guidance_scale=2"), tmp_path_factory.mktemp("t") / "teacher",
-                 show_progress=False).run
+    return train(tiny_config("sample.guidance_scale=2"), tmp_path_factory.mktemp("t") / "teacher").run
 
 
 def distilled(teacher, output, *changes, resume=None, recipe=None):
     plan = plan_distillation(teacher=None if resume else str(teacher), overrides=[*QUICK, *changes], output=output,
                              resume=resume, recipe=recipe)
-    return distill(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    return distill(plan.cfg, plan.output, resume=plan.resume)
 
 
 class _Cpu:
@@ -155,7 +154,7 @@ def test_runs_are_continued_by_their_own_command(teacher, tmp_path):
     student = distilled(teacher, tmp_path / "student").run
     with pytest.raises(UserError, match="is a distillation of .*difftool distill"):
         plan = plan_training(resume=str(student), values={"train.max_steps": 8})
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+        train(plan.cfg, plan.output, resume=plan.resume)
     with pytest.raises(UserError, match="is a training run, not a distillation: continue it with difftool train"):
         plan_distillation(resume=str(teacher))
     with pytest.raises(UserError, match="already a student, distilled from"):
@@ -166,7 +165,7 @@ def test_a_teacher_that_changed_is_refused_on_resume(teacher, tmp_path):
     copy = tmp_path / "teacher"
     subprocess.run(["cp", "-r", str(teacher), str(copy)], check=True)
     distilled(copy, tmp_path / "student", "train.max_steps=3")
-    train(tiny_config("sample.guidance_scale=2", "train.seed=5"), copy, overwrite=True, show_progress=False)
+    train(tiny_config("sample.guidance_scale=2", "train.seed=5"), copy, overwrite=True)
     with pytest.raises(UserError, match="not the model this distillation started from"):
         distilled(copy, tmp_path / "student", resume=str(tmp_path / "student"))
 
@@ -260,7 +259,7 @@ def test_the_student_is_judged_by_its_teachers_judge(tmp_path, capsys, monkeypat
     monkeypatch.setattr(judge_mod, "MAX_STEPS", 30)
     judged = ["eval.every=3", "eval.features=judge", "eval.num_samples=8", "eval.scheduler=ddim", "eval.steps=2",
               "data.num_images=200", "sample.every=100"]
-    teacher = train(tiny_config(*judged), tmp_path / "teacher", show_progress=False).run
+    teacher = train(tiny_config(*judged), tmp_path / "teacher").run
     capsys.readouterr()
     student = distilled(teacher, tmp_path / "student", *judged[:1], "eval.num_samples=8").run
     said = capsys.readouterr().err

@@ -27,7 +27,7 @@ def losses(run) -> list[float]:
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_recipe):
     """Each rank trains on its half of the global batch; averaged gradients equal the full batch's."""
-    reference = train(tiny_config(), tmp_path / "one", show_progress=False)
+    reference = train(tiny_config(), tmp_path / "one")
     cmd = difftool_cmd() + ["train", "--recipe", str(tiny_recipe), "--output", str(tmp_path / "two"),
                             "--num-processes", "2", "--main-process-port", str(free_port()), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -114,7 +114,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, tiny_recipe):
 
     # The resume runs in-process: the interruption is what needs a process of its own.
     plan = plan_training(resume=str(out), values={"train.max_steps": step + 2})
-    assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).finished
+    assert train(plan.cfg, plan.output, resume=plan.resume).finished
     assert RunDir(out).latest_checkpoint().name == f"step-{step + 2:06d}"
     assert (out / "model" / "model_index.json").is_file()
 

@@ -53,7 +53,7 @@ def denoising_loss(unet: UNet2DModel, cfg) -> float:
 def test_ema_weights_are_usable_after_a_short_run(tmp_path):
     cfg = tiny_config("train.max_steps=60", "checkpoint.every=60", "sample.every=60", "log.every=20",
                       "train.lr=0.003", "ema.max_decay=0.9999")
-    run = train(cfg, tmp_path / "r", show_progress=False).run
+    run = train(cfg, tmp_path / "r").run
     ema = UNet2DModel.from_pretrained(run / "model" / "unet")
     raw = UNet2DModel.from_pretrained(run / "model" / "unet_raw")
     torch.manual_seed(cfg.train.seed)

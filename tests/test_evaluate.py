@@ -21,6 +21,7 @@ from difftool.evaluation import features as features_mod
 from difftool.evaluation import reference as reference_mod
 from difftool.cli.app import app
 from difftool.errors import UserError
+from difftool.output_rules import Existing
 from difftool.evaluation.evaluate import (
     MetricOptions,
     build_stats,
@@ -301,14 +302,14 @@ class CountingExtractor:
 def test_reference_statistics_are_cached_and_rebuilt_when_the_data_changes(tmp_path, extractor_file):
     folder = write_images(tmp_path / "real", shapes(12))
     extractor = CountingExtractor(load_extractor(str(extractor_file), device="cpu"))
-    first = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5, show_progress=False)
+    first = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5)
     assert extractor.seen == 12 and first.count == 12
-    again = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5, show_progress=False)
+    again = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5)
     assert extractor.seen == 12  # from the cache
     np.testing.assert_allclose(again.stats.mu, first.stats.mu)
     np.testing.assert_allclose(again.features, first.features, rtol=1e-3)  # stored as float16
     write_images(folder, shapes(1, seed_offset=20))  # 0000.png replaced by another shape
-    changed = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5, show_progress=False)
+    changed = reference_mod.resolve(str(folder), extractor, resolution=8, batch_size=5)
     assert extractor.seen == 24
     assert not np.allclose(changed.stats.mu, first.stats.mu)
 
@@ -316,13 +317,13 @@ def test_reference_statistics_are_cached_and_rebuilt_when_the_data_changes(tmp_p
 def test_statistics_file_round_trip_and_refusals(tmp_path, extractor_file, fake_inception):
     extractor = load_extractor(str(extractor_file), device="cpu")
     options = MetricOptions(features=str(extractor_file), batch_size=7)
-    built = build_stats("shapes", tmp_path / "ref.npz", resolution=8, options=options, show_progress=False)
+    built = build_stats("shapes", tmp_path / "ref.npz", resolution=8, options=options)
     loaded = reference_mod.load(tmp_path / "ref.npz")
     assert loaded.extractor == extractor.name and loaded.resolution == 8 and loaded.count == 10_000
     np.testing.assert_array_equal(loaded.stats.sigma, built.stats.sigma)
     assert loaded.features.shape == (10_000, 16)
     with pytest.raises(UserError, match="already exists"):
-        build_stats("shapes", tmp_path / "ref.npz", resolution=8, options=options, show_progress=False)
+        build_stats("shapes", tmp_path / "ref.npz", resolution=8, options=options)
     with pytest.raises(UserError, match="made from 8-px images, these are 16 px"):
         reference_mod.check_compatible(loaded, extractor, 16, "ref.npz")
     inception = load_extractor("inception", inception_weights=fake_inception, device="cpu")
@@ -336,7 +337,7 @@ def test_statistics_file_round_trip_and_refusals(tmp_path, extractor_file, fake_
 def test_more_reference_features_than_stored_are_subsampled(monkeypatch, extractor_file):
     monkeypatch.setattr(reference_mod, "MAX_STORED_FEATURES", 10)
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.from_images(from_tensor(shapes(30), "thirty"), extractor, batch_size=8, show_progress=False)
+    ref = reference_mod.from_images(from_tensor(shapes(30), "thirty"), extractor, batch_size=8)
     all_features = extractor(shapes(30))[0].numpy()
     assert ref.count == 30 and len(ref.features) == 10
     np.testing.assert_allclose(ref.stats.mu, all_features.mean(0), rtol=1e-5, atol=1e-6)  # moments use all 30
@@ -354,7 +355,7 @@ def test_cifar10_reference_loads_the_hub_data_set_at_the_samples_resolution(monk
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or local)
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.resolve("cifar10", extractor, resolution=8, batch_size=4, show_progress=False)
+    ref = reference_mod.resolve("cifar10", extractor, resolution=8, batch_size=4)
     assert asked == [("uoft-cs/cifar10", "train")] and ref.count == 6 and ref.resolution == 8
     expected = extractor(torch.nn.functional.interpolate(pictures.float(), size=8, mode="area").round().byte())[0]
     # decoded with Lanczos, not area averaging: close, not equal
@@ -379,8 +380,8 @@ def test_unknown_reference_name_is_a_clear_error(monkeypatch, extractor_file):
 def test_a_set_scored_against_itself(extractor_file):
     images = from_tensor(shapes(64), "shapes")
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.from_images(images, extractor, batch_size=16, show_progress=False)
-    record = score(images, ref, extractor, MetricOptions(kid_subset_size=32), show_progress=False)
+    ref = reference_mod.from_images(images, extractor, batch_size=16)
+    record = score(images, ref, extractor, MetricOptions(kid_subset_size=32))
     assert abs(record["fd"]) < 1e-3  # float16 is only used for the stored features, not mu and sigma
     assert record["precision"] == 1.0 and record["recall"] == 1.0
     assert abs(record["kid_mean"]) < 3 * record["kid_std"] + 1e-6
@@ -391,8 +392,8 @@ def test_a_set_scored_against_itself(extractor_file):
 def test_score_matches_the_metric_functions(extractor_file):
     extractor = load_extractor(str(extractor_file), device="cpu")
     real, fake = from_tensor(shapes(64), "real"), from_tensor(shapes(40, seed_offset=100).flip(-1).roll(1, 1), "fake")
-    ref = reference_mod.from_images(real, extractor, batch_size=64, show_progress=False)
-    record = score(fake, ref, extractor, MetricOptions(), show_progress=False)
+    ref = reference_mod.from_images(real, extractor, batch_size=64)
+    record = score(fake, ref, extractor, MetricOptions())
     fake_features = extractor(torch.cat(list(fake.batches(64))))[0].numpy()
     expected = frechet_distance(gaussian_stats(fake_features), gaussian_stats(extractor(shapes(64))[0].numpy()))
     assert record["fd"] == pytest.approx(expected, rel=1e-6)
@@ -406,7 +407,7 @@ def test_evaluate_a_model_samples_scores_and_resumes(tiny_run, tmp_path, extract
     monkeypatch.chdir(tmp_path)
     options = MetricOptions(features=str(extractor_file), kid_subset_size=8)
     request = SampleRequest(num_images=12, steps=3, batch_size=5)
-    result = evaluate(str(tiny_run), reference="shapes", options=options, request=request, show_progress=False)
+    result = evaluate(str(tiny_run), reference="shapes", options=options, request=request)
     assert result.output == Path("evaluations/run")
     record = json.loads((result.output / "metrics.json").read_text())
     assert record["num_images"] == 12 and record["sampling"]["steps"] == 3 and record["resolution"] == 8
@@ -415,25 +416,24 @@ def test_evaluate_a_model_samples_scores_and_resumes(tiny_run, tmp_path, extract
     with np.load(result.output / "samples" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (12, 8, 8, 3)
     with pytest.raises(UserError, match="already holds an evaluation"):
-        evaluate(str(tiny_run), reference="shapes", options=options, request=request, show_progress=False)
-    again = evaluate(str(tiny_run), reference="shapes", options=options, request=request, resume=True,
-                     show_progress=False)
+        evaluate(str(tiny_run), reference="shapes", options=options, request=request)
+    again = evaluate(str(tiny_run), reference="shapes", options=options, request=request, existing=Existing(resume=True))
     assert again.record["fd"] == pytest.approx(record["fd"], rel=1e-9)  # same samples, same score
 
 
 def test_statistics_of_another_resolution_stop_before_sampling(tiny_run, tmp_path, extractor_file, monkeypatch):
     options = MetricOptions(features=str(extractor_file))
-    build_stats("shapes", tmp_path / "ref16.npz", resolution=16, options=options, show_progress=False)
+    build_stats("shapes", tmp_path / "ref16.npz", resolution=16, options=options)
     with pytest.raises(UserError, match="made from 16-px images, these are 8 px"):
         evaluate(str(tiny_run), reference=str(tmp_path / "ref16.npz"), options=options,
-                 request=SampleRequest(num_images=4, steps=2), output=tmp_path / "ev", show_progress=False)
+                 request=SampleRequest(num_images=4, steps=2), output=tmp_path / "ev")
     assert not (tmp_path / "ev" / "samples").exists()
 
 
 def test_sweep_writes_table_csv_json_and_plot(tiny_run, tmp_path, extractor_file):
     options = MetricOptions(features=str(extractor_file), kid_subset_size=8)
     rows = sweep(str(tiny_run), "ddim:2,4;dpm-solver:3;heun:2", reference="shapes", options=options,
-                 request=SampleRequest(num_images=10, batch_size=10), output=tmp_path / "sw", show_progress=False)
+                 request=SampleRequest(num_images=10, batch_size=10), output=tmp_path / "sw")
     assert [(r["scheduler"], r["steps"], r["nfe"]) for r in rows] == [
         ("ddim", 2, 2), ("ddim", 4, 4), ("dpm-solver", 3, 3), ("heun", 2, 3)]
     with (tmp_path / "sw" / RESULTS_CSV).open() as f:
@@ -545,8 +545,7 @@ def test_the_0_1_0_spelling_evaluate_stats_still_works_and_a_folder_called_stats
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, extractor_file, fake_inception, args, fragments):
     paths = {"one": write_images(tmp_path / "one", shapes(1)), "imgs": write_images(tmp_path / "imgs", shapes(6)),
              "ext": extractor_file, "incep": fake_inception, "stats16": tmp_path / "s16.npz"}
-    build_stats("shapes", paths["stats16"], resolution=16, options=MetricOptions(features=str(extractor_file)),
-                show_progress=False)
+    build_stats("shapes", paths["stats16"], resolution=16, options=MetricOptions(features=str(extractor_file)))
     argv = [a.format(**paths) for a in args] + ([] if "stats" in args else ["-o", str(tmp_path / "out")])
     assert_user_error(runner.invoke(app, argv), *fragments)
 
@@ -574,7 +573,7 @@ def test_evaluate_under_two_processes_scores_once(tiny_run, tmp_path, extractor_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("precision / recall") == 1  # rank 0 alone reports
-    single = evaluate(str(tiny_run), reference="shapes", output=tmp_path / "one", show_progress=False,
+    single = evaluate(str(tiny_run), reference="shapes", output=tmp_path / "one",
                       options=MetricOptions(features=str(extractor_file), kid_subset_size=5),
                       request=SampleRequest(num_images=10, steps=2, batch_size=3))
     with np.load(out / "samples" / "samples.npz") as a, np.load(tmp_path / "one" / "samples" / "samples.npz") as b:

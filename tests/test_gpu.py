@@ -46,7 +46,7 @@ def sample(model: Path, output: Path, **request) -> np.ndarray:
     """uint8 N×H×W×C images of `difftool sample` as a library call (on the GPU where there is one)."""
     request = SampleRequest(**{"num_images": 8, "scheduler": "ddim", "steps": 10, "batch_size": 8, "format": "npz",
                                **request})
-    generate(model, request, output, show_progress=False)
+    generate(model, request, output)
     with np.load(output / "samples.npz") as npz:
         return npz["arr_0"].astype(np.int16)
 
@@ -54,7 +54,7 @@ def sample(model: Path, output: Path, **request) -> np.ndarray:
 def sample_on_cpu(model: Path, output: Path, **request) -> np.ndarray:
     """The same call in a process that sees no GPU (accelerate's device is chosen once per process)."""
     code = ("import json, sys; from difftool.sampling.job import SampleRequest, generate; "
-            "generate(sys.argv[1], SampleRequest(**json.loads(sys.argv[2])), sys.argv[3], show_progress=False)")
+            "generate(sys.argv[1], SampleRequest(**json.loads(sys.argv[2])), sys.argv[3])")
     request = {"num_images": 8, "scheduler": "ddim", "steps": 10, "batch_size": 8, "format": "npz", **request}
     proc = subprocess.run([sys.executable, "-c", code, str(model), json.dumps(request), str(output)],
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
@@ -70,8 +70,7 @@ def sample_on_cpu(model: Path, output: Path, **request) -> np.ndarray:
 def test_mixed_precision_training_steps_on_cuda(precision, tmp_path, capsys):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU does not compute bf16")
-    result = train(tiny_config(f"train.mixed_precision={precision}", "train.max_steps=4"), tmp_path / precision,
-                   show_progress=False)
+    result = train(tiny_config(f"train.mixed_precision={precision}", "train.max_steps=4"), tmp_path / precision)
     assert result.finished
     assert f"on cuda ({precision})" in capsys.readouterr().err
     assert all(math.isfinite(loss) for loss in losses(result.run))
@@ -90,7 +89,7 @@ def test_fp16_leaves_overflowing_steps_to_the_loss_scaler(tmp_path, monkeypatch,
                         lambda self, *args, **kwargs: real_init(self, *args, **{**kwargs, "init_scale": start}))
     cfg = tiny_config("train.mixed_precision=fp16", "train.skip_nonfinite=1", "train.max_steps=24",
                       "checkpoint.every=24", "sample.every=24")
-    result = train(cfg, tmp_path / "fp16", show_progress=False)
+    result = train(cfg, tmp_path / "fp16")
     assert result.finished
     scaler = torch.load(RunDir(result.run).checkpoints()[-1] / "scaler.pt", weights_only=True)
     assert scaler["scale"] < start, "the scaler skipped the overflowing steps and lowered its scale"
@@ -103,9 +102,9 @@ def test_fp16_leaves_overflowing_steps_to_the_loss_scaler(tmp_path, monkeypatch,
 def test_compile_trains_like_eager_on_cuda(tmp_path):
     from torch._dynamo.utils import counters
 
-    eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
+    eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager")
     counters.clear()
-    compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] >= 1
     torch.testing.assert_close(losses(compiled.run), losses(eager.run), rtol=1e-2, atol=1e-4)
 
@@ -151,5 +150,5 @@ def test_feature_pass_on_cuda_matches_the_cpu(fake_inception):
 
 def test_evaluate_samples_and_scores_a_model_on_cuda(tiny_run, tmp_path, extractor_file):
     result = evaluate(str(tiny_run), reference=None, options=MetricOptions(features=str(extractor_file), batch_size=4),
-                      request=SampleRequest(num_images=8, steps=3), output=tmp_path / "eval", show_progress=False)
+                      request=SampleRequest(num_images=8, steps=3), output=tmp_path / "eval")
     assert result.record["num_images"] == 8 and math.isfinite(result.record["is_mean"])

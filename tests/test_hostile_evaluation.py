@@ -125,7 +125,7 @@ def test_script_error_picks_the_line_that_says_what_went_wrong():
 def reference_arrays(extractor_file: Path) -> dict:
     """The arrays of a good statistics .npz of 8-px shapes (written into the working folder), to spoil."""
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.from_images(from_tensor(shapes(40), "shapes"), extractor, batch_size=20, show_progress=False)
+    ref = reference_mod.from_images(from_tensor(shapes(40), "shapes"), extractor, batch_size=20)
     reference_mod.save(ref, Path("good.npz"))
     with np.load("good.npz") as npz:
         return dict(npz)
@@ -232,7 +232,7 @@ def test_training_refuses_reference_statistics_of_the_wrong_shape_before_the_fir
     wrong = tmp_path / "wrong-shape.npz"
     np.savez(wrong, **spoiled(reference_arrays(extractor_file), how))
     with pytest.raises(UserError, match=f"cannot evaluate during training: .*{SPOILS[how][:20]}"):
-        train(tiny_config(*eval_sets(extractor_file, str(wrong))), tmp_path / "run", show_progress=False)
+        train(tiny_config(*eval_sets(extractor_file, str(wrong))), tmp_path / "run")
     assert not (tmp_path / "run").exists(), "no config.yaml, no step"
 
 
@@ -264,7 +264,7 @@ def test_a_copy_of_the_feature_network_under_another_name_is_the_same_network(tm
 
 def test_statistics_named_by_the_0_1_0_scheme_still_match_their_network(tmp_path, extractor_file):
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.from_images(from_tensor(shapes(10), "ten"), extractor, batch_size=5, show_progress=False)
+    ref = reference_mod.from_images(from_tensor(shapes(10), "ten"), extractor, batch_size=5)
     digest = extractor.name.rpartition(":")[2]
     ref.extractor = f"torchscript:pooled:{digest}"  # what 0.1.0 wrote: the file's name, then its hash
     reference_mod.check_compatible(ref, extractor, 8, "old.npz")
@@ -304,7 +304,7 @@ def test_stats_of_samples_at_another_resolution_are_refused(tmp_path, extractor_
 def test_features_beyond_float16_are_stored_so_that_they_load_again(tmp_path, extractor_file):
     """float16 turns 1e5 into inf, which loading refuses: such features are kept in float32."""
     extractor = load_extractor(str(extractor_file), device="cpu")
-    ref = reference_mod.from_images(from_tensor(shapes(10), "ten"), extractor, batch_size=5, show_progress=False)
+    ref = reference_mod.from_images(from_tensor(shapes(10), "ten"), extractor, batch_size=5)
     ref.features = ref.features * 1e5
     reference_mod.save(ref, tmp_path / "wide.npz")
     np.testing.assert_allclose(reference_mod.load(tmp_path / "wide.npz").features, ref.features, rtol=1e-6)

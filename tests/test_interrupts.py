@@ -101,7 +101,7 @@ def test_ctrl_c_while_an_evaluation_scores_or_saves_abandons_it_and_keeps_the_tr
 
     monkeypatch.setattr(owner, name, interrupted)
     cfg = tiny_config(*eval_overrides(extractor_file, every=3), "checkpoint.every=100")
-    result = train(cfg, tmp_path / "run", show_progress=False)
+    result = train(cfg, tmp_path / "run")
     run = RunDir(result.run)
     assert (result.finished, result.step) == (False, 3)
     assert session_end(run.root) == {**session_end(run.root), "outcome": "stopped", "step": 3}

@@ -56,8 +56,7 @@ def test_a_judge_of_classes_learns_them_and_is_a_feature_network(tmp_path, monke
     monkeypatch.setattr(judge_mod, "MAX_STEPS", 200)
     images, labels = colours()
     held, rest = held_out_split(len(images), floor_images=10)
-    module, report = train_judge(images, labels, ["red", "green", "blue"], held=held, train=rest, flips=True,
-                                 show_progress=False)
+    module, report = train_judge(images, labels, ["red", "green", "blue"], held=held, train=rest, flips=True)
     assert report.kind == CLASSES and report.accuracy == 1.0 and report.held_out == len(held) == 24
     path = tmp_path / "judge.pt"
     path.write_bytes(save_judge(module))
@@ -71,7 +70,7 @@ def test_without_classes_it_learns_quarter_turns():
     images = torch.zeros(240, 3, 8, 8, dtype=torch.uint8)
     images[:, :, :3] = 255  # bright at the top: which way is up is plain to see
     held, rest = held_out_split(len(images), floor_images=10)
-    module, report = train_judge(images, None, None, held=held, train=rest, flips=False, show_progress=False)
+    module, report = train_judge(images, None, None, held=held, train=rest, flips=False)
     assert report.kind == TURNS and len(report.classes) == 4 and report.accuracy > 0.9
     assert judge_info(module)["judges"] == TURNS
 
@@ -123,7 +122,7 @@ def test_paired_noise_cancels_what_two_evaluations_share():
 
 
 def test_training_judges_with_its_own_classifier_and_keeps_it(tmp_path):
-    result = train(tiny_config(*JUDGED), tmp_path / "run", show_progress=False)
+    result = train(tiny_config(*JUDGED), tmp_path / "run")
     run = RunDir(result.run)
     facts = json.loads((run.eval_dir / "judge.json").read_text())
     assert facts["report"]["kind"] == CLASSES and facts["report"]["classes"] == ["circle", "square", "triangle",
@@ -142,12 +141,12 @@ def test_training_judges_with_its_own_classifier_and_keeps_it(tmp_path):
     before = (run.eval_dir / "judge.pt").read_bytes()
 
     resumed = tiny_config(*JUDGED[:-1], "train.max_steps=6")
-    train(resumed, run.root, resume=run.latest_checkpoint(), show_progress=False)
+    train(resumed, run.root, resume=run.latest_checkpoint())
     assert (run.eval_dir / "judge.pt").read_bytes() == before, "a resumed run keeps its judge"
 
 
 def test_evaluate_takes_the_run_s_judge_file(tmp_path, scratch_cwd):
-    run = train(tiny_config(*JUDGED), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config(*JUDGED), tmp_path / "run").run
     out = tmp_path / "scores"
     result = invoke("evaluate", run, "--features", run / "eval" / "judge.pt", "--reference", "shapes",
                     "-n", "10", "--steps", "2", "--output", out)

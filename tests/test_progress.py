@@ -5,6 +5,7 @@ import io
 from rich.console import Console
 
 from difftool import progress
+from tests.conftest import invoke
 
 
 def test_bars_in_a_log_leave_no_empty_lines(monkeypatch):
@@ -33,3 +34,25 @@ def test_the_training_bar_keeps_its_numbers_in_an_80_column_log(monkeypatch):
     line = log.getvalue().strip()
     assert "…" not in line and len(line) <= 80, line
     assert "2000/2000" in line and "loss 0.0261  lr 1.00e-03  117 img/s" in line, line
+
+
+def _bars_drawn(monkeypatch, *args) -> list[str]:
+    """The bar lines one in-process command draws into a log."""
+    log = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=log, force_terminal=False, width=100))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return [line for line in log.getvalue().splitlines() if line.split()[:1] in (["sample"], ["features"])]
+
+
+def test_quiet_turns_off_the_bars_drawn_deep_below_the_command(monkeypatch, tiny_run, tmp_path, extractor_file):
+    """--quiet is held where bars are drawn: evaluate's sampling bar and its feature bar (two modules down) stay
+    off, and the next command in the same process draws again (the flag is set by every parse, not only once)."""
+    evaluate = ["evaluate", tiny_run, "-n", "2", "--steps", "2", "--features", extractor_file]
+    assert _bars_drawn(monkeypatch, *evaluate, "-o", tmp_path / "quiet", "--quiet") == []
+    drawn = _bars_drawn(monkeypatch, *evaluate, "-o", tmp_path / "loud")
+    assert [line.split()[0] for line in drawn] == ["sample", "features"], drawn
+    assert _bars_drawn(monkeypatch, "sample", tiny_run, "-n", "2", "--steps", "2", "-o", tmp_path / "s", "-q") == []
+    with progress.SamplingProgress(1) as bar:  # the library, after a quiet command in the same process
+        bar.advance(1)
+    assert "1/1 images" in progress.console.file.getvalue()

@@ -88,7 +88,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
     run = tmp_path / "run"
     run.mkdir()
     (run / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "since": "yesterday"}))
-    result = train(tiny_config("train.max_steps=2"), run, show_progress=False)
+    result = train(tiny_config("train.max_steps=2"), run)
     assert result.finished
     assert f"taking over {run / LOCK_FILE} from pid {dead.pid} on elsewhere, which is no longer running" \
         in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
@@ -97,7 +97,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
 
 def test_a_refused_start_leaves_no_folder_behind(tmp_path):
     with pytest.raises(UserError, match="fewer than train.batch_size"):
-        train(tiny_config("data.num_images=4"), tmp_path / "new", show_progress=False)
+        train(tiny_config("data.num_images=4"), tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
@@ -130,7 +130,7 @@ def test_second_train_on_a_running_run_is_refused_and_sigterm_saves(tmp_path):
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, monkeypatch):
-    reference = train(tiny_config(), tmp_path / "reference", show_progress=False)
+    reference = train(tiny_config(), tmp_path / "reference")
     real_save = Accelerator.save_state
 
     def save_then_run_out_of_space(self, output_dir=None, **kwargs):
@@ -143,28 +143,28 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_pa
     with pytest.raises(UserError, match=r"^No space left on device: .*step-000006/optimizer.bin; the newest "
                                         r"complete checkpoint is .*step-000003\. Free space or fix permissions, "
                                         r"then continue with: difftool train --resume"):
-        train(tiny_config(), run.root, show_progress=False)
+        train(tiny_config(), run.root)
     assert [c.name for c in run.checkpoints()] == ["step-000003"]
     check_loads(run.checkpoints()[0])
     assert not leftovers(run.root) and not (run.root / LOCK_FILE).exists() and not run.model_dir.exists()
 
     monkeypatch.undo()  # space freed
     plan = plan_training(resume=str(run.root))
-    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    train(plan.cfg, plan.output, resume=plan.resume)
     assert_same_weights(model_weights(run.root), model_weights(reference.run))
     assert logged(run.root) == logged(reference.run)
 
 
 def test_a_kill_while_exporting_the_model_is_finished_by_resume(tmp_path):
-    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    result = train(tiny_config(), tmp_path / "run")
     exported = model_weights(result.run)
     shutil.rmtree(result.run / "model")  # killed after the last checkpoint, before model/ was in place
     plan = plan_training(resume=str(result.run))
-    again = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    again = train(plan.cfg, plan.output, resume=plan.resume)
     assert again.finished and again.step == 6
     assert_same_weights(model_weights(result.run), exported)
     with pytest.raises(UserError, match="already trained to step 6"):
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+        train(plan.cfg, plan.output, resume=plan.resume)
 
 
 # ---------------------------------------------------------------- kill -9
@@ -201,7 +201,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml", "train.max_steps=30", "checkpoint.every=1",
                           "checkpoint.total_limit=2", "sample.every=10", "log.every=1")
     reference = tmp_path / "reference"  # trained in-process: only the killed runs need processes of their own
-    train(plan_training(recipe=str(recipe), output=reference).cfg, reference, show_progress=False)
+    train(plan_training(recipe=str(recipe), output=reference).cfg, reference)
     rng = random.Random(20261130)
     chains, kills, mid_write = [tmp_path / "chain-0"], 0, 0
     while kills < KILLS:
@@ -232,7 +232,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resume_is_exact(tmp_path):
     if not (last / "model" / "difftool.json").is_file():
         resume = str(last) if RunDir(last).latest_checkpoint() else None
         plan = plan_training(recipe=None if resume else str(recipe), output=last, resume=resume)
-        assert train(plan.cfg, plan.output, resume=plan.resume, overwrite=not resume, show_progress=False).finished
+        assert train(plan.cfg, plan.output, resume=plan.resume, overwrite=not resume).finished
 
     assert mid_write >= 3, f"only {mid_write} of {KILLS} kills landed while a checkpoint was being written"
     for run in chains:
@@ -339,7 +339,7 @@ def test_a_run_made_by_a_released_difftool_samples_inspects_and_resumes(version,
     assert len(list((tmp_path / "s").glob("0*.png"))) == 2
     assert invoke("inspect", old_run).exit_code == 0
     plan = plan_training(resume=str(old_run), values={"train.max_steps": 4})
-    assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).finished
+    assert train(plan.cfg, plan.output, resume=plan.resume).finished
     assert [step for step, _ in logged(old_run)] == [2, 4]  # logged at the last step of each session
 
 
@@ -370,7 +370,7 @@ def test_a_checkpoint_this_version_cannot_restore_names_the_versions_that_wrote_
     with pytest.raises(UserError, match=r"cannot resume from .*step-000002 \(ValueError: .*\); it was written by "
                                         r"difftool 0.1.0 \(diffusers .*, accelerate 0.20.0, torch .*\) and this is "
                                         rf"difftool {re.escape(difftool.__version__)} .*Install those versions to resume it"):
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+        train(plan.cfg, plan.output, resume=plan.resume)
 
 
 DAMAGE = {
@@ -385,7 +385,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_names_the_complete_one_and_the_command(tmp_path, damage):
     """However the newest checkpoint is damaged, resuming the run says what, and from where to resume instead."""
-    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config(), tmp_path / "run").run
     newest, earlier = run / "checkpoints" / "step-000006", run / "checkpoints" / "step-000003"
     spoil, problem = DAMAGE[damage]
     spoil(newest)

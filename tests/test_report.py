@@ -161,7 +161,7 @@ def test_a_run_of_difftool_0_1_0_and_its_resumed_session(tmp_path):
     assert "Sessions (start, end, hardware of each `difftool train`): not recorded" in page
     assert "difftool 0.1.0 (diffusers 0.42.1" in page  # from its checkpoint
     plan = plan_training(resume=str(old), values={"train.max_steps": 4})
-    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    train(plan.cfg, plan.output, resume=plan.resume)
     page = make_report(old, places=[]).path.read_text()
     assert "finished at step 4" in page and "(the first 2 steps: not recorded)" in page
     assert "step-000002" in page  # resumed from
@@ -169,13 +169,13 @@ def test_a_run_of_difftool_0_1_0_and_its_resumed_session(tmp_path):
 
 def test_a_resumed_run_shows_both_sessions(tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 4)
-    stopped = train(tiny_config("train.max_steps=8"), tmp_path / "run", show_progress=False)
+    stopped = train(tiny_config("train.max_steps=8"), tmp_path / "run")
     monkeypatch.undo()
     assert "difftool report" in " ".join(capsys.readouterr().err.split()), "train says where the report is made"
     page = make_report(stopped.run, places=[]).path.read_text()
     assert "stopped (Ctrl-C or a signal) at step 4 of 8; continue with difftool train --resume" in page
     plan = plan_training(resume=str(stopped.run))
-    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    train(plan.cfg, plan.output, resume=plan.resume)
     sessions = read_sessions(RunDir(stopped.run).sessions)
     assert [(s.start["step"], s.end["step"], s.end["outcome"], s.start["resumed_from"]) for s in sessions] == [
         (0, 4, "stopped", None), (4, 8, "finished", "step-000004")]
@@ -187,10 +187,9 @@ def test_the_runs_evaluations_and_sweeps_are_found(tiny_run, tmp_path, extractor
     monkeypatch.chdir(tmp_path)  # where evaluate writes evaluations/NAME by default
     run = copy_run(tiny_run, tmp_path)
     options = MetricOptions(features=str(extractor_file), kid_subset_size=8)
-    evaluate("runs/run", reference="shapes", options=options, request=SampleRequest(num_images=10, steps=2),
-             show_progress=False)
+    evaluate("runs/run", reference="shapes", options=options, request=SampleRequest(num_images=10, steps=2))
     sweep("runs/run", "ddim:2,3", reference="shapes", options=options, request=SampleRequest(num_images=10),
-          output=Path("evaluations/run-sweep"), show_progress=False)
+          output=Path("evaluations/run-sweep"))
     other = Path("evaluations/other")  # an evaluation of another model: not this run's
     other.mkdir()
     (other / "metrics.json").write_text(json.dumps({"fd": 1.0, "sampling": {"model": str(extractor_file)}}))

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from difftool.config import read_config
 from difftool.errors import UserError
 from difftool.models.load import load_model
+from difftool.output_rules import Existing
 from difftool.sampling.job import SampleRequest, generate
 from tests.conftest import assert_user_error, difftool_cmd, free_port
 from tests.conftest import invoke as run_cli
@@ -273,27 +274,27 @@ def test_runs_as_a_module_for_accelerate_launch():
 
 def test_library_call_reports_what_it_made(tiny_run, tmp_path):
     request = SampleRequest(num_images=3, scheduler="unipc", steps=4, batch_size=2)
-    result = generate(tiny_run, request, tmp_path / "lib", show_progress=False)
+    result = generate(tiny_run, request, tmp_path / "lib")
     assert (result.made, result.total, result.output) == (3, 3, tmp_path / "lib")
-    again = generate(tiny_run, request, tmp_path / "lib", resume=True, show_progress=False)
+    again = generate(tiny_run, request, tmp_path / "lib", existing=Existing(resume=True))
     assert again.made == 0
 
 
 def test_library_refuses_overwrite_with_resume_before_touching_samples(tiny_run, tmp_path):
-    # The check lives in the library: a script calling generate() gets it too, not only the CLI.
+    # The check lives in the library (Existing): a script calling generate() gets it too, not only the CLI.
     request = SampleRequest(num_images=2, scheduler="ddim", steps=2)
-    generate(tiny_run, request, tmp_path / "lib", show_progress=False)
+    generate(tiny_run, request, tmp_path / "lib")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lib").iterdir()}
     with pytest.raises(UserError, match="exclude each other"):
-        generate(tiny_run, request, tmp_path / "lib", overwrite=True, resume=True, show_progress=False)
+        generate(tiny_run, request, tmp_path / "lib", existing=Existing(overwrite=True, resume=True))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lib").iterdir()} == before
 
 
 def test_a_loaded_model_is_sampled_as_its_source_would_be(tiny_run, tmp_path):
     # evaluate and sweeps load once and pass the model: the images and settings must be those of the source.
     request = SampleRequest(num_images=2, scheduler="ddim", steps=3)
-    by_source = generate(tiny_run, request, tmp_path / "a", show_progress=False)
-    by_model = generate(tiny_run, request, tmp_path / "b", show_progress=False, model=load_model(tiny_run))
+    by_source = generate(tiny_run, request, tmp_path / "a")
+    by_model = generate(tiny_run, request, tmp_path / "b", model=load_model(tiny_run))
     assert by_model.settings == by_source.settings
     for name in ("000000.png", "000001.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))

@@ -35,7 +35,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_run_folder_layout_and_plain_diffusers_loading(tmp_path):
-    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    result = train(tiny_config(), tmp_path / "run")
     run = RunDir(result.run)
     assert result.finished and result.step == 6
     assert run.config.is_file()
@@ -58,9 +58,9 @@ def test_run_folder_layout_and_plain_diffusers_loading(tmp_path):
 
 
 def test_same_seed_same_loss_curve(tmp_path):
-    a = train(tiny_config(), tmp_path / "a", show_progress=False)
-    b = train(tiny_config(), tmp_path / "b", show_progress=False)
-    c = train(tiny_config("train.seed=1"), tmp_path / "c", show_progress=False)
+    a = train(tiny_config(), tmp_path / "a")
+    b = train(tiny_config(), tmp_path / "b")
+    c = train(tiny_config("train.seed=1"), tmp_path / "c")
     assert losses(a.run) == losses(b.run)
     assert losses(a.run) != losses(c.run)
 
@@ -72,16 +72,16 @@ def interrupt_at(monkeypatch, step: int) -> None:
 
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     cfg = ("train.max_steps=8", "checkpoint.every=5", "model.dropout=0.1")
-    full = train(tiny_config(*cfg), tmp_path / "full", show_progress=False)
+    full = train(tiny_config(*cfg), tmp_path / "full")
     interrupt_at(monkeypatch, 4)
-    stopped = train(tiny_config(*cfg), tmp_path / "part", show_progress=False)
+    stopped = train(tiny_config(*cfg), tmp_path / "part")
     assert (stopped.step, stopped.finished, stopped.model_dir) == (4, False, None)
     assert [p.name for p in RunDir(stopped.run).checkpoints()] == ["step-000004"]
     monkeypatch.undo()
 
     plan = plan_training(resume=str(stopped.run))
     assert plan.resume.name == "step-000004"
-    resumed = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    resumed = train(plan.cfg, plan.output, resume=plan.resume)
     assert resumed.step == 8 and resumed.finished
     torch.testing.assert_close(losses(resumed.run), losses(full.run), rtol=0, atol=0)
     for sub in ("unet", "unet_raw"):
@@ -91,35 +91,35 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
-    first = train(tiny_config("train.max_steps=3"), tmp_path / "r", show_progress=False)
+    first = train(tiny_config("train.max_steps=3"), tmp_path / "r")
     plan = plan_training(resume=str(first.run), values={"train.max_steps": 5})
-    assert train(plan.cfg, plan.output, resume=plan.resume, show_progress=False).step == 5
+    assert train(plan.cfg, plan.output, resume=plan.resume).step == 5
     assert len(losses(first.run)) == 5
     with pytest.raises(UserError, match="already trained to step 5"):
         plan = plan_training(resume=str(first.run))
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+        train(plan.cfg, plan.output, resume=plan.resume)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    one = train(tiny_config(), tmp_path / "one", show_progress=False)
-    two = train(tiny_config("train.grad_accum=2"), tmp_path / "two", show_progress=False)
+    one = train(tiny_config(), tmp_path / "one")
+    two = train(tiny_config("train.grad_accum=2"), tmp_path / "two")
     torch.testing.assert_close(losses(two.run), losses(one.run), rtol=1e-4, atol=1e-5)
 
 
 def test_resume_refuses_changed_model(tmp_path):
-    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config(), tmp_path / "run").run
     with pytest.raises(UserError, match="different config.*model.block_out_channels"):
         plan = plan_training(resume=str(run), overrides=["model.block_out_channels=[8, 8]"])
-        train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+        train(plan.cfg, plan.output, resume=plan.resume)
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path):
-    run = train(tiny_config(), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config(), tmp_path / "run").run
     before = weights(run / "model" / "unet")
     with pytest.raises(UserError, match="already holds a run.*--resume.*--overwrite"):
-        train(tiny_config("train.seed=3"), run, show_progress=False)
+        train(tiny_config("train.seed=3"), run)
     assert all(torch.equal(before[k], v) for k, v in weights(run / "model" / "unet").items())
-    train(tiny_config("train.seed=3"), run, overwrite=True, show_progress=False)
+    train(tiny_config("train.seed=3"), run, overwrite=True)
     assert any(not torch.equal(before[k], v) for k, v in weights(run / "model" / "unet").items())
 
 
@@ -128,20 +128,19 @@ def test_output_that_is_a_file_is_refused(tmp_path, below):
     (tmp_path / "notes.txt").write_text("mine")
     output = tmp_path / "notes.txt" / "run" if below else tmp_path / "notes.txt"
     with pytest.raises(UserError, match=f"cannot write into {output}: {tmp_path / 'notes.txt'} is a file, not a folder"):
-        train(tiny_config(), output, show_progress=False)
+        train(tiny_config(), output)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_checkpoint_rotation(tmp_path):
-    result = train(tiny_config("train.max_steps=9", "checkpoint.every=2", "checkpoint.total_limit=2"), tmp_path / "r",
-                   show_progress=False)
+    result = train(tiny_config("train.max_steps=9", "checkpoint.every=2", "checkpoint.total_limit=2"), tmp_path / "r")
     assert [p.name for p in RunDir(result.run).checkpoints()] == ["step-000008", "step-000009"]
 
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_prediction_types_and_min_snr_train(tmp_path, prediction):
     result = train(tiny_config(f"scheduler.prediction_type={prediction}", "train.min_snr_gamma=5", "train.max_steps=3"),
-                   tmp_path / prediction, show_progress=False)
+                   tmp_path / prediction)
     assert all(torch.isfinite(torch.tensor(losses(result.run))))
     assert DDPMPipeline.from_pretrained(result.run / "model").scheduler.config.prediction_type == prediction
 
@@ -174,7 +173,7 @@ def test_epsilon_weighting_is_the_epsilon_loss_where_the_signal_is_strong():
 
 
 def test_unconditional_on_labelled_data_has_no_class_embedding(tmp_path):
-    result = train(tiny_config("model.class_conditional=false", "train.max_steps=2"), tmp_path / "u", show_progress=False)
+    result = train(tiny_config("model.class_conditional=false", "train.max_steps=2"), tmp_path / "u")
     assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds is None
 
 
@@ -193,7 +192,7 @@ def _folder(root: Path, classes: list[str]) -> Path:
 def test_auto_class_conditioning_follows_the_folder(tmp_path, capsys, classes, conditional):
     folder = _folder(tmp_path / "data", classes)
     result = train(tiny_config(f"data.dataset={folder}", "model.class_conditional=auto", "train.max_steps=1"),
-                   tmp_path / "run", show_progress=False)
+                   tmp_path / "run")
     embeds = UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds
     assert embeds == (3 if conditional else None)  # two classes and the null class of guidance
     saved = config_mod.read_config(result.run / "config.yaml")
@@ -221,7 +220,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_last_checkpoint(tmp_path, monkeypa
     poison_steps(monkeypatch, 4)  # the 5th step; logged every 3 steps, so found at step 6
     with pytest.raises(UserError, match=r"loss became nan at step 5; .*Lower train.lr.*--skip-nonfinite N "
                                         r"\(last good checkpoint: .*step-000003\)"):
-        train(tiny_config("log.every=3"), tmp_path / "nan", show_progress=False)
+        train(tiny_config("log.every=3"), tmp_path / "nan")
     run = RunDir(tmp_path / "nan")
     assert [c.name for c in run.checkpoints()] == ["step-000003"] and all_finite(run.checkpoints()[0])
     assert not run.model_dir.exists()
@@ -229,13 +228,12 @@ def test_nan_loss_stops_at_its_step_and_keeps_last_checkpoint(tmp_path, monkeypa
 
 def test_diverging_lr_is_caught_with_the_same_hint(tmp_path):
     with pytest.raises(UserError, match="loss became (nan|inf) at step [0-9]+; .*Lower train.lr"):
-        train(tiny_config("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0"), tmp_path / "lr",
-              show_progress=False)
+        train(tiny_config("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0"), tmp_path / "lr")
 
 
 def test_skip_nonfinite_skips_a_bad_step_and_finishes(tmp_path, monkeypatch, capsys):
     poison_steps(monkeypatch, 4)
-    result = train(tiny_config("train.skip_nonfinite=2"), tmp_path / "skip", show_progress=False)
+    result = train(tiny_config("train.skip_nonfinite=2"), tmp_path / "skip")
     assert result.finished and all_finite(result.run / "model" / "unet", "diffusion_pytorch_model.safetensors")
     records = [json.loads(line) for line in RunDir(result.run).metrics.read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1]
@@ -250,7 +248,7 @@ def test_a_nan_preview_is_a_warning_not_a_black_grid(tmp_path, monkeypatch, caps
         return to_uint8(torch.full((4, 3, 8, 8), float("nan")))
 
     monkeypatch.setattr("difftool.training.outputs.sample_batch", nan_samples)
-    result = train(tiny_config(), tmp_path / "run", show_progress=False)
+    result = train(tiny_config(), tmp_path / "run")
     assert result.finished and (result.run / "model" / "unet").is_dir(), "the run trains on"
     assert not list((result.run / "samples").glob("*.png"))
     assert "step 3: no sample grid (ddim): 4 of 4 preview images came out NaN or infinite" in capsys.readouterr().err
@@ -260,35 +258,35 @@ def test_skip_nonfinite_stops_when_too_many_in_a_row(tmp_path, monkeypatch):
     poison_steps(monkeypatch, 3, 4, 5)
     with pytest.raises(UserError, match=r"steps 4-6 in a row had non-finite gradients \(more than "
                                         r"train.skip_nonfinite=2\).*step-000003"):
-        train(tiny_config("train.skip_nonfinite=2", "train.max_steps=8"), tmp_path / "stop", show_progress=False)
+        train(tiny_config("train.skip_nonfinite=2", "train.max_steps=8"), tmp_path / "stop")
 
 
 def test_skipping_changes_nothing_while_gradients_are_finite(tmp_path):
-    plain = train(tiny_config("train.grad_clip=0"), tmp_path / "plain", show_progress=False)
-    guarded = train(tiny_config("train.grad_clip=0", "train.skip_nonfinite=1"), tmp_path / "guarded", show_progress=False)
+    plain = train(tiny_config("train.grad_clip=0"), tmp_path / "plain")
+    guarded = train(tiny_config("train.grad_clip=0", "train.skip_nonfinite=1"), tmp_path / "guarded")
     assert losses(guarded.run) == losses(plain.run)
 
 
 def test_a_run_stopped_by_nan_resumes_with_skipping(tmp_path, monkeypatch):
     poison_steps(monkeypatch, 4)
     with pytest.raises(UserError, match="at step 5"):
-        train(tiny_config(), tmp_path / "r", show_progress=False)
+        train(tiny_config(), tmp_path / "r")
     poison_steps(monkeypatch, 1)  # counted from the resumed step 3: step 5 again
     plan = plan_training(resume=str(tmp_path / "r"), overrides=["train.skip_nonfinite=1"])
     assert plan.resume.name == "step-000003"
-    result = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    result = train(plan.cfg, plan.output, resume=plan.resume)
     assert result.finished and [json.loads(x)["step"] for x in RunDir(result.run).metrics.read_text().splitlines()] \
         == [1, 2, 3, 4, 5, 6]
 
 
 def test_batch_larger_than_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="fewer than train.batch_size"):
-        train(tiny_config("data.num_images=4"), tmp_path / "small", show_progress=False)
+        train(tiny_config("data.num_images=4"), tmp_path / "small")
 
 
 def test_tensorboard_tracker_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard")
-    result = train(tiny_config("log.trackers=[tensorboard]", "train.max_steps=2"), tmp_path / "tb", show_progress=False)
+    result = train(tiny_config("log.trackers=[tensorboard]", "train.max_steps=2"), tmp_path / "tb")
     assert list((result.run / "logs").rglob("events.out.tfevents.*"))
 
 
@@ -302,36 +300,34 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_
 
 def test_fp16_on_cpu_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        train(tiny_config("train.mixed_precision=fp16"), tmp_path / "fp16", show_progress=False)
+        train(tiny_config("train.mixed_precision=fp16"), tmp_path / "fp16")
     assert not (tmp_path / "fp16").exists()
 
 
 def test_a_second_run_in_one_process_may_change_precision(tmp_path, capsys):
     """accelerate keeps the first Accelerator's settings for the process; each train() call gets its own."""
-    train(tiny_config("train.max_steps=1"), tmp_path / "fp32", show_progress=False)
-    train(tiny_config("train.max_steps=1", "train.mixed_precision=bf16"), tmp_path / "bf16", show_progress=False)
+    train(tiny_config("train.max_steps=1"), tmp_path / "fp32")
+    train(tiny_config("train.max_steps=1", "train.mixed_precision=bf16"), tmp_path / "bf16")
     err = capsys.readouterr().err
     assert "on cpu (fp32)" in err and "on cpu (bf16)" in err
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     # 64 images at batch 8: 8 steps per epoch.
-    result = train(tiny_config("train.epochs=1", "checkpoint.every=100", "sample.every=100"), tmp_path / "e",
-                   show_progress=False)
+    result = train(tiny_config("train.epochs=1", "checkpoint.every=100", "sample.every=100"), tmp_path / "e")
     assert result.step == 8
 
 
 def test_class_conditional_needs_labels(tmp_path):
     folder = _folder(tmp_path / "flat", [])
     with pytest.raises(UserError, match="has no labels"):
-        train(tiny_config(f"data.dataset={folder}"), tmp_path / "run", show_progress=False)
+        train(tiny_config(f"data.dataset={folder}"), tmp_path / "run")
     assert not (tmp_path / "run").exists(), "nothing is written before the inputs are known to be good"
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    plain = train(tiny_config("train.max_steps=3"), tmp_path / "plain", show_progress=False)
-    saved = train(tiny_config("train.max_steps=3", "train.gradient_checkpointing=true"), tmp_path / "ckpt",
-                  show_progress=False)
+    plain = train(tiny_config("train.max_steps=3"), tmp_path / "plain")
+    saved = train(tiny_config("train.max_steps=3", "train.gradient_checkpointing=true"), tmp_path / "ckpt")
     torch.testing.assert_close(losses(saved.run), losses(plain.run), rtol=1e-5, atol=1e-6)
 
 
@@ -340,7 +336,7 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path):
 
     with (inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
           pytest.raises(UserError, match=r"train.compile=true needs a working C\+\+ compiler.*set CXX")):
-        train(tiny_config("train.compile=true"), tmp_path / "run", show_progress=False)
+        train(tiny_config("train.compile=true"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -348,9 +344,9 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path):
 def test_torch_compile_trains_like_eager(tmp_path):
     from torch._dynamo.utils import counters
 
-    eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager", show_progress=False)
+    eager = train(tiny_config("train.max_steps=3"), tmp_path / "eager")
     counters.clear()
-    compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    compiled = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] >= 1, "the second run of the process compiled (accelerate kept the first)"
     # Inductor reorders float sums: after 3 steps the losses drift by about 0.2%.
     torch.testing.assert_close(losses(compiled.run), losses(eager.run), rtol=1e-2, atol=1e-4)
@@ -364,8 +360,7 @@ def test_trains_on_a_folder_with_class_subfolders(tmp_path):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(8):
             Image.new("RGB", (12 + i, 10), colour).save(tmp_path / "photos" / name / f"{i}.jpg")
-    result = train(tiny_config(f"data.dataset={tmp_path / 'photos'}", "train.max_steps=2"), tmp_path / "run",
-                   show_progress=False)
+    result = train(tiny_config(f"data.dataset={tmp_path / 'photos'}", "train.max_steps=2"), tmp_path / "run")
     info = json.loads((result.run / "model" / "difftool.json").read_text())
     assert info["label_names"] == ["apples", "leaves"] and info["num_classes"] == 2
     assert UNet2DModel.from_pretrained(result.run / "model" / "unet").config.num_class_embeds == 3
@@ -382,8 +377,7 @@ def test_trains_on_a_hub_dataset_through_datasets(tmp_path, monkeypatch):
     )
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: asked.append((name, split)) or local)
-    result = train(tiny_config("data.dataset=someone/grey-squares", "train.max_steps=2"), tmp_path / "run",
-                   show_progress=False)
+    result = train(tiny_config("data.dataset=someone/grey-squares", "train.max_steps=2"), tmp_path / "run")
     assert asked == [("someone/grey-squares", "train")]
     unet = UNet2DModel.from_pretrained(result.run / "model" / "unet")
     assert (unet.config.in_channels, unet.config.num_class_embeds) == (1, 3)  # grayscale data, 2 classes + null
@@ -391,24 +385,24 @@ def test_trains_on_a_hub_dataset_through_datasets(tmp_path, monkeypatch):
 
 def test_init_from_refuses_a_different_unet(tmp_path):
     source = tiny_config("train.max_steps=2", "checkpoint.every=1000", "sample.every=1000")
-    train(source, tmp_path / "source", show_progress=False)
+    train(source, tmp_path / "source")
     wider = tiny_config("train.max_steps=2", f"train.init_from={tmp_path / 'source'}", "model.block_out_channels=[16, 16]")
     with pytest.raises(UserError, match=r"train.init_from .* is not the UNet this recipe builds .*tensors differ"):
-        train(wider, tmp_path / "wider", show_progress=False)
+        train(wider, tmp_path / "wider")
     assert not (tmp_path / "wider" / "checkpoints").exists()
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path):
     source = tiny_config("train.max_steps=2", "checkpoint.every=1000", "sample.every=1000")
-    train(source, tmp_path / "source", show_progress=False)
+    train(source, tmp_path / "source")
     tuned = tiny_config("train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "ema.enabled=false",
                         f"train.init_from={tmp_path / 'source'}", "checkpoint.every=1000", "sample.every=1000")
-    train(tuned, tmp_path / "tuned", show_progress=False)
+    train(tuned, tmp_path / "tuned")
     before, after = load_model(tmp_path / "source").unet.state_dict(), load_model(tmp_path / "tuned").unet.state_dict()
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     fresh = tiny_config("train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "ema.enabled=false",
                         "checkpoint.every=1000", "sample.every=1000")
-    train(fresh, tmp_path / "fresh", show_progress=False)
+    train(fresh, tmp_path / "fresh")
     other = load_model(tmp_path / "fresh").unet.state_dict()
     assert not all(torch.allclose(before[k], other[k], atol=1e-6) for k in before)
 
@@ -432,5 +426,5 @@ def test_the_prepared_model_is_released_before_the_process_group_ends(tmp_path, 
 
     monkeypatch.setattr(Accelerator, "prepare", prepare)
     monkeypatch.setattr(Accelerator, "end_training", end_training)
-    assert train(tiny_config(), tmp_path / "run", show_progress=False).finished
+    assert train(tiny_config(), tmp_path / "run").finished
     assert prepared and alive_at_end == [False] * len(prepared)

@@ -52,7 +52,7 @@ def offline(tmp_path, monkeypatch):
 def test_evaluations_at_their_steps_and_the_best_checkpoint(tmp_path, hub_inception):
     pytest.importorskip("tensorboard")
     cfg = tiny_config(*eval_overrides(), "train.max_steps=7", "checkpoint.total_limit=1", "log.trackers=[tensorboard]")
-    result = train(cfg, tmp_path / "run", show_progress=False)
+    result = train(cfg, tmp_path / "run")
     run = RunDir(result.run)
     training, evals = records(run.root)
     assert [r["step"] for r in training] == list(range(1, 8)), "training records keep their keys and steps"
@@ -80,7 +80,7 @@ def test_evaluations_at_their_steps_and_the_best_checkpoint(tmp_path, hub_incept
 
 
 def test_the_best_checkpoint_samples_and_converts(tmp_path, hub_inception, scratch_cwd):
-    result = train(tiny_config(*eval_overrides(), "train.max_steps=3"), tmp_path / "run", show_progress=False)
+    result = train(tiny_config(*eval_overrides(), "train.max_steps=3"), tmp_path / "run")
     best = RunDir(result.run).best_checkpoint
     sampled = invoke("sample", best, "-n", "2", "--steps", "2", "--output", tmp_path / "s", "-q")
     assert sampled.exit_code == 0, sampled.output
@@ -90,8 +90,7 @@ def test_the_best_checkpoint_samples_and_converts(tmp_path, hub_inception, scrat
 
 
 def test_other_feature_networks_name_their_distance_as_evaluate_does(tmp_path, extractor_file):
-    result = train(tiny_config(*eval_overrides(str(extractor_file)), "train.max_steps=3"), tmp_path / "run",
-                   show_progress=False)
+    result = train(tiny_config(*eval_overrides(str(extractor_file)), "train.max_steps=3"), tmp_path / "run")
     (record,) = records(result.run)[1]
     assert "eval/fd" in record and "eval/fid" not in record
     assert best_progress(result.run)["eval"]["eval/fd"] == record["eval/fd"]
@@ -103,15 +102,15 @@ def interrupt_at(monkeypatch, step: int) -> None:
 
 def test_resume_keeps_the_evaluation_history_and_the_best(tmp_path, hub_inception):
     settings = (*eval_overrides(every=2), "train.max_steps=6", "checkpoint.every=100")
-    full = train(tiny_config(*settings), tmp_path / "full", show_progress=False)
+    full = train(tiny_config(*settings), tmp_path / "full")
     with pytest.MonkeyPatch.context() as patch:
         interrupt_at(patch, 5)  # evaluated at 2 and 4, checkpoint at 5 (no evaluation when stopping)
-        stopped = train(tiny_config(*settings), tmp_path / "part", show_progress=False)
+        stopped = train(tiny_config(*settings), tmp_path / "part")
     assert [r["step"] for r in records(stopped.run)[1]] == [2, 4]
 
     plan = plan_training(resume=str(stopped.run))
     assert plan.resume.name == "step-000005", "checkpoints/best is never the checkpoint to resume"
-    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    train(plan.cfg, plan.output, resume=plan.resume)
     resumed, uninterrupted = records(stopped.run)[1], records(full.run)[1]
     assert [r["step"] for r in resumed] == [2, 4, 6], "the history continues, without duplicates"
     for a, b in zip(resumed, uninterrupted, strict=True):  # exact resume: the same samples, the same scores
@@ -120,12 +119,12 @@ def test_resume_keeps_the_evaluation_history_and_the_best(tmp_path, hub_inceptio
 
 def test_a_resumed_run_replaces_the_best_only_with_a_better_score(tmp_path, hub_inception):
     settings = (*eval_overrides(every=2), "train.max_steps=2", "checkpoint.every=100")
-    run = train(tiny_config(*settings), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config(*settings), tmp_path / "run").run
     progress = best_progress(run)
     progress["eval"]["eval/fid"] = -1.0  # a score no later evaluation beats
     (RunDir(run).best_checkpoint / "progress.json").write_text(json.dumps(progress))
     plan = plan_training(resume=str(run), values={"train.max_steps": 6})
-    train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    train(plan.cfg, plan.output, resume=plan.resume)
     assert [(r["step"], r["eval/best_step"]) for r in records(run)[1]] == [(2, 2), (4, 2), (6, 2)]
     assert best_progress(run)["step"] == 2 and best_progress(run)["eval"]["eval/fid"] == -1.0
 
@@ -144,7 +143,7 @@ def test_evaluation_time_is_not_training_time(tmp_path, extractor_file, monkeypa
 
     monkeypatch.setattr(evaluator_mod, "sample_and_score", slow)
     result = train(tiny_config(*eval_overrides(str(extractor_file), every=2), "train.max_steps=6", "log.every=2"),
-                   tmp_path / "run", show_progress=False)
+                   tmp_path / "run")
     training, evals = records(result.run)
     assert [r["step"] for r in evals] == [2, 4, 6] and all(r["eval/seconds"] >= 1000 for r in evals)
     assert all(r["img_per_s"] > 16 / 100 for r in training), [r["img_per_s"] for r in training]
@@ -157,7 +156,7 @@ def test_missing_features_or_reference_are_refused_before_training(tmp_path, ext
         features = [] if "features" in setting else [f"eval.features={extractor_file}"]
         cfg = tiny_config(*eval_overrides(str(extractor_file)), *features, setting)
         with pytest.raises(UserError, match=f"cannot evaluate during training: {message}.*--set eval.every=0"):
-            train(cfg, tmp_path / "run", show_progress=False)
+            train(cfg, tmp_path / "run")
         assert not (tmp_path / "run").exists(), "nothing written, no step trained"
 
 
@@ -208,5 +207,5 @@ def test_only_a_built_in_recipe_s_evaluation_is_optional(tmp_path, tiny_recipe):
     assert plan_training().optional_eval, "the quickstart's own evaluation"
     assert not plan_training(overrides=["eval.num_samples=50"]).optional_eval, "asked for on the command line"
     assert not plan_training(recipe=str(tiny_recipe)).optional_eval, "the user's own recipe"
-    run = train(tiny_config("train.max_steps=1"), tmp_path / "run", show_progress=False).run
+    run = train(tiny_config("train.max_steps=1"), tmp_path / "run").run
     assert not plan_training(resume=str(run), values={"train.max_steps": 2}).optional_eval, "a run's own config"

@@ -157,21 +157,21 @@ def until_records(run) -> list[dict]:
 def test_an_interrupted_plateau_run_resumes_to_the_same_stop(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(judge_mod, "MIN_STEPS", 30)
     monkeypatch.setattr(judge_mod, "MAX_STEPS", 30)
-    full = train(tiny_config(*PLATEAU_RUN), tmp_path / "full", show_progress=False)
+    full = train(tiny_config(*PLATEAU_RUN), tmp_path / "full")
     decided = until_records(full.run)
     assert len(decided) == 1 and full.finished and full.step == decided[0]["until/end"] <= 12
     assert json.loads((full.run / "model" / "difftool.json").read_text())["step"] == full.step, "the step it ended at"
 
     assert "judge at step" in capsys.readouterr().err, "a finished run ends with the verdict"
     monkeypatch.setattr(loop_mod._Trainer, "_agree_to_stop", lambda self, s: s == 5)  # Ctrl-C in step 5
-    stopped = train(tiny_config(*PLATEAU_RUN), tmp_path / "part", show_progress=False)
+    stopped = train(tiny_config(*PLATEAU_RUN), tmp_path / "part")
     assert (stopped.step, stopped.finished) == (5, False)
     said = capsys.readouterr().err
     assert "continue with difftool train --resume" in " ".join(said.split()) and "judge at step" not in said, \
         "a stopped run is continued, not judged"
     monkeypatch.setattr(loop_mod._Trainer, "_agree_to_stop", lambda self, s: False)
     plan = plan_training(resume=str(stopped.run))
-    resumed = train(plan.cfg, plan.output, resume=plan.resume, show_progress=False)
+    resumed = train(plan.cfg, plan.output, resume=plan.resume)
     assert (resumed.step, until_records(resumed.run)) == (full.step, decided), "the rule's state came back"
     lr = [(r["step"], r["lr"]) for r in map(json.loads, RunDir(resumed.run).metrics.read_text().splitlines())
           if "lr" in r]

@@ -66,7 +66,7 @@ def distill(
 
     from difftool.distilling.job import distill as run_distillation
 
-    result = run_distillation(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
+    result = run_distillation(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite,
                               optional_eval=plan.optional_eval)
     if result.last_loss is not None and rank_zero():
         say(f"final loss {result.last_loss:.4f} at step {result.step}")

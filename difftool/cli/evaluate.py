@@ -76,6 +76,7 @@ def evaluate(
                                 main_process_port=main_process_port, stopped_code=INTERRUPTED_EXIT))
 
     from difftool.evaluation.evaluate import default_output
+    from difftool.output_rules import Existing
     from difftool.sampling.job import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
@@ -83,21 +84,20 @@ def evaluate(
                             dtype=dtype, compile=compile_model)
     if sweep_spec is not None:
         _sweep(source, sweep_spec, reference, metric_options, request, output or default_output(source).with_name(default_output(source).name + "-sweep"),
-               overwrite, resume, json_output, quiet)
+               Existing(overwrite, resume), json_output)
         return
-    _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
+    _evaluate(source, reference, metric_options, request, output, Existing(overwrite, resume), json_output,
               sampling_options=(scheduler, steps))
 
 
-def _evaluate(source, reference, metric_options, request, output, overwrite, resume, json_output, quiet,
-              sampling_options) -> None:
+def _evaluate(source, reference, metric_options, request, output, existing, json_output, sampling_options) -> None:
     from difftool.evaluation.evaluate import evaluate
     from difftool.evaluation.imagesets import is_image_source
 
     if is_image_source(source) and any(value is not None for value in sampling_options):
         raise UserError(f"{source} holds images, not a model: --scheduler and --steps do not apply")
     result = evaluate(source, reference=reference, options=metric_options, request=request, output=output,
-                      overwrite=overwrite, resume=resume, show_progress=not quiet)
+                      existing=existing)
     if result is None:  # a non-main process of a multi-process run: it only sampled
         return
     show_notes(result.notes)
@@ -108,14 +108,13 @@ def _evaluate(source, reference, metric_options, request, output, overwrite, res
     say(f"[green]done[/]: N = {result.record['num_images']} images; results in {result.output / 'metrics.json'}")
 
 
-def _sweep(source, spec, reference, metric_options, request, output, overwrite, resume, json_output, quiet) -> None:
+def _sweep(source, spec, reference, metric_options, request, output, existing, json_output) -> None:
     from difftool.evaluation.evaluate import COMPARABLE_N
     from difftool.evaluation.files import PLOT_FILE, RESULTS_CSV
     from difftool.evaluation.sweep import sweep
-    from difftool.output_rules import Existing
 
     rows = sweep(source, spec, reference=reference, options=metric_options, request=request, output=output,
-                 existing=Existing(overwrite, resume), show_progress=not quiet)
+                 existing=existing)
     if rows is None:
         return
     if json_output:

@@ -63,7 +63,7 @@ def inpaint(
         num_samples=num_samples, seed=seed, batch_size=batch_size, classes=classes, guidance_scale=guidance_scale,
         weights=weights, invert=invert, grow=grow, crop=crop, comparison=with_comparison,
     )
-    result = inpaint_files(model, image, mask, output, request, overwrite=overwrite, show_progress=not quiet)
+    result = inpaint_files(model, image, mask, output, request, overwrite=overwrite)
     first = result.outputs[0]
     more = f" (+{len(result.outputs) - 1} more)" if len(result.outputs) > 1 else ""
     say(f"[green]done[/]: {first}{more} in {result.seconds:.1f} s"

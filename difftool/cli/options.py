@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from difftool.config_rules import SEED_MAX
+from difftool.progress import quieted
 
 # Checked at parse time, as EDM does: past these bounds a request fails, or runs out of memory, only later.
 IMAGES_MAX = 10_000_000  # image indices are listed before the first is made; FID papers use 50,000
@@ -20,7 +21,16 @@ Seed = Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="R
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _hold_quiet(ctx: typer.Context, quiet: bool) -> bool:
+    """--quiet, held by the progress module while the command runs (its context closes when it ends), so that the
+    bars deep below need no flag passed down; a launched worker parses the same arguments."""
+    ctx.with_resource(quieted(quiet))
+    return quiet
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", callback=_hold_quiet)]
 GuidanceRescale = Annotated[float | None, typer.Option(
     help="Pull strong guidance's contrast back towards the conditional prediction's: 0 off, 0.7 as Lin et al. "
          "suggest (with --guidance-scale). Default: the recipe's, else 0.")]

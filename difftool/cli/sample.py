@@ -56,6 +56,7 @@ def sample(
 ) -> None:
     """Sample images from a trained model with any scheduler; PNGs carry their settings."""
     locate(model)  # a mistyped path is refused before the model stack is imported
+    from difftool.output_rules import Existing
     from difftool.sampling.job import SampleRequest, generate
 
     if num_processes > 1:
@@ -68,7 +69,7 @@ def sample(
         guidance_rescale=guidance_rescale, weights=weights, dtype=dtype, compile=compile_model, format=image_format,
     )
     try:
-        result = generate(model, request, output, overwrite=overwrite, resume=resume, show_progress=not quiet)
+        result = generate(model, request, output, existing=Existing(overwrite, resume))
     except KeyboardInterrupt:
         if rank_zero():
             say("[yellow]stopped[/]: the finished images are kept; run the same command with --resume "

@@ -41,8 +41,7 @@ def stats(
 
     metric_options = MetricOptions(features=features, inception_weights=inception_weights,
                                    batch_size=feature_batch_size, split=split, reference_images=reference_images)
-    reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite,
-                            show_progress=not quiet)
+    reference = build_stats(data, output, resolution=resolution, options=metric_options, overwrite=overwrite)
     say(f"[green]done[/]: statistics of {reference.count} images ({reference.source}, "
         f"{reference.resolution} px, {reference.extractor}) in {output}")
 

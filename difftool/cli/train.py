@@ -67,7 +67,7 @@ def train(
 
     from difftool.training.loop import train as run_training
 
-    result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite, show_progress=not quiet,
+    result = run_training(plan.cfg, plan.output, resume=plan.resume, overwrite=overwrite,
                           why_recipe=plan.why, optional_eval=plan.optional_eval)
     if result.last_loss is not None and rank_zero():
         say(f"final loss {result.last_loss:.4f} at step {result.step}")

@@ -15,7 +15,7 @@ METHODS = {"consistency": ConsistencyDistillation, "progressive": ProgressiveDis
 
 
 def distill(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
-            show_progress: bool = True, optional_eval: bool = False) -> TrainResult:
+            optional_eval: bool = False) -> TrainResult:
     """Distill `cfg.distill.teacher` into the run folder `output` (a plan from distilling/plan.py)."""
 
     def objective(accelerator, student, noise_scheduler):
@@ -26,5 +26,4 @@ def distill(cfg: Config, output: Path | str, *, resume: Path | None = None, over
         null_class = teacher.info.get("null_class") if student.config.num_class_embeds else None
         return METHODS[cfg.distill.method](cfg, accelerator, student, teacher.unet, noise_scheduler, null_class)
 
-    return train(cfg, output, resume=resume, overwrite=overwrite, show_progress=show_progress,
-                 optional_eval=optional_eval, objective=objective)
+    return train(cfg, output, resume=resume, overwrite=overwrite, optional_eval=optional_eval, objective=objective)

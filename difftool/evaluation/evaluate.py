@@ -44,7 +44,7 @@ from difftool.evaluation.reference import (
     resolve,
     save,
 )
-from difftool.output_rules import Existing, refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.output_rules import UNTOUCHED, Existing, refuse_inputs_as_output, source_name
 from difftool.rundir import lock_name
 from difftool.runlock import main_process_lock
 from difftool.threads import sharing_cores
@@ -79,33 +79,30 @@ class Evaluation:
 
 @sharing_cores
 def evaluate(source: str, *, reference: str | None, options: MetricOptions, request: SampleRequest | None = None,
-             output: Path | None = None, overwrite: bool = False, resume: bool = False,
-             show_progress: bool = True) -> Evaluation | None:
+             output: Path | None = None, existing: Existing = UNTOUCHED) -> Evaluation | None:
     """Score the images at `source` (a folder or .npz), or `request.num_images` samples of the model at `source`.
 
     Returns None in the non-main processes of a multi-process run, which only sample.
     """
     output = Path(output) if output else default_output(source)
     what = "the image set" if is_image_source(source) else "the model"
-    with evaluation_folder(output, {what: source, "the reference": reference}, overwrite=overwrite, resume=resume):
-        return _evaluate_into(output, source, reference, options, request, overwrite, resume, show_progress)
+    with evaluation_folder(output, {what: source, "the reference": reference}, existing):
+        return _evaluate_into(output, source, reference, options, request, existing)
 
 
 def _evaluate_into(output: Path, source: str, reference: str | None, options: MetricOptions,
-                   request: SampleRequest | None, overwrite: bool, resume: bool,
-                   show_progress: bool) -> Evaluation | None:
+                   request: SampleRequest | None, existing: Existing) -> Evaluation | None:
     if is_image_source(source):
         if not main_process():  # other processes have nothing to sample; one scores
             return None
         images = open_images(source)
-        scorer = prepare_scorer(reference, options, images.resolution, show_progress)
-        record, notes = scorer.score(images, show_progress, asked=images.asked), images.notes
+        scorer = prepare_scorer(reference, options, images.resolution)
+        record, notes = scorer.score(images, asked=images.asked), images.notes
     else:
         request = request or SampleRequest()
         model = load_checked(source, [request])
-        scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
-        done = sample_and_score(source, model, request, output / "samples", scorer,
-                                existing=Existing(overwrite, resume), show_progress=show_progress)
+        scorer = prepare_scorer(reference, options, model.info["resolution"])
+        done = sample_and_score(source, model, request, output / "samples", scorer, existing=existing)
         if done is None:
             return None
         record, notes = done[1], []
@@ -121,18 +118,17 @@ class Scorer:
     reference: Reference | None
     options: MetricOptions
 
-    def score(self, images: ImageSet, show_progress: bool = True, asked: list[str | None] | None = None) -> dict:
-        return score(images, self.reference, self.extractor, self.options, show_progress=show_progress, asked=asked)
+    def score(self, images: ImageSet, asked: list[str | None] | None = None) -> dict:
+        return score(images, self.reference, self.extractor, self.options, asked=asked)
 
 
-def prepare_scorer(reference: str | None, options: MetricOptions, resolution: int,
-                   show_progress: bool) -> Scorer | None:
+def prepare_scorer(reference: str | None, options: MetricOptions, resolution: int) -> Scorer | None:
     """The main process's Scorer (None elsewhere), made before any sampling: missing weights or statistics of
     another resolution should stop a run before an hour of sampling, not after it."""
     if not main_process():
         return None
     extractor = checked_extractor(options, resolution)
-    return Scorer(extractor, resolve_reference(reference, extractor, resolution, options, show_progress), options)
+    return Scorer(extractor, resolve_reference(reference, extractor, resolution, options), options)
 
 
 def checked_extractor(options: MetricOptions, resolution: int) -> Extractor:
@@ -142,7 +138,7 @@ def checked_extractor(options: MetricOptions, resolution: int) -> Extractor:
 
 
 def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, folder: Path, scorer: Scorer | None,
-                     *, existing: Existing, show_progress: bool,
+                     *, existing: Existing,
                      sampling_precision=contextlib.nullcontext) -> tuple[SampleResult, dict] | None:
     """One setting: sample `model` into `folder` (as `difftool sample --format npz` would) and score the samples.
 
@@ -151,11 +147,10 @@ def sample_and_score(source: str, model: LoadedModel, request: SampleRequest, fo
     that only sample.
     """
     with sampling_precision():
-        sampled = generate(source, dataclasses.replace(request, format="npz"), folder, overwrite=existing.overwrite,
-                           resume=existing.resume, show_progress=show_progress, model=model)
+        sampled = generate(source, dataclasses.replace(request, format="npz"), folder, existing=existing, model=model)
     if scorer is None:
         return None
-    record = scorer.score(open_images(folder / NPZ_FILE), show_progress, asked=asked_classes(folder, model))
+    record = scorer.score(open_images(folder / NPZ_FILE), asked=asked_classes(folder, model))
     record["sampling"] = {**sampled.settings, "model_calls": sampled.model_calls}
     return sampled, record
 
@@ -169,12 +164,12 @@ def asked_classes(folder: Path, model: LoadedModel) -> list[str | None] | None:
 
 
 def score(images: ImageSet, reference: Reference | None, extractor: Extractor, options: MetricOptions, *,
-          show_progress: bool = True, asked: list[str | None] | None = None) -> dict:
+          asked: list[str | None] | None = None) -> dict:
     """Every metric the reference allows, from one pass of `extractor` over `images`.
 
     A judge's (evaluation/judge.py) class predictions give the class fidelity, against the classes the images were
     `asked` for where that is known, in place of the Inception Score; its FD comes with its noise."""
-    with SamplingProgress(images.count, enabled=show_progress, label="features") as progress:
+    with SamplingProgress(images.count, label="features") as progress:
         found = extract(extractor, images.batches(options.batch_size), on_batch=progress.advance)
     n = len(found)
     record: dict = {"num_images": n, "images": images.description, "resolution": images.resolution,
@@ -230,8 +225,8 @@ def _check_finite(record: dict, reference: Reference | None) -> None:
 
 
 @sharing_cores
-def build_stats(data: str, output: Path, *, resolution: int | None, options: MetricOptions, overwrite: bool = False,
-                show_progress: bool = True) -> Reference:
+def build_stats(data: str, output: Path, *, resolution: int | None, options: MetricOptions,
+                overwrite: bool = False) -> Reference:
     """`difftool stats`: reference statistics of any data source `train` reads (at `resolution`, by default
     DEFAULT_RESOLUTION), or of an .npz of images or a folder `difftool sample` wrote (at their own size)."""
     output = Path(output)
@@ -251,7 +246,7 @@ def build_stats(data: str, output: Path, *, resolution: int | None, options: Met
         raise UserError(f"{data} holds {images.resolution}-px images, not {resolution} px: the statistics of "
                         f"generated images are made at their own size, and only they compare with images of it; "
                         f"drop --resolution (or give --resolution {images.resolution}), or sample at {resolution} px")
-    reference = from_images(images, extractor, batch_size=options.batch_size, show_progress=show_progress)
+    reference = from_images(images, extractor, batch_size=options.batch_size)
     save(reference, output)
     return reference
 
@@ -266,13 +261,13 @@ def default_output(source: str) -> Path:
     return Path("evaluations") / source_name(source)
 
 
-def resolve_reference(reference: str | None, extractor: Extractor, resolution: int, options: MetricOptions,
-                      show_progress: bool) -> Reference | None:
+def resolve_reference(reference: str | None, extractor: Extractor, resolution: int,
+                      options: MetricOptions) -> Reference | None:
     """The reference statistics for images of `resolution`, built (and cached) if they are not a file."""
     if reference is None:
         return None
     ref = resolve(reference, extractor, resolution=resolution, batch_size=options.batch_size,
-                  split=options.split, max_images=options.reference_images, show_progress=show_progress)
+                  split=options.split, max_images=options.reference_images)
     check_compatible(ref, extractor, resolution, reference)
     return ref
 
@@ -287,14 +282,13 @@ def load_checked(source: str, requests: list[SampleRequest]) -> LoadedModel:
 
 
 @contextlib.contextmanager
-def evaluation_folder(output: Path, inputs: dict, *, overwrite: bool, resume: bool) -> Iterator[None]:
+def evaluation_folder(output: Path, inputs: dict, existing: Existing) -> Iterator[None]:
     """Hold the evaluation folder `output` (one evaluation at a time) after checking that it may be written."""
-    refuse_overwrite_with_resume(overwrite, resume)
     refuse_file_in_the_way(output)
     refuse_inputs_as_output(output, inputs)
     with main_process_lock(process_state(), output, "evaluate"):
         held = [p for p in output.iterdir() if p.name != lock_name("evaluate")]
-        if held and not (overwrite or resume):
+        if held and not (existing.overwrite or existing.resume):
             raise UserError(f"{output} already holds an evaluation; pass --overwrite to replace it, --resume to reuse "
                             f"the samples made there, or choose another --output")
         yield

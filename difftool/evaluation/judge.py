@@ -135,8 +135,7 @@ def reference_rows(rows: torch.Tensor, limit: int | None, seed: int = 0) -> torc
 
 
 def train_judge(images: torch.Tensor, labels: torch.Tensor | None, names: list[str] | None, *, held: torch.Tensor,
-                train: torch.Tensor, flips: bool, seed: int = 0,
-                show_progress: bool = True) -> tuple[torch.jit.ScriptModule, JudgeReport]:
+                train: torch.Tensor, flips: bool, seed: int = 0) -> tuple[torch.jit.ScriptModule, JudgeReport]:
     """A judge of uint8 N×C×H×W `images`, trained on rows `train`, its accuracy measured on rows `held`.
 
     With labels and two or more `names` it learns the classes, else the quarter turns. `flips`: mirrored
@@ -153,7 +152,7 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor | None, names: list[s
     steps = min(MAX_STEPS, max(MIN_STEPS, EPOCHS * len(train) // BATCH))
     optimizer = torch.optim.AdamW(judge.parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=steps)
-    with SamplingProgress(steps, enabled=show_progress, label="judge", unit="steps") as progress:
+    with SamplingProgress(steps, label="judge", unit="steps") as progress:
         for _ in range(steps):
             rebalance()
             rows = train[torch.randint(len(train), (BATCH,), generator=generator)]

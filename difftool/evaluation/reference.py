@@ -56,9 +56,9 @@ class Reference:
         return self.stats.count
 
 
-def from_images(images: ImageSet, extractor: Extractor, *, batch_size: int, show_progress: bool = True) -> Reference:
+def from_images(images: ImageSet, extractor: Extractor, *, batch_size: int) -> Reference:
     """Features of every image in `images`, summarised."""
-    with SamplingProgress(images.count, enabled=show_progress, label="reference features") as progress:
+    with SamplingProgress(images.count, label="reference features") as progress:
         found = extract(extractor, images.batches(batch_size), on_batch=progress.advance)
     kept = found.features
     if len(kept) > MAX_STORED_FEATURES:
@@ -161,7 +161,7 @@ def check_compatible(reference: Reference, extractor: Extractor, resolution: int
 
 
 def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size: int, split: str = "train",
-            max_images: int | None = None, show_progress: bool = True) -> Reference:
+            max_images: int | None = None) -> Reference:
     """`--reference`: a statistics .npz, an .npz of images, or a data source (name, hub id, folder), cached."""
     path = Path(reference).expanduser()
     if path.suffix == ".npz" and path.is_file() and _holds_statistics(path):
@@ -178,7 +178,7 @@ def resolve(reference: str, extractor: Extractor, *, resolution: int, batch_size
     with contextlib.suppress(UserError):  # an unreadable cache file is rebuilt
         if cache.is_file():
             return load(cache)
-    built = from_images(images, extractor, batch_size=batch_size, show_progress=show_progress)
+    built = from_images(images, extractor, batch_size=batch_size)
     save(built, cache)
     return built
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from difftool.errors import UserError
-from difftool.output_rules import Existing
+from difftool.output_rules import UNTOUCHED, Existing
 from difftool.evaluation.evaluate import (
     MetricOptions,
     distance_key,
@@ -57,29 +57,26 @@ def parse_sweep(spec: str) -> list[tuple[str, int]]:
 
 @sharing_cores
 def sweep(source: str, spec: str, *, reference: str | None, options: MetricOptions, request: SampleRequest,
-          output: Path, existing: Existing | None = None, show_progress: bool = True) -> list[dict] | None:
+          output: Path, existing: Existing = UNTOUCHED) -> list[dict] | None:
     """Sample and score every setting of `spec`; returns the rows (None in non-main processes)."""
-    existing = existing or Existing()
     settings = parse_sweep(spec)
     if is_image_source(source):
         raise UserError(f"--sweep samples a model; {source} holds images")
     if reference is None:
         raise UserError("--sweep compares settings by FID: give --reference (a data set, folder or statistics .npz)")
-    with evaluation_folder(output, {"the model": source, "the reference": reference}, overwrite=existing.overwrite,
-                           resume=existing.resume):
-        return _sweep_into(output, source, settings, reference, options, request, existing, show_progress)
+    with evaluation_folder(output, {"the model": source, "the reference": reference}, existing):
+        return _sweep_into(output, source, settings, reference, options, request, existing)
 
 
 def _sweep_into(output: Path, source: str, settings: list[tuple[str, int]], reference: str, options: MetricOptions,
-                request: SampleRequest, existing: Existing, show_progress: bool) -> list[dict] | None:
+                request: SampleRequest, existing: Existing) -> list[dict] | None:
     requests = [dataclasses.replace(request, scheduler=scheduler, steps=steps) for scheduler, steps in settings]
     model = load_checked(source, requests)
-    scorer = prepare_scorer(reference, options, model.info["resolution"], show_progress)
+    scorer = prepare_scorer(reference, options, model.info["resolution"])
     rows = []
     for (scheduler, steps), setting in zip(settings, requests, strict=True):
         folder = output / "samples" / f"{scheduler}-{steps}"
-        done = sample_and_score(source, model, setting, folder, scorer, existing=existing,
-                                show_progress=show_progress)
+        done = sample_and_score(source, model, setting, folder, scorer, existing=existing)
         if done is None:  # a process that only samples
             continue
         sampled, record = done

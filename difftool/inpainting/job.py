@@ -76,7 +76,7 @@ class _Job:
 
 @sharing_cores
 def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: Path | None, request: InpaintRequest,
-                  *, overwrite: bool = False, show_progress: bool = True) -> InpaintResult:
+                  *, overwrite: bool = False) -> InpaintResult:
     """Fill the white region of each mask in its image; returns the files written."""
     _check_request(request)
     images, masks = Path(images), Path(masks)
@@ -90,11 +90,10 @@ def inpaint_files(model_source: str | Path, images: Path, masks: Path, output: P
     with run_lock(folder, "inpaint") if folder else contextlib.nullcontext():
         if not overwrite:
             _refuse_existing(jobs, request.comparison)
-        return _inpaint_jobs(model_source, jobs, request, show_progress)
+        return _inpaint_jobs(model_source, jobs, request)
 
 
-def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRequest,
-                  show_progress: bool) -> InpaintResult:
+def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRequest) -> InpaintResult:
     model = load_model(model_source, weights=request.weights)
     show_notes(model.notes)
     defaults = sampling_defaults(model_source, model.info)
@@ -114,7 +113,7 @@ def _inpaint_jobs(model_source: str | Path, jobs: list[_Job], request: InpaintRe
     written, compared, shown = [], [], set()
     start = time.perf_counter()
     total = len(jobs) * request.num_samples
-    with SamplingProgress(total, enabled=show_progress, label="inpaint") as progress:
+    with SamplingProgress(total, label="inpaint") as progress:
         for job in jobs:
             pair = _load(job, model, request)
             notes = list(pair.notes)

@@ -23,6 +23,7 @@ import torch
 
 from difftool.errors import UserError, first_line
 from difftool.images import printable, read_image, save_png
+from difftool.output_rules import Existing
 from difftool.safeio import TMP_PREFIX, atomic_path, make_folder, read_json, write_text
 
 SETTINGS_FILE = "sample.json"
@@ -101,14 +102,14 @@ class SampleFolder:
                 found |= {int(i) for i in npz["indices"]}
         return found
 
-    def todo(self, num_images: int, settings: dict, *, overwrite: bool, resume: bool) -> list[int]:
-        """Indices still to make; refuses to touch images made before unless told how."""
+    def todo(self, num_images: int, settings: dict, existing: Existing) -> list[int]:
+        """Indices still to make; refuses to touch images made before unless `existing` says how."""
         wanted = range(num_images)
-        if overwrite or not self.root.exists():
+        if existing.overwrite or not self.root.exists():
             return list(wanted)
         done = self.existing()
         clash = self.settings_file.is_file() or bool(done & set(wanted))
-        if clash and not resume:
+        if clash and not existing.resume:
             raise UserError(f"{self.root} already holds samples; add --resume to make only the missing images with "
                             f"the same settings, --overwrite to replace them, or choose another --output")
         if not clash:

@@ -25,7 +25,7 @@ from difftool.safeio import refuse_file_in_the_way
 from difftool.errors import UserError
 from difftool.images import enlarge, make_grid, save_png
 from difftool.progress import SamplingProgress, show_notes
-from difftool.output_rules import refuse_inputs_as_output, refuse_overwrite_with_resume, source_name
+from difftool.output_rules import UNTOUCHED, Existing, refuse_inputs_as_output, source_name
 from difftool.sampling.defaults import sampling_defaults
 from difftool.runlock import main_process_lock
 from difftool.sampling.folder import FORMATS, SampleFolder
@@ -83,15 +83,15 @@ class _Plan:
 
 
 @sharing_cores
-def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *, overwrite: bool = False,
-             resume: bool = False, show_progress: bool = True, model: LoadedModel | None = None) -> SampleResult:
-    """Make `request.num_images` images from the model at `source` into the folder `output`.
+def generate(source: str | Path, request: SampleRequest, output: Path | None = None, *,
+             existing: Existing = UNTOUCHED, model: LoadedModel | None = None) -> SampleResult:
+    """Make `request.num_images` images from the model at `source` into the folder `output`, which may hold
+    images made before only as `existing` allows.
 
     `model` is that model already loaded (with `request.weights`), for callers that sample it more than once.
     """
     from accelerate import PartialState
 
-    refuse_overwrite_with_resume(overwrite, resume)
     state = PartialState(cpu=not torch.cuda.is_available())
     _check_request(request, state.device)
     if model is None:
@@ -101,8 +101,7 @@ def generate(source: str | Path, request: SampleRequest, output: Path | None = N
     refuse_file_in_the_way(output)
     refuse_inputs_as_output(output, {"the model": source})
     with main_process_lock(state, output, "sample"):  # a second sample into the folder would make the same images
-        return _generate_into(output, model, plan, request, state, overwrite=overwrite, resume=resume,
-                              show_progress=show_progress)
+        return _generate_into(output, model, plan, request, state, existing)
 
 
 def load_shared(source: str | Path, weights: str | None, state) -> LoadedModel:
@@ -114,14 +113,14 @@ def load_shared(source: str | Path, weights: str | None, state) -> LoadedModel:
     return model
 
 
-def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state, *, overwrite: bool,
-                   resume: bool, show_progress: bool) -> SampleResult:
+def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: SampleRequest, state,
+                   existing: Existing) -> SampleResult:
     folder = SampleFolder(output, request.format)
-    todo = folder.todo(request.num_images, plan.settings, overwrite=overwrite, resume=resume)
+    todo = folder.todo(request.num_images, plan.settings, existing)
     state.wait_for_everyone()
     settings_record = {**plan.settings, "num_images": request.num_images, "format": request.format}
     if state.is_main_process:
-        folder.prepare(settings_record, overwrite=overwrite)
+        folder.prepare(settings_record, overwrite=existing.overwrite)
     state.wait_for_everyone()
 
     batches = [todo[i : i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
@@ -131,7 +130,7 @@ def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: Sampl
     pick_unet = _compiled_for_first_size(unet, mine) if request.compile else lambda batch: unet
     announce()
     start = time.perf_counter()
-    with SamplingProgress(len(todo), enabled=show_progress and state.is_main_process) as progress:
+    with SamplingProgress(len(todo), enabled=state.is_main_process) as progress:
         # Rank 0's bar stands for all processes: its share of the images, scaled up to the whole.
         scale = len(todo) / max(1, sum(len(batch) for batch in mine))
         for batch in mine:

@@ -58,8 +58,7 @@ SAMPLES_DIR = "samples"  # in RUN/eval: the latest evaluation's samples
 REFERENCE_SEED = 0  # which images of the data make the reference when eval.reference_images is fewer
 
 
-def check_evaluation(cfg, accelerator, data, *, optional: bool,
-                     show_progress: bool = True) -> tuple[Scorer | None, str | None]:
+def check_evaluation(cfg, accelerator, data, *, optional: bool) -> tuple[Scorer | None, str | None]:
     """The feature network and (unless it is the run's data) the reference, loaded on the main process before
     anything is written (None elsewhere, and when evaluation is off), and a note for the user, if any.
 
@@ -74,7 +73,7 @@ def check_evaluation(cfg, accelerator, data, *, optional: bool,
         if cfg.eval.features == JUDGE:  # trained once the run folder is ready (Evaluator.prepare)
             _check_judge(cfg, data)
             return (Scorer(None, None, _metric_options(cfg)) if accelerator.is_main_process else None), None
-        return on_main_process(accelerator, lambda: _load_scorer(cfg, show_progress)), None
+        return on_main_process(accelerator, lambda: _load_scorer(cfg)), None
     except UserError as err:
         if not optional:
             raise UserError(f"cannot evaluate during training: {err}; or train without evaluation: "
@@ -113,24 +112,23 @@ def _metric_options(cfg) -> MetricOptions:
                          reference_images=cfg.eval.reference_images)
 
 
-def _load_scorer(cfg, show_progress: bool) -> Scorer:
+def _load_scorer(cfg) -> Scorer:
     options = _metric_options(cfg)
     extractor = load_extractor(options.features, inception_weights=options.inception_weights,
                                weights_option="eval.inception_weights")
     extractor.probs = False  # no Inception Score during training: half the feature network's time
     reference = None
     if cfg.eval.reference != RUN_DATA:
-        reference = resolve_reference(cfg.eval.reference, extractor, cfg.data.resolution, options, show_progress)
+        reference = resolve_reference(cfg.eval.reference, extractor, cfg.data.resolution, options)
     return Scorer(extractor, reference, options)
 
 
 class Evaluator:
     """The evaluations of one run: when, with what, and the best score so far (restored on --resume)."""
 
-    def __init__(self, state, writer, scorer: Scorer | None, show_progress: bool):
+    def __init__(self, state, writer, scorer: Scorer | None):
         self.state, self.cfg, self.run, self.writer, self.scorer = state, state.cfg, state.run, writer, scorer
         self.accelerator = state.accelerator
-        self.show_progress = show_progress and self.accelerator.is_main_process
         self.best_step, self.best_score = None, math.inf
         self.judge: JudgeFacts | None = None  # the main process's, with eval.features: judge
         self.data_mean: float | None = None  # of the data (0-255), for the brightness error
@@ -153,7 +151,7 @@ class Evaluator:
         self.data_mean = float(images.float().mean())
         rows = torch.arange(len(images))
         if self.cfg.eval.features == JUDGE:
-            self.judge, held, rows = prepare_judge(self.cfg, self.run, data, images, self.scorer, self.show_progress)
+            self.judge, held, rows = prepare_judge(self.cfg, self.run, data, images, self.scorer)
             self.judge.data_mean = self.data_mean
         self._run_data_reference(data, images, rows)
         if self.judge is not None:
@@ -172,8 +170,7 @@ class Evaluator:
         start = time.perf_counter()
         rows = reference_rows(rows, count, REFERENCE_SEED)
         built = reference_mod.from_images(from_tensor(images[rows], f"{data.source} ({count} training images)"),
-                                          scorer.extractor, batch_size=scorer.options.batch_size,
-                                          show_progress=self.show_progress)
+                                          scorer.extractor, batch_size=scorer.options.batch_size)
         reference_mod.save(built, path)
         scorer.reference = built
         say(f"eval reference: {count} images of {data.source}, statistics cached in {path} "
@@ -218,7 +215,7 @@ class Evaluator:
             with abandonable():
                 done = sample_and_score(str(self.run.model_dir), self._model(unet, step), self._request(),
                                         self.run.eval_dir / SAMPLES_DIR, self.scorer, existing=Existing(overwrite=True),
-                                        show_progress=self.show_progress, sampling_precision=self.accelerator.autocast)
+                                        sampling_precision=self.accelerator.autocast)
         finally:
             self.writer.restore_weights(unet)
         record = None if done is None else self._record(step, done[1], time.perf_counter() - start)

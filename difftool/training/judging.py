@@ -66,8 +66,7 @@ def check_judgeable(cfg, data) -> None:
         raise UserError(f"eval.features=judge: {problem}; use --set eval.features=inception (needs the FID weights)")
 
 
-def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
-                  show_progress: bool) -> tuple[JudgeFacts, torch.Tensor, torch.Tensor]:
+def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer) -> tuple[JudgeFacts, torch.Tensor, torch.Tensor]:
     """The run's judge in `scorer.extractor` (trained, or reused from RUN/eval when it learned these very images)
     and its facts; also the held-out rows of `images` (the floor's) and those the judge trained on (the
     reference's)."""
@@ -79,7 +78,7 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer,
         facts, origin = _adopt_teachers(cfg, run, described)
     if facts is None:
         module, report = train_judge(images, data.labels, data.label_names, held=held, train=train,
-                                     flips=cfg.data.random_flip, show_progress=show_progress)
+                                     flips=cfg.data.random_flip)
         path = run.eval_dir / JUDGE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

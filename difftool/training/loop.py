@@ -62,7 +62,7 @@ class TrainResult:
 
 
 def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwrite: bool = False,
-          show_progress: bool = True, why_recipe: str | None = None, optional_eval: bool = False,
+          why_recipe: str | None = None, optional_eval: bool = False,
           objective: MakeObjective | None = None) -> TrainResult:
     """Train per `cfg` into the run folder `output`; `resume` is a checkpoint folder of that run.
 
@@ -92,7 +92,7 @@ def train(cfg: Config, output: Path | str, *, resume: Path | None = None, overwr
     accelerator = make_accelerator(cfg, run)
     try:
         with main_process_lock(accelerator, run.root, "train"), cpu_share():
-            session = _Session(resume, overwrite, show_progress, why_recipe, optional_eval)
+            session = _Session(resume, overwrite, why_recipe, optional_eval)
             return _train_locked(cfg, run, accelerator, session,
                                  objective or (lambda _acc, _unet, schedule: Denoising(cfg, schedule)))
     except OSError as err:
@@ -109,7 +109,6 @@ class _Session:
 
     resume: Path | None
     overwrite: bool
-    show_progress: bool
     why_recipe: str | None
     optional_eval: bool
 
@@ -129,8 +128,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
-    scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=session.optional_eval,
-                                         show_progress=session.show_progress)
+    scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=session.optional_eval)
     _prepare_folder(cfg, run, accelerator, resume, session.overwrite)
     if cfg.log.trackers:
         accelerator.init_trackers("difftool", config=flat_config(cfg))
@@ -159,10 +157,10 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _
         trainer.log_start(start_step, count_parameters(state.unet), session.why_recipe)
         if eval_note:
             say(eval_note, highlight=False)
-    evaluator = Evaluator(state, trainer.outputs, scorer, session.show_progress) if cfg.eval.every else None
+    evaluator = Evaluator(state, trainer.outputs, scorer) if cfg.eval.every else None
     if evaluator is not None:
         evaluator.prepare(data, resumed=resume is not None)
-    return trainer.run_session(start_step, session.show_progress, resume, evaluator)
+    return trainer.run_session(start_step, resume, evaluator)
 
 
 def _prepare_folder(cfg: Config, run: RunDir, accelerator: Accelerator, resume: Path | None, overwrite: bool) -> None:
@@ -196,7 +194,7 @@ class _Trainer:
 
     # ------------------------------------------------------------ loop
 
-    def run_session(self, start_step: int, show_progress: bool, resume: Path | None,
+    def run_session(self, start_step: int, resume: Path | None,
                     evaluator: Evaluator | None) -> TrainResult:
         """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
         from which step to which, and on what (`difftool report` shows them). A second Ctrl-C (KeyboardInterrupt)
@@ -207,18 +205,18 @@ class _Trainer:
                               max_steps=self.until.end(), resumed_from=resume.name if resume else None,
                               **hardware(acc)) as end:
             try:
-                result = self.run_loop(start_step, show_progress, evaluator)
+                result = self.run_loop(start_step, evaluator)
             except KeyboardInterrupt:
                 end["step"] = self.step
                 raise
             end.update(step=result.step, outcome=FINISHED if result.finished else STOPPED)
         return result
 
-    def run_loop(self, start_step: int, show_progress: bool, evaluator: Evaluator | None) -> TrainResult:
+    def run_loop(self, start_step: int, evaluator: Evaluator | None) -> TrainResult:
         """Steps to the end the rule sets (train.until), which `plateau` may move at an evaluation."""
         cfg, acc, run = self.cfg, self.accelerator, self.run
         max_steps = self.until.end()
-        progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process and show_progress)
+        progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process)
         window = Window(self.device)
         step, last_loss = start_step, None
         with StopOnSignal(self) as guard, progress:
