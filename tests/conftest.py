@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import os
+import shutil
 import signal
-import tempfile
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,11 @@ TINY_OVERRIDES = [
     "log.every=1",
     "eval.every=0",  # the quickstart's evaluation needs the Inception weights; tests that evaluate switch it on
 ]
+
+FIXTURES = Path(__file__).parent / "fixtures"  # files the tests read; see fixtures/README.md
+# Run folders made by each released version whose format differs.
+RELEASED_RUNS = {version: FIXTURES / f"run-{version}" for version in ("0.1.0", "0.2.0")}
+FIXTURE_RUN = RELEASED_RUNS["0.1.0"]
 
 
 def tiny_config(*extra: str) -> config_mod.Config:

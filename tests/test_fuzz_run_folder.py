@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from difftool.cli.app import app
 from tests.conftest import _TupleExtractor
-from tests.test_fuzz_cli import FUZZ, hang_guard
+from tests.fuzzing import FUZZ, hang_guard
 
 runner = CliRunner()
 

@@ -21,11 +21,11 @@ import torch
 from difftool.data import make_shapes
 from difftool.evaluation.evaluate import MetricOptions, evaluate
 from difftool.evaluation.features import load_extractor
-from difftool.sampling.job import SampleRequest, generate
 from difftool.rundir import RunDir
+from difftool.sampling.job import SampleRequest, generate
 from difftool.training.loop import train
 from tests.conftest import tiny_config
-from tests.test_train import all_finite, losses
+from tests.training.conftest import all_finite, losses
 
 pytestmark = pytest.mark.gpu
 

@@ -1,7 +1,8 @@
 """The package's shape (issues 17 and 41): no import cycle among difftool's modules, the library never imports
 `difftool.cli`, stages import only earlier stages, one module opens image files, every package ships, no module over
 500 lines and no function over 80. Imports inside functions count too:
-a lazy import is still an edge of the architecture."""
+a lazy import is still an edge of the architecture. The tests mirror the package: a folder per package, none over
+500 lines either."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "difftool"
+TESTS = Path(__file__).resolve().parent
+TEST_FOLDERS_BESIDE_THE_PACKAGE = {"benchmarks", "fixtures"}  # the benchmarks' harness; files the tests read
 ENTRY_POINTS = {"difftool.train", "difftool.distill", "difftool.sample", "difftool.evaluate", "difftool.__main__"}
 
 
@@ -87,6 +90,25 @@ def test_library_never_imports_cli():
 def test_no_module_over_500_lines():
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 500}
     assert long == {}
+
+
+def test_no_test_file_over_500_lines():
+    long = {str(p.relative_to(TESTS)): n for p in TESTS.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_test_folders_mirror_the_package():
+    """tests/STAGE/ for difftool/STAGE/ (tests/cli/fuzz/ groups the generated cases of the CLI's); a test of a
+    top-level module stays in tests/. Each folder is a package, so that two stages may each have a test_job.py."""
+    packages = {p.parent.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("__init__.py")} - {"."}
+    folders = {p.relative_to(TESTS).as_posix() for p in TESTS.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    folders = {f for f in folders if f.split("/")[0] not in TEST_FOLDERS_BESIDE_THE_PACKAGE}
+    stray = sorted(f for f in folders if f.split("/")[0] not in packages)
+    assert stray == [], "test folders that mirror no package of difftool"
+    missing = sorted(p for p in packages if p.split("/")[0] not in folders and any((PACKAGE / p).glob("[!_]*.py")))
+    assert missing == [], "packages without a test folder"
+    no_init = sorted(f for f in folders | {"benchmarks"} if not (TESTS / f / "__init__.py").is_file())
+    assert no_init == []
 
 
 def test_no_function_over_80_lines():

@@ -118,7 +118,7 @@ class StopOnSignal:
         One process only: under DDP a process that left an evaluation early would leave the others waiting in
         its collectives, so there the evaluation ends first, and a second Ctrl-C stops at once.
         """
-        if self.trainer.accelerator.num_processes > 1 or not self.previous:
+        if self.trainer.state.accelerator.num_processes > 1 or not self.previous:
             yield
             return
         if self.trainer.stop_requested:

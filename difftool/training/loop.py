@@ -183,11 +183,8 @@ class _Trainer:
 
     def __init__(self, state: TrainingState):
         self.state = state
-        self.cfg, self.run, self.accelerator, self.data, self.until = (state.cfg, state.run, state.accelerator,
-                                                                       state.data, state.until)
         self.stepper = Stepper(state)
         self.outputs = RunWriter(state)
-        self.device = state.device
         self.stop_requested = False
         self.step = 0  # the step reached, for the record of a session a second Ctrl-C ends
         self.slowdown = Slowdown()
@@ -199,10 +196,10 @@ class _Trainer:
         """`run_loop`, recorded as one session in the run's sessions.jsonl (by the main process): when it ran,
         from which step to which, and on what (`difftool report` shows them). A second Ctrl-C (KeyboardInterrupt)
         ends it as stopped too, at the step reached."""
-        acc = self.accelerator
+        acc = self.state.accelerator
         self.step = start_step
-        with training_session(self.run.sessions if acc.is_main_process else None, step=start_step,
-                              max_steps=self.until.end(), resumed_from=resume.name if resume else None,
+        with training_session(self.state.run.sessions if acc.is_main_process else None, step=start_step,
+                              max_steps=self.state.until.end(), resumed_from=resume.name if resume else None,
                               **hardware(acc)) as end:
             try:
                 result = self.run_loop(start_step, evaluator)
@@ -214,10 +211,10 @@ class _Trainer:
 
     def run_loop(self, start_step: int, evaluator: Evaluator | None) -> TrainResult:
         """Steps to the end the rule sets (train.until), which `plateau` may move at an evaluation."""
-        cfg, acc, run = self.cfg, self.accelerator, self.run
-        max_steps = self.until.end()
+        cfg, acc, run = self.state.cfg, self.state.accelerator, self.state.run
+        max_steps = self.state.until.end()
         progress = TrainingProgress(max_steps, start_step, enabled=acc.is_main_process)
-        window = Window(self.device)
+        window = Window(self.state.device)
         step, last_loss = start_step, None
         with StopOnSignal(self) as guard, progress:
             while step < max_steps:
@@ -239,8 +236,8 @@ class _Trainer:
                         self.outputs.save_checkpoint(step)
                     if evaluating and not stop:
                         stop = self._evaluate(evaluator, step, guard, saved=saving)
-                        if self.until.end() != max_steps:
-                            max_steps = self.until.end()
+                        if self.state.until.end() != max_steps:
+                            max_steps = self.state.until.end()
                             progress.set_total(max_steps)
                     window.reset()  # img/s measures training steps, not previews, checkpoints and evaluations
                 if stop:
@@ -260,7 +257,7 @@ class _Trainer:
 
         None when every step of the window was skipped as non-finite (there is no loss to show).
         """
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.state.cfg, self.state.accelerator
         loss = acc.reduce(window.loss, "mean").item() / window.kept if window.kept else None
         if loss is not None and not math.isfinite(loss):
             firsts = acc.gather(window.first_nonfinite.reshape(1))
@@ -275,7 +272,7 @@ class _Trainer:
         if self.state.nonfinite.limit:
             record["skipped_steps"] = self.state.nonfinite.skipped
         if acc.is_main_process:
-            append_jsonl(self.run.metrics, record)
+            append_jsonl(self.state.run.metrics, record)
             progress.show_metrics(record)
             slower = self.slowdown.observe(record["img_per_s"], window.steps)
             if slower:
@@ -297,7 +294,7 @@ class _Trainer:
                 self.outputs.save_checkpoint(step)
             return True
         if record is not None:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         self._follow_until(evaluator, step, record)
         return False
 
@@ -306,37 +303,37 @@ class _Trainer:
         and the rule's state to every process: they must all stop at the same step."""
         if record is not None:
             key = evaluator.key()
-            decision = self.until.observe(step, record[key], record.get(f"{key}_std", 0.0),
+            decision = self.state.until.observe(step, record[key], record.get(f"{key}_std", 0.0),
                                           paired=evaluator.difference_noise)
             if decision is not None:
-                append_jsonl(self.run.metrics, decision)
+                append_jsonl(self.state.run.metrics, decision)
                 say(f"train.until: plateau at step {step}: {decision['until/why']}", highlight=False)
-        if self.accelerator.num_processes > 1:
-            state = [self.until.state()]
-            broadcast_object_list(state)
-            self.until.restore({**state[0]})
+        if self.state.accelerator.num_processes > 1:
+            shared = [self.state.until.state()]  # the main process's decision, for every process
+            broadcast_object_list(shared)
+            self.state.until.restore({**shared[0]})
 
     def _agree_to_stop(self, step: int) -> bool:
         """Whether every process has seen Ctrl-C/SIGTERM (one collective every few steps in DDP)."""
-        if self.accelerator.num_processes == 1:
+        if self.state.accelerator.num_processes == 1:
             return self.stop_requested
         if step % 10:
             return False
-        flag = torch.tensor(float(self.stop_requested), device=self.device)
-        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        flag = torch.tensor(float(self.stop_requested), device=self.state.device)
+        return bool(self.state.accelerator.reduce(flag, "sum").item() > 0)
 
     def log_start(self, start_step: int, params: int, why_recipe: str | None) -> None:
-        acc, cfg = self.accelerator, self.cfg
+        acc, cfg, data = self.state.accelerator, self.state.cfg, self.state.data
         distilling = self.state.objective.describe()
         what = "resuming" if start_step else "distilling" if distilling else "training"
         start = (f" ({distilling})" if distilling else
                  f" from the weights of {cfg.train.init_from}" if cfg.train.init_from and not start_step else "")
         say(
-            f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {self.data.source}"
+            f"[bold]{what}[/] {cfg.recipe}{f' (chosen: {why_recipe})' if why_recipe else ''} on {data.source}"
             f"{start}: "
             f"{params / 1e6:.2f}M-parameter UNet"
-            f"{f' conditioned on {len(self.data.label_names)} classes' if cfg.model.class_conditional else ''} at "
+            f"{f' conditioned on {len(data.label_names)} classes' if cfg.model.class_conditional else ''} at "
             f"{cfg.data.resolution}px, batch {cfg.train.batch_size} over {acc.num_processes} process(es) on "
             f"{acc.device.type} ({acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
             f"{f'; {shared}' if (shared := describe()) else ''}), "
-            f"{self.until.describe(start_step)} -> {self.run.root}")
+            f"{self.state.until.describe(start_step)} -> {self.state.run.root}")

@@ -1,0 +1,1 @@
+"""Generated bad input for every command (see conftest.py)."""

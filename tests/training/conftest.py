@@ -1,0 +1,24 @@
+"""Helpers the training tests share (and the report's and the GPU's tests): losses, weights, interrupts."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from difftool.rundir import RunDir
+from difftool.training import loop as train_mod
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in RunDir(run).metrics.read_text().splitlines()]
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Behave as if Ctrl-C arrived during `step` (the loop then checkpoints and stops)."""
+    monkeypatch.setattr(train_mod._Trainer, "_agree_to_stop", lambda self, s: s == step)
+
+
+def all_finite(folder, name="model.safetensors") -> bool:
+    return all(torch.isfinite(w).all() for w in load_file(folder / name).values())
