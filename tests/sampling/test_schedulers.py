@@ -26,13 +26,7 @@ from typer.testing import CliRunner
 from difftool.cli.schedulers import schedulers as schedulers_command
 from difftool.config_rules import PREDICTION_TYPES
 from difftool.errors import UserError
-from difftool.sampling.loop import (
-    Predictor,
-    denoise,
-    image_generators,
-    initial_noise,
-    to_uint8,
-)
+from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.schedulers import (
     SCHEDULERS,
     describe,

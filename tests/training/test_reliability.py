@@ -187,12 +187,21 @@ def launch(recipe: Path, run: Path, log: Path) -> subprocess.Popen:
                             stderr=log.open("w"))
 
 
+def listing(folder: Path) -> set[str]:
+    """What `folder` holds now; nothing while it does not exist (a fresh start with --overwrite removes the run
+    folder at a moment of its choosing, so checking first and listing after would race it)."""
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError:
+        return set()
+
+
 def wait_for_checkpoint_writes(run: Path, proc: subprocess.Popen) -> None:
     """Until the process starts its next checkpoint (or ends): start-up is not what this test is about."""
     folder = RunDir(run).checkpoints_dir
-    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    before = listing(folder)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and (set(os.listdir(folder)) if folder.is_dir() else set()) == before:
+    while proc.poll() is None and listing(folder) == before:
         assert time.monotonic() < deadline, "no checkpoint activity within 2 minutes"
         time.sleep(0.002)
 
