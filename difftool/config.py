@@ -140,6 +140,7 @@ class SampleConfig:
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
     seed: int = 0
+    trajectory: int = 0  # > 0: with each grid, its first image's x_t and predicted x0 at this many model calls
 
 
 @dataclass

@@ -70,7 +70,7 @@ def validate(cfg) -> list[str]:
         positive(path, value)
     for path, value in [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
                         ("train.grad_clip", t.grad_clip), ("ema.update_after_step", cfg.ema.update_after_step),
-                        ("train.skip_nonfinite", t.skip_nonfinite)]:
+                        ("train.skip_nonfinite", t.skip_nonfinite), ("sample.trajectory", cfg.sample.trajectory)]:
         positive(path, value, allow_zero=True)
     e += [f"{path} must be a finite number, got {value}" for path, value in _numbers(cfg) if not math.isfinite(value)]
     if not 0 <= m.dropout < 1:

@@ -1,8 +1,9 @@
-"""Image files: finding them, decoding untrusted ones safely (the one decoder every reader uses), grids, and PNGs
-with their settings in text metadata, written atomically."""
+"""Image files: finding them, decoding untrusted ones safely (the one decoder every reader uses), grids and captioned
+strips, and PNGs (settings in text metadata) and animations (settings in EXIF), written atomically."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import warnings
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from difftool.errors import first_line
 from difftool.safeio import atomic_path
 
 _OPEN_LOCK = threading.Lock()
+LOOK_SIZE = 64  # tiles smaller than this are enlarged (nearest-neighbour) to be looked at
+_EXIF_DESCRIPTION = 0x010E  # ImageDescription: where an animation keeps its settings, as JSON
 
 # The one list of image files every command reads: training folders, evaluated folders, inpainting's images and masks.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -171,3 +174,63 @@ def save_png(image: torch.Tensor | Image.Image, path: Path, metadata: dict[str, 
         info.add_text(key, printable(value))
     with atomic_path(Path(path)) as tmp:
         pil.save(tmp, format="PNG", pnginfo=info)
+
+
+def look_factor(size: int) -> int:
+    """The whole factor that enlarges a tile of `size` px to at least LOOK_SIZE px."""
+    return max(1, LOOK_SIZE // size)
+
+
+def captioned_grid(tiles: torch.Tensor, ncol: int, captions: list[str], row_names: list[str]) -> Image.Image:
+    """uint8 N×C×H×W tiles in rows of `ncol`, enlarged to be looked at, a caption under each column and a name left
+    of each row (RGB, white margins): a strip that explains itself, e.g. one row per quantity, one column per step."""
+    factor = look_factor(tiles.shape[-1])
+    grid = to_pil(make_grid(enlarge(tiles, factor), ncol=ncol)).convert("RGB")
+    font = _font()
+    left = max((_text_width(font, name) for name in row_names), default=0) + 8
+    line = _text_height(font) + 6
+    canvas = Image.new("RGB", (left + grid.width, grid.height + line), "white")
+    canvas.paste(grid, (left, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell = tiles.shape[-1] * factor + 2  # make_grid's pad is 2
+    for row, name in enumerate(row_names):
+        draw.text((4, 2 + row * cell + cell // 2), name, fill="black", font=font, anchor="lm")
+    for col, caption in enumerate(captions):
+        draw.text((left + 2 + col * cell + cell // 2, grid.height + 2), caption, fill="black", font=font, anchor="ma")
+    return canvas
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=11)
+    except (TypeError, OSError, ImportError):  # Pillow built without FreeType: its bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def _text_height(font) -> int:
+    _, top, _, bottom = font.getbbox("t=0123456789")
+    return int(bottom - top)
+
+
+def save_animation(frames: torch.Tensor, path: Path, metadata: dict[str, object], *, frame_ms: int = 120,
+                   hold_ms: int = 1200) -> None:
+    """uint8 F×C×H×W frames as a lossless animated WebP, written atomically (the last frame held `hold_ms`):
+    lossless, so a frame equals the image it shows bit for bit. `metadata` goes into EXIF ImageDescription as JSON
+    (`animation_metadata` reads it back)."""
+    pictures = [to_pil(frame) for frame in frames]
+    exif = Image.Exif()
+    exif[_EXIF_DESCRIPTION] = printable(json.dumps(metadata))
+    durations = [frame_ms] * (len(pictures) - 1) + [hold_ms]
+    with atomic_path(Path(path)) as tmp:
+        pictures[0].save(tmp, format="WEBP", save_all=True, append_images=pictures[1:], duration=durations, loop=0,
+                         lossless=True, exif=exif.tobytes())
+
+
+def animation_metadata(img: Image.Image) -> dict:
+    """The settings `save_animation` wrote into an animation."""
+    return json.loads(img.getexif().get(_EXIF_DESCRIPTION, "{}"))

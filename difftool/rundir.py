@@ -102,6 +102,10 @@ class RunDir:
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"step-{step:06d}.png"
 
+    def trajectory_strip(self, step: int) -> Path:
+        """What the first image of the grid at `step` went through (sample.trajectory)."""
+        return self.samples_dir / f"step-{step:06d}-trajectory.png"
+
     def checkpoint_folders(self) -> list[Path]:
         """Every `step-NNNNNN` folder, oldest first, complete or not (temporary folders are never listed).
 

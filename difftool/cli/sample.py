@@ -25,6 +25,8 @@ Examples:
   difftool sample runs/shapes --class circle --guidance-scale 3
 
   difftool sample runs/cifar --num-images 50000 --format npz --num-processes 8
+
+  difftool sample runs/shapes -n 4 --trajectory 8                # also how each image came out of the noise
 """
 
 
@@ -47,6 +49,7 @@ def sample(
     dtype: Annotated[str, typer.Option(help="Model precision: fp32, bf16, or fp16 (GPU). The sampler's arithmetic stays fp32.")] = "fp32",
     compile_model: options.Compile = False,
     image_format: Annotated[str, typer.Option("--format", help="png (one file per image) or npz (samples.npz: uint8 N×H×W×C, for FID tools).")] = "png",
+    trajectory: Annotated[int, typer.Option(min=0, help="Also write what each image went through: the noisy sample x_t and the predicted clean image at K evenly spaced model calls, as OUTPUT/trajectory/NNNNNN.png (a strip) and .webp (animated). No extra model calls.", metavar="K")] = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder. Default: samples/MODEL-SCHEDULER-STEPS.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace samples already in --output.")] = False,
     resume: Annotated[bool, typer.Option(help="Make only the images missing from --output (same settings).")] = False,
@@ -67,6 +70,7 @@ def sample(
         num_images=num_images, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, eta=eta,
         karras_sigmas=karras_sigmas, timestep_spacing=timestep_spacing, classes=classes, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, weights=weights, dtype=dtype, compile=compile_model, format=image_format,
+        trajectory=trajectory,
     )
     try:
         result = generate(model, request, output, existing=Existing(overwrite, resume))

@@ -56,6 +56,7 @@ img.chart.wide { width: calc(66.6% - 10px); }
 .timeline { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 0; text-align: center; font-size: 13px; color: #5b6170; }
 img.grid { image-rendering: pixelated; border: 1px solid #e3e5ec; max-width: 100%; min-width: 96px; }
+img.trajectory { image-rendering: pixelated; border: 1px solid #e3e5ec; max-width: 100%; }
 .sweep { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 pre { background: #f1f2f6; padding: 10px; overflow-x: auto; font-size: 13px; }
 code { background: #f1f2f6; padding: 0 3px; }

@@ -227,7 +227,17 @@ def previews(timeline: Timeline) -> str:
                    f"the run that decode as PNG).") if timeline.skipped else ""
     return section("previews", "Preview grids",
                    note(f"{shown}: samples of the EMA weights from fixed seeds, oldest first.") + skipped
-                   + f'<div class="timeline">{figures}</div>')
+                   + f'<div class="timeline">{figures}</div>' + _trajectory(timeline))
+
+
+def _trajectory(timeline: Timeline) -> str:
+    if timeline.trajectory is None:
+        return ""
+    step, uri = timeline.trajectory
+    return (f"<h3>How the first image came out of the noise at step {step:,}</h3>"
+            + note("The noisy sample x_t (top) and the clean image the model predicts from it (bottom) at evenly "
+                   "spaced steps of the preview sampler; the last column is the image (sample.trajectory).")
+            + f'<figure>{image(uri, f"trajectory of the first preview image at step {step}", "trajectory")}</figure>')
 
 
 # ---------------------------------------------------------------- evaluations

@@ -22,6 +22,7 @@ from difftool.safeio import IMAGE_LIMIT, UnsafeFile, kind_of, read_bounded
 
 # step-NNNNNN.png; more digits than any run has steps is not a grid's name (and int() of 5,000 digits fails)
 GRID_NAME = re.compile(r"step-(\d{1,15})\.png")
+TRAJECTORY_NAME = re.compile(r"step-(\d{1,15})-trajectory\.png")  # sample.trajectory: the grid's first image
 
 
 @dataclass
@@ -29,11 +30,14 @@ class Timeline:
     shown: list[tuple[int, str]]  # (step, PNG data URI), oldest first
     total: int  # grids in the run
     skipped: list[str]  # "samples/step-000030.png: a symbolic link", one per grid picked but left out
+    trajectory: tuple[int, str] | None = None  # (step, data URI) of the newest trajectory strip, if any
 
 
 def preview_timeline(run: RunDir, limit: int) -> Timeline:
     """At most `limit` grids, spread evenly over the run, always with the first and the newest."""
-    grids = sorted((int(m[1]), p) for p in _entries(run.samples_dir) if (m := GRID_NAME.fullmatch(p.name)))
+    entries = _entries(run.samples_dir)
+    grids = sorted((int(m[1]), p) for p in entries if (m := GRID_NAME.fullmatch(p.name)))
+    strips = sorted((int(m[1]), p) for p in entries if (m := TRAJECTORY_NAME.fullmatch(p.name)))
     shown, skipped = [], []
     for step, path in pick_evenly(grids, limit):
         try:
@@ -42,7 +46,15 @@ def preview_timeline(run: RunDir, limit: int) -> Timeline:
             continue
         except _Skipped as why:
             skipped.append(f"{path.relative_to(run.root)}: {why}")
-    return Timeline(shown, len(grids), skipped)
+    trajectory = None
+    for step, path in strips[-1:]:
+        try:
+            trajectory = (step, _png_data_uri(path, run.root))
+        except FileNotFoundError:
+            continue
+        except _Skipped as why:
+            skipped.append(f"{path.relative_to(run.root)}: {why}")
+    return Timeline(shown, len(grids), skipped, trajectory)
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@
       samples.npz        arr_0 = uint8 N×H×W×C in index order, arr_1 = class ids   (--format npz)
       .parts/            npz batches until the last is written, then merged into samples.npz
       grid.png           the first images, one column per class
+      trajectory/        with --trajectory: NNNNNN.png (x_t and predicted x0 at chosen steps), NNNNNN.webp (animated)
 
 `evaluate` reads such a folder by what its sample.json lists, so both sides use these names.
 """
@@ -30,6 +31,7 @@ SETTINGS_FILE = "sample.json"
 NPZ_FILE = "samples.npz"
 PARTS_DIR = ".parts"
 GRID_FILE = "grid.png"
+TRAJECTORY_DIR = "trajectory"
 FORMATS = ("png", "npz")
 # Settings that may differ between a run and its --resume: they do not change any image.
 RESUMABLE = {"model", "num_images", "difftool_version"}
@@ -78,6 +80,10 @@ class SampleFolder:
     @property
     def grid(self) -> Path:
         return self.root / GRID_FILE
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / TRAJECTORY_DIR
 
     def listed(self, count: int) -> list[Path]:
         """The files that hold the first `count` samples."""
@@ -137,6 +143,7 @@ class SampleFolder:
             doomed += list(self._image_files().values())
             doomed += [self.npz, self.grid, self.settings_file]
             shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
+            shutil.rmtree(self.trajectories, ignore_errors=True)
         for path in doomed:
             path.unlink(missing_ok=True)
         if self.format == "npz":

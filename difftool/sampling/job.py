@@ -32,6 +32,7 @@ from difftool.sampling.folder import FORMATS, SampleFolder
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.settings import SamplerSettings, resolve_sampler
+from difftool.sampling.trajectory import Trajectory
 from difftool.threads import announce, sharing_cores
 
 GRID_MAX = 64
@@ -56,6 +57,7 @@ class SampleRequest:
     dtype: str = "fp32"
     compile: bool = False
     format: str = "png"
+    trajectory: int = 0  # > 0: also x_t and the predicted x0 of each image at this many model calls
 
 
 @dataclass
@@ -135,8 +137,12 @@ def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: Sampl
         scale = len(todo) / max(1, sum(len(batch) for batch in mine))
         for batch in mine:
             per_step = len(batch) * scale / plan.model_calls
+            traced = Trajectory(request.trajectory) if request.trajectory else None
             images = sample_batch(pick_unet(batch), model.scheduler_config, model.info, plan.sampler, batch,
-                                  device=state.device, on_step=functools.partial(progress.advance, per_step))
+                                  device=state.device, on_step=functools.partial(progress.advance, per_step),
+                                  trajectory=traced)
+            if traced is not None:  # before the images: a resume remakes an image, and with it its trajectory
+                traced.write(folder.trajectories, batch, plan.image_metadata)
             folder.write_batch(batch, images, [plan.sampler.label(i) for i in batch], plan.image_metadata)
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
@@ -173,6 +179,8 @@ def check_request(model: LoadedModel, request: SampleRequest, source: str | Path
 def _check_request(request: SampleRequest, device: torch.device) -> None:
     if request.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {request.num_images}")
+    if request.trajectory < 0:
+        raise UserError(f"--trajectory must be 0 (none) or a number of steps to show, got {request.trajectory}")
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
     if request.format not in FORMATS:
@@ -206,9 +214,9 @@ def default_output(source: str | Path, settings: dict) -> Path:
 
 
 def sample_batch(unet, scheduler_config: dict, info: dict, sampler: SamplerSettings, indices: list[int], *, device,
-                 on_step=None) -> torch.Tensor:
+                 on_step=None, trajectory: Trajectory | None = None) -> torch.Tensor:
     """uint8 N×C×H×W images of `indices` from a model (its UNet, training scheduler config and difftool info),
-    image i from the generator seeded by (seed, i).
+    image i from the generator seeded by (seed, i); `trajectory` records what they went through on the way.
 
     What `difftool sample` makes of each batch and what training's preview grids are; a fresh
     scheduler each call, as multistep ones keep state.
@@ -218,9 +226,15 @@ def sample_batch(unet, scheduler_config: dict, info: dict, sampler: SamplerSetti
     labels = torch.tensor([sampler.label(i) for i in indices], device=device) if sampler.classes else None
     predict = Predictor(unet, class_labels=labels, null_class=info.get("null_class"),
                         guidance_scale=sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale)
-    x = denoise(predict, sampler.make_scheduler(scheduler_config), noise, steps=sampler.steps, generators=generators,
-                eta=sampler.eta, on_step=on_step)
-    return to_uint8(x)
+    scheduler = sampler.make_scheduler(scheduler_config)
+    if trajectory is not None:
+        scheduler.set_timesteps(sampler.steps)
+        predict = trajectory.watch(predict, scheduler, len(scheduler.timesteps))
+    images = to_uint8(denoise(predict, scheduler, noise, steps=sampler.steps, generators=generators, eta=sampler.eta,
+                              on_step=on_step))
+    if trajectory is not None:
+        trajectory.finish(images)
+    return images
 
 
 def grid_of(tiles: torch.Tensor, classes: int | None = None) -> torch.Tensor:

@@ -281,7 +281,7 @@ def clip_denoised(scheduler, output: torch.Tensor, model_input: torch.Tensor, t)
     Without this, a sigma-space sampler's first step from t = T-1 (sigma in the hundreds for cosine
     schedules) multiplies the model's error by sigma and the images come out as noise.
     """
-    alpha_bar = _alpha_bar(scheduler, t, output.device)
+    alpha_bar = alpha_bar_now(scheduler, t, output.device)
     a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     kind = scheduler.config.prediction_type
     if kind == "sample":
@@ -313,8 +313,9 @@ def _level(scheduler, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return scheduler.add_noise(unit, zero, timesteps), scheduler.add_noise(zero, unit, timesteps)
 
 
-def _alpha_bar(scheduler, t, device) -> torch.Tensor:
-    """Signal fraction ab of the current step, read where the scheduler keeps it (no host sync)."""
+def alpha_bar_now(scheduler, t, device) -> torch.Tensor:
+    """Signal fraction ab of the current step (between `scale_model_input` and `step`), read where the scheduler
+    keeps it (no host sync): the scaled model input is x_t = sqrt(ab) x0 + sqrt(1 - ab) eps for every scheduler."""
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and getattr(scheduler, "step_index", None) is not None:
         sigma = sigmas[scheduler.step_index].to(device)

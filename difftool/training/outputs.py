@@ -20,6 +20,7 @@ from difftool.rundir import PROGRESS_FILE
 from difftool.versions import made_by
 from difftool.safeio import atomic_dir, fsync_tree, temporary_dir
 from difftool.sampling.job import grid_of, sample_batch
+from difftool.sampling.trajectory import Trajectory
 from difftool.sampling.loop import NonFiniteSamples
 from difftool.sampling.settings import resolve_sampler
 
@@ -92,9 +93,11 @@ class RunWriter:
                 n = cfg.num_images
                 config = self.state.noise_scheduler.config
                 sampler = resolve_sampler(self.info, config, cfg, seed=cfg.seed)
+                traced = Trajectory(cfg.trajectory) if cfg.trajectory else None
                 try:
                     with acc.autocast():
-                        images = sample_batch(unet, config, self.info, sampler, list(range(n)), device=self.device)
+                        images = sample_batch(unet, config, self.info, sampler, list(range(n)), device=self.device,
+                                              trajectory=traced)
                 except NonFiniteSamples as err:  # a preview is not worth the run: say so and train on
                     say(f"[yellow]warning:[/] step {step}: no sample grid ({cfg.scheduler}): {err.broken} of "
                         f"{err.total} preview images came out NaN or infinite")
@@ -104,6 +107,9 @@ class RunWriter:
                                 "guidance_rescale": sampler.guidance_rescale}
                     save_png(grid_of(images, self.info["num_classes"] or None), self.run.sample_grid(step),
                              {k: str(v) for k, v in settings.items()})
+                    if traced is not None:
+                        save_png(traced.strip(0), self.run.trajectory_strip(step),
+                                 {k: str(v) for k, v in settings.items()})
             finally:
                 self.restore_weights(unet)
         acc.wait_for_everyone()

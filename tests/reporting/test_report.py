@@ -205,3 +205,20 @@ def test_what_auto_became_is_not_an_override():
 
     config = to_dict(load_config("folder32", ["model.class_conditional=true", "train.lr=0.0005"]))
     assert [o.key for o in _overrides(config, "folder32")] == ["train.lr"]
+
+
+def test_a_run_with_sample_trajectory_shows_its_newest_strip(tmp_path):
+    """sample.trajectory: each preview also writes its first image's trajectory; the page shows the newest one
+    under the grids (and no grid count changes: the strip is no grid)."""
+    result = train(tiny_config("sample.trajectory=3"), tmp_path / "run")
+    run = RunDir(result.run)
+    strips = sorted(p.name for p in run.samples_dir.glob("*-trajectory.png"))
+    assert strips == ["step-000003-trajectory.png", "step-000006-trajectory.png"]
+    page = make_report(run.root, places=[]).path.read_text()
+    assert "How the first image came out of the noise at step 6" in page
+    assert 'alt="trajectory of the first preview image at step 6"' in page
+    assert len(page_images(page)) == 3 + 2 + 1  # the charts, the grids of steps 3 and 6, the newest strip
+    no_strips = copy_run(result.run, tmp_path / "plain")
+    for strip in no_strips.samples_dir.glob("*-trajectory.png"):
+        strip.unlink()
+    assert "came out of the noise" not in make_report(no_strips.root, places=[]).path.read_text()
