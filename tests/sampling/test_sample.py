@@ -236,11 +236,14 @@ def test_two_processes_write_the_same_files_as_one(tiny_run, tmp_path):
     common = ["sample", str(tiny_run), "-n", "5", "--steps", "3", "--batch-size", "2", "--scheduler", "ddpm", "-q"]
     assert invoke(*common[1:], "-o", tmp_path / "one").exit_code == 0
     cmd = difftool_cmd() + common + ["-o", str(tmp_path / "two"), "--num-processes", "2",
-                                     "--main-process-port", str(free_port())]
+                                     "--main-process-port", str(free_port()), "--trajectory", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(pixels(tmp_path / "two", 5), pixels(tmp_path / "one", 5))
     assert (tmp_path / "two" / "grid.png").is_file()
+    # each process writes the trajectories of its own images
+    assert sorted(p.name for p in (tmp_path / "two" / "trajectory").iterdir()) == [
+        f"{i:06d}.{kind}" for i in range(5) for kind in ("png", "webp")]
 
 
 @pytest.mark.slow
