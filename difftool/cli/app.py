@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, distill, evaluate, inpaint, recipes, report, sample, schedulers, stats, train
+from difftool.cli import convert, distill, evaluate, inpaint, noise, recipes, report, sample, schedulers, stats, train
 from difftool.cli.errors import (
     DEBUG_HELP,
     OneLineUsageErrors,
@@ -45,6 +45,7 @@ app.command("distill")(distill.distill)
 app.command("sample")(sample.sample)
 app.command("schedulers")(schedulers.schedulers)
 app.command("inpaint")(inpaint.inpaint)
+app.command("noise")(noise.noise)
 app.command("convert")(convert.convert)
 app.command("inspect")(convert.inspect)
 app.command("evaluate")(evaluate.evaluate)

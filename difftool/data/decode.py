@@ -158,3 +158,15 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     weights = torch.tensor(_LUMA, dtype=torch.int32).view(3, 1, 1)
     luma = ((images.to(torch.int32) * weights).sum(-3, keepdim=True) + 500) // 1000
     return luma.to(torch.uint8)
+
+
+def training_view(path, resolution: int, channels: int) -> torch.Tensor:
+    """One image file as training sees it: its shorter side resized to `resolution` (Lanczos), the model's
+    `channels`, the centre square (uint8 C×R×R). For commands that start from the user's own image."""
+    array, _ = _decode_image(path, resolution)
+    image = torch.from_numpy(array)
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    image = _to_channels(image, channels)
+    height, width = image.shape[-2:]
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    return image[:, top : top + resolution, left : left + resolution].contiguous()

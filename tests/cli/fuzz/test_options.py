@@ -44,9 +44,12 @@ REQUIRED = {
     "sample": ["sample", MISSING], "inspect": ["inspect", MISSING], "evaluate": ["evaluate", MISSING],
     "convert": ["convert", MISSING, f"{WS}/missing/target"], "train": ["train", "--dry-run"],
     "inpaint": ["inpaint", MISSING, MISSING, "--model", MISSING], "schedulers": ["schedulers"],
+    "noise": ["noise", MISSING, "--model", MISSING],
 }
 INT_OPTIONS = {
-    "sample": ["--steps", "--num-images", "--batch-size", "--seed", "--num-processes", "--main-process-port"],
+    "noise": ["--points", "--seed"],
+    "sample": ["--steps", "--num-images", "--batch-size", "--seed", "--num-processes", "--main-process-port",
+               "--trajectory"],
     "inpaint": ["--steps", "--jump-length", "--jump-n-sample", "--resample", "--num-samples", "--seed", "--batch-size",
                 "--grow"],
     "evaluate": ["--num-samples", "--steps", "--batch-size", "--seed", "--feature-batch-size", "--kid-subset-size",
@@ -57,6 +60,7 @@ INT_OPTIONS = {
 FLOAT_OPTIONS = {"sample": ["--eta", "--guidance-scale"], "inpaint": ["--guidance-scale"], "evaluate": ["--guidance-scale"]}
 # Options whose range the command line checks: (command, option, lowest valid, highest valid).
 RANGED = [
+    ("noise", "--seed", 0, SEED_MAX), ("sample", "--trajectory", 0, None),
     ("evaluate", "--feature-batch-size", 1, None), ("evaluate", "--kid-subset-size", 2, None),
     ("evaluate", "--pr-k", 1, None), ("evaluate", "--reference-images", 2, None), ("evaluate", "--resolution", 1, None),
     ("sample", "--num-processes", 1, None), ("evaluate", "--num-processes", 1, None),
