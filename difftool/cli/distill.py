@@ -50,7 +50,7 @@ def distill(
     dry_run: options.DryRun = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Distill a model into a few-step student (consistency distillation); writes a run folder like train."""
+    """Distill a model into a few-step student (consistency or progressive distillation); writes a run folder like train."""
     from difftool.distilling.plan import plan_distillation
 
     values = {"sample.steps": steps, "distill.guidance_scale": guidance_scale, "train.max_steps": max_steps,
