@@ -56,3 +56,15 @@ def test_quiet_turns_off_the_bars_drawn_deep_below_the_command(monkeypatch, tiny
     with progress.SamplingProgress(1) as bar:  # the library, after a quiet command in the same process
         bar.advance(1)
     assert "1/1 images" in progress.console.file.getvalue()
+
+
+def test_a_quiet_command_that_fails_to_parse_leaves_the_bars_on(monkeypatch, tiny_run):
+    """-q before a bad value: the parse fails after -q was read, and nothing may keep the next bars off."""
+    result = invoke("sample", tiny_run, "-q", "--trajectory", "-1")
+    assert result.exit_code == 2
+    log = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=log, force_terminal=False, width=100))
+    with progress.SamplingProgress(1) as bar:
+        bar.advance(1)
+    assert "1/1 images" in log.getvalue()
+

@@ -27,6 +27,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def distill(
     teacher: Annotated[str | None, typer.Argument(

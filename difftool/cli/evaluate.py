@@ -34,6 +34,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def evaluate(
     source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id).")],

@@ -28,6 +28,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def inpaint(
     image: Annotated[Path, typer.Argument(help="Image file, or a folder of images.")],

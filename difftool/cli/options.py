@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -21,16 +22,19 @@ Seed = Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="R
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 NumProcesses = Annotated[int, typer.Option(min=1, help="Run under `accelerate launch` with this many processes (GPUs).")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port for the process group (with --num-processes).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
-def _hold_quiet(ctx: typer.Context, quiet: bool) -> bool:
-    """--quiet, held by the progress module while the command runs (its context closes when it ends), so that the
-    bars deep below need no flag passed down; a launched worker parses the same arguments."""
-    ctx.with_resource(quieted(quiet))
-    return quiet
+def holds_quiet(command):
+    """Wrap a command that takes `quiet` (--quiet): the progress module holds it while the command runs, so the bars
+    deep below need no flag passed down. Held by the call, not by the parse: a parse that fails leaves nothing."""
 
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        with quieted(bool(kwargs.get("quiet"))):
+            return command(*args, **kwargs)
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", callback=_hold_quiet)]
+    return wrapper
 GuidanceRescale = Annotated[float | None, typer.Option(
     help="Pull strong guidance's contrast back towards the conditional prediction's: 0 off, 0.7 as Lin et al. "
          "suggest (with --guidance-scale). Default: the recipe's, else 0.")]

@@ -31,6 +31,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def sample(
     model: Annotated[str, typer.Argument(help="Run folder, checkpoint, diffusers pipeline or unet/ folder, .safetensors file, or hub id.")],

@@ -23,6 +23,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def stats(
     data: Annotated[str, typer.Argument(help="The real images: any --dataset of train (shapes, a hub data set, a folder), or an .npz of images.")],

@@ -26,6 +26,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def train(
     recipe: options.Recipe = None,
