@@ -1,7 +1,7 @@
 """One difftool process per output folder: `FOLDER/COMMAND.lock`, held with an OS file lock.
 
-`train` holds `RUN/train.lock`; `sample`, `evaluate` and `inpaint` (folder outputs) hold
-`sample.lock`, `evaluate.lock` and `inpaint.lock` in the folder they write, so two of them never
+`train` holds `RUN/train.lock`; `sample`, `evaluate`, `inpaint` and `img2img` (folder outputs) hold
+`sample.lock`, `evaluate.lock`, `inpaint.lock` and `img2img.lock` in the folder they write, so two of them never
 make the same files twice or mix two settings in one folder.
 
 The kernel releases an `flock` when its process dies, however it dies (kill -9, OOM killer,

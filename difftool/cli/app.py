@@ -10,7 +10,9 @@ from typing import Annotated
 import typer
 
 from difftool import __version__
-from difftool.cli import convert, distill, evaluate, inpaint, noise, recipes, report, sample, schedulers, stats, train
+from difftool.cli import (
+    convert, distill, evaluate, img2img, inpaint, noise, recipes, report, sample, schedulers, stats, train,
+)
 from difftool.cli.errors import (
     DEBUG_HELP,
     OneLineUsageErrors,
@@ -44,6 +46,7 @@ app.command("train")(train.train)
 app.command("distill")(distill.distill)
 app.command("sample")(sample.sample)
 app.command("schedulers")(schedulers.schedulers)
+app.command("img2img")(img2img.img2img)
 app.command("inpaint")(inpaint.inpaint)
 app.command("noise")(noise.noise)
 app.command("convert")(convert.convert)

@@ -1,4 +1,4 @@
-"""The one denoising loop, shared by training previews and `difftool sample`.
+"""The one denoising loop, shared by training previews, `difftool sample`, `inpaint` and `img2img`.
 
 It is written against the scheduler interface rather than a pipeline so that any scheduler
 of the registry works: noise scaled by `init_noise_sigma`, inputs by `scale_model_input`,
@@ -103,11 +103,34 @@ def denoise(
     restored, so the known and generated regions can agree.
     """
     scheduler.set_timesteps(steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
+    return denoise_from(predict, scheduler, noise * scheduler.init_noise_sigma, 0, generators=generators, eta=eta,
+                        on_step=on_step, known=known)
+
+
+@torch.inference_mode()
+def denoise_from(
+    predict: Callable[[torch.Tensor, object], torch.Tensor],
+    scheduler,
+    x: torch.Tensor,
+    start: int,
+    *,
+    generators: list[torch.Generator] | None = None,
+    eta: float | None = None,
+    on_step: Callable[[], None] | None = None,
+    known=None,
+) -> torch.Tensor:
+    """Run the timesteps of `scheduler`, already set (`set_timesteps`), from index `start` on, from the sample `x`
+    at that level; the rest as `denoise`, which is this from index 0 and pure noise.
+
+    Image to image (SDEdit) starts part-way down with its image noised to the level of `timesteps[start]`; a
+    scheduler that steps by index must then have been told where it begins (`set_begin_index(start)`).
+    No timestep left (`start` at or past the end): `x` comes back as it is, with no model call.
+    """
     options = step_options(scheduler, generators=generators, eta=eta)
     clip = scheduler.config.get("clip_denoised", False)
     timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
         rounds = (known.resample if known is not None else 0) + 1 if i + 1 < len(timesteps) else 1
         for round_ in range(rounds):
             if known is not None:

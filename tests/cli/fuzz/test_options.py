@@ -44,10 +44,11 @@ REQUIRED = {
     "sample": ["sample", MISSING], "inspect": ["inspect", MISSING], "evaluate": ["evaluate", MISSING],
     "convert": ["convert", MISSING, f"{WS}/missing/target"], "train": ["train", "--dry-run"],
     "inpaint": ["inpaint", MISSING, MISSING, "--model", MISSING], "schedulers": ["schedulers"],
-    "noise": ["noise", MISSING, "--model", MISSING],
+    "noise": ["noise", MISSING, "--model", MISSING], "img2img": ["img2img", MISSING, "--model", MISSING],
 }
 INT_OPTIONS = {
     "noise": ["--points", "--seed"],
+    "img2img": ["--steps", "--num-samples", "--seed", "--batch-size"],
     "sample": ["--steps", "--num-images", "--batch-size", "--seed", "--num-processes", "--main-process-port",
                "--trajectory"],
     "inpaint": ["--steps", "--jump-length", "--jump-n-sample", "--resample", "--num-samples", "--seed", "--batch-size",
@@ -57,10 +58,12 @@ INT_OPTIONS = {
     "convert": ["--resolution"],
     "train": ["--resolution", "--channels", "--max-steps", "--batch-size", "--seed", "--num-processes"],
 }
-FLOAT_OPTIONS = {"sample": ["--eta", "--guidance-scale"], "inpaint": ["--guidance-scale"], "evaluate": ["--guidance-scale"]}
+FLOAT_OPTIONS = {"sample": ["--eta", "--guidance-scale"], "inpaint": ["--guidance-scale"], "evaluate": ["--guidance-scale"],
+                 "img2img": ["--strength", "--eta", "--guidance-scale", "--guidance-rescale"]}
 # Options whose range the command line checks: (command, option, lowest valid, highest valid).
 RANGED = [
     ("noise", "--seed", 0, SEED_MAX), ("sample", "--trajectory", 0, None),
+    ("img2img", "--strength", 0, 1), ("img2img", "--seed", 0, SEED_MAX), ("img2img", "--num-samples", None, IMAGES_MAX),
     ("evaluate", "--feature-batch-size", 1, None), ("evaluate", "--kid-subset-size", 2, None),
     ("evaluate", "--pr-k", 1, None), ("evaluate", "--reference-images", 2, None), ("evaluate", "--resolution", 1, None),
     ("sample", "--num-processes", 1, None), ("evaluate", "--num-processes", 1, None),
