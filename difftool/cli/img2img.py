@@ -29,6 +29,7 @@ Examples:
 
 
 @user_errors
+@options.holds_quiet
 @registered_early
 def img2img(
     image: Annotated[Path, typer.Argument(help="Image file, or a folder of images (read as training reads images: shorter side to the model's size, centre square).")],
@@ -43,8 +44,8 @@ def img2img(
     eta: Annotated[float | None, typer.Option(help="DDIM noise: 0 deterministic, 1 like DDPM (ddim and tcd only).")] = None,
     karras_sigmas: Annotated[bool, typer.Option("--karras-sigmas", help="Karras et al. step sizes (schedulers that support them).")] = False,
     timestep_spacing: Annotated[str | None, typer.Option(help="leading, trailing or linspace. Default: trailing below T steps.")] = None,
-    classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or id (repeatable; cycled over the samples). Default: all classes in turn.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance (class-conditional models). Default: the recipe's, else 1.")] = None,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or id (repeatable; cycled over the samples). Default: none (the null class): the image decides, as in inpaint.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance (with --class). Default: the recipe's, else 1.")] = None,
     guidance_rescale: options.GuidanceRescale = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace output files that exist.")] = False,

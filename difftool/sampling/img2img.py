@@ -13,6 +13,7 @@ One image or the images of a folder; sample k of every image comes from the gene
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def _plan(model: LoadedModel, model_source: str | Path, request: Img2ImgRequest)
                               guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale,
                               seed=request.seed, karras_sigmas=request.karras_sigmas, eta=request.eta,
                               timestep_spacing=request.timestep_spacing)
+    sampler = _unconditional_unless_asked(sampler, model.info, request)
     scheduler = sampler.make_scheduler(model.scheduler_config)
     scheduler.set_timesteps(sampler.steps)
     start = start_index(scheduler, sampler.steps, request.strength)
@@ -159,6 +161,18 @@ def _plan(model: LoadedModel, model_source: str | Path, request: Img2ImgRequest)
     settings = {**model_settings(model), **sampler.record(scheduler), "strength": request.strength,
                 "start_timestep": first}
     return _Plan(model, sampler, request.strength, settings, len(scheduler.timesteps) - start)
+
+
+def _unconditional_unless_asked(sampler: SamplerSettings, info: dict, request: Img2ImgRequest) -> SamplerSettings:
+    """Without --class a class-conditional model redraws the image as its null class (which label dropout trained),
+    unguided, as `inpaint` fills in: the image, not a class cycled over the samples, decides what it becomes."""
+    null_class = info.get("null_class")
+    if request.classes or not info.get("num_classes") or null_class is None:
+        return sampler
+    if request.guidance_scale not in (None, 1.0):
+        raise UserError("--guidance-scale needs --class for image to image (without a class the model redraws the "
+                        "image unconditionally)")
+    return dataclasses.replace(sampler, classes=(null_class,), guidance_scale=1.0, guidance_rescale=0.0)
 
 
 def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, existing: Existing) -> Img2ImgResult:

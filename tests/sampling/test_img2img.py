@@ -113,9 +113,9 @@ def test_strength_0_gives_the_image_back_as_the_model_sees_it_without_a_model_ca
 
 
 @pytest.mark.parametrize("args", [
-    [],  # the recipe's sampler, steps and guidance, all classes in turn
+    ["--class", "circle", "--class", "ring"],  # the recipe's sampler, steps and guidance, classes in turn
     ["--scheduler", "ddpm", "--steps", "4", "--class", "ring", "--guidance-scale", "2"],  # stochastic steps, guided
-    ["--scheduler", "heun", "--steps", "3"],  # second order
+    ["--scheduler", "heun", "--steps", "3", "--class", "square"],  # second order
 ], ids=["recipe", "ddpm-guided", "heun"])
 def test_strength_1_is_difftool_sample_bit_for_bit(tiny_run, args):
     assert sample(tiny_run, "-n", "3", "--seed", "5", "-o", "sampled", "-q", *args).exit_code == 0
@@ -128,6 +128,17 @@ def test_strength_1_is_difftool_sample_bit_for_bit(tiny_run, args):
     ours, theirs = Image.open("out/photo-0.png").text, Image.open("sampled/000000.png").text
     for key in ("scheduler", "steps", "seed", "guidance_scale", "class", "model_hash"):
         assert ours[key] == theirs[key], key
+
+
+def test_without_a_class_the_image_decides(tiny_run):
+    """A class-conditional model redraws the image as its null class, unguided (as inpaint fills in), rather than
+    pulling sample k towards class k; guidance then has nothing to guide towards and is refused."""
+    assert invoke(photo(Path("photo.png")), "--model", tiny_run, "-n", "2", "--steps", "4", "-q").exit_code == 0
+    for k in range(2):
+        meta = Image.open(f"photo-img2img-{k}.png").text
+        assert (meta["class"], meta["guidance_scale"]) == ("none", "1.0")
+    assert_user_error(invoke(photo(Path("photo.png")), "--model", tiny_run, "--guidance-scale", "3", "-o", "g.png"),
+                      "--guidance-scale needs --class")
 
 
 def test_a_middle_strength_changes_the_image_but_stays_closer_to_it_than_sampling(tiny_run):
