@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from difftool.errors import first_line
+from difftool.errors import UserError, first_line
 from difftool.safeio import atomic_path
 
 _OPEN_LOCK = threading.Lock()
@@ -35,6 +35,21 @@ def visible_files(root: Path, *, recursive: bool = True) -> list[Path]:
 def image_files(root: Path, *, recursive: bool = True) -> list[Path]:
     """The image files among `visible_files(root)`, by suffix."""
     return [p for p in visible_files(root, recursive=recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def images_by_stem(folder: Path, what: str = "images") -> dict[str, Path]:
+    """The images directly in `folder` by file name without extension, which outputs and image-mask pairs go by: two
+    with one name (a.jpg, a.png) are refused, as is a folder without any."""
+    found: dict[str, Path] = {}
+    for path in image_files(folder, recursive=False):
+        if path.stem in found:
+            raise UserError(f"{printable(found[path.stem])} and {printable(path.name)} have the same name; keep one of "
+                            "them (outputs and masks go by the file name without its extension)")
+        found[path.stem] = path
+    if not found:
+        raise UserError(f"no {what} found in {printable(folder)} (looked for {'/'.join(IMAGE_SUFFIXES)}); "
+                        f"point it at a folder of {what}")
+    return found
 
 
 def open_image(source) -> Image.Image:

@@ -52,6 +52,23 @@ class Existing:
 UNTOUCHED = Existing()  # the default: outputs made before are refused, neither replaced nor reused
 
 
+def result_paths(source: Path, output: Path | None, default_name: str, count: int) -> list[Path]:
+    """Where the `count` results made from the one input file `source` go: `output` as a .png file, or a folder
+    (SOURCE.png in it); by default `default_name` in the working folder. Several results are NAME-k.png."""
+    if output is None:
+        target = Path(default_name)
+    elif output.suffix.lower() == ".png":
+        target = output
+    else:
+        target = output / f"{source.stem}.png"
+    return numbered(target, count)
+
+
+def numbered(path: Path, count: int) -> list[Path]:
+    """`path` for one result; PATH-0.png ... PATH-(count-1).png for several."""
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{k}.png") for k in range(count)]
+
+
 def refuse_inputs_as_output(output: Path, inputs: Mapping[str, object], *, replaces: bool = False,
                             option: str = "--output") -> None:
     """Refuse an `output` that is one of the `inputs` (what the command reads, by description) or lies inside one.

@@ -24,7 +24,7 @@ from difftool.inpainting.repaint import METHODS, KnownRegion, RepaintSchedule, b
 from difftool.inpainting.pairs import Pair, find_pairs, load_pair
 from difftool.inpainting.paste import comparison, paste_back
 from difftool.progress import SamplingProgress, show_notes
-from difftool.output_rules import refuse_inputs_as_output
+from difftool.output_rules import numbered, refuse_inputs_as_output, result_paths
 from difftool.sampling.defaults import sampling_defaults
 from difftool.runlock import run_lock
 from difftool.sampling.record import image_metadata, model_settings
@@ -249,20 +249,10 @@ def _plan_jobs(images: Path, masks: Path, output: Path | None, request: InpaintR
         folder = output or Path("inpainted")
         if folder.suffix.lower() == ".png":
             raise UserError(f"with folders of images, --output is a folder, not {folder}")
-        return [_Job(image, mask, _numbered(folder / f"{image.stem}.png", n)) for image, mask in find_pairs(images, masks)]
+        return [_Job(image, mask, numbered(folder / f"{image.stem}.png", n)) for image, mask in find_pairs(images, masks)]
     if masks.is_dir():
         raise UserError(f"{masks} is a folder but {images} is one image; give one mask file")
-    if output is None:
-        target = Path(f"{images.stem}-inpainted.png")
-    elif output.suffix.lower() == ".png":
-        target = output
-    else:
-        target = output / f"{images.stem}.png"
-    return [_Job(images, masks, _numbered(target, n))]
-
-
-def _numbered(path: Path, n: int) -> list[Path]:
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(n)]
+    return [_Job(images, masks, result_paths(images, output, f"{images.stem}-inpainted.png", n))]
 
 
 def _all_outputs(jobs: list[_Job], comparisons: bool) -> list[Path]:

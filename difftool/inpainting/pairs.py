@@ -17,11 +17,10 @@ from PIL import Image
 
 from difftool.errors import UserError
 from difftool.images import (
-    IMAGE_SUFFIXES,
     eight_bit_values,
     from_pil,
     high_bit,
-    image_files,
+    images_by_stem,
     printable,
     read_image,
     rgb_or_gray,
@@ -120,16 +119,7 @@ def find_pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
 def _by_stem(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"folder of {what} not found: {folder}; check the path")
-    found: dict[str, Path] = {}
-    for path in image_files(folder, recursive=False):
-        if path.stem in found:
-            raise UserError(f"{found[path.stem]} and {path.name} have the same name; keep one of them "
-                            "(files are matched by name without extension)")
-        found[path.stem] = path
-    if not found:
-        raise UserError(f"no {what} found in {folder} (looked for {'/'.join(IMAGE_SUFFIXES)}); "
-                        f"point it at a folder of {what}")
-    return found
+    return images_by_stem(folder, what)
 
 
 def _some(stems: list[str], files: dict[str, Path]) -> str:

@@ -23,10 +23,10 @@ import torch
 
 from difftool.data.decode import training_view
 from difftool.errors import UserError
-from difftool.images import IMAGE_SUFFIXES, image_files, printable, read_image, save_png, why_unreadable
+from difftool.images import images_by_stem, printable, read_image, save_png, why_unreadable
 from difftool.models.checkpoints import LoadedModel
 from difftool.models.load import load_model
-from difftool.output_rules import UNTOUCHED, Existing, refuse_inputs_as_output
+from difftool.output_rules import UNTOUCHED, Existing, numbered, refuse_inputs_as_output, result_paths
 from difftool.progress import SamplingProgress, show_notes
 from difftool.runlock import run_lock
 from difftool.safeio import refuse_file_in_the_way
@@ -261,33 +261,10 @@ def _plan_jobs(image: Path, output: Path | None, n: int) -> list[_Job]:
         folder = output or Path(DEFAULT_FOLDER)
         if folder.suffix.lower() == ".png":
             raise UserError(f"with a folder of images, --output is a folder, not {printable(folder)}")
-        return [_Job(path, _numbered(folder / f"{path.stem}.png", n)) for path in _folder_images(image)]
+        return [_Job(path, numbered(folder / f"{path.stem}.png", n)) for path in images_by_stem(image).values()]
     if not image.is_file():  # a FIFO would be waited on for ever
         raise UserError(f"{printable(image)} is not a regular file; give an image file or a folder of images")
-    if output is None:
-        target = Path(f"{image.stem}-img2img.png")
-    elif output.suffix.lower() == ".png":
-        target = output
-    else:
-        target = output / f"{image.stem}.png"
-    return [_Job(image, _numbered(target, n))]
-
-
-def _folder_images(folder: Path) -> list[Path]:
-    """The images directly in `folder`, by name; two with one name (a.jpg, a.png) would write one output."""
-    found: dict[str, Path] = {}
-    for path in image_files(folder, recursive=False):
-        if path.stem in found:
-            raise UserError(f"{printable(found[path.stem])} and {printable(path.name)} have the same name, so their "
-                            "outputs would too; keep one of them")
-        found[path.stem] = path
-    if not found:
-        raise UserError(f"no images found in {printable(folder)} (looked for {'/'.join(IMAGE_SUFFIXES)})")
-    return list(found.values())
-
-
-def _numbered(path: Path, n: int) -> list[Path]:
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{k}.png") for k in range(n)]
+    return [_Job(image, result_paths(image, output, f"{image.stem}-img2img.png", n))]
 
 
 def _refuse_existing(jobs: list[_Job]) -> None:
