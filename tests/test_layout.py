@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "difftool"
 TESTS = Path(__file__).resolve().parent
 TEST_FOLDERS_BESIDE_THE_PACKAGE = {"benchmarks", "fixtures"}  # the benchmarks' harness; files the tests read
-ENTRY_POINTS = {"difftool.train", "difftool.distill", "difftool.sample", "difftool.evaluate", "difftool.__main__"}
+ENTRY_POINTS = {"difftool.train", "difftool.distill", "difftool.sample", "difftool.evaluate", "difftool.img2img",
+                "difftool.__main__"}
 
 
 def _modules() -> dict[str, Path]:

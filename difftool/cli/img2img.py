@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from difftool.cli import options
-from difftool.cli.errors import user_errors
+from difftool.cli.errors import INTERRUPTED_EXIT, rank_zero, user_errors
+from difftool.cli.launch import launch, worker_arguments
 from difftool.models.sources import locate
 from difftool.progress import say
 from difftool.threads import registered_early
@@ -50,6 +51,8 @@ def img2img(
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace output files that exist.")] = False,
     resume: Annotated[bool, typer.Option(help="Make only the outputs missing (same settings); keep those there.")] = False,
+    num_processes: options.NumProcesses = 1,
+    main_process_port: options.MainProcessPort = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Image to image (SDEdit): noise your image part of the way and let the model denoise it back."""
@@ -57,6 +60,9 @@ def img2img(
     from difftool.output_rules import Existing
     from difftool.sampling.img2img import Img2ImgRequest, img2img_files
 
+    if num_processes > 1:
+        raise typer.Exit(launch("difftool.img2img", worker_arguments(), num_processes=num_processes,
+                                main_process_port=main_process_port, stopped_code=INTERRUPTED_EXIT))
     existing = Existing(overwrite, resume)
     request = Img2ImgRequest(
         strength=strength, scheduler=scheduler, steps=steps, num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -64,6 +70,8 @@ def img2img(
         karras_sigmas=karras_sigmas, timestep_spacing=timestep_spacing, weights=weights,
     )
     result = img2img_files(model, image, output, request, existing=existing)
+    if not rank_zero():  # the main process speaks for all
+        return
     kept = f"; {result.kept} kept from before" if result.kept else ""
     if not result.outputs:
         say(f"[green]done[/]: nothing to make{kept}")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from difftool.cli import distill, evaluate, sample, train
+from difftool.cli import distill, evaluate, img2img, sample, train
 from difftool.cli.app import _run
 
-COMMANDS = {"train": train.train, "distill": distill.distill, "sample": sample.sample, "evaluate": evaluate.evaluate}
+COMMANDS = {"train": train.train, "distill": distill.distill, "sample": sample.sample, "evaluate": evaluate.evaluate,
+            "img2img": img2img.img2img}
 
 
 def run_single_command(name: str) -> None:

@@ -25,12 +25,12 @@ from difftool.data.decode import training_view
 from difftool.errors import UserError
 from difftool.images import images_by_stem, printable, read_image, save_png, why_unreadable
 from difftool.models.checkpoints import LoadedModel
-from difftool.models.load import load_model
 from difftool.output_rules import UNTOUCHED, Existing, numbered, refuse_inputs_as_output, result_paths
 from difftool.progress import SamplingProgress, show_notes
-from difftool.runlock import run_lock
+from difftool.runlock import main_process_lock
 from difftool.safeio import refuse_file_in_the_way
 from difftool.sampling.defaults import sampling_defaults
+from difftool.sampling.job import load_shared
 from difftool.sampling.loop import Predictor, denoise_from, image_generators, initial_noise, to_uint8
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.settings import SamplerSettings, resolve_sampler
@@ -125,11 +125,15 @@ def img2img_files(model_source: str | Path, image: Path, output: Path | None, re
     refuse_file_in_the_way(folder or jobs[0].outputs[0].parent)
     if folder is None and jobs[0].outputs[0].is_dir():
         raise UserError(f"{printable(jobs[0].outputs[0])} is a folder; give --output a .png file name or a folder")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     # A folder of images: one img2img at a time in the output folder, as for `sample` and `inpaint`.
-    with run_lock(folder, DEFAULT_FOLDER) if folder else contextlib.nullcontext():
+    with main_process_lock(state, folder, DEFAULT_FOLDER) if folder else contextlib.nullcontext():
         if not (existing.overwrite or existing.resume):
             _refuse_existing(jobs)
-        return _run(model_source, jobs, request, existing)
+        state.wait_for_everyone()  # every process has looked before any writes
+        return _run(model_source, jobs, request, existing, state)
 
 
 @dataclass
@@ -175,32 +179,37 @@ def _unconditional_unless_asked(sampler: SamplerSettings, info: dict, request: I
     return dataclasses.replace(sampler, classes=(null_class,), guidance_scale=1.0, guidance_rescale=0.0)
 
 
-def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, existing: Existing) -> Img2ImgResult:
-    model = load_model(model_source, weights=request.weights)
-    show_notes(model.notes)
+def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, existing: Existing,
+         state) -> Img2ImgResult:
+    """The batches of every image, dealt out whole to the processes of `state` (so every sample is computed in the
+    batch one process would compute it in); the result lists what all of them wrote."""
+    model = load_shared(model_source, request.weights, state)
     plan = _plan(model, model_source, request)
     if existing.resume:
         _check_resumable(jobs, plan)
     todo = [(job, [k for k, out in enumerate(job.outputs) if existing.overwrite or not out.is_file()]) for job in jobs]
-    todo = [(job, indices) for job, indices in todo if indices]
-    views = {job.image: _read(job.image, model.info) for job, _ in todo}  # every image checked before any work
-    show_notes(_notes(plan, request))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = model.unet.to(device).eval()
+    batches = [(job, indices[i : i + request.batch_size]) for job, indices in todo
+               for i in range(0, len(indices), request.batch_size)]
+    views = {job.image: _read(job.image, model.info) for job, _ in batches}  # every image checked before any work
+    state.wait_for_everyone()  # every process has checked the resume before any writes
+    if state.is_main_process:
+        show_notes(_notes(plan, request))
+    unet = model.unet.to(state.device).eval()
     announce()
-    written, start = [], time.perf_counter()
-    with SamplingProgress(sum(len(indices) for _, indices in todo), label="img2img") as progress:
-        for job, indices in todo:
-            for first in range(0, len(indices), request.batch_size):
-                batch = indices[first : first + request.batch_size]
-                calls = plan.model_calls
-                on_step = functools.partial(progress.advance, len(batch) / calls) if calls else None
-                images = _make(plan, unet, views[job.image], batch, device, on_step)
-                if not calls:
-                    progress.advance(len(batch))
-                for index, picture in zip(batch, images, strict=True):
-                    save_png(picture, job.outputs[index], plan.metadata(index, job.image))
-                    written.append(job.outputs[index])
+    mine = batches[state.process_index :: state.num_processes]
+    start, total = time.perf_counter(), sum(len(batch) for _, batch in batches)
+    with SamplingProgress(total, enabled=state.is_main_process, label="img2img") as progress:
+        scale = total / max(1, sum(len(batch) for _, batch in mine))  # rank 0's bar stands for all processes
+        for job, batch in mine:
+            calls = plan.model_calls
+            on_step = functools.partial(progress.advance, len(batch) * scale / calls) if calls else None
+            images = _make(plan, unet, views[job.image], batch, state.device, on_step)
+            if not calls:
+                progress.advance(len(batch) * scale)
+            for index, picture in zip(batch, images, strict=True):
+                save_png(picture, job.outputs[index], plan.metadata(index, job.image))
+    state.wait_for_everyone()
+    written = [job.outputs[index] for job, batch in batches for index in batch]
     kept = sum(len(job.outputs) for job in jobs) - len(written)
     return Img2ImgResult(written, kept, time.perf_counter() - start, plan.model_calls, plan.settings)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from difftool.progress import SamplingProgress
 from difftool.runlock import run_lock
 from difftool.sampling.img2img import Img2ImgRequest, img2img_files, start_index, start_sample
 from difftool.sampling.schedulers import make_scheduler
-from tests.conftest import assert_user_error
+from tests.conftest import assert_user_error, difftool_cmd, free_port
 from tests.conftest import invoke as run_cli
 
 pytestmark = pytest.mark.usefixtures("scratch_cwd")
@@ -308,3 +309,24 @@ def test_bad_input_is_one_line(tiny_run, args, fragments):
     photo(Path("photo.png"))
     Path("empty").mkdir()
     assert_user_error(invoke(*args, "--model", tiny_run), *fragments)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_files_as_one(tiny_run):
+    """The batches of every image are dealt out whole, so two processes make each sample in the same batch as one
+    does: the same files, bit for bit, and the main process's line counts them all."""
+    images = Path("photos")
+    images.mkdir()
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        photo(images / f"{name}.png", seed)
+    common = ["img2img", str(images), "--model", str(tiny_run), "--strength", "0.5", "--steps", "4", "-n", "3",
+              "--batch-size", "2", "-q"]
+    assert run_cli(*common, "-o", "one").exit_code == 0
+    cmd = difftool_cmd() + common + ["-o", "two", "--num-processes", "2", "--main-process-port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in Path("one").iterdir())
+    assert len(names) == 9 and sorted(p.name for p in Path("two").iterdir()) == names
+    for name in names:
+        np.testing.assert_array_equal(pixels(Path("two") / name), pixels(Path("one") / name))
+    assert proc.stderr.count("done:") == 1 and "(+8 more)" in proc.stderr
