@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ def interpolation_weights(frames: int) -> list[float]:
 def inverse_ddim(decoder):
     """diffusers' DDIMInverseScheduler for the DDIM scheduler `decoder` (timesteps set; built from the model's
     training config, so betas, T, prediction type and clipping are training's): the same timesteps, in reverse."""
-    inverse = diffusers.DDIMInverseScheduler.from_config(decoder.config)
+    takes = inspect.signature(diffusers.DDIMInverseScheduler.__init__).parameters
+    inverse = diffusers.DDIMInverseScheduler.from_config(
+        {k: v for k, v in decoder.config.items() if k in takes or k.startswith("_")})  # unknown keys: a warning each
     inverse.set_timesteps(decoder.num_inference_steps, device=decoder.timesteps.device)
     if not torch.equal(inverse.timesteps.cpu(), decoder.timesteps.cpu().flip(0)):
         raise UserError(f"DDIM inversion supports --timestep-spacing trailing or leading, not "

@@ -14,7 +14,7 @@ from PIL import Image
 from difftool.images import animation_metadata
 from difftool.models.load import load_model
 from difftool.sampling.interpolate import InterpolateRequest, interpolate_files, invert, slerp
-from difftool.sampling.loop import Predictor, denoise, to_uint8
+from difftool.sampling.loop import Predictor, denoise, predicted_x0_and_noise, to_uint8
 from difftool.sampling.schedulers import make_scheduler
 from tests.conftest import assert_user_error
 from tests.conftest import invoke as run_cli
@@ -107,8 +107,9 @@ def test_strip_and_animation_carry_the_settings(tiny_run):
 
 
 def reference_inversion(unet, config: dict, x0: torch.Tensor, steps: int) -> torch.Tensor:
-    """DDIM run backwards, written out: at the timesteps t of DDIM (trailing, eta 0) from the lowest, the model's
-    epsilon at t from the sample one level below, x0 clipped as training's clip_sample says."""
+    """DDIM run backwards, written out: at the timesteps t of DDIM (trailing, eta 0) from the lowest, the model asked
+    at t about the sample one level below, its output read at that lower level (as diffusers' inversion reads it),
+    x0 clipped as training's clip_sample says, and the sample moved up to t."""
     decoder = make_scheduler("ddim", config, steps=steps)
     decoder.set_timesteps(steps)
     alphas, ratio = decoder.alphas_cumprod, config["num_train_timesteps"] // steps
@@ -116,8 +117,9 @@ def reference_inversion(unet, config: dict, x0: torch.Tensor, steps: int) -> tor
     for t in decoder.timesteps.flip(0):
         below = int(t) - ratio
         a_now = alphas[below] if below >= 0 else torch.tensor(1.0)
-        eps = unet(x, t, class_labels=torch.tensor([0])).sample
-        clean = ((x - (1 - a_now).sqrt() * eps) / a_now.sqrt()).clamp(-1, 1)
+        out = unet(x, t, class_labels=torch.tensor([0])).sample
+        clean, eps = predicted_x0_and_noise(out, x, a_now, config["prediction_type"])
+        clean = clean.clamp(-1, 1)
         x = alphas[t].sqrt() * clean + (1 - alphas[t]).sqrt() * eps
     return x
 
@@ -146,10 +148,10 @@ def test_inversion_is_ddim_backwards_written_out(tiny_run):
     torch.testing.assert_close(invert(predict, decoder, x0), expected, rtol=1e-5, atol=1e-5)
 
 
-# Mean absolute error (levels of 0-255) of sample -> invert -> decode on the tiny test model (6 training steps),
-# class 0, no guidance, over 4 seeds. Measured: 10 steps 0.4, 25 steps 0.3, 50 steps 0.1 (rerun round_trip
-# to regenerate); the bounds leave about 3x margin.
-ROUND_TRIP_BOUND = {10: 1.5, 25: 1.0, 50: 0.5}
+# Mean absolute error (levels of 0-255) of sample -> invert -> decode on the tiny test model (6 training steps,
+# v-prediction, T = 50), class 0, no guidance, over 4 seeds. Measured on CPU: 10 steps 17.2, 25 steps 7.6, 50
+# steps 3.9 (the test prints them: pytest -s -k round_trip); the bounds leave about 1.5x margin.
+ROUND_TRIP_BOUND = {10: 26.0, 25: 11.5, 50: 6.0}
 
 
 @pytest.mark.parametrize("steps", sorted(ROUND_TRIP_BOUND))
@@ -181,7 +183,7 @@ def test_images_mode_library_ends_come_back_close(tiny_run):
     result = interpolate_files(tiny_run, request, Path("out.png"))
     for frame, path in ((result.frames[0], "s/000000.png"), (result.frames[-1], "s/000001.png")):
         error = np.abs(frame.permute(1, 2, 0).numpy().astype(int) - pixels(Path(path))).mean()
-        assert error < 2.0, error
+        assert error < 12.0, error  # measured 7.7
 
 
 # ---------------------------------------------------------------- refusals
