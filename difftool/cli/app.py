@@ -11,7 +11,7 @@ import typer
 
 from difftool import __version__
 from difftool.cli import (
-    convert, distill, evaluate, img2img, inpaint, noise, recipes, report, sample, schedulers, stats, train,
+    convert, distill, evaluate, img2img, inpaint, interpolate, noise, recipes, report, sample, schedulers, stats, train,
 )
 from difftool.cli.errors import (
     DEBUG_HELP,
@@ -47,6 +47,7 @@ app.command("distill")(distill.distill)
 app.command("sample")(sample.sample)
 app.command("schedulers")(schedulers.schedulers)
 app.command("img2img")(img2img.img2img)
+app.command("interpolate")(interpolate.interpolate)
 app.command("inpaint")(inpaint.inpaint)
 app.command("noise")(noise.noise)
 app.command("convert")(convert.convert)

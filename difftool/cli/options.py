@@ -45,3 +45,4 @@ InceptionWeights = Annotated[Path | None, typer.Option(help="The Inception Torch
 FeatureBatchSize = Annotated[int, typer.Option(min=1, help="Images per feature-extractor call.")]
 Split = Annotated[str, typer.Option(help="Split of a data set of real images.")]
 ReferenceImages = Annotated[int | None, typer.Option(min=2, help="Use at most this many real images (all by default).")]
+FRAMES_MAX = 1000  # frames of one interpolation: each is a full sampling run, and all go into one animation

@@ -77,6 +77,7 @@ def test_a_missing_model_path_or_a_mistyped_setting_is_refused_before_the_model_
         for argv in (["sample", "{missing}"], ["inspect", "{missing}"], ["convert", "{missing}", "out"],
                      ["evaluate", "{missing}"], ["inpaint", "a.png", "m.png", "--model", "{missing}"],
                      ["noise", "a.png", "--model", "{missing}"], ["img2img", "a.png", "--model", "{missing}"],
+                     ["interpolate", "{missing}", "--seeds", "0", "1"],
                      ["train", "--set", "train.batchsize=3", "--dry-run"]):
             try:
                 app(argv)
@@ -85,8 +86,9 @@ def test_a_missing_model_path_or_a_mistyped_setting_is_refused_before_the_model_
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.stdout.splitlines() == [f"{command} 2 []" for command in ("sample", "inspect", "convert", "evaluate",
-                                                                           "inpaint", "noise", "img2img", "train")], proc.stderr
-    assert proc.stderr.count(f"{missing} does not exist") == 7
+                                                                           "inpaint", "noise", "img2img", "interpolate",
+                                                                           "train")], proc.stderr
+    assert proc.stderr.count(f"{missing} does not exist") == 8
     assert "give a folder of images, a samples .npz or a model" in proc.stderr  # evaluate's remedy
     assert "unknown config key 'train.batchsize'; did you mean 'train.batch_size'?" in proc.stderr
 
@@ -264,7 +266,7 @@ def test_debug_shows_the_exception_before_or_after_the_command(argv):
 
 
 def test_every_command_takes_debug():
-    for command in (["train"], ["sample"], ["schedulers"], ["inpaint"], ["noise"], ["img2img"], ["convert"], ["inspect"], ["evaluate"],
+    for command in (["train"], ["sample"], ["schedulers"], ["inpaint"], ["noise"], ["img2img"], ["interpolate"], ["convert"], ["inspect"], ["evaluate"],
                     ["recipes", "list"], ["recipes", "show"], ["recipes", "cp"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "--debug" in result.output, command

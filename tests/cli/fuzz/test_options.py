@@ -15,7 +15,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from difftool.cli.options import IMAGES_MAX, SEED_MAX
+from difftool.cli.options import FRAMES_MAX, IMAGES_MAX, SEED_MAX
 from difftool.config import field_paths, recipe_names
 from difftool.sampling.schedulers import SCHEDULERS, SPACINGS, supports_karras
 from tests.cli.fuzz.conftest import (
@@ -45,10 +45,12 @@ REQUIRED = {
     "convert": ["convert", MISSING, f"{WS}/missing/target"], "train": ["train", "--dry-run"],
     "inpaint": ["inpaint", MISSING, MISSING, "--model", MISSING], "schedulers": ["schedulers"],
     "noise": ["noise", MISSING, "--model", MISSING], "img2img": ["img2img", MISSING, "--model", MISSING],
+    "interpolate": ["interpolate", MISSING, "--seeds", "0", "1"],
 }
 INT_OPTIONS = {
     "noise": ["--points", "--seed"],
     "img2img": ["--steps", "--num-samples", "--seed", "--batch-size"],
+    "interpolate": ["--steps", "--frames"],
     "sample": ["--steps", "--num-images", "--batch-size", "--seed", "--num-processes", "--main-process-port",
                "--trajectory"],
     "inpaint": ["--steps", "--jump-length", "--jump-n-sample", "--resample", "--num-samples", "--seed", "--batch-size",
@@ -59,11 +61,13 @@ INT_OPTIONS = {
     "train": ["--resolution", "--channels", "--max-steps", "--batch-size", "--seed", "--num-processes"],
 }
 FLOAT_OPTIONS = {"sample": ["--eta", "--guidance-scale"], "inpaint": ["--guidance-scale"], "evaluate": ["--guidance-scale"],
-                 "img2img": ["--strength", "--eta", "--guidance-scale", "--guidance-rescale"]}
+                 "img2img": ["--strength", "--eta", "--guidance-scale", "--guidance-rescale"],
+                 "interpolate": ["--eta", "--guidance-scale", "--guidance-rescale"]}
 # Options whose range the command line checks: (command, option, lowest valid, highest valid).
 RANGED = [
     ("noise", "--seed", 0, SEED_MAX), ("sample", "--trajectory", 0, None),
     ("img2img", "--strength", 0, 1), ("img2img", "--seed", 0, SEED_MAX), ("img2img", "--num-samples", None, IMAGES_MAX),
+    ("interpolate", "--frames", 2, FRAMES_MAX),
     ("evaluate", "--feature-batch-size", 1, None), ("evaluate", "--kid-subset-size", 2, None),
     ("evaluate", "--pr-k", 1, None), ("evaluate", "--reference-images", 2, None), ("evaluate", "--resolution", 1, None),
     ("sample", "--num-processes", 1, None), ("evaluate", "--num-processes", 1, None),
