@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -27,18 +26,6 @@ from tests.conftest import assert_user_error, difftool_cmd, free_port
 from tests.conftest import invoke as run_cli
 
 pytestmark = pytest.mark.usefixtures("scratch_cwd")
-
-
-@pytest.fixture(scope="module")
-def unconditional_model(tmp_path_factory) -> Path:
-    """A diffusers pipeline folder made without difftool: no class labels, no difftool.json."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, add_attention=False)
-    path = tmp_path_factory.mktemp("uncond") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=40)).save_pretrained(path)
-    return path
 
 
 def invoke(*args):

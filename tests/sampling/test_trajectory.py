@@ -127,21 +127,8 @@ def test_the_prediction_at_the_last_call_is_the_image(tiny_run, scheduler):
     assert (traced.predicted[0].int() - images.int()).abs().max() > 1  # the first prediction is still far off
 
 
-@pytest.fixture(scope="module")
-def epsilon_model(tmp_path_factory) -> Path:
-    """An unconditional epsilon-prediction pipeline made without difftool (the run fixture predicts v)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, add_attention=False)
-    path = tmp_path_factory.mktemp("epsilon") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=40)).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_an_epsilon_model_ends_on_its_last_prediction_too(epsilon_model, scheduler):
-    images, traced = traced_batch(epsilon_model, scheduler, 5, 5)
+def test_an_epsilon_model_ends_on_its_last_prediction_too(unconditional_model, scheduler):
+    """A diffusers pipeline that predicts epsilon, unconditional and grayscale (the run fixture predicts v)."""
+    images, traced = traced_batch(unconditional_model, scheduler, 5, 5)
     assert (traced.predicted[-1].int() - images.int()).abs().max() <= 1
