@@ -13,7 +13,6 @@ One image or the images of a folder; sample k of every image comes from the gene
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -29,11 +28,10 @@ from difftool.output_rules import UNTOUCHED, Existing, numbered, refuse_inputs_a
 from difftool.progress import SamplingProgress, show_notes
 from difftool.runlock import main_process_lock
 from difftool.safeio import refuse_file_in_the_way
-from difftool.sampling.defaults import sampling_defaults
 from difftool.sampling.job import load_shared
 from difftool.sampling.loop import Predictor, denoise_from, image_generators, initial_noise, to_uint8
 from difftool.sampling.record import image_metadata, model_settings
-from difftool.sampling.settings import SamplerSettings, resolve_sampler
+from difftool.sampling.settings import SamplerChoice, SamplerSettings
 from difftool.threads import announce, sharing_cores
 
 DEFAULT_FOLDER = "img2img"
@@ -42,21 +40,13 @@ RESUMABLE = {"model", "difftool_version", "index", "image", "class", "class_id"}
 
 
 @dataclass
-class Img2ImgRequest:
-    """What to make; None means "from the model's training recipe, else the scheduler's default", as for `sample`."""
+class Img2ImgRequest(SamplerChoice):
+    """What to make: the sampler as asked (SamplerChoice), how far to go back, how many of each image."""
 
     strength: float = 0.5
-    scheduler: str | None = None
-    steps: int | None = None
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 64
-    classes: list[str] | None = None
-    guidance_scale: float | None = None
-    guidance_rescale: float | None = None
-    eta: float | None = None
-    karras_sigmas: bool = False
-    timestep_spacing: str | None = None
     weights: str | None = None
 
 
@@ -152,12 +142,8 @@ class _Plan:
 
 
 def _plan(model: LoadedModel, model_source: str | Path, request: Img2ImgRequest) -> _Plan:
-    sampler = resolve_sampler(model.info, model.scheduler_config, sampling_defaults(model_source, model.info),
-                              scheduler=request.scheduler, steps=request.steps, classes=request.classes,
-                              guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale,
-                              seed=request.seed, karras_sigmas=request.karras_sigmas, eta=request.eta,
-                              timestep_spacing=request.timestep_spacing)
-    sampler = _unconditional_unless_asked(sampler, model.info, request)
+    sampler = request.resolve(model, model_source, seed=request.seed)
+    sampler = request.unconditional_unless_asked(sampler, model.info, "image to image")
     scheduler = sampler.make_scheduler(model.scheduler_config)
     scheduler.set_timesteps(sampler.steps)
     start = start_index(scheduler, sampler.steps, request.strength)
@@ -165,18 +151,6 @@ def _plan(model: LoadedModel, model_source: str | Path, request: Img2ImgRequest)
     settings = {**model_settings(model), **sampler.record(scheduler), "strength": request.strength,
                 "start_timestep": first}
     return _Plan(model, sampler, request.strength, settings, len(scheduler.timesteps) - start)
-
-
-def _unconditional_unless_asked(sampler: SamplerSettings, info: dict, request: Img2ImgRequest) -> SamplerSettings:
-    """Without --class a class-conditional model redraws the image as its null class (which label dropout trained),
-    unguided, as `inpaint` fills in: the image, not a class cycled over the samples, decides what it becomes."""
-    null_class = info.get("null_class")
-    if request.classes or not info.get("num_classes") or null_class is None:
-        return sampler
-    if request.guidance_scale not in (None, 1.0):
-        raise UserError("--guidance-scale needs --class for image to image (without a class the model redraws the "
-                        "image unconditionally)")
-    return dataclasses.replace(sampler, classes=(null_class,), guidance_scale=1.0, guidance_rescale=0.0)
 
 
 def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, existing: Existing,

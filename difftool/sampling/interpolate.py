@@ -32,11 +32,10 @@ from difftool.models.load import load_model
 from difftool.output_rules import UNTOUCHED, Existing, refuse_inputs_as_output
 from difftool.progress import SamplingProgress, show_notes
 from difftool.safeio import refuse_file_in_the_way
-from difftool.sampling.defaults import sampling_defaults
 from difftool.sampling.loop import Predictor, denoise, image_generators, initial_noise, to_uint8
 from difftool.sampling.record import image_metadata, model_settings
 from difftool.sampling.schedulers import SCHEDULERS, get_spec
-from difftool.sampling.settings import SamplerSettings, resolve_sampler
+from difftool.sampling.settings import SamplerChoice, SamplerSettings
 from difftool.threads import announce, sharing_cores
 
 DEFAULT_SCHEDULER = "ddim"
@@ -44,20 +43,13 @@ BATCH = 64  # middle frames per model call
 
 
 @dataclass
-class InterpolateRequest:
-    """Two seeds or two images (exactly one of them); None means "the recipe's, else the scheduler's default"."""
+class InterpolateRequest(SamplerChoice):
+    """Two seeds or two images (exactly one of them), and the sampler as asked (SamplerChoice; its scheduler by
+    default ddim, not the recipe's, which may be a stochastic one)."""
 
     seeds: tuple[int, int] | None = None
     images: tuple[Path, Path] | None = None
     frames: int = 8
-    scheduler: str | None = None  # default ddim: the recipe's sampler may be a stochastic one
-    steps: int | None = None
-    classes: list[str] | None = None
-    guidance_scale: float | None = None
-    guidance_rescale: float | None = None
-    eta: float | None = None
-    karras_sigmas: bool = False
-    timestep_spacing: str | None = None
     weights: str | None = None
 
 
@@ -239,16 +231,12 @@ def _sampler(model: LoadedModel, source: str | Path, request: InterpolateRequest
                         f"{name}: leave --scheduler out or give ddim")
     if request.classes and len(request.classes) > 1:
         raise UserError(f"interpolate takes one --class (every frame is of it), got {len(request.classes)}")
-    sampler = resolve_sampler(model.info, model.scheduler_config, sampling_defaults(source, model.info),
-                              scheduler=name, steps=request.steps, classes=request.classes,
-                              guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale,
-                              seed=request.seeds[0] if request.seeds else 0, karras_sigmas=request.karras_sigmas,
-                              eta=request.eta, timestep_spacing=request.timestep_spacing)
+    sampler = request.resolve(model, source, seed=request.seeds[0] if request.seeds else 0, scheduler=name)
     _refuse_stochastic(sampler)
     if sampler.classes:
         sampler = dataclasses.replace(sampler, classes=sampler.classes[:1])  # as sample's image 0: the first class
     if request.images:
-        sampler = _unconditional_unless_asked(sampler, model.info, request)
+        sampler = request.unconditional_unless_asked(sampler, model.info, "interpolating between images")
     return sampler
 
 
@@ -261,18 +249,6 @@ def _refuse_stochastic(sampler: SamplerSettings) -> None:
         able = ", ".join(s.name for s in SCHEDULERS if not s.stochastic)
         raise UserError(f"interpolate needs a deterministic sampler: {why} at every step, so the frames would differ "
                         f"by that noise rather than by where they start; use {able} (ddim with --eta 0)")
-
-
-def _unconditional_unless_asked(sampler: SamplerSettings, info: dict, request: InterpolateRequest) -> SamplerSettings:
-    """Without --class a class-conditional model inverts and redraws the images as its null class, unguided (as
-    img2img does): the images, not class 0, decide what the frames show."""
-    null_class = info.get("null_class")
-    if request.classes or not info.get("num_classes") or null_class is None:
-        return sampler
-    if request.guidance_scale not in (None, 1.0):
-        raise UserError("--guidance-scale needs --class when interpolating between images (without a class the "
-                        "model redraws them unconditionally)")
-    return dataclasses.replace(sampler, classes=(null_class,), guidance_scale=1.0, guidance_rescale=0.0)
 
 
 # ---------------------------------------------------------------- requests and outputs

@@ -6,7 +6,10 @@ sampler the same way: what was asked, else the model's recipe (`sampling.default
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from difftool.errors import UserError
 
 from difftool.sampling.conditions import resolve_classes, resolve_guidance, resolve_guidance_rescale
 from difftool.sampling.schedulers import choose, make_scheduler
@@ -59,3 +62,39 @@ def resolve_sampler(info: dict, scheduler_config: dict, defaults=None, *, schedu
     settings.make_scheduler(scheduler_config)  # refuses options this scheduler cannot honour
     return settings
 
+
+@dataclass
+class SamplerChoice:
+    """The sampler options a sampling command takes, as asked; None: the model's recipe, else the scheduler's
+    default. The requests of `img2img` and `interpolate` extend it; `resolve` is the one way they become settings."""
+
+    scheduler: str | None = None
+    steps: int | None = None
+    classes: list[str] | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    eta: float | None = None
+    karras_sigmas: bool = False
+    timestep_spacing: str | None = None
+
+    def resolve(self, model, source, *, seed: int, scheduler: str | None = None) -> SamplerSettings:
+        """The settings for `model` loaded from `source` (whose recipe gives the defaults); `scheduler` in place of
+        the one asked, where the command has a default of its own."""
+        from difftool.sampling.defaults import sampling_defaults
+
+        return resolve_sampler(model.info, model.scheduler_config, sampling_defaults(source, model.info),
+                               scheduler=scheduler or self.scheduler, steps=self.steps, classes=self.classes,
+                               guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale, seed=seed,
+                               karras_sigmas=self.karras_sigmas, eta=self.eta, timestep_spacing=self.timestep_spacing)
+
+    def unconditional_unless_asked(self, sampler: SamplerSettings, info: dict, what: str) -> SamplerSettings:
+        """`sampler`, except that without --class a class-conditional model redraws the user's images (`what`) as its
+        null class, which label dropout trained, unguided, as `inpaint` fills in: the image decides what it becomes,
+        not a class cycled over the samples. Guidance then has nothing to guide towards and is refused."""
+        null_class = info.get("null_class")
+        if self.classes or not info.get("num_classes") or null_class is None:
+            return sampler
+        if self.guidance_scale not in (None, 1.0):
+            raise UserError(f"--guidance-scale needs --class for {what} (without a class the model redraws the "
+                            "images unconditionally)")
+        return dataclasses.replace(sampler, classes=(null_class,), guidance_scale=1.0, guidance_rescale=0.0)
