@@ -162,8 +162,13 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 def training_view(path, resolution: int, channels: int) -> torch.Tensor:
     """One image file as training sees it: its shorter side resized to `resolution` (Lanczos), the model's
-    `channels`, the centre square (uint8 C×R×R). For commands that start from the user's own image."""
-    array, _ = _decode_image(path, resolution)
+    `channels`, the centre square (uint8 C×R×R). For commands that start from the user's own image: a file that
+    does not decode is one error naming it."""
+    try:
+        array, _ = _decode_image(path, resolution)
+    except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
+        raise UserError(f"cannot read image {printable(path)}: {why_unreadable(err, path)}; "
+                        "re-save it as PNG or JPEG") from err
     image = torch.from_numpy(array)
     image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
     image = _to_channels(image, channels)

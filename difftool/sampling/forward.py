@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 
 from difftool.data.decode import training_view
 from difftool.errors import UserError
-from difftool.images import captioned_grid, printable, save_png, why_unreadable
+from difftool.images import captioned_grid, printable, save_png
 from difftool.progress import show_notes
 from difftool.models.load import load_model
 from difftool.output_rules import refuse_inputs_as_output
@@ -76,11 +76,7 @@ def forward_strip(model_source: str | Path, image: Path, output: Path | None = N
     show_notes(model.notes)
     info, config = model.info, model.scheduler_config
     chosen = pick_timesteps(timesteps, points, config["num_train_timesteps"])
-    try:
-        view = training_view(image, info["resolution"], info["channels"])
-    except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
-        raise UserError(f"cannot read image {printable(image)}: {why_unreadable(err, image)}; "
-                        "re-save it as PNG or JPEG") from err
+    view = training_view(image, info["resolution"], info["channels"])
     frames, alpha_bars = noised(view, config, chosen, seed)
     strip = captioned_grid(frames, len(chosen), [f"t={t}" for t in chosen], ["x_t"])
     about = {"image": printable(image), "model": model.source, "model_hash": model.model_hash, "seed": str(seed),

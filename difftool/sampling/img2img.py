@@ -164,7 +164,8 @@ def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, ex
     todo = [(job, [k for k, out in enumerate(job.outputs) if existing.overwrite or not out.is_file()]) for job in jobs]
     batches = [(job, indices[i : i + request.batch_size]) for job, indices in todo
                for i in range(0, len(indices), request.batch_size)]
-    views = {job.image: _read(job.image, model.info) for job, _ in batches}  # every image checked before any work
+    resolution, channels = model.info["resolution"], model.info["channels"]
+    views = {job.image: training_view(job.image, resolution, channels) for job, _ in batches}  # all read before work
     state.wait_for_everyone()  # every process has checked the resume before any writes
     if state.is_main_process:
         show_notes(_notes(plan, request))
@@ -203,14 +204,6 @@ def _make(plan: _Plan, unet, view: torch.Tensor, indices: list[int], device, on_
     x = start_sample(scheduler, x0, noise, start)
     return to_uint8(denoise_from(predict, scheduler, x, start, generators=generators, eta=sampler.eta,
                                  on_step=on_step))
-
-
-def _read(path: Path, info: dict) -> torch.Tensor:
-    try:
-        return training_view(path, info["resolution"], info["channels"])
-    except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
-        raise UserError(f"cannot read image {printable(path)}: {why_unreadable(err, path)}; "
-                        "re-save it as PNG or JPEG, or remove it") from err
 
 
 def _notes(plan: _Plan, request: Img2ImgRequest) -> list[str]:

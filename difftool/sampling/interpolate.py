@@ -26,7 +26,7 @@ import torch
 
 from difftool.data.decode import training_view
 from difftool.errors import UserError
-from difftool.images import captioned_grid, enlarge, look_factor, printable, save_animation, save_png, why_unreadable
+from difftool.images import captioned_grid, enlarge, look_factor, printable, save_animation, save_png
 from difftool.models.checkpoints import LoadedModel
 from difftool.models.load import load_model
 from difftool.output_rules import UNTOUCHED, Existing, refuse_inputs_as_output
@@ -152,7 +152,8 @@ def _run(model_source: str | Path, request: InterpolateRequest, strip: Path, ani
     sampler = _sampler(model, model_source, request)
     info = model.info
     shape = (info["channels"], info["resolution"], info["resolution"])
-    views = [_read(path, info) for path in request.images] if request.images else None
+    views = ([training_view(path, info["resolution"], info["channels"]) for path in request.images]
+             if request.images else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = model.unet.to(device).eval()
     labels = torch.tensor([sampler.label(0)], device=device) if sampler.classes else None
@@ -279,14 +280,6 @@ def _strip_path(request: InterpolateRequest, output: Path | None) -> Path:
         return output
     ends = request.seeds if request.seeds is not None else [Path(p).stem for p in request.images]
     return Path(f"interpolate-{ends[0]}-{ends[1]}.png")
-
-
-def _read(path: Path, info: dict) -> torch.Tensor:
-    try:
-        return training_view(path, info["resolution"], info["channels"])
-    except Exception as err:  # Pillow's decoders fail on hostile bytes in many ways
-        raise UserError(f"cannot read image {printable(path)}: {why_unreadable(err, path)}; "
-                        "re-save it as PNG or JPEG") from err
 
 
 def _settings(model: LoadedModel, sampler: SamplerSettings, request: InterpolateRequest, decoder) -> dict:
