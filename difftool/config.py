@@ -66,7 +66,8 @@ class DataConfig:
     label_column: str | None = None
     resolution: int = 32
     channels: int | None = None
-    random_flip: bool = True
+    # or "auto": off where the run's judge finds that the classes have a handedness (letters, digits), else on
+    random_flip: bool | str = True
     crop: str = "center"
     num_images: int = 10000
     max_images: int | None = None

@@ -16,6 +16,7 @@ TRACKERS = ("tensorboard", "wandb")
 # train.until: stop at train.max_steps, or go on while the judge still improves (difftool.training.until)
 STEPS, PLATEAU = "steps", "plateau"
 UNTIL = (STEPS, PLATEAU)
+AUTO = "auto"  # model.class_conditional: from the data's classes; data.random_flip: from the judge's measure
 
 # Image i's generator is seeded with seed * 1_000_003 + i (training's with more factors), which must fit torch's 64 bits.
 SEED_MAX = 2**32 - 1
@@ -75,7 +76,7 @@ def validate(cfg) -> list[str]:
     e += [f"{path} must be a finite number, got {value}" for path, value in _numbers(cfg) if not math.isfinite(value)]
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if isinstance(m.class_conditional, str) and m.class_conditional != "auto":
+    if isinstance(m.class_conditional, str) and m.class_conditional != AUTO:
         e.append(f"model.class_conditional must be true, false or auto, got {shown(m.class_conditional)}")
     if not 0 <= m.class_dropout < 1:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
@@ -97,6 +98,8 @@ def validate(cfg) -> list[str]:
                  "zero terminal SNR the last timestep holds no signal to recover from a noise prediction")
     if not 0 < s.beta_start < s.beta_end < 1:
         e.append(f"scheduler.beta_start < scheduler.beta_end must both lie in (0, 1), got {s.beta_start}, {s.beta_end}")
+    if isinstance(d.random_flip, str) and d.random_flip != AUTO:
+        e.append(f"data.random_flip must be true, false or auto, got {shown(d.random_flip)}")
     if d.channels not in (None, 1, 3):
         e.append(f"data.channels must be 1, 3 or null (from the data), got {d.channels}")
     if not m.block_out_channels:

@@ -47,6 +47,7 @@ from difftool.training.judging import (
     JudgeFacts,
     check_judgeable,
     difference_noise,
+    flips_of,
     keep_features,
     measure_floor,
     prepare_judge,
@@ -274,6 +275,13 @@ class Evaluator:
         if "eval/brightness_error" in record:
             text += f", brightness {record['eval/brightness_error']:+.1f} levels"
         return text
+
+    def flips(self) -> tuple[bool, str]:
+        """What `data.random_flip: auto` means for this run and why (judging.flips_of), on every process."""
+        message = [flips_of(self.cfg, self.judge) if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(message)
+        return message[0]
 
     def _on_every_process(self, decision: bool) -> bool:
         """The main process's `decision`, on every process."""

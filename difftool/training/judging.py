@@ -72,13 +72,13 @@ def prepare_judge(cfg, run, data, images: torch.Tensor, scorer: Scorer) -> tuple
     reference's)."""
     held, train = held_out_split(len(images), cfg.eval.num_samples)
     described = {"source": data.source, "count": len(images), "resolution": cfg.data.resolution,
-                 "flips": bool(cfg.data.random_flip), "classes": data.label_names if data.labels is not None else None}
+                 "flips": cfg.data.random_flip, "classes": data.label_names if data.labels is not None else None}
     facts, origin = _reuse(run, described), run
     if facts is None:
         facts, origin = _adopt_teachers(cfg, run, described)
     if facts is None:
         module, report = train_judge(images, data.labels, data.label_names, held=held, train=train,
-                                     flips=cfg.data.random_flip)
+                                     flips=cfg.data.random_flip is True)
         path = run.eval_dir / JUDGE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -105,6 +105,21 @@ def measure_floor(facts: JudgeFacts, run, images: torch.Tensor, held: torch.Tens
     note = "" if len(rows) == num_samples else f" (eval.num_samples is {num_samples}: the floor is higher there)"
     say(f"judge: FD of {len(rows)} held-out real images to the reference {facts.floor:.3g} ± {facts.floor_std:.2g}, "
         f"the floor of FD_judge{note} ({time.perf_counter() - start:.0f} s)", highlight=False)
+
+
+def flips_of(cfg, facts: JudgeFacts | None) -> tuple[bool, str]:
+    """What `data.random_flip: auto` means for this run, and why: off where the judge found that the classes have a
+    handedness (a mirrored letter is another glyph), on where it found none or could not look (no classes, or no
+    judge: flips double what the model sees of images that look alike mirrored)."""
+    report = facts.report if facts is not None else None
+    if report is None or report.handed is None:
+        return True, ("on: no classifier of the data measured whether its images have a handedness "
+                      "(that needs class subfolders and eval.features: judge)")
+    measured = (f"the judge is {report.accuracy:.0%} right on held-out images and {report.mirrored_accuracy:.0%} "
+                f"on them mirrored")
+    if report.handed:
+        return False, f"off: {measured}, so the classes have a handedness that flips would teach the model to break"
+    return True, f"on: {measured}, so mirrored images look like the data"
 
 
 def read_facts(run) -> JudgeFacts | None:

@@ -21,6 +21,7 @@ from difftool import config as config_mod
 from difftool.allocator import keep_freed_memory
 from difftool.models.load import load_model
 from difftool.config import Config
+from difftool.config_rules import AUTO
 from difftool.safeio import append_jsonl, refuse_file_in_the_way, write_text
 from difftool.data import data_folder
 from difftool.errors import (
@@ -32,6 +33,7 @@ from difftool.models.build import count_parameters
 from difftool.training.outputs import RunWriter
 from difftool.training.plan import check_output, resume_command
 from difftool.training.evaluator import Evaluator, check_evaluation
+from difftool.training.judging import flips_of
 from difftool.training.objective import Denoising, MakeObjective
 from difftool.training.step import Stepper
 from difftool.training.state import TrainingState, build_state
@@ -121,7 +123,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _
     # Read before the data, so that a wrong path fails at once; a resumed run has its own weights.
     start_weights = load_model(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     data = load_data(accelerator, cfg)
-    if cfg.model.class_conditional == "auto":  # decided here, so the run's config.yaml records true or false
+    if cfg.model.class_conditional == AUTO:  # decided here, so the run's config.yaml records true or false
         cfg.model.class_conditional = data.labels is not None and len(data.label_names) > 1
     if cfg.model.class_conditional and data.labels is None:
         raise UserError(f"model.class_conditional is set but {data.source} has no labels; use labelled data or --set model.class_conditional=false")
@@ -160,6 +162,10 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _
     evaluator = Evaluator(state, trainer.outputs, scorer) if cfg.eval.every else None
     if evaluator is not None:
         evaluator.prepare(data, resumed=resume is not None)
+    if cfg.data.random_flip == AUTO:  # decided by the judge, the same way again on --resume (it is reused)
+        cfg.data.random_flip, why = evaluator.flips() if evaluator is not None else flips_of(cfg, None)
+        if accelerator.is_main_process:
+            say(f"data.random_flip auto: {why}", highlight=False)
     return trainer.run_session(start_step, resume, evaluator)
 
 

@@ -31,6 +31,7 @@ from difftool.rundir import RunDir
 from difftool.training.judging import difference_noise
 from difftool.training.loop import train
 from tests.conftest import assert_user_error, invoke, tiny_config
+from tests.evaluation.conftest import colours
 
 JUDGED = ["eval.every=2", "eval.num_samples=8", "eval.features=judge", "eval.reference=data", "eval.scheduler=ddim",
           "eval.steps=2", "eval.guidance_scale=1", "data.num_images=200", "train.max_steps=4"]
@@ -41,15 +42,6 @@ def quick_judge(monkeypatch):
     """Judges of a few dozen steps: the tests check what is made and kept, not how well it learns."""
     monkeypatch.setattr(judge_mod, "MIN_STEPS", 30)
     monkeypatch.setattr(judge_mod, "MAX_STEPS", 30)
-
-
-def colours(n: int = 240, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes anyone can tell apart: red, green and blue squares with a little noise."""
-    labels = torch.arange(n) % 3
-    images = torch.full((n, 3, size, size), 30.0)
-    images[torch.arange(n), labels] = 220.0
-    images += torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * 10
-    return images.clamp(0, 255).to(torch.uint8), labels
 
 
 def test_a_judge_of_classes_learns_them_and_is_a_feature_network(tmp_path, monkeypatch):

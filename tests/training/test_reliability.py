@@ -37,6 +37,7 @@ from tests.conftest import (
     invoke,
     tiny_config,
 )
+from tests.training.conftest import assert_same_weights, model_weights
 
 
 def write_recipe(path: Path, *overrides: str) -> Path:
@@ -47,17 +48,6 @@ def write_recipe(path: Path, *overrides: str) -> Path:
 def leftovers(root: Path) -> list[str]:
     """Temporary files or folders anywhere in a run folder (a write that never completed)."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob(".tmp-*"))
-
-
-def model_weights(run: Path) -> dict[str, torch.Tensor]:
-    return {f"{sub}/{k}": v for sub in ("unet", "unet_raw")
-            for k, v in load_file(run / "model" / sub / "diffusion_pytorch_model.safetensors").items()}
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        torch.testing.assert_close(value, b[key], rtol=0, atol=0, msg=key)
 
 
 def logged(run: Path) -> list[tuple[int, float]]:
