@@ -53,7 +53,7 @@ from quality_data import SETS, missing_module, write_set  # noqa: E402
 
 from difftool.config import DataConfig, load_config  # noqa: E402
 from difftool.images import enlarge, make_grid, save_png  # noqa: E402
-from difftool.evaluation.judge import held_out_split, reference_rows  # noqa: E402
+from difftool.evaluation.judge import JudgeReport, held_out_split, reference_rows  # noqa: E402
 from difftool.data import center_crops, load_dataset  # noqa: E402
 from difftool.evaluation.judge import train_judge as train_judge_of  # noqa: E402
 from difftool.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
@@ -67,12 +67,21 @@ REFERENCE_IMAGES = 2000  # the recipes' eval.reference_images
 
 
 def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: list[str], *,
-                floor_images: int) -> tuple[torch.jit.ScriptModule, float, torch.Tensor, torch.Tensor]:
-    """The judge difftool trains before a run's first step (difftool/evaluation/judge.py), on the same split:
-    the module, its held-out accuracy, the held-out rows (the floor's real side) and the reference rows."""
+                floor_images: int) -> tuple[torch.jit.ScriptModule, JudgeReport, torch.Tensor, torch.Tensor]:
+    """The judge difftool trains before a run's first step (difftool/evaluation/judge.py), on the same split and,
+    as `data.random_flip: auto` (folder32's) trains it, without flips: the module, its report (held-out accuracy,
+    mirrored too), the held-out rows (the floor's real side) and the reference rows. A mirrored sample of data that
+    has a handedness is then judged as what it is, unlike the data, whatever a variant's flips."""
     held, rest = held_out_split(len(images), floor_images)
-    judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=True)
-    return judge, report.accuracy, held, reference_rows(rest, REFERENCE_IMAGES)
+    judge, report = train_judge_of(images, labels, classes, held=held, train=rest, flips=False)
+    return judge, report, held, reference_rows(rest, REFERENCE_IMAGES)
+
+
+def mirrored(report: JudgeReport) -> str:
+    if report.mirrored_accuracy is None:
+        return ""
+    return (f", mirrored {report.mirrored_accuracy:.1%} (data.random_flip: auto turns flips "
+            f"{'off' if report.handed else 'on'})")
 
 
 def read_set(folder: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -287,14 +296,13 @@ def main() -> None:
     for name in args.sets.split(","):
         folder = write_set(name, args.work / "data", resolution=args.resolution, num_images=args.num_images)
         real, labels, classes = read_set(folder, args.resolution)
-        judge, accuracy, held, reference = train_judge(real, labels, classes,
-                                                       floor_images=args.num_samples)
+        judge, report, held, reference = train_judge(real, labels, classes, floor_images=args.num_samples)
         n = min(args.num_samples, len(held))
         real_feats, _ = judge_outputs(judge, real[reference])  # the reference, as the evaluation in training has it
         floor = domain_fd(real_feats, judge_outputs(judge, real[held[:n]])[0])
         data_mean = real.float().mean().item()
         notes.append(f"- {name}: {len(real)} images, mean pixel {data_mean:.1f}; judge accuracy on held-out real "
-                     f"images {accuracy:.1%}; FD floor (held-out real images) at {n} images {floor:.3f}")
+                     f"images {report.accuracy:.1%}{mirrored(report)}; FD floor (held-out real images) at {n} images {floor:.3f}")
         print(notes[-1], flush=True)
         if args.probe_judge:
             print(f"| {name}: real images changed by | domain FD |\n|---|---|", flush=True)

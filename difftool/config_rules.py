@@ -76,8 +76,7 @@ def validate(cfg) -> list[str]:
     e += [f"{path} must be a finite number, got {value}" for path, value in _numbers(cfg) if not math.isfinite(value)]
     if not 0 <= m.dropout < 1:
         e.append(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if isinstance(m.class_conditional, str) and m.class_conditional != AUTO:
-        e.append(f"model.class_conditional must be true, false or auto, got {shown(m.class_conditional)}")
+    e += _auto_problems(cfg)
     if not 0 <= m.class_dropout < 1:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
     if cfg.sample.guidance_scale < 1:
@@ -98,8 +97,6 @@ def validate(cfg) -> list[str]:
                  "zero terminal SNR the last timestep holds no signal to recover from a noise prediction")
     if not 0 < s.beta_start < s.beta_end < 1:
         e.append(f"scheduler.beta_start < scheduler.beta_end must both lie in (0, 1), got {s.beta_start}, {s.beta_end}")
-    if isinstance(d.random_flip, str) and d.random_flip != AUTO:
-        e.append(f"data.random_flip must be true, false or auto, got {shown(d.random_flip)}")
     if d.channels not in (None, 1, 3):
         e.append(f"data.channels must be 1, 3 or null (from the data), got {d.channels}")
     if not m.block_out_channels:
@@ -117,6 +114,14 @@ def validate(cfg) -> list[str]:
     if unused and not d.resolution % factor:
         e.append(f"model.attention_resolutions {unused} match no level of this UNet (its feature sizes are {sizes})")
     return e
+
+
+def _auto_problems(cfg) -> list[str]:
+    """The settings that take true, false or auto (decided from the data when the run starts)."""
+    return [f"{path} must be true, false or auto, got {shown(value)}"
+            for path, value in [("model.class_conditional", cfg.model.class_conditional),
+                                ("data.random_flip", cfg.data.random_flip)]
+            if isinstance(value, str) and value != AUTO]
 
 
 def _weighting_problems(t, prediction_type: str) -> list[str]:

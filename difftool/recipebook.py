@@ -105,8 +105,8 @@ def recipe_for_dataset(dataset: str | None, *, gpu: bool = True) -> tuple[str, s
             return name, f"the recipe made for {dataset}"
     if gpu:
         return "folder64", "a GPU is present: 64 px"
-    return "folder32", ("no GPU here: 32 px and a small UNet, 4,000 steps judged by a classifier of your images "
-                        "(--recipe folder64 for 64 px)")
+    return "folder32", ("no GPU here: 32 px and a small UNet, trained until a classifier of your images stops "
+                        "seeing gains (--recipe folder64 for 64 px)")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

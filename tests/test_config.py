@@ -448,3 +448,11 @@ def test_field_paths_are_dotted_leaves():
     assert "model.dropout" in paths and "recipe" in paths and "log.trackers" in paths
     assert "model" not in paths
     assert len(paths) == len(set(paths))
+
+
+def test_folder32_trains_until_its_judge_levels_off_at_a_held_rate_and_lets_it_choose_flips():
+    """Letters in many fonts need several times the shapes' 4,000 steps; at 2e-3 held they collapsed, at 1e-3 not
+    (benchmarks/RESULTS.md, 2026-12-07); their mirror images are other glyphs."""
+    cfg = config_mod.load_config("folder32")
+    assert (cfg.train.until, cfg.train.lr_schedule, cfg.train.max_steps) == ("plateau", "constant", 4000)
+    assert cfg.train.lr <= 1e-3 and cfg.data.random_flip == "auto" and cfg.eval.features == "judge"

@@ -22,12 +22,13 @@ def crowded(classes: int) -> float:
 
 
 def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True,
-            best: dict | None = None, command: str = "train") -> str | None:
+            best: dict | None = None, command: str = "train", levelled: bool = False) -> str | None:
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
     FD_judge and its floor, which every judged evaluation has). `advise`: say what to do (a finished run; one
     still training, or stopped, goes on first). `best`: the run's best evaluation (step, eval/fd_judge), which
     checkpoints/best keeps: a model that got clearly worse after it is told to go back to it. `command`: what
-    continues the run (train, or distill for a student).
+    continues the run (train, or distill for a student). `levelled`: `train.until: plateau` ended the run because
+    the judge saw no more gain, so more steps at that rate are not the advice.
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
@@ -66,9 +67,14 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = Tr
                 f"with a lower train.lr")
     if problems and not advise:
         return f"{head}: {'; '.join(problems)}"
+    if problems and levelled:
+        return (f"{head}: {'; '.join(problems)}, and train.until: plateau saw no more gain, so more steps will not "
+                f"help: try a wider model (model.block_out_channels) or more images")
     if problems:
         return (f"{head}: {'; '.join(problems)}: train longer with difftool {command} --resume {run} "
                 f"--max-steps {2 * step}")
+    if ratio > LEARNED_RATIO and levelled:
+        return f"{head}: close to the data, as close as train.until: plateau found this model gets"
     if ratio > LEARNED_RATIO:
         return f"{head}: close to the data; more training may still bring it closer to the floor"
     return f"{head}: as close to the data as the judge can tell"

@@ -68,7 +68,8 @@ def read_judge(run: RunDir) -> tuple[Judge | None, str | None]:
                  _number(record.get("floor")), _count(record.get("floor_images"))), None
 
 
-def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, command: str = "train") -> str | None:
+def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, command: str = "train",
+                 levelled: bool = False) -> str | None:
     """The verdict on the newest evaluation with an FD_judge and its floor (the verdict reads one against the
     other), or None when there is none. Figures that are not numbers are left out of the record it reads."""
     scored = [r for r in history.evaluations if plausible_step(r.get("step"))
@@ -79,7 +80,8 @@ def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, co
     record = {EVAL_PREFIX + k: newest[EVAL_PREFIX + k] for k in VERDICT_KEYS if finite(newest.get(EVAL_PREFIX + k))}
     least = min(scored, key=lambda r: r[EVAL_PREFIX + "fd_judge"])
     best = {"step": least["step"], "eval/fd_judge": least[EVAL_PREFIX + "fd_judge"]}
-    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished, best=best, command=command)
+    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished, best=best, command=command,
+                   levelled=levelled)
 
 
 def _positive(value) -> bool:

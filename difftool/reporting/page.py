@@ -98,7 +98,8 @@ def make_report(run_folder: Path, output: Path | None = None, *, places: list[Pa
                   and plausible_step(s.start.get("step"))]
     body = "".join([
         sections.verdict(verdict_line(history, judge, str(run_folder), finished=facts.state.startswith("finished"),
-                                      command=facts.command) if judge else None),
+                                      command=facts.command, levelled=stop is not None and stop.decided == "levelled")
+                         if judge else None),
         sections.summary(facts, stop),
         sections.curves(history, resumed_at),
         sections.evaluation_curves(evals, judge, stop, judge_left_out),

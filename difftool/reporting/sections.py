@@ -118,7 +118,9 @@ def summary(facts: RunFacts, stop: Stop | None = None) -> str:
         rows.insert(4, ["distilled from", teacher])
     if stop is not None:
         ended = "stopped" if stop.reached else "stopping"
-        rows.insert(3, ["until", f"{ended} by train.until: plateau at step {stop.end:,}: {stop.why or NOT_RECORDED}"])
+        decided = f"decided at the evaluation of step {stop.step:,}"
+        why = stop.why or NOT_RECORDED
+        rows.insert(3, ["until", f"{ended} by train.until: plateau at step {stop.end:,} ({decided}): {why}"])
     left_out = "".join(note(f"Left out: {n}") for n in facts.notes)
     return section("run", "The run", table(["", ""], rows, "facts") + left_out + _sessions(facts))
 

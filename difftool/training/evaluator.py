@@ -42,6 +42,7 @@ from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import choose
 from difftool.data import center_crops
 from difftool.config_rules import PLATEAU
+from difftool.training.until import LEVELLED
 from difftool.training.judging import (
     JUDGE,
     JudgeFacts,
@@ -262,7 +263,7 @@ class Evaluator:
             return None
         best = {"step": self.best_step, "eval/fd_judge": self.best_score} if self.best_step is not None else None
         return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best,
-                       command=resume_command(self.cfg))
+                       command=resume_command(self.cfg), levelled=getattr(self.state.until, "reason", None) == LEVELLED)
 
     def describe(self, record: dict) -> str:
         """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""

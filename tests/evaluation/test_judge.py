@@ -191,6 +191,19 @@ def test_the_verdict_says_what_to_do():
         "a run still training is not told to train longer"
 
 
+def test_a_run_the_plateau_rule_ended_is_not_told_to_train_longer():
+    """train.until: plateau stopped it because the judge saw no more gain: more steps are not the advice."""
+    judge = {"report": {"kind": "classes", "classes": list("ABCDEFGHIJ"), "accuracy": 1.0}}
+    close = {"eval/fd_judge": 0.525, "eval/fd_judge_floor": 0.233, "eval/right_class": 0.94,
+             "eval/largest_class_share": 0.12, "eval/brightness_error": 0.0}
+    assert "more training may still" in verdict(close, judge, run="r", step=11000)
+    assert verdict(close, judge, run="r", step=11000, levelled=True).endswith(
+        "close to the data, as close as train.until: plateau found this model gets")
+    unlearned = verdict({**close, "eval/right_class": 0.5}, judge, run="r", step=11000, levelled=True)
+    assert "train longer" not in unlearned and unlearned.endswith("try a wider model (model.block_out_channels) "
+                                                                 "or more images")
+
+
 def test_kept_features_that_are_not_plain_files_are_passed_over(tmp_path):
     """A FIFO or a link in RUN/eval/features neither hangs the rule nor is read through: its noise is unknown."""
     run = RunDir(tmp_path / "run")

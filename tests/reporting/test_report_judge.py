@@ -92,6 +92,14 @@ def test_the_verdict_is_on_top_of_the_page(run):
     assert f"train longer with difftool train --resume {run.root} --max-steps 800" in said
 
 
+def test_a_run_the_plateau_rule_ended_is_not_told_to_train_longer(run):
+    with run.metrics.open("a") as f:
+        f.write(json.dumps(until(300, 400)) + "\n")
+    page = page_of(run)
+    said = page[page.index('<section id="verdict"'):page.index('<section id="run"')]
+    assert "train longer" not in said and "train.until: plateau saw no more gain, so more steps will not help" in said
+
+
 def test_a_run_that_stopped_short_is_judged_without_advice(run):
     """Stopped (Ctrl-C) at step 400 of 1,000: it goes on with --resume; "train longer" is for finished runs."""
     now = time.time()
@@ -155,7 +163,7 @@ def test_the_plateau_rules_decision_is_marked_and_summed_up(run):
     stop = plateau_stop(history)
     assert (stop.step, stop.end, stop.decided, stop.reached) == (300, 400, "levelled", True)
     page = page_of(run)
-    assert f"stopped by train.until: plateau at step 400: {WHY}" in page
+    assert f"stopped by train.until: plateau at step 400 (decided at the evaluation of step 300): {WHY}" in page
     evals, (judge, _) = eval_history(history), read_judge(run)
     for figure in (eval_figure(evals, stop=stop), class_figure(evals, judge, stop)):
         assert {"until: levelled off", "stopped"} <= set(legend_texts(figure))
@@ -164,7 +172,7 @@ def test_the_plateau_rules_decision_is_marked_and_summed_up(run):
     stop = plateau_stop(read_history(run))
     assert "until: limit reached" in legend_texts(eval_figure(evals, stop=stop)) and not stop.reached
     page = page_of(run)
-    assert "stopping by train.until: plateau at step 440: &lt;b&gt;$\\x$&lt;/b&gt;" in page
+    assert "stopping by train.until: plateau at step 440 (decided at the evaluation of step 400): &lt;b&gt;$\\x$&lt;/b&gt;" in page
     assert "<td>400 of 440</td>" in page  # the end the rule set, not the budget (train.max_steps)
 
 
