@@ -174,11 +174,15 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor | None, names: list[s
             schedule.step()
             progress.advance(1)
     judge.eval()
-    accuracy = _accuracy(judge, images[held], labels[held] if by_class else None)
     mirrored = handed = None
-    if by_class and not flips:
-        right, mirrored_right = (_right(judge, x, labels[held]) for x in (images[held], images[held].flip(-1)))
-        mirrored, handed = mirrored_right.float().mean().item(), has_handedness(right, mirrored_right)
+    if by_class:
+        right = _right(judge, images[held], labels[held])
+        accuracy = right.float().mean().item()
+        if not flips:
+            mirrored_right = _right(judge, images[held].flip(-1), labels[held])
+            mirrored, handed = mirrored_right.float().mean().item(), has_handedness(right, mirrored_right)
+    else:
+        accuracy = _turns_accuracy(judge, images[held])
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; `--features FILE` takes it
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(judge)
@@ -198,11 +202,11 @@ def _examples(images: torch.Tensor, labels: torch.Tensor | None, generator: torc
     return torch.stack([torch.rot90(x, int(k), dims=(1, 2)) for x, k in zip(images, turns)]), turns
 
 
-def _accuracy(judge: _Judge, images: torch.Tensor, labels: torch.Tensor | None) -> float:
-    if labels is None:  # every held-out image at each of the four turns
-        labels = torch.arange(4).repeat_interleave(len(images))
-        images = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
-    return _right(judge, images, labels).float().mean().item()
+def _turns_accuracy(judge: _Judge, images: torch.Tensor) -> float:
+    """Every held-out image at each of the four turns: the share whose turn the judge names."""
+    labels = torch.arange(4).repeat_interleave(len(images))
+    turned = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+    return _right(judge, turned, labels).float().mean().item()
 
 
 @torch.inference_mode()

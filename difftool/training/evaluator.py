@@ -279,12 +279,9 @@ class Evaluator:
 
     def flips(self) -> tuple[bool, str]:
         """What `data.random_flip: auto` means for this run and why (judging.flips_of), on every process."""
-        message = [flips_of(self.cfg, self.judge) if self.accelerator.is_main_process else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(message)
-        return message[0]
+        return self._on_every_process(flips_of(self.cfg, self.judge) if self.accelerator.is_main_process else None)
 
-    def _on_every_process(self, decision: bool) -> bool:
+    def _on_every_process(self, decision):
         """The main process's `decision`, on every process."""
         if self.accelerator.num_processes == 1:
             return decision
