@@ -266,9 +266,10 @@ class Evaluator:
                        command=resume_command(self.cfg), levelled=getattr(self.state.until, "reason", None) == LEVELLED)
 
     def describe(self, record: dict) -> str:
-        """One evaluation in words: `FD_JUDGE 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""
+        """One evaluation in words: `FD_judge 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""
         key = self.key()
-        text = f"{key[5:].upper()} {record[key]:.4g}"
+        name = self.scorer.extractor.distance_name if self.scorer else key[5:].upper()
+        text = f"{name} {record[key]:.4g}"
         if f"{key}_floor" in record:
             text += f" ({record[key] / max(record[f'{key}_floor'], 1e-12):.1f}× its floor)"
         if "eval/right_class" in record:

@@ -90,6 +90,12 @@ class Plateau:
     def describe(self, start: int) -> str:
         if self.limit == self.budget:  # nothing past the budget (as when there are no evaluations to follow)
             return f"steps {start}->{self.limit} (train.until: plateau at most {self.limit}: cooled down to the end)"
+        if self.decided is not None or start >= self.forced_start():  # resumed inside the cooldown
+            why = f"decided at step {self.decided}" if self.decided is not None else f"at most {self.limit}"
+            return f"steps {start}->{self.end()} (train.until: plateau {why}: cooling down)"
+        if start >= self.budget:  # resumed past the budget: on at the held rate until the rule decides
+            return (f"from step {start} on while the judge's FD improves (train.until: plateau, past its budget of "
+                    f"{self.budget}, at most {self.limit})")
         return (f"steps {start}->{self.budget}, then on while the judge's FD improves (train.until: plateau, "
                 f"at most {self.limit})")
 

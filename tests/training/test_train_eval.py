@@ -178,7 +178,9 @@ def test_the_quickstart_evaluates_offline_with_its_judge(tmp_path, offline, scra
     assert result.exit_code == 0, result.output
     evals = records(tmp_path / "run")[1]
     assert [r["step"] for r in evals] == [6] and "eval/fd_judge" in evals[0], "at the last step (every 1,000)"
-    assert "judge at step 6: right class" in " ".join(result.stderr.split()), "the verdict ends the run"
+    said = " ".join(result.stderr.split())
+    assert "eval step 6: FD_judge " in said, "the distance under the name the verdict and the report give it"
+    assert "judge at step 6: right class" in said, "the verdict ends the run"
 
 
 def test_a_built_in_recipe_s_evaluation_it_cannot_run_is_turned_off(tmp_path, offline, scratch_cwd):

@@ -184,3 +184,12 @@ def test_the_first_line_says_which_budget_applies():
     assert "then on while the judge's FD improves (train.until: plateau, at most 16000)" in Plateau(
         4000, 16000, 100).describe(0)
     assert Plateau(4000, 4000, 100).describe(1000).startswith("steps 1000->4000 ("), "no evaluations: the budget"
+
+
+def test_the_first_line_of_a_run_resumed_past_its_budget_says_where_it_stands():
+    """Not `steps 7000->4000`: past the budget the rule is still deciding, or already cooling down."""
+    assert Plateau(4000, 16000, 100).describe(7000) == (
+        "from step 7000 on while the judge's FD improves (train.until: plateau, past its budget of 4000, at most 16000)")
+    assert Plateau(4000, 7700, 100).describe(7000) == "steps 7000->7700 (train.until: plateau at most 7700: cooling down)"
+    decided = Plateau(4000, 16000, 100, decided=10000, reason="levelled")
+    assert decided.describe(10500) == "steps 10500->11000 (train.until: plateau decided at step 10000: cooling down)"
