@@ -238,13 +238,13 @@ class _Trainer:
                     last_loss = last_loss if reported is None else reported
                     if previewing and not stop:
                         self.outputs.save_preview(step)
-                    if saving or stop:
-                        self.outputs.save_checkpoint(step)
-                    if evaluating and not stop:
-                        stop = self._evaluate(evaluator, step, guard, saved=saving)
+                    if evaluating and not stop:  # before the checkpoint: it carries the evaluation's rule state
+                        stop = self._evaluate(evaluator, step, guard)
                         if self.state.until.end() != max_steps:
                             max_steps = self.state.until.end()
                             progress.set_total(max_steps)
+                    if saving or stop:
+                        self.outputs.save_checkpoint(step)
                     window.reset()  # img/s measures training steps, not previews, checkpoints and evaluations
                 if stop:
                     break
@@ -286,18 +286,16 @@ class _Trainer:
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return loss
 
-    def _evaluate(self, evaluator: Evaluator, step: int, guard: StopOnSignal, saved: bool) -> bool:
+    def _evaluate(self, evaluator: Evaluator, step: int, guard: StopOnSignal) -> bool:
         """Evaluate at `step`, its scores to the trackers (tensorboard, ...) beside the training metrics.
 
-        True when Ctrl-C/SIGTERM cut the evaluation short: the run then stops as after any step, with the
-        checkpoint of `step` saved here unless it was already (`saved`).
+        True when Ctrl-C/SIGTERM cut the evaluation short: the run then stops as after any step, its checkpoint
+        of `step` saved.
         """
         try:
             record = evaluator.evaluate(step, abandonable=guard.abandonable)
         except EvaluationStopped:
             say(f"evaluation at step {step} abandoned (Ctrl-C or a signal)", highlight=False)
-            if not saved:
-                self.outputs.save_checkpoint(step)
             return True
         if record is not None:
             self.state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

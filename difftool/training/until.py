@@ -108,7 +108,8 @@ class Plateau:
         if self.scores and step <= self.scores[-1][0]:
             return None  # the same step evaluated again (a resumed run): already counted
         self.scores.append([step, score, noise])
-        if self.decided is not None or step < self.budget or len(self.scores) <= PATIENCE:
+        if (self.decided is not None or step < self.budget or len(self.scores) <= PATIENCE
+                or self.reason == LIMIT or step >= self.forced_start()):  # the limit's cooldown has begun: it ends it
             return self._limit_record(step)
         then = self.scores[-1 - PATIENCE]
         best = min(self.scores[-PATIENCE:], key=lambda s: s[1])

@@ -10,7 +10,7 @@ import pytest
 from difftool.config import load_config
 from difftool.errors import UserError
 from difftool.evaluation import judge as judge_mod
-from difftool.rundir import RunDir
+from difftool.rundir import RunDir, read_progress
 from difftool.training import loop as loop_mod
 from difftool.training.loop import train
 from difftool.training.plan import plan_training
@@ -90,6 +90,17 @@ def test_the_limit_forces_a_cooldown_that_ends_on_it():
     assert [d["until/decided"] for d in decisions] == [LIMIT]
     assert rule.end() <= 16000 and rule.end() + 1 + cooldown_steps(rule.forced_start() + 1) > 16000
     assert rule.lr_factor(rule.end()) == 0.0 and rule.lr_factor(rule.forced_start() - 1) == 1.0
+
+
+def test_a_curve_that_levels_off_inside_the_forced_cooldown_still_ends_on_the_limit():
+    """The cooldown the limit forces has begun: the curve levelling then (as the rate falls, it may) does not restart
+    the rate at full and carry the run past train.until_max_steps."""
+    rule = Plateau(budget=4000, limit=8800, warmup=100)
+    start = rule.forced_start()
+    assert start == 8000
+    decisions = follow(rule, lambda step: max(1.0, 9000.0 / step - 0.2 * (step >= 8000)), every=400, noise=0.01)
+    assert [d["until/decided"] for d in decisions] == [LIMIT] and decisions[0]["step"] == 8000
+    assert rule.end() == 8800 and rule.lr_factor(8400) == 0.5 and rule.lr_factor(8800) == 0.0
 
 
 def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
@@ -177,6 +188,9 @@ def test_an_interrupted_plateau_run_resumes_to_the_same_stop(tmp_path, monkeypat
           if "lr" in r]
     assert lr == [(r["step"], r["lr"]) for r in map(json.loads, RunDir(full.run).metrics.read_text().splitlines())
                   if "lr" in r] and lr[-1][1] == 0.0, "the same held rate and cooldown to zero"
+
+    at_evaluation = stopped.run / "checkpoints" / "step-000004"  # saved at a step that was also evaluated
+    assert [s[0] for s in read_progress(at_evaluation)["until"]["scores"]] == [2, 4], "saved after the evaluation"
 
 
 def test_the_first_line_says_which_budget_applies():
