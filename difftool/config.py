@@ -140,6 +140,9 @@ class SampleConfig:
     steps: int = 50
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    # The sampler's noise where it takes one (ddim: 0 deterministic, 1 like DDPM; tcd: its gamma); null: its own
+    # default. Recorded with the model, so `difftool sample` uses it whenever it samples with this scheduler.
+    eta: float | None = None
     seed: int = 0
     trajectory: int = 0  # > 0: with each grid, its first image's x_t and predicted x0 at this many model calls
 

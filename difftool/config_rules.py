@@ -81,6 +81,8 @@ def validate(cfg) -> list[str]:
         e.append(f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
     if cfg.sample.guidance_scale < 1:
         e.append(f"sample.guidance_scale must be >= 1 (1 = no guidance), got {cfg.sample.guidance_scale}")
+    if cfg.sample.eta is not None and not 0 <= cfg.sample.eta <= 1:
+        e.append(f"sample.eta must be in [0, 1] (0 = deterministic), got {cfg.sample.eta}")
     if not 0 <= cfg.sample.guidance_rescale <= 1:
         e.append(f"sample.guidance_rescale must be in [0, 1] (0 = off), got {cfg.sample.guidance_rescale}")
     e += _eval_problems(cfg.eval)

@@ -145,7 +145,8 @@ def supports_karras(spec: SchedulerSpec) -> bool:
     return _accepts(spec, "use_karras_sigmas")
 
 
-def _takes_eta(spec: SchedulerSpec) -> bool:
+def takes_eta(spec: SchedulerSpec) -> bool:
+    """Whether the scheduler's step has a noise amount (`--eta`, `sample.eta`)."""
     return "eta" in inspect.signature(spec.scheduler_class.step).parameters
 
 
@@ -224,8 +225,8 @@ def _check_options(spec: SchedulerSpec, config, *, steps: int, karras_sigmas: bo
         able = ", ".join(s.name for s in SCHEDULERS if supports_karras(s))
         raise UserError(f"--karras-sigmas does not apply to {spec.name}; schedulers that support it: {able}")
     if eta is not None:
-        if not _takes_eta(spec):
-            raise UserError(f"--eta applies to {', '.join(s.name for s in SCHEDULERS if _takes_eta(s))} only")
+        if not takes_eta(spec):
+            raise UserError(f"--eta applies to {', '.join(s.name for s in SCHEDULERS if takes_eta(s))} only")
         if not math.isfinite(eta):
             raise UserError(f"--eta must be a finite number, got {eta}")
         if not 0 <= eta <= 1:

@@ -52,8 +52,11 @@ def resolve_sampler(info: dict, scheduler_config: dict, defaults=None, *, schedu
                     guidance_rescale: float | None = None, **fixed) -> SamplerSettings:
     """The settings for a model (its `info` and training scheduler config): each value as asked, else its
     `defaults` (a SampleConfig: the model's recipe), else the scheduler's own. `fixed`: seed, karras_sigmas,
-    eta, timestep_spacing, taken as they are. Refuses, with one line, what the model cannot do."""
+    eta (else the recipe's `sample.eta` where the sampler is the recipe's), timestep_spacing, taken as they are. Refuses, with one line, what the model cannot do."""
     spec, steps = choose(scheduler, steps, defaults, scheduler_config["num_train_timesteps"])
+    if fixed.get("eta") is None and getattr(defaults, "eta", None) is not None and \
+            defaults.scheduler in (spec.name, *spec.aliases):  # the recipe's noise goes with the recipe's sampler
+        fixed["eta"] = defaults.eta
     class_ids = resolve_classes(classes, info)
     guidance = resolve_guidance(guidance_scale, getattr(defaults, "guidance_scale", None), info, class_ids)
     rescale = resolve_guidance_rescale(guidance_rescale, getattr(defaults, "guidance_rescale", None), guidance)

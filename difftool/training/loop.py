@@ -30,7 +30,7 @@ from difftool.errors import (
     storage_problem,
 )
 from difftool.models.build import count_parameters
-from difftool.training.outputs import RunWriter
+from difftool.training.outputs import RunWriter, check_preview_sampler
 from difftool.training.plan import check_output, resume_command
 from difftool.training.evaluator import Evaluator, check_evaluation
 from difftool.training.judging import flips_of
@@ -130,6 +130,7 @@ def _train_locked(cfg: Config, run: RunDir, accelerator: Accelerator, session: _
     if len(data) < cfg.train.batch_size:
         raise UserError(f"{data.source} has {len(data)} images, fewer than train.batch_size={cfg.train.batch_size}; "
                         f"lower --batch-size or add images")
+    check_preview_sampler(cfg)
     scorer, eval_note = check_evaluation(cfg, accelerator, data, optional=session.optional_eval)
     _prepare_folder(cfg, run, accelerator, resume, session.overwrite)
     if cfg.log.trackers:
