@@ -137,6 +137,18 @@ def choose(name: str | None, steps: int | None, defaults, total: int) -> tuple[S
     return spec, steps
 
 
+def check_section_sampler(section: str, name: str, steps: int | None, total: int, eta: float | None = None) -> None:
+    """A recipe section's sampler (`sample`, `eval`), refused in one line when the run starts rather than when it
+    first samples: an unknown name, steps past the training timesteps, an eta its scheduler has no use for."""
+    spec, steps = choose(name, steps, None, total)  # an unknown name is refused here
+    if not 1 <= steps <= total:
+        raise UserError(f"{section}.steps must lie between 1 and {total} (the training timesteps), got {steps}")
+    if eta is not None and not takes_eta(spec):
+        able = ", ".join(s.name for s in SCHEDULERS if takes_eta(s))
+        raise UserError(f"{section}.eta applies to {able} only, not {section}.scheduler={spec.name}: drop "
+                        f"{section}.eta or sample with one of those")
+
+
 def _accepts(spec: SchedulerSpec, option: str) -> bool:
     return option in inspect.signature(spec.scheduler_class.__init__).parameters
 

@@ -52,7 +52,8 @@ def resolve_sampler(info: dict, scheduler_config: dict, defaults=None, *, schedu
                     guidance_rescale: float | None = None, **fixed) -> SamplerSettings:
     """The settings for a model (its `info` and training scheduler config): each value as asked, else its
     `defaults` (a SampleConfig: the model's recipe), else the scheduler's own. `fixed`: seed, karras_sigmas,
-    eta (else the recipe's `sample.eta` where the sampler is the recipe's), timestep_spacing, taken as they are. Refuses, with one line, what the model cannot do."""
+    eta (else the recipe's `sample.eta` where the sampler is the recipe's), timestep_spacing, taken as they are.
+    Refuses, with one line, what the model cannot do."""
     spec, steps = choose(scheduler, steps, defaults, scheduler_config["num_train_timesteps"])
     if fixed.get("eta") is None and getattr(defaults, "eta", None) is not None and \
             defaults.scheduler in (spec.name, *spec.aliases):  # the recipe's noise goes with the recipe's sampler

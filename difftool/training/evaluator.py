@@ -39,7 +39,7 @@ from difftool.runlock import on_main_process
 from difftool.safeio import append_jsonl, check_regular
 from difftool.sampling.folder import NPZ_FILE
 from difftool.sampling.job import SampleRequest
-from difftool.sampling.schedulers import choose
+from difftool.sampling.schedulers import check_section_sampler
 from difftool.data import center_crops
 from difftool.config_rules import PLATEAU
 from difftool.training.until import LEVELLED
@@ -89,10 +89,7 @@ def check_evaluation(cfg, accelerator, data, *, optional: bool) -> tuple[Scorer 
 
 
 def _check_sampler(cfg) -> None:
-    _, steps = choose(*_sampler(cfg), None, cfg.scheduler.num_train_timesteps)  # an unknown name is refused here
-    if not 1 <= steps <= cfg.scheduler.num_train_timesteps:
-        raise UserError(f"eval.steps must lie between 1 and {cfg.scheduler.num_train_timesteps} (the training "
-                        f"timesteps), got {steps}")
+    check_section_sampler("eval", *_sampler(cfg), cfg.scheduler.num_train_timesteps)
 
 
 def _check_judge(cfg, data) -> None:

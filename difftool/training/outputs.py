@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from difftool.errors import UserError, os_errors_of_writers
+from difftool.errors import os_errors_of_writers
 from difftool.images import save_png
 from difftool.models.export import export_pipeline
 from difftool.progress import say
@@ -22,20 +22,14 @@ from difftool.safeio import atomic_dir, fsync_tree, temporary_dir
 from difftool.sampling.job import grid_of, sample_batch
 from difftool.sampling.trajectory import Trajectory
 from difftool.sampling.loop import NonFiniteSamples
-from difftool.sampling.schedulers import SCHEDULERS, choose, takes_eta
+from difftool.sampling.schedulers import check_section_sampler
 from difftool.sampling.settings import resolve_sampler
 
 
 def check_preview_sampler(cfg) -> None:
     """The `sample:` section's sampler, refused before anything is written instead of at the first preview grid."""
-    total = cfg.scheduler.num_train_timesteps
-    spec, steps = choose(cfg.sample.scheduler, cfg.sample.steps, None, total)  # an unknown name is refused here
-    if not 1 <= steps <= total:
-        raise UserError(f"sample.steps must lie between 1 and {total} (the training timesteps), got {steps}")
-    if cfg.sample.eta is not None and not takes_eta(spec):
-        able = ", ".join(s.name for s in SCHEDULERS if takes_eta(s))
-        raise UserError(f"sample.eta applies to {able} only, not sample.scheduler={spec.name}: drop sample.eta or "
-                        f"sample with one of those")
+    s = cfg.sample
+    check_section_sampler("sample", s.scheduler, s.steps, cfg.scheduler.num_train_timesteps, s.eta)
 
 
 class RunWriter:
