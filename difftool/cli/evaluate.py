@@ -121,13 +121,7 @@ def _sweep(source, spec, reference, metric_options, request, output, existing, j
     if json_output:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        table = Table("scheduler", "steps", "NFE", rows[0]["distance"],
-                      "KID ×10³", "IS", "img/s", caption=f"N = {rows[0]['num_images']} samples per setting")
-        for row in rows:
-            table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), f"{row['fd']:.2f}",
-                          _pm(row["kid_mean"], row["kid_std"], 1e3), _pm(row["is_mean"], row["is_std"]),
-                          "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
-        stdout.print(table)
+        stdout.print(_sweep_table(rows))
     n = rows[0]["num_images"]
     if n < COMPARABLE_N:
         note = f"N = {n} samples per setting: FID is biased upwards below {COMPARABLE_N:,} and only comparable at equal N"
@@ -135,11 +129,41 @@ def _sweep(source, spec, reference, metric_options, request, output, existing, j
     say(f"[green]done[/]: {len(rows)} settings; {output / RESULTS_CSV}, {output / PLOT_FILE}")
 
 
+# The distance each feature network's evaluation records (evaluation.evaluate.distance_key), as it is called.
+DISTANCES = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "fd_judge": "FD_judge", "fd": "FD"}
+
+
+def _sweep_table(rows: list[dict]) -> Table:
+    """One line per setting; a judge's sweep shows its FD's noise and the class figures where Inception's has IS."""
+    judged = any(row.get("right_class") is not None or row.get("fd_std") is not None for row in rows)
+    extra = ("right class", "largest class") if judged else ("IS",)
+    table = Table("scheduler", "steps", "NFE", rows[0]["distance"], "KID ×10³", *extra, "img/s",
+                  caption=f"N = {rows[0]['num_images']} samples per setting")
+    for row in rows:
+        if judged:
+            figures = [_share(row.get("right_class")), _share(row.get("largest_class_share"))]
+            fd = f"{row['fd']:.2f}" if row.get("fd_std") is None else _pm(row["fd"], row["fd_std"])
+        else:
+            figures, fd = [_pm(row["is_mean"], row["is_std"])], f"{row['fd']:.2f}"
+        table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), fd, _pm(row["kid_mean"], row["kid_std"], 1e3),
+                      *figures, "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
+    return table
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _show_record(record: dict) -> None:
     table = Table("metric", "value", show_header=False, box=None)
-    for key in ("fid", "fd_dinov2", "fd"):
+    for key, name in DISTANCES.items():
         if key in record:
-            table.add_row({"fid": "FID", "fd_dinov2": "FD_DINOv2", "fd": "FD"}[key], f"{record[key]:.3f}")
+            noise = record.get(f"{key}_std")
+            table.add_row(name, f"{record[key]:.3f}" if noise is None else f"{record[key]:.3f} ± {noise:.2g}")
+    if "right_class" in record:
+        table.add_row("right class", _share(record["right_class"]))
+    if "largest_class_share" in record:
+        table.add_row("largest class", _share(record["largest_class_share"]))
     if "kid_mean" in record:
         table.add_row("KID", _pm(record["kid_mean"], record["kid_std"]))
     if "is_mean" in record:

@@ -32,8 +32,9 @@ from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import get_spec
 from difftool.threads import sharing_cores
 
-COLUMNS = ("scheduler", "steps", "nfe", "fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
-           "num_images", "seconds", "img_per_s")
+# A judge's evaluation has its FD's noise and class figures (evaluation/judge.py) where Inception has its score.
+METRICS = ("kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "right_class", "largest_class_share")
+COLUMNS = ("scheduler", "steps", "nfe", "fd", "fd_std", *METRICS, "num_images", "seconds", "img_per_s")
 
 
 def parse_sweep(spec: str) -> list[tuple[str, int]]:
@@ -81,8 +82,9 @@ def _sweep_into(output: Path, source: str, settings: list[tuple[str, int]], refe
             continue
         sampled, record = done
         seconds, made = _timing(folder, sampled.seconds, sampled.made)
-        rows.append({"scheduler": scheduler, "steps": steps, "nfe": sampled.model_calls,
-                     "fd": record[distance_key(scorer.extractor)], **{k: record.get(k) for k in COLUMNS[4:10]},
+        key = distance_key(scorer.extractor)
+        rows.append({"scheduler": scheduler, "steps": steps, "nfe": sampled.model_calls, "fd": record[key],
+                     "fd_std": record.get(f"{key}_std"), **{k: record.get(k) for k in METRICS},
                      "num_images": record["num_images"], "seconds": seconds,
                      "img_per_s": made / seconds if seconds else None, "distance": scorer.extractor.distance_name})
     if scorer is None:

@@ -3,8 +3,10 @@ learn, and read by `difftool evaluate --features RUN/eval/judge.pt` as by the ev
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -145,6 +147,8 @@ def test_evaluate_takes_the_run_s_judge_file(tmp_path, scratch_cwd):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "metrics.json").read_text())
     assert {"fd_judge", "fd_judge_std", "right_class", "largest_class_share"} <= set(record)
+    assert "FD_judge" in result.output and f"{record['fd_judge']:.3f}" in result.output
+    assert re.search(rf"right class +{record['right_class']:.1%}", result.output), result.output
     assert "is_mean" not in record, "no Inception Score from a judge's classes"
     # A folder `difftool sample` wrote says which class each PNG was made for: the same figures from it.
     assert invoke("sample", run, "-n", "10", "--steps", "2", "--output", tmp_path / "pngs").exit_code == 0
@@ -152,6 +156,26 @@ def test_evaluate_takes_the_run_s_judge_file(tmp_path, scratch_cwd):
                     "--output", tmp_path / "png-scores")
     assert result.exit_code == 0, result.output
     assert {"fd_judge", "right_class"} <= set(json.loads((tmp_path / "png-scores" / "metrics.json").read_text()))
+
+
+def test_a_sweep_with_the_judge_gives_each_setting_its_classes(tmp_path, scratch_cwd):
+    """Which sampler keeps the classes is what a sweep with a judge is for: every setting's right class and
+    largest class, the same figures a single evaluation of that setting gives."""
+    run = train(tiny_config(*JUDGED), tmp_path / "run").run
+    judged = ["--features", run / "eval" / "judge.pt", "--reference", "shapes", "-n", "10"]
+    result = invoke("evaluate", run, *judged, "--sweep", "ddim:2,3", "--output", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "sweep" / "results.csv").open() as f:
+        rows = {row["steps"]: row for row in csv.DictReader(f)}
+    assert "right" in result.output and "largest" in result.output and "IS" not in result.output
+    assert f"{float(rows['3']['largest_class_share']):.1%}" in result.output
+    single = invoke("evaluate", run, *judged, "--scheduler", "ddim", "--steps", "3", "--output", tmp_path / "one")
+    assert single.exit_code == 0, single.output
+    record = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    for key in ("right_class", "largest_class_share"):
+        assert float(rows["3"][key]) == pytest.approx(record[key])
+    assert float(rows["3"]["fd_std"]) == pytest.approx(record["fd_judge_std"])
+    assert all(0 <= float(row["right_class"]) <= 1 for row in rows.values())
 
 
 def test_features_judge_alone_names_the_file_to_give(tmp_path, tiny_run, scratch_cwd):
