@@ -4,9 +4,9 @@
     python benchmarks/distill_throughput.py --recipe benchmarks/smoke.yaml --steps 4 --num-images 8 --no-record
 
 A teacher of the recipe's network (one training step on the built-in shapes at the recipe's resolution: rates do
-not depend on the weights) is distilled for --steps steps with `difftool distill` (consistency, the default) in the
+not depend on the weights) is distilled for --steps steps with `difftool distill` (its default method) in the
 recipe's precision; the rate is the median img/s that metrics.jsonl logs after --warmup steps. Then
-`difftool sample` makes --num-images images with the student's own sampler (lcm, 4 steps, no guidance pass) and
+`difftool sample` makes --num-images images with the student's own sampler (4 steps, no guidance pass) and
 with the teacher's default, each at the rate `sample` reports for its images (model loading left out); the
 projection is 50,000 samples at each rate, the sampling part of a 50k FID.
 """
@@ -82,7 +82,7 @@ def main() -> None:
     figures = {"distill_img_per_s": rate, "batch_size": batch, "distill_wall_s": wall, "sampling_img_per_s": rates,
                "fid_sampling_s": projection, "speedup": rates["student"] / rates["teacher"], "machine": machine()}
     body = (f"| | img/s | 50,000 samples |\n|---|---|---|\n"
-            f"| distillation (consistency), batch {batch} | {rate:.0f} | - |\n"
+            f"| distillation ({configs['student'].distill.method}), batch {batch} | {rate:.0f} | - |\n"
             + "".join(f"| sampling, {name} ({described[name]}), batch {args.num_images} | {rates[name]:.0f} | "
                       f"{projection[name]:.0f} s |\n" for name in ("student", "teacher"))
             + f"\nThe student samples {rates['student'] / rates['teacher']:.1f}× faster than its teacher's default; "

@@ -180,17 +180,17 @@ class LogConfig:
 class DistillConfig:
     """`difftool distill`: a few-step student of `teacher` (any model `sample` takes); null for a training run.
 
-    consistency: consistency distillation in the LCM way: the student maps a point of the teacher's probability-flow
-    path to the same clean image as the point one skipping step earlier, which the teacher reaches with one DDIM
-    step on the solver grid and a slowly following copy of the student (`target_decay`) maps. progressive: halving
-    rounds, each student taking one step for two of its teacher's (training/objective.py and distilling/ say more).
-    `guidance_scale` null: the teacher's sample.guidance_scale, baked into the student (class-conditional teachers).
-    The student is sampled per its `sample:` section (scheduler lcm, `steps` the few it was made for).
+    progressive: halving rounds, each student taking one DDIM step for two of its teacher's. consistency: consistency
+    distillation in the LCM way: the student maps a point of the teacher's probability-flow path to the same clean
+    image as the point one skipping step earlier, which the teacher reaches with one DDIM step on the solver grid
+    and a slowly following copy of the student (`target_decay`) maps (training/objective.py and distilling/ say
+    more). `guidance_scale` null: the teacher's sample.guidance_scale, baked into the student (class-conditional
+    teachers). The student is sampled per its `sample:` section (ddim or lcm, `steps` the few it was made for).
     """
 
     teacher: str | None = None
     teacher_hash: str | None = None  # its weights' hash when the distillation started: a resumed one checks it
-    method: str = "consistency"
+    method: str = "progressive"
     guidance_scale: float | None = None
     loss: str = "huber"  # consistency: huber or l2
     huber_c: float = 0.001

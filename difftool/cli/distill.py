@@ -20,7 +20,9 @@ Examples:
 
   difftool distill runs/folder32-my_images          # a 4-step student in runs/folder32-my_images-distilled
 
-  difftool sample runs/folder32-my_images-distilled -n 500   # lcm, 4 steps: what the student was made for
+  difftool sample runs/folder32-my_images-distilled -n 500   # ddim, 4 steps: what the student was made for
+
+  difftool distill runs/folder32-my_images --recipe consistency --output runs/cd   # sampled with lcm, 1-8 steps
 
   difftool distill runs/cifar10 --steps 2 --max-steps 20000 --num-processes 8
 """
@@ -33,7 +35,7 @@ def distill(
     teacher: Annotated[str | None, typer.Argument(
         help="The model to distill: a run folder, a checkpoint, a model folder or .safetensors file, a hub id.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help=(
-        "Distillation recipe: consistency (default), or a YAML file of the sections it changes.")) ] = None,
+        "Distillation recipe: progressive (default; sampled with ddim), consistency (sampled with lcm), or a YAML file of the sections it changes.")) ] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=(
         "The images to distill on. Default: the teacher run's training data.")) ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps the student is made for (sample.steps; default 4).")] = None,
@@ -51,7 +53,7 @@ def distill(
     dry_run: options.DryRun = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Distill a model into a few-step student (consistency or progressive distillation); writes a run folder like train."""
+    """Distill a model into a few-step student (progressive or consistency distillation); writes a run folder like train."""
     from difftool.distilling.plan import plan_distillation
 
     values = {"sample.steps": steps, "distill.guidance_scale": guidance_scale, "train.max_steps": max_steps,

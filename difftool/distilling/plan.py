@@ -16,8 +16,22 @@ from difftool.output_rules import source_name
 from difftool.rundir import RunDir, resolve_resume, run_of
 from difftool.training.plan import TrainPlan, check_dataset
 
-# What `difftool distill --recipe NAME` finds in recipes/distill/: the settings a distillation changes.
-DISTILL_RECIPES = ("consistency", "progressive")
+# What `difftool distill --recipe NAME` finds in recipes/distill/: the settings a distillation changes. The first is
+# the default: progressive won at 4 and 2 steps on every benchmark set (benchmarks/RESULTS.md, "Consistency or
+# progressive, by worst case").
+DISTILL_RECIPES = ("progressive", "consistency")
+# A recipe's `train.max_steps: null`: the student trains a quarter of its teacher's optimizer steps, at least
+# MIN_STUDENT_STEPS. A progressive step costs 1.5-1.8 of a teacher's, so that is 0.4-0.45 of the teacher's time
+# once the teacher trained 4,000 steps or more; on letters 3,000 steps against 1,000 took FD_judge at 4 steps from
+# 0.46 to 0.36 (RESULTS.md).
+MIN_STUDENT_STEPS = 1000
+
+
+def student_steps(teacher_steps) -> int:
+    """The optimizer steps of a student whose recipe leaves train.max_steps null (the teacher's count unknown: the
+    minimum)."""
+    known = isinstance(teacher_steps, int) and not isinstance(teacher_steps, bool)
+    return max(MIN_STUDENT_STEPS, teacher_steps // 4) if known else MIN_STUDENT_STEPS
 
 
 def plan_distillation(*, teacher: str | None = None, recipe: str | None = None, dataset: str | None = None,
@@ -49,12 +63,21 @@ def plan_distillation(*, teacher: str | None = None, recipe: str | None = None, 
     raw["recipe"] = f"{base.recipe}-distill-{raw['distill']['method']}"
     raw["distill"]["teacher"], raw["distill"]["teacher_hash"] = str(teacher), model.model_hash
     raw["train"]["init_from"] = str(teacher)
+    if raw["train"].get("max_steps") is None:
+        raw["train"]["max_steps"] = student_steps(model.info.get("step"))
     cfg = config_mod.apply_changes(config_mod.config_from_dict(raw), overrides, values)
     if cfg.distill.method == "progressive" and cfg.distill.round_steps is None:
         cfg.distill.round_steps = max(1, cfg.train.max_steps // cfg.distill.rounds)
     if cfg.distill.guidance_scale is None:
         cfg.distill.guidance_scale = base.sample.guidance_scale if base.model.class_conditional else 1.0
-    check_dataset(cfg.data.dataset)
+    try:
+        check_dataset(cfg.data.dataset)
+    except UserError as err:
+        if cfg.data.dataset != base.data.dataset:  # the user's own --dataset
+            raise
+        raise UserError(f"the teacher's training data {cfg.data.dataset} (its config.yaml) is not found from "
+                        f"{Path.cwd()}: give it with --dataset, or run from where the teacher was trained "
+                        f"({err})") from err
     return TrainPlan(cfg, Path(output) if output else Path("runs") / f"{source_name(teacher)}-distilled", None,
                      optional_eval=not any(k.startswith("eval.") for k in [*values, *_keys(overrides)]))
 

@@ -27,7 +27,7 @@ def model_info(cfg, data, num_classes: int | None) -> dict:
         "num_classes": num_classes,
         "label_names": data.label_names if num_classes else None,
         "null_class": num_classes,
-        # How the model is meant to be sampled, for copies of model/ away from the run (a distilled one: lcm, 4)
+        # How the model is meant to be sampled, for copies of model/ away from the run (a distilled one: ddim or lcm, 4)
         "sample": {key: getattr(cfg.sample, key) for key in ("scheduler", "steps", "guidance_scale", "guidance_rescale",
                                                             "eta")},
     }

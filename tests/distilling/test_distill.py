@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, UNet2DModel
 from PIL import Image
 
 from difftool import config as config_mod
 from difftool.distilling.consistency import ConsistencyDistillation, boundary_scalings
 from difftool.distilling.job import distill
-from difftool.distilling.plan import plan_distillation
+from difftool.distilling.plan import plan_distillation, student_steps
 from difftool.errors import UserError
 from difftool.models.build import build_noise_scheduler
 from difftool.rundir import RunDir
@@ -68,26 +68,49 @@ def test_a_student_is_made_sampled_by_its_own_sampler_and_loads_in_diffusers(tea
     run = RunDir(tmp_path / "student")
     cfg = config_mod.read_config(run.config)
     assert (cfg.distill.teacher, cfg.distill.guidance_scale) == (str(teacher.resolve()), 2.0), "the recipe's guidance"
-    assert (cfg.sample.scheduler, cfg.sample.steps, cfg.sample.guidance_scale) == ("lcm", 2, 1.0)
+    assert (cfg.distill.method, cfg.sample.scheduler, cfg.sample.steps, cfg.sample.guidance_scale) == \
+        ("progressive", "ddim", 2, 1.0), "the default method, sampled by deterministic DDIM at its steps"
     assert len(losses(run.root)) == 6 and (run.root / "samples" / "step-000006.png").is_file()
     student = UNet2DModel.from_pretrained(run.model_dir / "unet")
     before = UNet2DModel.from_pretrained(teacher / "model" / "unet")
     assert {k: v for k, v in student.config.items() if k != "_name_or_path"} == \
         {k: v for k, v in before.config.items() if k != "_name_or_path"}
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), before.state_dict().values()))
-    LCMScheduler.from_pretrained(run.model_dir / "scheduler")  # the README's way to load it in diffusers
+    # The README's way to sample it in diffusers: DDIM on trailing timesteps is difftool's own ddim, step for step
+    ddim = DDIMScheduler.from_pretrained(run.model_dir / "scheduler", timestep_spacing="trailing")
+    ours = make_scheduler("ddim", dict(DDPMScheduler.from_pretrained(run.model_dir / "scheduler").config), steps=2)
+    for scheduler in (ddim, ours):
+        scheduler.set_timesteps(2)
+    assert ddim.timesteps.tolist() == ours.timesteps.tolist() and ddim.config.clip_sample
+    torch.testing.assert_close(ddim.alphas_cumprod, ours.alphas_cumprod)
+    assert float(ddim.final_alpha_cumprod) == float(ours.final_alpha_cumprod)
 
     for source in (run.root, run.model_dir):  # a model folder away from its run keeps its sampler too
         made = invoke("sample", source, "-n", "2", "--output", tmp_path / f"s-{source.name}", "--quiet")
         assert made.exit_code == 0, made.output
         text = Image.open(tmp_path / f"s-{source.name}" / "000000.png").text
-        assert (text["scheduler"], text["steps"], text["guidance_scale"]) == ("lcm", "2", "1.0")
+        assert (text["scheduler"], text["steps"], text["guidance_scale"]) == ("ddim", "2", "1.0")
+
+
+def test_the_default_student_trains_a_quarter_of_its_teachers_steps(teacher, tmp_path):
+    """Longer teachers get longer students (at about 0.4 of the teacher's time), never fewer than 1000 steps; a
+    teacher whose step count is unknown, an explicit --max-steps and the consistency recipe keep theirs."""
+    assert [student_steps(n) for n in (6, 4000, 11000, None, True)] == [1000, 1000, 2750, 1000, 1000]
+    long = tmp_path / "long"
+    subprocess.run(["cp", "-r", str(teacher), str(long)], check=True)
+    info = long / "model" / "difftool.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "step": 8000}))
+    cfg = plan_distillation(teacher=str(long)).cfg
+    assert (cfg.train.max_steps, cfg.distill.round_steps) == (2000, 666), "a quarter of 8000, over 3 rounds"
+    assert plan_distillation(teacher=str(teacher)).cfg.train.max_steps == 1000
+    assert plan_distillation(teacher=str(long), values={"train.max_steps": 7}).cfg.train.max_steps == 7
+    assert plan_distillation(teacher=str(long), recipe="consistency").cfg.train.max_steps == 1000
 
 
 def test_the_student_steps_on_the_grid_its_sampler_uses(teacher, tmp_path):
     """Training timesteps t_n = (n + 1) k - 1 and their targets at t_n - k are LCMScheduler's grid, guidance passes
     the null class to the teacher, and the boundary scalings are LCMScheduler's."""
-    cfg = plan_distillation(teacher=str(teacher)).cfg
+    cfg = plan_distillation(teacher=str(teacher), recipe="consistency").cfg
     schedule = build_noise_scheduler(cfg.scheduler)
     calls = []
 
@@ -121,7 +144,7 @@ def test_the_student_steps_on_the_grid_its_sampler_uses(teacher, tmp_path):
 
 
 def test_the_target_follows_the_student_at_its_decay(teacher):
-    cfg = plan_distillation(teacher=str(teacher), overrides=["distill.target_decay=0.9"]).cfg
+    cfg = plan_distillation(teacher=str(teacher), recipe="consistency", overrides=["distill.target_decay=0.9"]).cfg
     student = UNet2DModel.from_pretrained(teacher / "model" / "unet")
 
     objective = ConsistencyDistillation(cfg, _Cpu(), student, UNet2DModel.from_pretrained(teacher / "model" / "unet"),
@@ -135,15 +158,18 @@ def test_the_target_follows_the_student_at_its_decay(teacher):
         torch.testing.assert_close(new, old + 0.1)
 
 
-def test_resume_is_exact(teacher, tmp_path):
-    whole = distilled(teacher, tmp_path / "whole")
-    distilled(teacher, tmp_path / "part", "train.max_steps=3")
+def test_a_consistency_student_resumes_exactly_and_samples_with_lcm(teacher, tmp_path):
+    whole = distilled(teacher, tmp_path / "whole", recipe="consistency")
+    distilled(teacher, tmp_path / "part", "train.max_steps=3", recipe="consistency")
     resumed = distilled(teacher, tmp_path / "part", "train.max_steps=6", resume=str(tmp_path / "part"))
     assert resumed.step == 6
     assert losses(tmp_path / "part") == losses(whole.run), "the target network is part of the state"
     a = UNet2DModel.from_pretrained(whole.run / "model" / "unet").state_dict()
     b = UNet2DModel.from_pretrained(resumed.run / "model" / "unet").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = config_mod.read_config(RunDir(whole.run).config)
+    assert (cfg.distill.method, cfg.sample.scheduler, cfg.sample.steps) == ("consistency", "lcm", 4)
+    LCMScheduler.from_pretrained(whole.run / "model" / "scheduler")  # the README's way to load it in diffusers
 
 
 def test_two_processes_distill_as_one(teacher, tmp_path):
@@ -176,7 +202,8 @@ def test_a_teacher_that_changed_is_refused_on_resume(teacher, tmp_path):
         distilled(copy, tmp_path / "student", resume=str(tmp_path / "student"))
 
 
-@pytest.mark.parametrize("case", ["missing", "foreign", "no data", "recipe", "unknown recipe", "student"])
+@pytest.mark.parametrize("case", ["missing", "foreign", "no data", "data not here", "recipe", "unknown recipe",
+                                  "student"])
 def test_teachers_that_cannot_be_distilled_are_refused_before_anything_is_written(teacher, tmp_path, scratch_cwd,
                                                                                  case):
     args, expected = [teacher], []
@@ -188,6 +215,11 @@ def test_teachers_that_cannot_be_distilled_are_refused_before_anything_is_writte
         UNet2DModel.from_config(config).save_pretrained(tmp_path / "unet")
         args = [tmp_path / "unet", "--dataset", "shapes"] if case == "foreign" else [tmp_path / "unet"]
         expected = ["not one difftool builds", "act_fn"] if case == "foreign" else ["no null class"]
+    elif case == "data not here":  # trained with --dataset ./my_images, distilled from another folder
+        subprocess.run(["cp", "-r", str(teacher), str(tmp_path / "moved")], check=True)
+        config = tmp_path / "moved" / "config.yaml"
+        config.write_text(config.read_text().replace("dataset: shapes", "dataset: ./my_images"))
+        args, expected = [tmp_path / "moved"], ["the teacher's training data ./my_images", "give it with --dataset"]
     elif case == "recipe":
         (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.001\nmodel:\n  block_out_channels: [4, 8]\n")
         args, expected = [teacher, "--recipe", tmp_path / "mine.yaml"], ["model.block_out_channels", "keeps its teacher"]
@@ -289,7 +321,7 @@ def test_a_stopped_student_is_continued_with_distill(teacher, tmp_path):
     from difftool.reporting.page import make_report
 
     page = make_report(student, places=[]).path.read_text()
-    assert f"{teacher.resolve()} (consistency distillation, guidance 2.0 baked in)" in page
+    assert f"{teacher.resolve()} (progressive distillation, guidance 2.0 baked in)" in page
     assert f"difftool distill --resume {student}" in page
 
 
