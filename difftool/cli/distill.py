@@ -45,7 +45,7 @@ def distill(
     overrides: options.Overrides = None,
     resume: Annotated[str | None, typer.Option(help="Continue a distillation exactly: its run folder or a checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output.")] = False,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (train.max_steps).")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (train.max_steps). Default: a quarter of the teacher's steps, at least 1000 (progressive); 1000 (consistency).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch size (train.batch_size).")] = None,
     seed: options.Seed = None,
     num_processes: options.NumProcesses = 1,
