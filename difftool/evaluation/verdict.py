@@ -22,13 +22,16 @@ def crowded(classes: int) -> float:
 
 
 def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True,
-            best: dict | None = None, command: str = "train", levelled: bool = False) -> str | None:
+            best: dict | None = None, command: str = "train", levelled: bool = False,
+            teacher: tuple[str, dict] | None = None) -> str | None:
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
     FD_judge and its floor, which every judged evaluation has). `advise`: say what to do (a finished run; one
     still training, or stopped, goes on first). `best`: the run's best evaluation (step, eval/fd_judge), which
     checkpoints/best keeps: a model that got clearly worse after it is told to go back to it. `command`: what
     continues the run (train, or distill for a student). `levelled`: `train.until: plateau` ended the run because
-    the judge saw no more gain, so more steps at that rate are not the advice.
+    the judge saw no more gain, so more steps at that rate are not the advice. `teacher`: a student's teacher
+    (its run folder, and its newest evaluation by the same judge): a shortcoming the teacher's samples have as
+    well is the teacher's to mend, not the student's.
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
@@ -67,6 +70,10 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = Tr
                 f"with a lower train.lr")
     if problems and not advise:
         return f"{head}: {'; '.join(problems)}"
+    if problems and teacher is not None and _inherited(record, teacher[1], report):
+        return (f"{head}: {'; '.join(problems)}, as its teacher's samples (right class "
+                f"{_share(teacher[1].get('eval/right_class'))}, FD_judge {teacher[1]['eval/fd_judge'] / floor:.1f}× the "
+                f"floor): train the teacher further (difftool train --resume {teacher[0]}), then distill it again")
     if problems and levelled:
         return (f"{head}: {'; '.join(problems)}, and train.until: plateau saw no more gain, so more steps will not "
                 f"help: try a wider model (model.block_out_channels) or more images")
@@ -78,3 +85,24 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = Tr
     if ratio > LEARNED_RATIO:
         return f"{head}: close to the data; more training may still bring it closer to the floor"
     return f"{head}: as close to the data as the judge can tell"
+
+
+TEACHER_POINTS = 0.03  # a student within 3 points of its teacher's right class has the teacher's classes
+TEACHER_FD = 1.25  # and within 1.25× of its FD_judge, the teacher's look (the distillation goals)
+
+
+def _inherited(record: dict, teacher: dict, report: dict) -> bool:
+    """Whether the student is as good as its teacher by the judge, and the teacher itself falls short."""
+    fd, theirs = record.get("eval/fd_judge"), teacher.get("eval/fd_judge")
+    if not fd or not theirs or fd > TEACHER_FD * theirs:
+        return False
+    right, their_right = record.get("eval/right_class"), teacher.get("eval/right_class")
+    if right is not None and their_right is not None and right < their_right - TEACHER_POINTS:
+        return False
+    accuracy, floor = report.get("accuracy"), record.get("eval/fd_judge_floor")
+    short_on_classes = their_right is not None and bool(accuracy) and their_right < RIGHT_CLASS_SHARE * accuracy
+    return short_on_classes or (bool(floor) and theirs / floor > FAR_RATIO)
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.0%}"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difftool.evaluation.verdict import verdict
-from difftool.reporting.history import EVAL_PREFIX, History, finite, plausible_step
-from difftool.rundir import RunDir
+from difftool.reporting.history import EVAL_PREFIX, History, finite, plausible_step, read_history
+from difftool.rundir import RunDir, run_of
 from difftool.safeio import UnsafeFile, read_json
 
 JUDGE_FILE = "judge.json"  # in RUN/eval, as training/judging.py (JUDGE_RECORD) writes it
@@ -69,19 +69,35 @@ def read_judge(run: RunDir) -> tuple[Judge | None, str | None]:
 
 
 def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, command: str = "train",
-                 levelled: bool = False) -> str | None:
+                 levelled: bool = False, teacher: str | None = None) -> str | None:
     """The verdict on the newest evaluation with an FD_judge and its floor (the verdict reads one against the
-    other), or None when there is none. Figures that are not numbers are left out of the record it reads."""
-    scored = [r for r in history.evaluations if plausible_step(r.get("step"))
-              and finite(r.get(EVAL_PREFIX + "fd_judge")) and _positive(r.get(EVAL_PREFIX + "fd_judge_floor"))]
+    other), or None when there is none. Figures that are not numbers are left out of the record it reads.
+    `teacher`: a student's distill.teacher, whose own newest evaluation the verdict reads it against."""
+    scored = _scored(history)
     if not scored:
         return None
     newest = max(scored, key=lambda r: r["step"])
-    record = {EVAL_PREFIX + k: newest[EVAL_PREFIX + k] for k in VERDICT_KEYS if finite(newest.get(EVAL_PREFIX + k))}
     least = min(scored, key=lambda r: r[EVAL_PREFIX + "fd_judge"])
     best = {"step": least["step"], "eval/fd_judge": least[EVAL_PREFIX + "fd_judge"]}
-    return verdict(record, judge.as_json(), run=run, step=newest["step"], advise=finished, best=best, command=command,
-                   levelled=levelled)
+    return verdict(_figures(newest), judge.as_json(), run=run, step=newest["step"], advise=finished, best=best,
+                   command=command, levelled=levelled, teacher=teacher_evaluation(teacher))
+
+
+def teacher_evaluation(teacher: str | None) -> tuple[str, dict] | None:
+    """A student's teacher run folder and its newest judged evaluation (None for a teacher that is no difftool run
+    folder, or was never judged)."""
+    root = run_of(teacher) if teacher else None
+    scored = _scored(read_history(RunDir(root))) if root is not None else []
+    return (str(root), _figures(max(scored, key=lambda r: r["step"]))) if scored else None
+
+
+def _scored(history: History) -> list[dict]:
+    return [r for r in history.evaluations if plausible_step(r.get("step"))
+            and finite(r.get(EVAL_PREFIX + "fd_judge")) and _positive(r.get(EVAL_PREFIX + "fd_judge_floor"))]
+
+
+def _figures(record: dict) -> dict:
+    return {EVAL_PREFIX + k: record[EVAL_PREFIX + k] for k in VERDICT_KEYS if finite(record.get(EVAL_PREFIX + k))}
 
 
 def _positive(value) -> bool:

@@ -98,8 +98,8 @@ def make_report(run_folder: Path, output: Path | None = None, *, places: list[Pa
                   and plausible_step(s.start.get("step"))]
     body = "".join([
         sections.verdict(verdict_line(history, judge, str(run_folder), finished=facts.state.startswith("finished"),
-                                      command=facts.command, levelled=stop is not None and stop.decided == "levelled")
-                         if judge else None),
+                                      command=facts.command, levelled=stop is not None and stop.decided == "levelled",
+                                      teacher=_teacher(facts)) if judge else None),
         sections.summary(facts, stop),
         sections.curves(history, resumed_at),
         sections.evaluation_curves(evals, judge, stop, judge_left_out),
@@ -190,3 +190,10 @@ with the newest curves, grids and evaluations.</p></footer>
 </body>
 </html>
 """
+
+
+def _teacher(facts) -> str | None:
+    """A student's teacher as its config.yaml names it (a name that is not text: none)."""
+    distill = facts.config.get("distill") if isinstance(facts.config, dict) else None
+    teacher = distill.get("teacher") if isinstance(distill, dict) else None
+    return teacher if isinstance(teacher, str) and teacher else None

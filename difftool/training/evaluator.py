@@ -31,6 +31,7 @@ from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor, open_npz
 from difftool.evaluation.judge import reference_rows
 from difftool.evaluation.verdict import verdict
+from difftool.reporting.judge import teacher_evaluation
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
 from difftool.output_rules import Existing
@@ -260,7 +261,8 @@ class Evaluator:
             return None
         best = {"step": self.best_step, "eval/fd_judge": self.best_score} if self.best_step is not None else None
         return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best,
-                       command=resume_command(self.cfg), levelled=getattr(self.state.until, "reason", None) == LEVELLED)
+                       command=resume_command(self.cfg), levelled=getattr(self.state.until, "reason", None) == LEVELLED,
+                       teacher=teacher_evaluation(self.cfg.distill.teacher))
 
     def describe(self, record: dict) -> str:
         """One evaluation in words: `FD_judge 0.52 (1.4× its floor), right class 91%, brightness +1.2 levels`."""

@@ -215,6 +215,45 @@ def test_the_verdict_says_what_to_do():
         "a run still training is not told to train longer"
 
 
+def test_a_student_with_its_teachers_shortcomings_is_sent_to_the_teacher():
+    """More distillation does not mend what the teacher's own samples lack: a student as good as its teacher, whose
+    teacher falls short of the data, is told to train the teacher; one clearly worse than it, to distill longer."""
+    judge = {"report": {"kind": "classes", "classes": list("ABCD"), "accuracy": 0.8}}
+    student = {"eval/fd_judge": 3.3, "eval/fd_judge_floor": 0.1, "eval/right_class": 0.35,
+               "eval/largest_class_share": 0.39, "eval/brightness_error": -0.5}
+    weak_teacher = ("runs/sizes", {**student, "eval/fd_judge": 2.67, "eval/right_class": 0.28})
+    line = verdict(student, judge, run="runs/sizes-distilled", step=1000, command="distill", teacher=weak_teacher)
+    assert "not learned the classes yet, as its teacher's samples (right class 28%, FD_judge 26.7× the floor)" in line
+    assert line.endswith("train the teacher further (difftool train --resume runs/sizes), then distill it again")
+    behind = verdict({**student, "eval/right_class": 0.2}, judge, run="runs/s", step=1000, command="distill",
+                     teacher=weak_teacher)
+    assert behind.endswith("train longer with difftool distill --resume runs/s --max-steps 2000"), "3 points under it"
+    far = verdict({**student, "eval/fd_judge": 3.5}, judge, run="runs/s", step=1000, command="distill",
+                  teacher=("runs/sizes", {**student, "eval/fd_judge": 2.0, "eval/right_class": 0.28}))
+    assert "distill --resume" in far, "1.75× its teacher's FD: the student has not caught up"
+    good_teacher = ("runs/t", {**student, "eval/fd_judge": 0.15, "eval/right_class": 0.79})
+    assert "distill --resume" in verdict(student, judge, run="runs/s", step=1000, command="distill",
+                                         teacher=good_teacher)
+
+
+def test_the_teachers_evaluation_is_read_from_its_run_folder(tmp_path):
+    from difftool.reporting.judge import teacher_evaluation
+
+    run = RunDir(tmp_path / "teacher")
+    run.root.mkdir()
+    run.config.write_text("recipe: quickstart\n")
+    records = [{"step": 100, "loss": 0.1},
+               {"step": 200, "eval/fd_judge": 2.0, "eval/fd_judge_floor": 0.1, "eval/right_class": 0.3},
+               {"step": 300, "eval/fd_judge": 2.5, "eval/fd_judge_floor": 0.1, "eval/right_class": 0.25},
+               {"step": 400, "eval/fid": 9.0}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert teacher_evaluation(str(run.root / "model")) == (str(run.root), {
+        "eval/fd_judge": 2.5, "eval/fd_judge_floor": 0.1, "eval/right_class": 0.25}), "its newest judged evaluation"
+    assert teacher_evaluation(str(tmp_path / "elsewhere")) is None and teacher_evaluation(None) is None
+    run.metrics.write_text(json.dumps(records[-1]) + "\n")
+    assert teacher_evaluation(str(run.root)) is None, "never judged"
+
+
 def test_a_run_the_plateau_rule_ended_is_not_told_to_train_longer():
     """train.until: plateau stopped it because the judge saw no more gain: more steps are not the advice."""
     judge = {"report": {"kind": "classes", "classes": list("ABCDEFGHIJ"), "accuracy": 1.0}}
