@@ -85,8 +85,12 @@ def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, co
 
 def teacher_evaluation(teacher: str | None) -> tuple[str, dict] | None:
     """A student's teacher run folder and its newest judged evaluation (None for a teacher that is no difftool run
-    folder, or was never judged)."""
-    root = run_of(teacher) if teacher else None
+    folder, or was never judged). The name comes from the student's config.yaml, which may be anyone's: one that
+    is no usable path is no teacher, never a failed page."""
+    try:
+        root = run_of(teacher) if teacher else None
+    except (OSError, ValueError):  # too long for a path, or a NUL in it
+        return None
     scored = _scored(read_history(RunDir(root))) if root is not None else []
     return (str(root), _figures(max(scored, key=lambda r: r["step"]))) if scored else None
 

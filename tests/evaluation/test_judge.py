@@ -250,6 +250,7 @@ def test_the_teachers_evaluation_is_read_from_its_run_folder(tmp_path):
     assert teacher_evaluation(str(run.root / "model")) == (str(run.root), {
         "eval/fd_judge": 2.5, "eval/fd_judge_floor": 0.1, "eval/right_class": 0.25}), "its newest judged evaluation"
     assert teacher_evaluation(str(tmp_path / "elsewhere")) is None and teacher_evaluation(None) is None
+    assert teacher_evaluation("a" * 5000) is None and teacher_evaluation("x\0y") is None, "a hostile config's name"
     run.metrics.write_text(json.dumps(records[-1]) + "\n")
     assert teacher_evaluation(str(run.root)) is None, "never judged"
 
