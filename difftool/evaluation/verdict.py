@@ -12,6 +12,8 @@ FAR_RATIO = 5.0  # more than five times: the model has not learned the data's lo
 RIGHT_CLASS_SHARE = 0.9  # right class within 90% of the judge's own accuracy on real images
 BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is visible
 WORSE = 2.0  # the last FD_judge more than twice the run's best: it got worse, not noisier (noise is a few %)
+# How a run ended, for the verdict's advice (LEVELLED is also training/until.py's name for that stop)
+FINISHED, LEVELLED = "finished", "levelled"
 COLLAPSE = 0.5  # the largest predicted class halfway from its share of balanced data (1/K) to all of the samples
 
 
@@ -21,15 +23,14 @@ def crowded(classes: int) -> float:
     return 1 / classes + COLLAPSE * (1 - 1 / classes)
 
 
-def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = True,
-            best: dict | None = None, command: str = "train", levelled: bool = False,
-            teacher: tuple[str, dict] | None = None) -> str | None:
+def verdict(record: dict, judge: dict, *, run: str, step: int, ended: str | None = FINISHED,
+            best: dict | None = None, command: str = "train", teacher: tuple[str, dict] | None = None) -> str | None:
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
-    FD_judge and its floor, which every judged evaluation has). `advise`: say what to do (a finished run; one
-    still training, or stopped, goes on first). `best`: the run's best evaluation (step, eval/fd_judge), which
+    FD_judge and its floor, which every judged evaluation has). `ended`: how the run ended, FINISHED or
+    LEVELLED (`train.until: plateau` ended it because the judge saw no more gain, so more steps at that rate are
+    not the advice); None for one still training, or stopped, which goes on first and is told nothing to do. `best`: the run's best evaluation (step, eval/fd_judge), which
     checkpoints/best keeps: a model that got clearly worse after it is told to go back to it. `command`: what
-    continues the run (train, or distill for a student). `levelled`: `train.until: plateau` ended the run because
-    the judge saw no more gain, so more steps at that rate are not the advice. `teacher`: a student's teacher
+    continues the run (train, or distill for a student). `teacher`: a student's teacher
     (its run folder, and its newest evaluation by the same judge): a shortcoming the teacher's samples have as
     well is the teacher's to mend, not the student's.
 
@@ -64,23 +65,23 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, advise: bool = Tr
     if best is not None and best.get("step") != step and fd > WORSE * best.get("eval/fd_judge", fd):
         worse = (f"the model got worse after step {best['step']} (FD_judge {best['eval/fd_judge']:.3g} there, "
                  f"{fd / best['eval/fd_judge']:.0f}× lower than now)")
-        if not advise:
+        if ended is None:
             return f"{head}: {worse}"
         return (f"{head}: {worse}: sample its state there, difftool sample {run}/checkpoints/best, or train again "
                 f"with a lower train.lr")
-    if problems and not advise:
+    if problems and ended is None:
         return f"{head}: {'; '.join(problems)}"
     if problems and teacher is not None and _inherited(record, teacher[1], report):
         return (f"{head}: {'; '.join(problems)}, as its teacher's samples (right class "
                 f"{_share(teacher[1].get('eval/right_class'))}, FD_judge {teacher[1]['eval/fd_judge'] / floor:.1f}× the "
                 f"floor): train the teacher further (difftool train --resume {teacher[0]}), then distill it again")
-    if problems and levelled:
+    if problems and ended == LEVELLED:
         return (f"{head}: {'; '.join(problems)}, and train.until: plateau saw no more gain, so more steps will not "
                 f"help: try a wider model (model.block_out_channels) or more images")
     if problems:
         return (f"{head}: {'; '.join(problems)}: train longer with difftool {command} --resume {run} "
                 f"--max-steps {2 * step}")
-    if ratio > LEARNED_RATIO and levelled:
+    if ratio > LEARNED_RATIO and ended == LEVELLED:
         return f"{head}: close to the data, as close as train.until: plateau found this model gets"
     if ratio > LEARNED_RATIO:
         return f"{head}: close to the data; more training may still bring it closer to the floor"

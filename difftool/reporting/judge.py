@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difftool.evaluation.verdict import verdict
+from difftool.evaluation.verdict import FINISHED, LEVELLED, verdict
 from difftool.reporting.history import EVAL_PREFIX, History, finite, plausible_step, read_history
 from difftool.rundir import RunDir, run_of
 from difftool.safeio import UnsafeFile, read_json
@@ -79,8 +79,9 @@ def verdict_line(history: History, judge: Judge, run: str, *, finished: bool, co
     newest = max(scored, key=lambda r: r["step"])
     least = min(scored, key=lambda r: r[EVAL_PREFIX + "fd_judge"])
     best = {"step": least["step"], "eval/fd_judge": least[EVAL_PREFIX + "fd_judge"]}
-    return verdict(_figures(newest), judge.as_json(), run=run, step=newest["step"], advise=finished, best=best,
-                   command=command, levelled=levelled, teacher=teacher_evaluation(teacher))
+    return verdict(_figures(newest), judge.as_json(), run=run, step=newest["step"], best=best, command=command,
+                   ended=(LEVELLED if levelled else FINISHED) if finished else None,
+                   teacher=teacher_evaluation(teacher))
 
 
 def teacher_evaluation(teacher: str | None) -> tuple[str, dict] | None:

@@ -30,7 +30,7 @@ from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, re
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor, open_npz
 from difftool.evaluation.judge import reference_rows
-from difftool.evaluation.verdict import verdict
+from difftool.evaluation.verdict import FINISHED, verdict
 from difftool.reporting.judge import teacher_evaluation
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
@@ -261,7 +261,8 @@ class Evaluator:
             return None
         best = {"step": self.best_step, "eval/fd_judge": self.best_score} if self.best_step is not None else None
         return verdict(self.last, self.judge.to_json(), run=run, step=self.last["step"], best=best,
-                       command=resume_command(self.cfg), levelled=getattr(self.state.until, "reason", None) == LEVELLED,
+                       command=resume_command(self.cfg),
+                       ended=LEVELLED if getattr(self.state.until, "reason", None) == LEVELLED else FINISHED,
                        teacher=teacher_evaluation(self.cfg.distill.teacher))
 
     def describe(self, record: dict) -> str:

@@ -211,7 +211,7 @@ def test_the_verdict_says_what_to_do():
     assert "got worse after step 4000 (FD_judge 3.12 there, 24× lower than now)" in collapsed
     assert collapsed.endswith("difftool sample runs/letters/checkpoints/best, or train again with a lower train.lr")
     assert "worse" not in verdict(record, judge, run="r", step=4000, best={"step": 3000, "eval/fd_judge": 0.8})
-    assert verdict(record, judge, run="r", step=4000, advise=False).endswith("not learned the classes yet"), \
+    assert verdict(record, judge, run="r", step=4000, ended=None).endswith("not learned the classes yet"), \
         "a run still training is not told to train longer"
 
 
@@ -261,9 +261,9 @@ def test_a_run_the_plateau_rule_ended_is_not_told_to_train_longer():
     close = {"eval/fd_judge": 0.525, "eval/fd_judge_floor": 0.233, "eval/right_class": 0.94,
              "eval/largest_class_share": 0.12, "eval/brightness_error": 0.0}
     assert "more training may still" in verdict(close, judge, run="r", step=11000)
-    assert verdict(close, judge, run="r", step=11000, levelled=True).endswith(
+    assert verdict(close, judge, run="r", step=11000, ended="levelled").endswith(
         "close to the data, as close as train.until: plateau found this model gets")
-    unlearned = verdict({**close, "eval/right_class": 0.5}, judge, run="r", step=11000, levelled=True)
+    unlearned = verdict({**close, "eval/right_class": 0.5}, judge, run="r", step=11000, ended="levelled")
     assert "train longer" not in unlearned and unlearned.endswith("try a wider model (model.block_out_channels) "
                                                                  "or more images")
 
