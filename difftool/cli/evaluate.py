@@ -145,8 +145,9 @@ def _sweep_table(rows: list[dict]) -> Table:
             fd = f"{row['fd']:.2f}" if row.get("fd_std") is None else _pm(row["fd"], row["fd_std"])
         else:
             figures, fd = [_pm(row["is_mean"], row["is_std"])], f"{row['fd']:.2f}"
-        table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), fd, _pm(row["kid_mean"], row["kid_std"], 1e3),
-                      *figures, "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
+        table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), fd,
+                      _pm(row["kid_mean"], row["kid_std"], 1e3), *figures,
+                      "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
     return table
 
 

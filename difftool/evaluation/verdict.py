@@ -12,7 +12,7 @@ FAR_RATIO = 5.0  # more than five times: the model has not learned the data's lo
 RIGHT_CLASS_SHARE = 0.9  # right class within 90% of the judge's own accuracy on real images
 BRIGHTNESS_LEVELS = 5.0  # a mean pixel further than this from the data's is visible
 WORSE = 2.0  # the last FD_judge more than twice the run's best: it got worse, not noisier (noise is a few %)
-# How a run ended, for the verdict's advice (LEVELLED is also training/until.py's name for that stop)
+# How a run ended, for the verdict's advice; training/until.py's stop reason for the plateau is the same LEVELLED
 FINISHED, LEVELLED = "finished", "levelled"
 COLLAPSE = 0.5  # the largest predicted class halfway from its share of balanced data (1/K) to all of the samples
 
@@ -28,11 +28,11 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, ended: str | None
     """One line: the figures beside what real images score, then what they mean and what to do (None without an
     FD_judge and its floor, which every judged evaluation has). `ended`: how the run ended, FINISHED or
     LEVELLED (`train.until: plateau` ended it because the judge saw no more gain, so more steps at that rate are
-    not the advice); None for one still training, or stopped, which goes on first and is told nothing to do. `best`: the run's best evaluation (step, eval/fd_judge), which
-    checkpoints/best keeps: a model that got clearly worse after it is told to go back to it. `command`: what
-    continues the run (train, or distill for a student). `teacher`: a student's teacher
-    (its run folder, and its newest evaluation by the same judge): a shortcoming the teacher's samples have as
-    well is the teacher's to mend, not the student's.
+    not the advice); None for one still training, or stopped, which goes on first and is told nothing to do.
+    `best`: the run's best evaluation (step, eval/fd_judge), which checkpoints/best keeps: a model that got clearly
+    worse after it is told to go back to it. `command`: what continues the run (train, or distill for a student).
+    `teacher`: a student's teacher (its run folder, and its newest evaluation by the same judge): a shortcoming the
+    teacher's samples have as well is the teacher's to mend, not the student's.
 
     `record` is an evaluation record of metrics.jsonl (eval/fd_judge, eval/fd_judge_floor, eval/right_class,
     eval/largest_class_share, eval/brightness_error); `judge` the run's judge.json.
@@ -72,9 +72,10 @@ def verdict(record: dict, judge: dict, *, run: str, step: int, ended: str | None
     if problems and ended is None:
         return f"{head}: {'; '.join(problems)}"
     if problems and teacher is not None and _inherited(record, teacher[1], report):
+        theirs = teacher[1]
         return (f"{head}: {'; '.join(problems)}, as its teacher's samples (right class "
-                f"{_share(teacher[1].get('eval/right_class'))}, FD_judge {teacher[1]['eval/fd_judge'] / floor:.1f}× the "
-                f"floor): train the teacher further (difftool train --resume {teacher[0]}), then distill it again")
+                f"{_share(theirs.get('eval/right_class'))}, FD_judge {theirs['eval/fd_judge'] / floor:.1f}× the floor): "
+                f"train the teacher further (difftool train --resume {teacher[0]}), then distill it again")
     if problems and ended == LEVELLED:
         return (f"{head}: {'; '.join(problems)}, and train.until: plateau saw no more gain, so more steps will not "
                 f"help: try a wider model (model.block_out_channels) or more images")

@@ -22,7 +22,6 @@ import time
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
-
 from difftool.errors import UserError
 from difftool.training.plan import resume_command
 from difftool.evaluation import reference as reference_mod
@@ -30,7 +29,7 @@ from difftool.evaluation.evaluate import MetricOptions, Scorer, distance_key, re
 from difftool.evaluation.features import load_extractor
 from difftool.evaluation.imagesets import from_tensor, open_npz
 from difftool.evaluation.judge import reference_rows
-from difftool.evaluation.verdict import FINISHED, verdict
+from difftool.evaluation.verdict import FINISHED, LEVELLED, verdict
 from difftool.reporting.judge import teacher_evaluation
 from difftool.models.checkpoints import LoadedModel, state_dict_hash
 from difftool.progress import say
@@ -43,7 +42,6 @@ from difftool.sampling.job import SampleRequest
 from difftool.sampling.schedulers import check_section_sampler
 from difftool.data import center_crops
 from difftool.config_rules import PLATEAU
-from difftool.training.until import LEVELLED
 from difftool.training.judging import (
     JUDGE,
     JudgeFacts,

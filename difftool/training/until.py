@@ -17,11 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 from difftool.config_rules import PLATEAU
+from difftool.evaluation.verdict import LEVELLED
 
 PATIENCE = 2  # evaluations without a gain larger than the noise: the curve has levelled off
 COOLDOWN = 0.1  # of the steps trained when the decision is made
 LIMIT_FACTOR = 4  # train.until_max_steps when it is null: this many times the budget
-LEVELLED, LIMIT = "levelled", "limit"
+LIMIT = "limit"  # and LEVELLED, the verdict's name for a run the plateau ended
 
 
 def cooldown_steps(start: int) -> int:
