@@ -40,7 +40,7 @@ def evaluate(
     source: Annotated[str, typer.Argument(help="Images (folder or samples .npz), a model (run folder, checkpoint, pipeline, .safetensors, hub id).")],
     reference: Annotated[str | None, typer.Option("--reference", "-r", help="Real images: a data set (cifar10, shapes, hub id), a folder, or statistics .npz from difftool stats.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=options.IMAGES_MAX, help="Samples to make from a model (FID papers use 50,000).")] = 10_000,
-    sweep_spec: Annotated[str | None, typer.Option("--sweep", help='Scheduler x steps grid, e.g. "ddim:10,20,50;dpm-solver:10,20": table, CSV, JSON and FID-vs-NFE plot.')] = None,
+    sweep_spec: Annotated[str | None, typer.Option("--sweep", help='Scheduler x steps grid, e.g. "ddim:10,20,50;dpm-solver:10,20" (add ";guidance:1.5,2,3" to cross it with guidance scales): table, CSV, JSON and FID-vs-NFE plot.')] = None,
     scheduler: Annotated[str | None, typer.Option(help="Sampler for a model (difftool schedulers). Default: the run's recipe, else ddim.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps. Default: the recipe's, else the scheduler's recommended count.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call when sampling (per process).")] = 64,
@@ -137,15 +137,17 @@ def _sweep_table(rows: list[dict]) -> Table:
     """One line per setting; a judge's sweep shows its FD's noise and the class figures where Inception's has IS."""
     judged = any(row.get("right_class") is not None or row.get("fd_std") is not None for row in rows)
     extra = ("right class", "largest class") if judged else ("IS",)
-    table = Table("scheduler", "steps", "NFE", rows[0]["distance"], "KID ×10³", *extra, "img/s",
-                  caption=f"N = {rows[0]['num_images']} samples per setting")
+    guided = any(row.get("guidance") is not None for row in rows)
+    table = Table("scheduler", "steps", *(["guidance"] if guided else []), "NFE", rows[0]["distance"], "KID ×10³",
+                  *extra, "img/s", caption=f"N = {rows[0]['num_images']} samples per setting")
     for row in rows:
         if judged:
             figures = [_share(row.get("right_class")), _share(row.get("largest_class_share"))]
             fd = f"{row['fd']:.2f}" if row.get("fd_std") is None else _pm(row["fd"], row["fd_std"])
         else:
             figures, fd = [_pm(row["is_mean"], row["is_std"])], f"{row['fd']:.2f}"
-        table.add_row(row["scheduler"], str(row["steps"]), str(row["nfe"]), fd,
+        table.add_row(row["scheduler"], str(row["steps"]), *([f"{row['guidance']:g}"] if guided else []),
+                      str(row["nfe"]), fd,
                       _pm(row["kid_mean"], row["kid_std"], 1e3), *figures,
                       "-" if row["img_per_s"] is None else f"{row['img_per_s']:.2f}")
     return table

@@ -10,15 +10,16 @@ from matplotlib.figure import Figure
 
 
 def fd_vs_nfe_figure(rows: list[dict], distance_name: str = "FID") -> Figure:
-    """One line per scheduler: distance against model calls, on a log axis ticked at the NFEs measured.
+    """One line per scheduler (and guidance scale, where the sweep had several): distance against model calls, on
+    a log axis ticked at the NFEs measured.
 
-    `rows` are a sweep's (results.json): scheduler, nfe and fd each.
+    `rows` are a sweep's (results.json): scheduler, nfe and fd each, and guidance where it was swept.
     """
     figure = Figure(figsize=(6.4, 4.4), dpi=120)
     axes = figure.subplots()
-    for scheduler in dict.fromkeys(row["scheduler"] for row in rows):
-        points = sorted((row["nfe"], row["fd"]) for row in rows if row["scheduler"] == scheduler)
-        axes.plot(*zip(*points, strict=True), marker="o", label=scheduler)
+    for label in dict.fromkeys(map(line_label, rows)):
+        points = sorted((row["nfe"], row["fd"]) for row in rows if line_label(row) == label)
+        axes.plot(*zip(*points, strict=True), marker="o", label=label)
     axes.set_xscale("log")
     nfes = sorted({row["nfe"] for row in rows})
     axes.set_xticks(nfes, [str(n) for n in nfes])
@@ -29,3 +30,9 @@ def fd_vs_nfe_figure(rows: list[dict], distance_name: str = "FID") -> Figure:
     axes.legend()
     figure.tight_layout()
     return figure
+
+
+def line_label(row: dict) -> str:
+    """A sweep row's line: its scheduler, and its guidance scale where one was swept."""
+    guidance = row.get("guidance")
+    return row["scheduler"] if guidance is None else f"{row['scheduler']}, guidance {guidance:g}"

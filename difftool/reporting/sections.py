@@ -278,12 +278,16 @@ def _sweep(sweep: Sweep) -> str:
     distance = str(results.get("distance", "FID"))
     rows = [r for r in results["rows"] if isinstance(r, dict)]
     # drawn: what a log axis can take (an NFE from 1 to MAX_STEP, a finite distance), names as literal text
-    plotted = [{"scheduler": charts.literal(r.get("scheduler")), "nfe": r["nfe"], "fd": r["fd"]} for r in rows
+    plotted = [{"scheduler": charts.literal(r.get("scheduler")), "nfe": r["nfe"], "fd": r["fd"],
+                "guidance": r["guidance"] if finite(r.get("guidance")) else None} for r in rows
                if finite(r.get("nfe")) and 1 <= r["nfe"] <= MAX_STEP and finite(r.get("fd"))]
     figure = image(charts.data_uri(fd_vs_nfe_figure(plotted, charts.literal(distance))),
                    f"{distance} against NFE") if plotted else ""
-    body = table(["scheduler", "steps", "NFE", distance, "KID", "IS", "img/s", "N"],
-                 [[r.get("scheduler"), number(r.get("steps")), number(r.get("nfe")), number(r.get("fd")),
+    guided = any(finite(r.get("guidance")) for r in rows)  # a sweep over guidance scales (evaluation/sweep.py)
+    body = table(["scheduler", "steps", *(["guidance"] if guided else []), "NFE", distance, "KID", "IS", "img/s",
+                  "N"],
+                 [[r.get("scheduler"), number(r.get("steps")), *([number(r.get("guidance"))] if guided else []),
+                   number(r.get("nfe")), number(r.get("fd")),
                    _pm(r.get("kid_mean"), r.get("kid_std")), _pm(r.get("is_mean"), r.get("is_std")),
                    number(r.get("img_per_s"), 3), number(r.get("num_images"))] for r in rows])
     about = (f"Model {sweep.model}, reference {results.get('reference', '?')}, features "

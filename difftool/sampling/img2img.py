@@ -186,7 +186,8 @@ def _run(model_source: str | Path, jobs: list[_Job], request: Img2ImgRequest, ex
     state.wait_for_everyone()
     written = [job.outputs[index] for job, batch in batches for index in batch]
     kept = sum(len(job.outputs) for job in jobs) - len(written)
-    return Img2ImgResult(written, kept, time.perf_counter() - start, plan.model_calls, plan.settings)
+    return Img2ImgResult(written, kept, time.perf_counter() - start, plan.sampler.network_calls(plan.model_calls),
+                         plan.settings)
 
 
 def _make(plan: _Plan, unet, view: torch.Tensor, indices: list[int], device, on_step) -> torch.Tensor:

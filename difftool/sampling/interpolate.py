@@ -180,7 +180,8 @@ def _run(model_source: str | Path, request: InterpolateRequest, strip: Path, ani
     about = image_metadata(settings, 0, sampler.label(0), info.get("label_names"))
     del about["index"]
     _write(frames, strip, animation, about)
-    return InterpolateResult(strip, animation, frames, time.perf_counter() - start, calls, settings)
+    return InterpolateResult(strip, animation, frames, time.perf_counter() - start, sampler.network_calls(calls),
+                             settings)
 
 
 def _invert_image(predict, sampler: SamplerSettings, model: LoadedModel, view: torch.Tensor, step) -> torch.Tensor:

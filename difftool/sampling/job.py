@@ -68,7 +68,7 @@ class SampleResult:
     seconds: float
     grid: Path | None
     settings: dict  # the resolved scheduler, steps, guidance, ... (what sample.json holds)
-    model_calls: int  # per image (NFE)
+    model_calls: int  # network evaluations per image (NFE): a guided step counts two
 
 
 @dataclass
@@ -152,7 +152,8 @@ def _generate_into(output: Path, model: LoadedModel, plan: _Plan, request: Sampl
             folder.merge_parts(request.num_images, plan.sampler.classes is not None)
         grid = _write_grid(folder, plan, request.num_images)
     state.wait_for_everyone()
-    return SampleResult(output, len(todo), request.num_images, seconds, grid, settings_record, plan.model_calls)
+    return SampleResult(output, len(todo), request.num_images, seconds, grid, settings_record,
+                        plan.sampler.network_calls(plan.model_calls))
 
 
 def _compiled_for_first_size(unet, batches: list[list[int]]):

@@ -72,7 +72,8 @@ def test_evaluate_a_model_samples_scores_and_resumes(tiny_run, tmp_path, extract
     assert result.output == Path("evaluations/run")
     record = json.loads((result.output / "metrics.json").read_text())
     assert record["num_images"] == 12 and record["sampling"]["steps"] == 3 and record["resolution"] == 8
-    assert record["sampling"]["model_calls"] == 3 and record["reference_images"] == 10_000
+    # 3 guided steps (the tiny recipe's guidance): each runs the network with and without the class
+    assert record["sampling"]["model_calls"] == 6 and record["reference_images"] == 10_000
     assert {"fd", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std"} <= set(record)
     with np.load(result.output / "samples" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (12, 8, 8, 3)

@@ -219,6 +219,18 @@ def test_dollars_in_names_are_shown_as_written_not_as_math(run, tmp_path):
     assert len(page_images(page)) == 3 + 1 + 2 + 1  # curves, FID/KID, grids, the sweep's figure
 
 
+def test_a_sweeps_guidance_column_takes_any_value(run, tmp_path):
+    """results.json is anyone's file: a guidance that is no number is shown as written and left off the figure."""
+    sweep = tmp_path / "evaluations" / "run-sweep"
+    sweep.mkdir(parents=True)
+    rows = [{"scheduler": "ddim", "steps": 4, "guidance": g, "nfe": 8, "fd": 1.0 + i}
+            for i, g in enumerate([1.5, 3, "$\\x$", 10**400, None, True])]
+    (sweep / "results.json").write_text(json.dumps({"source": str(run.root), "rows": rows}))
+    page, _ = reported(run)
+    assert "<th>guidance</th>" in page and "<td>1.5</td>" in page and "$\\x$" in page
+    assert len(page_images(page)) == 3 + 2 + 1  # curves, grids, the sweep's figure
+
+
 def test_every_label_from_the_run_is_literal_text():
     assert literal("$\\foo$") == "\\$\\foo\\$" and literal("a" * 100).endswith("…")
     assert literal("\udcff$") == "\\udcff\\$"

@@ -169,6 +169,17 @@ def test_the_runs_evaluations_and_sweeps_are_found(tiny_run, tmp_path, extractor
     assert len(page_images(page)) == 3 + 2 + 1  # the sweep's FD-vs-NFE figure
 
 
+def test_a_guidance_sweep_shows_its_scales(tiny_run, tmp_path, extractor_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = copy_run(tiny_run, tmp_path)
+    options = MetricOptions(features=str(extractor_file), kid_subset_size=8)
+    sweep("runs/run", "ddim:2;guidance:1,3", reference="shapes", options=options,
+          request=SampleRequest(num_images=6), output=Path("evaluations/run-sweep"))
+    page = make_report(run.root).path.read_text()
+    assert "<th>guidance</th><th>NFE</th>" in page
+    assert "<td>ddim</td><td>2</td><td>1</td><td>2</td>" in page and "<td>ddim</td><td>2</td><td>3</td><td>4</td>" in page
+
+
 def test_many_grids_are_thinned_evenly(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     for step in range(9, 100, 3):

@@ -170,6 +170,14 @@ def test_model_calls_are_the_timesteps_left_for_every_kind_of_scheduler(tiny_run
     assert np.abs(pixels(Path("photo-img2img-0.png")) - as_the_model_sees(Path("photo.png"))).mean() > 0
 
 
+def test_a_guided_step_counts_two_model_calls(tiny_run, calls):
+    result = invoke(photo(Path("photo.png")), "--model", tiny_run, "--strength", "0.5", "--scheduler", "ddim",
+                    "--steps", "6", "-n", "1", "--class", "square", "--guidance-scale", "3")
+    assert result.exit_code == 0, result.output
+    assert calls == [2] * 3, "three steps left, each one batch of the conditional and the null-class half"
+    assert "6 model calls each" in result.stderr
+
+
 def test_the_progress_bar_advances_per_model_step_to_the_number_of_samples(tiny_run, calls, monkeypatch):
     advanced: list[float] = []
     monkeypatch.setattr(SamplingProgress, "advance", lambda self, images: advanced.append(images))

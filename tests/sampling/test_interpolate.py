@@ -66,14 +66,16 @@ def test_slerp_of_colinear_vectors_falls_back_to_a_straight_line():
 # ---------------------------------------------------------------- seeds mode
 
 
-@pytest.mark.parametrize(("scheduler", "steps", "extra"), [
-    ("ddim", 5, []),
-    ("dpm-solver", 4, ["--class", "1", "--guidance-scale", "2"]),
+@pytest.mark.parametrize(("scheduler", "steps", "extra", "nfe"), [
+    ("ddim", 5, [], 10),  # the tiny run's recipe guides, and a guided step runs the network twice
+    ("dpm-solver", 4, ["--class", "1", "--guidance-scale", "2"], 8),
+    ("ddim", 5, ["--guidance-scale", "1"], 5),
 ])
-def test_the_ends_are_sample_bit_for_bit_and_the_middle_differs(tiny_run, scheduler, steps, extra):
+def test_the_ends_are_sample_bit_for_bit_and_the_middle_differs(tiny_run, scheduler, steps, extra, nfe):
     common = ["--scheduler", scheduler, "--steps", steps, *extra]
     result = invoke(tiny_run, "--seeds", 3, 11, "--frames", 4, *common, "-o", "walk.png")
     assert result.exit_code == 0, result.output
+    assert f"{nfe} model calls each" in result.stderr
     frames = webp_frames(Path("walk.webp"), animation_metadata(Image.open("walk.webp"))["enlarged"])
     assert len(frames) == 4
     for seed, frame in ((3, frames[0]), (11, frames[-1])):
