@@ -47,6 +47,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(min=0, max=options.SEED_MAX, help="Sample i comes from (seed, i): every setting of a sweep sees the same noise.")] = 0,
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for class-conditional models.")] = None,
     guidance_rescale: options.GuidanceRescale = None,
+    eta: options.Eta = None,
     weights: Annotated[str | None, typer.Option(help="ema or raw. Default: EMA where the model has it.")] = None,
     dtype: Annotated[str, typer.Option(help="Model precision when sampling: fp32, bf16, or fp16 (GPU).")] = "fp32",
     compile_model: options.Compile = False,
@@ -81,22 +82,23 @@ def evaluate(
     from difftool.sampling.job import SampleRequest
 
     request = SampleRequest(num_images=num_samples, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size,
-                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, weights=weights,
+                            eta=eta, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, weights=weights,
                             dtype=dtype, compile=compile_model)
     if sweep_spec is not None:
         _sweep(source, sweep_spec, reference, metric_options, request, output or default_output(source).with_name(default_output(source).name + "-sweep"),
                Existing(overwrite, resume), json_output)
         return
     _evaluate(source, reference, metric_options, request, output, Existing(overwrite, resume), json_output,
-              sampling_options=(scheduler, steps))
+              sampling_options={"--scheduler": scheduler, "--steps": steps, "--eta": eta})
 
 
 def _evaluate(source, reference, metric_options, request, output, existing, json_output, sampling_options) -> None:
     from difftool.evaluation.evaluate import evaluate
     from difftool.evaluation.imagesets import is_image_source
 
-    if is_image_source(source) and any(value is not None for value in sampling_options):
-        raise UserError(f"{source} holds images, not a model: --scheduler and --steps do not apply")
+    given = [flag for flag, value in sampling_options.items() if value is not None]
+    if is_image_source(source) and given:
+        raise UserError(f"{source} holds images, not a model: {' and '.join(given)} do not apply")
     result = evaluate(source, reference=reference, options=metric_options, request=request, output=output,
                       existing=existing)
     if result is None:  # a non-main process of a multi-process run: it only sampled

@@ -38,6 +38,9 @@ def holds_quiet(command):
 GuidanceRescale = Annotated[float | None, typer.Option(
     help="Pull strong guidance's contrast back towards the conditional prediction's: 0 off, 0.7 as Lin et al. "
          "suggest (with --guidance-scale). Default: the recipe's, else 0.")]
+Eta = Annotated[float | None, typer.Option(
+    help="DDIM noise: 0 deterministic, 1 like DDPM (ddim); for tcd its gamma (0 deterministic, default 0.3). "
+         "Default: the recipe's sample.eta, else none.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet: about 10% faster per image after tens of seconds of compiling (pays off for hundreds of images; on CPU needs g++ or clang++).")]
 # The feature network and reference options of `evaluate` and `stats`.
 Features = Annotated[str, typer.Option(help="inception (FID), dinov2 (FD_DINOv2), dinov2:MODEL, or a TorchScript file: uint8 N×3×H×W -> features [, probs].")]

@@ -40,7 +40,7 @@ def sample(
     num_images: Annotated[int, typer.Option("--num-images", "-n", max=options.IMAGES_MAX, help="Images to make: indices 0..N-1.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Images per model call (per process).")] = 64,
     seed: Annotated[int, typer.Option(min=0, max=options.SEED_MAX, help="Image i comes from (seed, i), whatever the batch size or process count.")] = 0,
-    eta: Annotated[float | None, typer.Option(help="DDIM noise: 0 deterministic, 1 like DDPM (ddim); for tcd its gamma (0 deterministic, default 0.3).")] = None,
+    eta: options.Eta = None,
     karras_sigmas: Annotated[bool, typer.Option("--karras-sigmas", help="Karras et al. step sizes (schedulers that support them).")] = False,
     timestep_spacing: Annotated[str | None, typer.Option(help="leading, trailing or linspace. Default: trailing below T steps.")] = None,
     classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or id (repeatable; cycled over the images). Default: all classes in turn.")] = None,

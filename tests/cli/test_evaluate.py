@@ -74,6 +74,7 @@ def test_the_0_1_0_spelling_evaluate_stats_still_works_and_a_folder_called_stats
     (["evaluate", "{imgs}", "-r", "{stats16}", "--features", "inception", "--inception-weights", "{incep}"],
      ["made with the feature extractor torchscript"]),
     (["evaluate", "{imgs}", "--scheduler", "ddim", "--features", "{ext}"], ["holds images, not a model"]),
+    (["evaluate", "{imgs}", "--eta", "1", "--features", "{ext}"], ["holds images, not a model", "--eta do not"]),
     (["stats", "shapes"], ["Missing option '--output'"]),
     (["stats", "--output", "x.npz"], ["Missing argument 'DATA'"]),
     (["evaluate", "{imgs}", "extra"], ["unexpected extra argument (extra)"]),
@@ -87,6 +88,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, extractor_file, fake_inc
     build_stats("shapes", paths["stats16"], resolution=16, options=MetricOptions(features=str(extractor_file)))
     argv = [a.format(**paths) for a in args] + ([] if "stats" in args else ["-o", str(tmp_path / "out")])
     assert_user_error(runner.invoke(app, argv), *fragments)
+
+
+def test_eta_samples_what_sample_eta_samples(tiny_run, tmp_path, extractor_file):
+    """The student's noise knob: evaluate --eta scores the very images sample --eta makes, and records it."""
+    common = ["--scheduler", "ddim", "--steps", "3", "--eta", "1", "--seed", "4"]
+    made = runner.invoke(app, ["sample", str(tiny_run), "-n", "6", *common, "--format", "npz", "-o",
+                               str(tmp_path / "s"), "-q"])
+    assert made.exit_code == 0, made.output
+    scored = runner.invoke(app, ["evaluate", str(tiny_run), "-r", "shapes", "-n", "6", *common, "--features",
+                                 str(extractor_file), "--kid-subset-size", "4", "-o", str(tmp_path / "e"), "-q"])
+    assert scored.exit_code == 0, scored.output
+    with np.load(tmp_path / "s" / "samples.npz") as a, np.load(tmp_path / "e" / "samples" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["sampling"]["eta"] == 1.0
+    deterministic = runner.invoke(app, ["evaluate", str(tiny_run), "-r", "shapes", "-n", "6", *common[:-4],
+                                        "--seed", "4", "--features", str(extractor_file), "--kid-subset-size", "4",
+                                        "-o", str(tmp_path / "d"), "-q"])
+    assert deterministic.exit_code == 0, deterministic.output
+    with np.load(tmp_path / "d" / "samples" / "samples.npz") as c, np.load(tmp_path / "e" / "samples" / "samples.npz") as b:
+        assert not np.array_equal(c["arr_0"], b["arr_0"])
+    refused = runner.invoke(app, ["evaluate", str(tiny_run), "-r", "shapes", "-n", "6", "--scheduler", "euler",
+                                  "--eta", "1", "--features", str(extractor_file), "-o", str(tmp_path / "x")])
+    assert_user_error(refused, "--eta applies to")
 
 
 def test_cli_sweep_table(tiny_run, tmp_path, extractor_file):
