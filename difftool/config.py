@@ -199,6 +199,10 @@ class DistillConfig:
     # progressive: optimizer steps per round, the last going on to train.max_steps; null: max_steps / rounds,
     # fixed when the distillation starts (a resumed run with more steps lengthens the last round)
     round_steps: int | None = None
+    # The teacher's scheduler.prediction_type where the student's differs: a progressive student of an epsilon
+    # teacher predicts v (as the student's scheduler says), since epsilon's clean image is undefined at high noise.
+    # null: the student's own.
+    teacher_prediction: str | None = None
 
 
 @dataclass

@@ -170,6 +170,9 @@ def _distill_problems(d) -> list[str]:
          if value not in options]
     if d.guidance_scale is not None and d.guidance_scale < 1:
         e.append(f"distill.guidance_scale must be >= 1 (1 = no guidance) or null, got {d.guidance_scale}")
+    if d.teacher_prediction is not None and d.teacher_prediction not in PREDICTION_TYPES:
+        e.append(f"distill.teacher_prediction must be one of {', '.join(PREDICTION_TYPES)} or null, got "
+                 f"'{d.teacher_prediction}'")
     if not d.huber_c > 0:
         e.append(f"distill.huber_c must be > 0, got {d.huber_c}")
     if d.round_steps is not None and d.round_steps < 1:

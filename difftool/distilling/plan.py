@@ -68,6 +68,13 @@ def plan_distillation(*, teacher: str | None = None, recipe: str | None = None, 
     cfg = config_mod.apply_changes(config_mod.config_from_dict(raw), overrides, values)
     if cfg.distill.method == "progressive" and cfg.distill.round_steps is None:
         cfg.distill.round_steps = max(1, cfg.train.max_steps // cfg.distill.rounds)
+    if cfg.distill.method == "progressive" and cfg.scheduler.prediction_type == "epsilon":
+        # Salimans & Ho: at the first, pure-noise step epsilon's clean image (z - sigma eps) / alpha amplifies the
+        # student's error by 1 / alpha (158x for DDPM's linear schedule); such students learned noise (RESULTS.md).
+        # v's clean image is alpha z - sigma v at every noise level.
+        cfg.scheduler.prediction_type = "v_prediction"
+    if cfg.scheduler.prediction_type != base.scheduler.prediction_type:
+        cfg.distill.teacher_prediction = base.scheduler.prediction_type
     if cfg.distill.guidance_scale is None:
         cfg.distill.guidance_scale = base.sample.guidance_scale if base.model.class_conditional else 1.0
     try:

@@ -41,6 +41,7 @@ class ProgressiveDistillation(Objective):
         device = accelerator.device
         config = noise_scheduler.config
         self.kind, self.clip = config.prediction_type, config.clip_sample and config.clip_sample_range
+        self.teacher_kind = cfg.distill.teacher_prediction or self.kind
         # alpha_bar of every timestep, and 1 (the clean image) at index -1: DDIM's last step lands there
         self.alpha_bar = torch.cat([noise_scheduler.alphas_cumprod.to(torch.float32), torch.ones(1)]).to(device)
         self.total = config.num_train_timesteps
@@ -82,7 +83,8 @@ class ProgressiveDistillation(Objective):
         first = self.round == 0
         teacher = Predictor(self.teacher if first else self.later.unet, class_labels=labels, null_class=self.null_class,
                             guidance_scale=self.guidance if first and labels is not None else 1.0)
-        return ddim_step(teacher(z, t).float(), z, self._alpha(t), self._alpha(s), self.kind, self.clip)
+        return ddim_step(teacher(z, t).float(), z, self._alpha(t), self._alpha(s),
+                         self.teacher_kind if first else self.kind, self.clip)
 
     def saved(self):
         return [self.later]

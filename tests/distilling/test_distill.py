@@ -203,7 +203,7 @@ def test_a_teacher_that_changed_is_refused_on_resume(teacher, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "foreign", "no data", "data not here", "recipe", "unknown recipe",
-                                  "student"])
+                                  "student", "bad setting"])
 def test_teachers_that_cannot_be_distilled_are_refused_before_anything_is_written(teacher, tmp_path, scratch_cwd,
                                                                                  case):
     args, expected = [teacher], []
@@ -228,6 +228,8 @@ def test_teachers_that_cannot_be_distilled_are_refused_before_anything_is_writte
     elif case == "student":
         student = distilled(teacher, tmp_path / "student").run
         args, expected = [student], ["already a student"]
+    elif case == "bad setting":
+        args, expected = [teacher, "--set", "distill.teacher_prediction=eps"], ["distill.teacher_prediction must be"]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert_user_error(invoke("distill", *args, "--output", tmp_path / "out"), *expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -250,26 +252,51 @@ class _Exact(torch.nn.Module):
         return type("Out", (), {"sample": out + self.w})()
 
 
-@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
-def test_progressive_targets_are_exact_for_an_exact_teacher(teacher, kind):
+@pytest.mark.parametrize(("teacher_kind", "student_kind"), [
+    ("v_prediction", "v_prediction"), ("epsilon", "epsilon"), ("epsilon", "v_prediction"), ("sample", "v_prediction"),
+])
+def test_progressive_targets_are_exact_for_an_exact_teacher(teacher, teacher_kind, student_kind):
     """On the path of a perfect teacher, two DDIM steps land where one of the perfect student does: the loss is 0
-    in every round, and a student that is wrong is charged for it."""
+    in every round (the first taught by the teacher in its own parameterization, the second by the student in
+    its), and a student that is wrong is charged for it."""
     from difftool.distilling.progressive import ProgressiveDistillation
 
-    changes = [f"scheduler.prediction_type={kind}"] + (["scheduler.rescale_betas_zero_snr=false"] if kind == "epsilon" else [])
     cfg = plan_distillation(teacher=str(teacher), recipe="progressive",
-                            overrides=[*changes, "distill.rounds=2", "train.max_steps=4", "sample.steps=2"]).cfg
+                            overrides=["distill.rounds=2", "train.max_steps=4", "sample.steps=2"]).cfg
+    cfg.scheduler.rescale_betas_zero_snr = False  # an epsilon model has no clean image at zero SNR
+    cfg.scheduler.prediction_type = student_kind
+    cfg.distill.teacher_prediction = teacher_kind if teacher_kind != student_kind else None
     schedule = build_noise_scheduler(cfg.scheduler)
     image = torch.rand(1, 3, 8, 8) * 1.6 - 0.8
-    exact = _Exact(image, schedule.alphas_cumprod, kind)
-    objective = ProgressiveDistillation(cfg, _Cpu(), exact, exact, schedule, null_class=None)
+    exact = _Exact(image, schedule.alphas_cumprod, student_kind)
+    objective = ProgressiveDistillation(cfg, _Cpu(), exact, _Exact(image, schedule.alphas_cumprod, teacher_kind),
+                                        schedule, null_class=None)
     t = torch.arange(0, 50)
     x0 = image.expand(50, -1, -1, -1)
     for step in (0, 2):  # one step of each round: 8 -> 4 and 4 -> 2 steps (T = 50)
         objective.begin_step(step)
         assert objective.loss(exact, x0, None, torch.randn_like(x0), t).item() < 1e-8
-    wrong = _Exact(image * 0.5, schedule.alphas_cumprod, kind)
+    wrong = _Exact(image * 0.5, schedule.alphas_cumprod, student_kind)
     assert objective.loss(wrong, x0, None, torch.randn_like(x0), t).item() > 1e-3
+
+
+def test_a_progressive_student_of_an_epsilon_teacher_predicts_v(tmp_path, scratch_cwd):
+    """DDPM's own setup (epsilon, linear betas, clipping: the cifar10 recipe) makes a student that predicts v and
+    says so in its scheduler, for difftool and diffusers alike; the teacher is still read as epsilon."""
+    eps = ["scheduler.prediction_type=epsilon", "scheduler.rescale_betas_zero_snr=false",
+           "scheduler.beta_schedule=linear", "scheduler.clip_sample=true"]
+    eps_teacher = train(tiny_config(*eps), tmp_path / "eps").run
+    plan = plan_distillation(teacher=str(eps_teacher), overrides=QUICK, output=tmp_path / "student")
+    assert (plan.cfg.scheduler.prediction_type, plan.cfg.distill.teacher_prediction) == ("v_prediction", "epsilon")
+    assert plan.cfg.scheduler.clip_sample and plan.cfg.scheduler.beta_schedule == "linear", "the schedule is kept"
+    student = distill(plan.cfg, plan.output).run
+    saved = json.loads((student / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    assert config_mod.read_config(RunDir(student).config).distill.teacher_prediction == "epsilon"
+    made = invoke("sample", str(student), "-n", "2", "-o", "s", "-q")
+    assert made.exit_code == 0, made.output
+    consistency = plan_distillation(teacher=str(eps_teacher), recipe="consistency").cfg
+    assert (consistency.scheduler.prediction_type, consistency.distill.teacher_prediction) == ("epsilon", None)
 
 
 def test_progressive_rounds_halve_and_resume_exactly_across_a_round(teacher, tmp_path):
