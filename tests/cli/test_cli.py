@@ -437,6 +437,7 @@ def test_the_package_builds_without_deprecation_warnings_and_carries_its_licence
     log = proc.stdout + proc.stderr
     assert "is deprecated" not in log and "SetuptoolsDeprecationWarning" not in log, [
         line for line in log.splitlines() if "deprecat" in line.lower()]
+    assert "Package would be ignored" not in log, "every folder of the wheel is a listed package"
     (wheel,) = tmp_path.glob("difftool-*.whl")
     with zipfile.ZipFile(wheel) as built:
         names = built.namelist()
@@ -446,6 +447,8 @@ def test_the_package_builds_without_deprecation_warnings_and_carries_its_licence
     # the expression names the licence; its text travels with the wheel, as Apache-2.0 asks
     assert len(licence) == 1 and "Apache License" in licence[0] and "Version 2.0" in licence[0]
     assert "License-File: LICENSE" in metadata.splitlines()
+    assert {"difftool/recipes/folder32.yaml", "difftool/recipes/distill/progressive.yaml",
+            "difftool/recipes/distill/consistency.yaml"} <= set(names), "the recipes travel with the wheel"
 
 
 def test_installed_executable_bad_input(tmp_path):
