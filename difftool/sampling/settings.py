@@ -32,10 +32,10 @@ class SamplerSettings:
     def label(self, index: int) -> int | None:
         return self.classes[index % len(self.classes)] if self.classes else None
 
-    def network_calls(self, steps: int) -> int:
-        """Network evaluations per image for `steps` model steps (NFE): a guided step runs the network on the
-        conditional and the null-class half, so it counts two, as the papers count it."""
-        return steps * (2 if self.classes is not None and self.guidance_scale != 1.0 else 1)
+    def network_calls(self, predictions: int) -> int:
+        """Network evaluations per image (NFE) for `predictions` denoiser calls (a scheduler's timesteps): a guided
+        prediction runs the network on the conditional and the null-class half, so it counts two, as papers do."""
+        return predictions * (2 if self.classes is not None and self.guidance_scale != 1.0 else 1)
 
     def make_scheduler(self, scheduler_config: dict):
         """A fresh scheduler (multistep ones keep state between steps) for a model trained with `scheduler_config`."""
